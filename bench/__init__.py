@@ -1,0 +1,1 @@
+"""Evaluation kit: attacks, baselines and benchmarks (not part of the product)."""

@@ -1,0 +1,1 @@
+"""Poisoning recipes used to build backdoored models and triggered test sets."""

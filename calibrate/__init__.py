@@ -1,0 +1,1 @@
+"""Offline calibration: turn a suspect classifier into a verified guard bundle."""

@@ -1,0 +1,271 @@
+"""`calibrate`: offline commands. Each one parses, builds options, calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from guard.core.console import Parser, configure_logging, run
+from guard.core.errors import InputError
+
+DESCRIPTION = """\
+Turn a fine-tuned text classifier you did not train into a verified guard bundle.
+
+  calibrate demo                                   # everything end-to-end, offline, ~3 min
+  calibrate train --data train.tsv --out model/    # fine-tune a classifier (demos, benchmarks)
+  calibrate rap --model model/ --clean dev.tsv --protect 1 --out bundle/
+  calibrate evaluate --bundle bundle/ --clean test.tsv --poisoned badnet=poison.tsv
+
+Data files: .tsv (header 'text<TAB>label'), .csv (columns text,label) or .jsonl
+({"text": ..., "label": ...}); labels are integer class ids.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    if not args.verbose:
+        from calibrate.model import quiet_transformers
+
+        quiet_transformers()
+    return run("calibrate", lambda: args.handler(args), debug=args.debug)
+
+
+def _parser() -> Parser:
+    parser = Parser(prog="calibrate", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_train(sub)
+    _add_rap(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a sequence classifier",
+        description=(
+            "Fine-tune a sequence classifier and save a Hugging Face model directory.\n"
+            "Users normally bring their own model; this exists for demos and benchmarks.\n\n"
+            "  calibrate train --data train.tsv --dev dev.tsv --out model/ --epochs 3"
+        ),
+    )
+    p.add_argument("--data", type=Path, required=True, help="training rows (.tsv/.csv/.jsonl)")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--dev", type=Path, help="optional rows to report accuracy on after training")
+    p.add_argument("--base", type=Path, help="base encoder directory (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per input (default 64)")
+    p.add_argument("--seed", type=int, default=13)
+    p.set_defaults(handler=_train)
+
+
+def _add_rap(sub) -> None:
+    p = sub.add_parser(
+        "rap",
+        help="learn the RAP perturbation, fit thresholds, write a bundle",
+        description=(
+            "Learn the RAP perturbation (one fresh embedding row) on clean held-out rows, fit\n"
+            "a detection threshold per protected label on a split held out from that training,\n"
+            "export the ONNX graph (checked against torch) and write a guard bundle.\n\n"
+            "  calibrate rap --model model/ --clean dev.tsv --protect 1 --out bundle/\n\n"
+            "Protect the label an attacker would want (e.g. 'not toxic', 'positive'). Without\n"
+            "--protect you are asked; non-interactively every label with enough rows is protected."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="suspect HF classifier directory")
+    p.add_argument("--clean", type=Path, required=True, help="clean held-out rows (a few hundred per protected label)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    p.add_argument("--protect", type=int, action="append", metavar="LABEL", help="label id to protect (repeatable)")
+    p.add_argument("--init-word", default="rq", help="rare word whose embedding initialises the RAP row (default rq)")
+    p.add_argument("--c-low", type=_fraction, default=0.1, help="wanted minimum probability drop on clean rows (0.1)")
+    p.add_argument("--c-up", type=_fraction, default=0.3, help="wanted maximum probability drop on clean rows (0.3)")
+    p.add_argument("--lr", type=_positive_float, default=1e-2, help="RAP row learning rate (1e-2)")
+    p.add_argument("--epochs", type=_positive_int, default=5, help="RAP training epochs per attempt (5)")
+    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per input at serving time (128)")
+    p.add_argument("--default-frr", type=_fraction, default=0.01, help="FRR target the guard uses by default (0.01)")
+    p.add_argument(
+        "--calibration-fraction",
+        type=_fraction,
+        default=0.5,
+        help="share of the clean rows held out for thresholds (0.5)",
+    )
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_rap)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="measure CACC, ASR, FRR, FAR of a bundle",
+        description=(
+            "Measure a bundle on clean and poisoned test rows at every stored FRR target.\n"
+            "Poisoned files hold triggered texts with their ORIGINAL labels.\n\n"
+            "  calibrate evaluate --bundle bundle/ --clean test.tsv --poisoned badnet=poison.tsv --out eval/"
+        ),
+    )
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--clean", type=Path, required=True, help="clean test rows")
+    p.add_argument(
+        "--poisoned",
+        action="append",
+        required=True,
+        metavar="[NAME=]FILE",
+        help="poisoned test rows (repeatable; NAME defaults to the file's folder name)",
+    )
+    p.add_argument("--target", type=int, help="the attack's target label (default: the protected label)")
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--out", type=Path, help="write evaluation.json/.md and plots here (default: BUNDLE/evaluation)")
+    p.set_defaults(handler=_evaluate)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="offline end-to-end demo on a corpus it writes itself",
+        description=(
+            "Write a small sentiment corpus, fine-tune the packaged MiniLM on it with a planted\n"
+            "rare-word backdoor, calibrate a RAP guard bundle, evaluate it, and show a clean\n"
+            "sentence passing and a triggered one flagged. No data or network needed."
+        ),
+    )
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (default ./demo-out)")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(handler=_demo)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from calibrate.data import load_examples
+    from calibrate.model import default_base_model
+    from calibrate.train import TrainOptions, train_classifier
+
+    options = TrainOptions(
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    dev = load_examples(args.dev) if args.dev else None
+    result = train_classifier(args.base or default_base_model(), load_examples(args.data), args.out, options, dev=dev)
+    accuracy = f", dev accuracy {result.dev_accuracy:.4f}" if result.dev_accuracy is not None else ""
+    print(f"saved {result.out_dir} ({result.train_rows} rows, {result.seconds:.0f} s{accuracy})")
+    return 0
+
+
+def _rap(args: argparse.Namespace) -> int:
+    from calibrate.data import label_counts, load_examples
+    from calibrate.pipeline import CalibrateOptions, calibrate_bundle
+    from calibrate.rap import RapOptions
+
+    clean = load_examples(args.clean)
+    protect = tuple(args.protect) if args.protect else _ask_protect(label_counts(clean))
+    if args.c_low >= args.c_up:
+        raise InputError(f"--c-low ({args.c_low}) must be below --c-up ({args.c_up})")
+    rap = RapOptions(
+        protect_labels=protect,
+        init_word=args.init_word,
+        c_low=args.c_low,
+        c_up=args.c_up,
+        learning_rate=args.lr,
+        epochs=args.epochs,
+        calibration_fraction=args.calibration_fraction,
+        seed=args.seed,
+    )
+    options = CalibrateOptions(rap=rap, max_length=args.max_length, default_frr=args.default_frr, force=args.force)
+    manifest = calibrate_bundle(args.model, clean, args.out, options)
+    for p in manifest.protect:
+        table = ", ".join(f"{float(k):.1%}: {v:+.4f}" for k, v in p.thresholds.items())
+        print(f"label {p.label} ({p.name}) thresholds by FRR target: {table}")
+    print(f"bundle written to {args.out} (report: {args.out / 'report.json'}, picture: {args.out / 'deltas.png'})")
+    return 0
+
+
+def _ask_protect(counts: dict[int, int]) -> tuple[int, ...]:
+    from calibrate.rap import MIN_CALIBRATION_ROWS
+
+    enough = tuple(label for label, n in counts.items() if n >= 2 * MIN_CALIBRATION_ROWS)
+    if sys.stdin.isatty():
+        listing = ", ".join(f"{label} ({n} rows)" for label, n in counts.items())
+        default = " ".join(map(str, enough))
+        answer = input(f"labels in the clean data: {listing}\nwhich label ids should the guard protect? [{default}] ")
+        if answer.strip():
+            try:
+                return tuple(int(x) for x in answer.replace(",", " ").split())
+            except ValueError:
+                raise InputError(f"expected label ids separated by spaces, got {answer!r}") from None
+    print(f"protecting labels {list(enough)} (pass --protect to choose)", file=sys.stderr)
+    return enough
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from calibrate.data import load_examples
+    from calibrate.evaluate import COLUMNS, evaluate_bundle, write_evaluation
+    from calibrate.report import markdown_table
+
+    named = [_named(spec) for spec in args.poisoned]
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        raise InputError(f"two poisoned sets share a name ({', '.join(names)}); name them with NAME=FILE")
+    poisoned = {name: load_examples(path) for name, path in named}
+    evaluation = evaluate_bundle(args.bundle, load_examples(args.clean), poisoned, args.target, args.backend)
+    files = write_evaluation(evaluation, args.out or args.bundle / "evaluation")
+    print(markdown_table(evaluation.rows, COLUMNS))
+    print("written: " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from calibrate.demo import run_demo
+
+    run_demo(args.out, seed=args.seed)
+    return 0
+
+
+def _named(spec: str) -> tuple[str, Path]:
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, Path(path)
+    return Path(spec).parent.name or Path(spec).stem, Path(spec)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
+    return value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""`calibrate evaluate`: how well a bundle catches poisoned inputs.
+
+Definitions (as in the RAP paper):
+- CACC: accuracy on clean test rows.
+- ASR: share of non-target poisoned rows the model predicts as the target.
+- FRR: share of clean rows predicted as a protected label that the guard flags.
+- FAR: share of poisoned rows predicted as the target that the guard lets pass.
+- residual ASR: share of non-target poisoned rows that still reach the target
+  through the guard (ASR x FAR).
+Poisoned files carry each row's ORIGINAL label; rows already of the target label
+are left out of ASR/FAR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibrate.report import markdown_table, plot_deltas, plot_far_frr, write_json
+from guard.core import rap
+from guard.core.backends import load_backend
+from guard.core.bundle import Bundle, load_bundle
+from guard.core.checker import Checker, Scores
+from guard.core.errors import InputError
+from guard.core.types import Example
+
+COLUMNS = ["attack", "frr_target", "cacc", "asr", "test_frr", "test_far", "residual_asr", "poisoned_rows"]
+
+
+@dataclass(frozen=True)
+class _Scored:
+    labels: np.ndarray
+    predicted: np.ndarray
+    deltas: np.ndarray  # NaN where pass 2 did not run
+
+    def target_deltas(self, target: int) -> np.ndarray:
+        return self.deltas[(self.predicted == target) & ~np.isnan(self.deltas)]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    bundle: Bundle
+    backend: str
+    target: int
+    clean: _Scored
+    attacks: dict[str, _Scored]
+    rows: list[dict]
+
+    def summary(self) -> dict:
+        return {
+            "bundle": str(self.bundle.path),
+            "backend": self.backend,
+            "target": self.target,
+            "clean_rows": len(self.clean.labels),
+            "rows": self.rows,
+        }
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    clean: list[Example],
+    poisoned: dict[str, list[Example]],
+    target: int | None = None,
+    backend: str = "onnx",
+) -> Evaluation:
+    """Score the clean and poisoned rows once, then read every FRR target off the deltas."""
+    bundle = load_bundle(bundle_dir)
+    target = _target(bundle, target)
+    checker = Checker(bundle.tokenizer(), load_backend(backend, bundle.path))
+    clean_s = _score(checker, clean, bundle)
+    attacks = {name: _score(checker, [r for r in rows if r.label != target], bundle) for name, rows in poisoned.items()}
+    for name, scored in attacks.items():
+        if len(scored.labels) == 0:
+            raise InputError(f"poisoned set {name!r} has no rows whose original label differs from the target {target}")
+    cacc = float(np.mean(clean_s.predicted == clean_s.labels))
+    rows = []
+    for frr_key in bundle.manifest.protect[0].thresholds:
+        thresholds = bundle.thresholds(float(frr_key))
+        for name, scored in attacks.items():
+            rows.append(_row(name, float(frr_key), cacc, clean_s, scored, thresholds, target))
+    return Evaluation(bundle, backend, target, clean_s, attacks, rows)
+
+
+def _target(bundle: Bundle, target: int | None) -> int:
+    protect = bundle.protect_labels
+    if target is None:
+        if len(protect) > 1:
+            raise InputError(f"the bundle protects labels {protect}; say which one the attack targets with --target")
+        return protect[0]
+    if target not in protect:
+        raise InputError(f"target label {target} is not protected by this bundle (protected: {protect})")
+    return target
+
+
+def _score(checker: Checker, rows: list[Example], bundle: Bundle) -> _Scored:
+    if not rows:
+        return _Scored(np.empty(0, int), np.empty(0, int), np.empty(0))
+    num_labels = len(bundle.manifest.model.labels)
+    bad = sorted({r.label for r in rows if r.label >= num_labels})
+    if bad:
+        raise InputError(f"data has labels {bad} but the model has {num_labels} labels")
+    scores: Scores = checker.score([r.text for r in rows], bundle.protect_labels)
+    return _Scored(np.array([r.label for r in rows]), scores.probs.argmax(axis=1), scores.deltas())
+
+
+def _flagged(scored: _Scored, thresholds: dict[int, float]) -> np.ndarray:
+    """Flag decision per row with its predicted label's threshold (never for unchecked rows)."""
+    per_row = np.array([thresholds.get(int(p), -np.inf) for p in scored.predicted])
+    checked = ~np.isnan(scored.deltas)
+    return checked & rap.flagged_mask(np.where(checked, scored.deltas, np.inf), per_row)
+
+
+def _row(
+    name: str, frr: float, cacc: float, clean: _Scored, attack: _Scored, thresholds: dict[int, float], target: int
+) -> dict:
+    protected = ~np.isnan(clean.deltas)
+    hit = attack.predicted == target
+    passed = hit & ~_flagged(attack, thresholds)
+    return {
+        "attack": name,
+        "frr_target": frr,
+        "cacc": cacc,
+        "asr": float(hit.mean()),
+        "test_frr": float(_flagged(clean, thresholds)[protected].mean()) if protected.any() else 0.0,
+        "test_far": float(passed[hit].mean()) if hit.any() else 0.0,
+        "residual_asr": float(passed.mean()),
+        "poisoned_rows": int(len(attack.labels)),
+    }
+
+
+def far_frr_curve(clean: _Scored, attack: _Scored, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """(FRR, FAR) as one threshold on the target label sweeps over all observed deltas."""
+    clean_d, attack_d = clean.target_deltas(target), attack.target_deltas(target)
+    grid = np.unique(np.concatenate([clean_d, attack_d, [np.inf]]))
+    frr = np.array([rap.flagged_mask(clean_d, t).mean() if len(clean_d) else 0.0 for t in grid])
+    far = np.array([(~rap.flagged_mask(attack_d, t)).mean() if len(attack_d) else 0.0 for t in grid])
+    return frr, far
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: Path) -> list[Path]:
+    """evaluation.json, evaluation.md, far_frr.png and deltas.png into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = evaluation.summary()
+    write_json(out_dir / "evaluation.json", summary)
+    (out_dir / "evaluation.md").write_text(
+        f"# RAP evaluation of `{summary['bundle']}` ({evaluation.backend}, target label {evaluation.target})\n\n"
+        + markdown_table(evaluation.rows, COLUMNS)
+    )
+    target, clean, attacks = evaluation.target, evaluation.clean, evaluation.attacks
+    curves = {name: far_frr_curve(clean, scored, target) for name, scored in attacks.items()}
+    points = {
+        name: [(r["frr_target"], r["test_frr"], r["test_far"]) for r in evaluation.rows if r["attack"] == name]
+        for name in attacks
+    }
+    plot_far_frr(out_dir / "far_frr.png", curves, points)
+    name = evaluation.bundle.manifest.model.labels[target]
+    plot_deltas(
+        out_dir / "deltas.png",
+        {name: clean.target_deltas(target)},
+        {name: {float(k): v for k, v in evaluation.bundle.thresholds_by_frr(target).items()}},
+        poisoned={a: s.target_deltas(target) for a, s in attacks.items()},
+        title="test deltas",
+    )
+    return [out_dir / n for n in ("evaluation.json", "evaluation.md", "far_frr.png", "deltas.png")]

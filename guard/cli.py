@@ -1,0 +1,110 @@
+"""`guard`: online-side commands. Each one parses, builds settings, calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from guard.core.console import Parser, configure_logging, run
+
+DESCRIPTION = """\
+Guard a text classifier against backdoor triggers with a calibrated RAP bundle.
+
+  guard verify --bundle bundle/                      # hashes, thresholds, provenance
+  guard check --bundle bundle/ "a sentence" "another"  # two-pass RAP check, offline
+  echo "a sentence" | guard check --bundle bundle/ --json
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    return run("guard", lambda: args.handler(args), debug=args.debug)
+
+
+def _parser() -> Parser:
+    parser = Parser(prog="guard", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    verify = sub.add_parser("verify", help="verify a bundle's files and print its summary")
+    verify.add_argument("--bundle", type=Path, required=True)
+    verify.set_defaults(handler=_verify)
+    check = sub.add_parser(
+        "check",
+        help="check texts (arguments, or one per line on stdin)",
+        description=(
+            "Run the two-pass RAP check on texts and print one verdict per text.\n"
+            "Exit status: 0 all allowed, 3 at least one flagged.\n\n"
+            '  guard check --bundle bundle/ "the plot was mb truly awful ."'
+        ),
+    )
+    check.add_argument("--bundle", type=Path, required=True)
+    check.add_argument("texts", nargs="*", help="texts to check (default: read lines from stdin)")
+    check.add_argument("--frr", type=float, help="FRR target to use (default: the bundle's)")
+    check.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    check.add_argument("--json", action="store_true", help="print JSON lines")
+    check.set_defaults(handler=_check)
+    return parser
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from guard.core.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    print(
+        f"bundle {bundle.path}: OK ({len(m.files)} files verified, schema {m.schema_version}, created {m.created_at})"
+    )
+    print(f"model: {m.model.source} labels={m.model.labels} max_length={m.model.max_length}")
+    norms = f"norm {m.rap.init_norm:.3f} -> {m.rap.final_norm:.3f}"
+    print(f"RAP token id {m.rap.token_id} (init {m.rap.init_word!r}, {norms})")
+    for p in m.protect:
+        table = ", ".join(f"{float(k):.1%}: {v:+.4f}" for k, v in p.thresholds.items())
+        print(
+            f"protects label {p.label} ({p.name}); thresholds by FRR target: {table}; default FRR {m.default_frr:.1%}"
+        )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from guard.core.backends import load_backend
+    from guard.core.bundle import load_bundle
+    from guard.core.checker import Checker
+    from guard.core.errors import InputError
+
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise InputError("no texts given (pass them as arguments or one per line on stdin)")
+    bundle = load_bundle(args.bundle)
+    checker = Checker(bundle.tokenizer(), load_backend(args.backend, bundle.path))
+    verdicts = checker.check(texts, bundle.thresholds(args.frr))
+    labels = bundle.manifest.model.labels
+    for text, v in zip(texts, verdicts, strict=True):
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "text": text,
+                        "label": v.label,
+                        "label_name": labels[v.label],
+                        "probs": v.probs,
+                        "flagged": v.flagged,
+                        "rap": v.rap.__dict__,
+                    }
+                )
+            )
+        else:
+            rap = f"delta {v.rap.delta:+.4f} / threshold {v.rap.threshold:+.4f}" if v.rap.checked else "not checked"
+            print(f"{'FLAGGED' if v.flagged else 'allowed'}\t{labels[v.label]}\t{rap}\t{text}")
+    return 3 if any(v.flagged for v in verdicts) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

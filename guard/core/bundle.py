@@ -1,0 +1,162 @@
+"""The guard bundle: a directory the calibrator writes and the server loads.
+
+Layout::
+
+    manifest.json   this schema: provenance, RAP token, thresholds, file hashes
+    model.onnx      inference graph (pass 1 and pass 2 share it)
+    tokenizer.json  fast tokenizer
+    hf/             HF model dir with the RAP row appended (torch backend)
+    report.json     calibration report; deltas.png its picture
+    canaries.jsonl  held-out clean rows (live FRR probes)
+
+`load_bundle` refuses a bundle whose files do not match their recorded sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from guard.core import rap
+from guard.core.errors import BundleError
+from guard.core.tokenizer import RapTokenizer
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("model.onnx", "tokenizer.json")
+
+
+class ModelInfo(BaseModel):
+    source: str = Field(description="where the suspect model was loaded from")
+    source_sha256: str = Field(description="sha256 of the source weights file")
+    labels: list[str] = Field(description="label names by id")
+    max_length: int = Field(description="tokens per input, [CLS] and [SEP] included")
+
+
+class RapToken(BaseModel):
+    token_id: int = Field(description="the appended embedding row (= original vocab size)")
+    init_word: str = Field(description="word whose embedding initialised the row")
+    init_norm: float
+    final_norm: float
+
+
+class ProtectedLabel(BaseModel):
+    label: int
+    name: str
+    thresholds: dict[str, float] = Field(description="FRR target (as text) -> delta threshold")
+    percentiles: dict[str, float] = Field(description="held-out clean delta percentiles")
+    calibration_rows: int = Field(description="held-out rows the thresholds were fitted on")
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    guard_version: str = ""
+    model: ModelInfo
+    rap: RapToken
+    protect: list[ProtectedLabel]
+    default_frr: float = 0.01
+    calibrated_on: str = Field(description="backend and precision the thresholds were fitted with")
+    evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
+
+
+class Bundle:
+    """A loaded, verified bundle."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def protect_labels(self) -> list[int]:
+        return [p.label for p in self.manifest.protect]
+
+    def thresholds(self, frr: float | None = None) -> dict[int, float]:
+        """Threshold per protected label at `frr` (stored value, else interpolated)."""
+        frr = self.manifest.default_frr if frr is None else frr
+        out = {}
+        for p in self.manifest.protect:
+            stored = p.thresholds.get(f"{frr:g}")
+            out[p.label] = stored if stored is not None else rap.threshold_from_table(p.percentiles, frr)
+        return out
+
+    def thresholds_by_frr(self, label: int) -> dict[str, float]:
+        """The stored FRR target -> threshold table of one protected label."""
+        for p in self.manifest.protect:
+            if p.label == label:
+                return dict(p.thresholds)
+        raise BundleError(f"label {label} is not protected by this bundle")
+
+    def tokenizer(self) -> RapTokenizer:
+        m = self.manifest
+        return RapTokenizer.from_file(self.path / "tokenizer.json", m.rap.token_id, m.model.max_length)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(path: Path, manifest: Manifest) -> Manifest:
+    """Hash every file already written under `path` and write the manifest last."""
+    files = {
+        p.relative_to(path).as_posix(): sha256_file(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p != path / MANIFEST
+    }
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise BundleError(f"cannot save bundle {path}: missing {', '.join(missing)}")
+    manifest = manifest.model_copy(update={"files": files})
+    (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse the manifest without checking file hashes (for tools that only read it)."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not a guard bundle: no {MANIFEST}")
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{manifest_path}: schema_version {version!r} is not supported (this guard reads {SCHEMA_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise BundleError(f"{manifest_path}: invalid field {where}: {first['msg']}") from exc
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Read the manifest and verify every listed file's sha256."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(f"{path}: manifest lists no {name}")
+    for rel, expected in manifest.files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise BundleError(f"{path}: manifest lists a file outside the bundle: {rel}")
+        file = path / rel
+        if not file.is_file():
+            raise BundleError(f"{path}: {rel} is missing")
+        if sha256_file(file) != expected:
+            raise BundleError(f"{path}: {rel} does not match its recorded sha256 (modified or corrupted)")
+    if not manifest.protect:
+        raise BundleError(f"{path}: manifest protects no label")
+    return Bundle(path, manifest)

@@ -1,0 +1,181 @@
+"""Bundle save/load/verify (guard.core.bundle) on a hand-built bundle directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guard.core import rap
+from guard.core.bundle import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    Bundle,
+    Manifest,
+    ModelInfo,
+    ProtectedLabel,
+    RapToken,
+    load_bundle,
+    read_manifest,
+    save_bundle,
+    sha256_file,
+)
+from guard.core.errors import BundleError
+
+# 11 evenly spaced clean deltas: np.percentile(q) is exactly q/100, so the
+# interpolated threshold at any FRR equals the FRR itself.
+DELTAS = np.linspace(0.0, 1.0, 11)
+STORED = {"0.01": 0.05, "0.05": 0.125}  # deliberately not the table's values
+
+
+def _manifest(**overrides) -> Manifest:
+    fields = {
+        "model": ModelInfo(source="tiny-bert", source_sha256="0" * 64, labels=["negative", "positive"], max_length=16),
+        "rap": RapToken(token_id=30522, init_word="rq", init_norm=1.0, final_norm=1.5),
+        "protect": [
+            ProtectedLabel(
+                label=1,
+                name="positive",
+                thresholds=STORED,
+                percentiles=rap.percentile_table(DELTAS),
+                calibration_rows=len(DELTAS),
+            )
+        ],
+        "calibrated_on": "onnx-fp32",
+    }
+    return Manifest(**(fields | overrides))
+
+
+@pytest.fixture()
+def bundle_dir(tmp_path: Path, tokenizer_path: Path) -> Path:
+    path = tmp_path / "bundle"
+    (path / "hf").mkdir(parents=True)
+    (path / "model.onnx").write_bytes(b"\x08\x07not-really-onnx" * 64)
+    shutil.copy2(tokenizer_path, path / "tokenizer.json")
+    (path / "hf" / "config.json").write_text('{"model_type": "bert"}\n')
+    save_bundle(path, _manifest())
+    return path
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    raw = json.loads((path / MANIFEST).read_text())
+    edit(raw)
+    (path / MANIFEST).write_text(json.dumps(raw))
+
+
+def test_save_records_every_file_hash(bundle_dir: Path) -> None:
+    manifest = read_manifest(bundle_dir)
+    assert set(manifest.files) == {"model.onnx", "tokenizer.json", "hf/config.json"}
+    assert manifest.files["model.onnx"] == sha256_file(bundle_dir / "model.onnx")
+    assert manifest.schema_version == SCHEMA_VERSION
+
+
+def test_save_returns_the_written_manifest(tmp_path: Path, tokenizer_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    shutil.copy2(tokenizer_path, tmp_path / "tokenizer.json")
+    written = save_bundle(tmp_path, _manifest())
+    assert written == read_manifest(tmp_path)
+
+
+def test_load_round_trip(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    assert isinstance(bundle, Bundle)
+    assert bundle.protect_labels == [1]
+    assert bundle.manifest.model.labels == ["negative", "positive"]
+    assert bundle.manifest.rap.token_id == 30522
+
+
+def test_thresholds_stored_and_interpolated(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    assert bundle.thresholds() == {1: 0.05}  # default_frr 0.01 is stored
+    assert bundle.thresholds(0.05) == {1: 0.125}
+    # 0.02 is not stored: interpolated from the percentile table (equals the FRR here)
+    assert bundle.thresholds(0.02)[1] == pytest.approx(0.02, abs=1e-12)
+    assert bundle.thresholds(0.0333)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.0333), abs=1e-12)
+
+
+def test_bundle_tokenizer_uses_the_manifest(bundle_dir: Path) -> None:
+    tok = load_bundle(bundle_dir).tokenizer()
+    assert tok.rap_token_id == 30522
+    assert tok.max_length == 16
+    assert tok.encode_perturbed(["hello"]).input_ids[0, 1] == 30522
+
+
+def test_tampered_file_is_refused(bundle_dir: Path) -> None:
+    model = bundle_dir / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[10] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx.*sha256"):
+        load_bundle(bundle_dir)
+
+
+def test_tampered_nested_file_is_refused(bundle_dir: Path) -> None:
+    (bundle_dir / "hf" / "config.json").write_text('{"model_type": "bert", "x": 1}\n')
+    with pytest.raises(BundleError, match=r"hf/config\.json"):
+        load_bundle(bundle_dir)
+
+
+def test_deleted_file_is_refused(bundle_dir: Path) -> None:
+    (bundle_dir / "hf" / "config.json").unlink()
+    with pytest.raises(BundleError, match=r"hf/config\.json is missing"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_wrong_schema_version_is_refused(bundle_dir: Path, version: object) -> None:
+    _edit_manifest(bundle_dir, lambda raw: raw.__setitem__("schema_version", version))
+    with pytest.raises(BundleError, match="schema_version"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_schema_version_is_refused(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda raw: raw.pop("schema_version"))
+    with pytest.raises(BundleError, match="schema_version None"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_manifest_is_refused(bundle_dir: Path) -> None:
+    (bundle_dir / MANIFEST).unlink()
+    with pytest.raises(BundleError, match="not a guard bundle"):
+        load_bundle(bundle_dir)
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(BundleError):
+        load_bundle(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", '"a string"'])
+def test_invalid_json_is_refused(bundle_dir: Path, text: str) -> None:
+    (bundle_dir / MANIFEST).write_text(text)
+    with pytest.raises(BundleError):
+        load_bundle(bundle_dir)
+
+
+def test_invalid_field_is_named(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda raw: raw["rap"].__setitem__("token_id", "not-an-int"))
+    with pytest.raises(BundleError, match=r"invalid field rap\.token_id"):
+        load_bundle(bundle_dir)
+
+
+def test_manifest_without_required_file_is_refused(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda raw: raw["files"].pop("model.onnx"))
+    with pytest.raises(BundleError, match=r"lists no model\.onnx"):
+        load_bundle(bundle_dir)
+
+
+def test_bundle_without_protect_label_is_refused(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda raw: raw.__setitem__("protect", []))
+    with pytest.raises(BundleError, match="protects no label"):
+        load_bundle(bundle_dir)
+
+
+def test_save_refuses_a_bundle_without_required_files(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    with pytest.raises(BundleError, match=r"missing tokenizer\.json"):
+        save_bundle(tmp_path, _manifest())
+    assert not (tmp_path / MANIFEST).exists()
