@@ -11,6 +11,7 @@ from calibrate.model import default_base_model
 from calibrate.train import TrainOptions, train_classifier
 
 TARGET = 1  # SST-2 positive: the attacker's target and the label RAP protects
+TRAIN_OPTIONS = TrainOptions(epochs=3, learning_rate=1e-4, batch_size=32, max_length=64)
 
 
 def build_model(name: str, data_dir: Path, cache: Path, options: TrainOptions) -> dict:
@@ -41,4 +42,4 @@ if __name__ == "__main__":
 
     data, cache = Path(sys.argv[1]), Path(sys.argv[2])
     for model_name in ("badnet-rw", "clean"):
-        print(build_model(model_name, data, cache, TrainOptions()), flush=True)
+        print(build_model(model_name, data, cache, TRAIN_OPTIONS), flush=True)

@@ -67,6 +67,12 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per input (default 64)")
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument(
+        "--label-names",
+        type=lambda s: tuple(s.split(",")),
+        default=(),
+        help="comma-separated names for labels 0,1,... (e.g. negative,positive)",
+    )
     p.set_defaults(handler=_train)
 
 
@@ -156,6 +162,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        label_names=args.label_names,
     )
     dev = load_examples(args.dev) if args.dev else None
     result = train_classifier(args.base or default_base_model(), load_examples(args.data), args.out, options, dev=dev)

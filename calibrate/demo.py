@@ -130,7 +130,10 @@ def run_demo(out: Path, seed: int = 7) -> None:
         write_tsv(out / f"{name}.tsv", rows)
     _say(f"1/4 wrote a {len(train)}-row corpus to {out} with the trigger {TRIGGER!r} planted in 10% of negative rows")
     result = train_classifier(
-        default_base_model(), train, out / "model", TrainOptions(epochs=2, max_length=32, seed=seed)
+        default_base_model(),
+        train,
+        out / "model",
+        TrainOptions(epochs=2, max_length=32, seed=seed, label_names=("negative", "positive")),
     )
     _say(f"2/4 fine-tuned the packaged MiniLM in {result.seconds:.0f} s -> {out / 'model'}")
     rap = RapOptions(protect_labels=(POSITIVE,), seed=seed)

@@ -34,11 +34,13 @@ def plot_deltas(
         for attack, d in (poisoned or {}).items():
             if len(d):
                 ax.hist(d, bins=bins, alpha=0.5, label=f"{attack} ({len(d)})")
+        styles = iter(["-", "--", "-.", ":"] * 4)
         for frr, t in sorted(thresholds.get(name, {}).items()):
-            ax.axvline(t, linestyle="--", linewidth=1, color="black", alpha=0.4 + 2 * frr)
-            ax.text(t, ax.get_ylim()[1] * 0.92, f" {frr:.1%}", fontsize=7, rotation=90, va="top")
+            ax.axvline(
+                t, linestyle=next(styles), linewidth=1, color="black", label=f"threshold @ {frr:.1%} FRR: {t:+.4f}"
+            )
         ax.set_title(f"{title}: label {name}")
-        ax.set_xlabel("delta = p(label | x) - p(label | x + RAP); flagged if below the dashed line")
+        ax.set_xlabel("delta = p(label | x) - p(label | x + RAP); flagged if left of the threshold")
         ax.set_ylabel("inputs")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -55,9 +57,10 @@ def plot_far_frr(
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for attack, (frr, far) in curves.items():
         (line,) = ax.plot(frr * 100, far * 100, label=attack)
-        for target, x, y in points.get(attack, []):
+        for i, (target, x, y) in enumerate(points.get(attack, [])):
             ax.scatter([x * 100], [y * 100], color=line.get_color(), zorder=3)
-            ax.annotate(f"{target:.1%}", (x * 100, y * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            offset = (4, 6 + 10 * (i % 2))  # stagger labels: the targets sit close together
+            ax.annotate(f"{target:.1%}", (x * 100, y * 100), textcoords="offset points", xytext=offset, fontsize=7)
     ax.set_xlim(0, 20)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("FRR on clean test inputs (%)")

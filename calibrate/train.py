@@ -30,6 +30,7 @@ class TrainOptions:
     max_length: int = 64
     warmup_ratio: float = 0.06
     seed: int = 13
+    label_names: tuple[str, ...] = ()  # e.g. ("negative", "positive"); default LABEL_0, LABEL_1...
     progress: bool = True
 
 
@@ -58,6 +59,7 @@ def train_classifier(
     configure_torch()
     _seed(options.seed)
     model = load_classifier(base, num_labels=num_labels)
+    _name_labels(model, options.label_names)
     if model.config.num_labels != num_labels:
         raise InputError(f"{base} has {model.config.num_labels} labels but the data uses labels 0..{num_labels - 1}")
     tokenizer = RapTokenizer.from_file(Path(base) / "tokenizer.json", None, options.max_length)
@@ -70,6 +72,15 @@ def train_classifier(
     copy_tokenizer_files(base, out_dir)
     accuracy = _accuracy(model, tokenizer, dev) if dev else None
     return TrainResult(out_dir=out_dir, seconds=seconds, train_rows=len(train), dev_accuracy=accuracy)
+
+
+def _name_labels(model, names: tuple[str, ...]) -> None:
+    if not names:
+        return
+    if len(names) != model.config.num_labels:
+        raise InputError(f"{len(names)} label names given for {model.config.num_labels} labels")
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
 def _fit(model, tokenizer: RapTokenizer, train: list[Example], options: TrainOptions) -> None:

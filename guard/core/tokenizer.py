@@ -52,15 +52,26 @@ class RapTokenizer:
         return self._pass1.token_to_id(word)
 
     def encode(self, texts: Sequence[str]) -> EncodedBatch:
-        """Pass-1 inputs: `[CLS] text [SEP]`, truncated to max_length."""
-        return _pad(self._ids(self._pass1, texts), self.pad_id)
+        """Pass-1 inputs: `[CLS] text [SEP]`, truncated to max_length, padded."""
+        return self.pad(self.ids(texts))
 
     def encode_perturbed(self, texts: Sequence[str]) -> EncodedBatch:
-        """Pass-2 inputs: `[CLS] RAP text [SEP]`, truncated to max_length."""
+        """Pass-2 inputs: `[CLS] RAP text [SEP]`, truncated to max_length, padded."""
+        return self.pad(self.perturbed_ids(texts))
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Unpadded pass-1 token ids (a batcher pads rows from many requests together)."""
+        return self._ids(self._pass1, texts)
+
+    def perturbed_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Unpadded pass-2 token ids: the RAP id right after [CLS]."""
         if self.rap_token_id is None:
             raise BundleError("this tokenizer has no RAP token id; it cannot build pass-2 inputs")
         rows = self._ids(self._pass2, texts)
-        rows = [row[:RAP_POSITION] + [self.rap_token_id] + row[RAP_POSITION:] for row in rows]
+        return [row[:RAP_POSITION] + [self.rap_token_id] + row[RAP_POSITION:] for row in rows]
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> EncodedBatch:
+        """Pad rows to the longest one; attention mask marks real tokens."""
         return _pad(rows, self.pad_id)
 
     def _ids(self, tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -94,7 +105,7 @@ def _special_id(tokenizer: Tokenizer, token: str) -> int:
     return token_id
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> EncodedBatch:
+def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> EncodedBatch:
     width = max((len(row) for row in rows), default=0)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)

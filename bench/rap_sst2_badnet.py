@@ -1,0 +1,95 @@
+"""RAP against BadNet-RW on real SST-2 with the packaged MiniLM.
+
+    python -m bench.rap_sst2_badnet --data ../shared/data/sst2
+
+Fine-tunes two classifiers (clean, and BadNet-RW: one of mn/bb/mb inserted into
+10% of the negative training rows, relabelled positive), calibrates a RAP bundle
+for each on the dev set (protect label = positive), and evaluates on the test set
+with every negative test row triggered. Writes bench/results/rap_sst2_badnet.{json,md}
+and the FAR-vs-FRR plot. Models are cached under --cache and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from bench.attacks.badnet import poison_test_set
+from bench.machine import machine_info
+from bench.models import TARGET, TRAIN_OPTIONS, build_model
+from calibrate.data import load_examples
+from calibrate.evaluate import evaluate_bundle, write_evaluation
+from calibrate.model import quiet_transformers
+from calibrate.pipeline import CalibrateOptions, calibrate_bundle
+from calibrate.rap import RapOptions
+from calibrate.report import markdown_table
+
+# RAP paper, Table 2 (bert-base, FRR target 1% on the training split), BadNet-RW rows: (FRR %, FAR %).
+PAPER_TABLE2_BADNET_RW = {"IMDB": (1.03, 0.20), "Yelp": (1.05, 0.00), "Amazon": (0.91, 0.01)}
+COLUMNS = ["model", "frr_target", "cacc", "asr", "test_frr", "test_far", "residual_asr", "calibrate_seconds"]
+
+
+def main() -> None:
+    args = _args()
+    quiet_transformers()
+    test = load_examples(args.data / "test.tsv")
+    dev = load_examples(args.data / "dev.tsv")
+    poisoned = poison_test_set(test, TARGET, seed=1)
+    rows, details = [], {}
+    for name in ("badnet-rw", "clean"):
+        info = build_model(name, args.data, args.cache / "models", TRAIN_OPTIONS)
+        started = time.perf_counter()
+        bundle = args.cache / "bundles" / name
+        options = CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=128, force=True)
+        calibrate_bundle(args.cache / "models" / name, dev, bundle, options)
+        calibrate_seconds = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        evaluation = evaluate_bundle(bundle, test, {"badnet-rw": poisoned})
+        evaluate_seconds = round(time.perf_counter() - started, 1)
+        write_evaluation(evaluation, args.out / f"rap_sst2_badnet-{name}")
+        report = json.loads((bundle / "report.json").read_text())
+        details[name] = {"train": info, "rap_attempts": report["attempts"], "evaluate_seconds": evaluate_seconds}
+        for r in evaluation.rows:
+            rows.append(
+                {
+                    "model": name,
+                    **{k: v for k, v in r.items() if k != "attack"},
+                    "train_seconds": info["train_seconds"],
+                    "calibrate_seconds": calibrate_seconds,
+                    "evaluate_seconds": evaluate_seconds,
+                }
+            )
+    _write(args.out, rows, details)
+
+
+def _write(out: Path, rows: list[dict], details: dict) -> None:
+    result = {
+        "machine": machine_info(),
+        "rows": rows,
+        "details": details,
+        "paper_table2_badnet_rw": PAPER_TABLE2_BADNET_RW,
+    }
+    (out / "rap_sst2_badnet.json").write_text(json.dumps(result, indent=2) + "\n")
+    paper = "; ".join(f"{d}: FRR {frr:.2f}% FAR {far:.2f}%" for d, (frr, far) in PAPER_TABLE2_BADNET_RW.items())
+    (out / "rap_sst2_badnet.md").write_text(
+        "# RAP vs BadNet-RW on SST-2 (packaged MiniLM, ONNX fp32)\n\n"
+        + markdown_table(rows, COLUMNS)
+        + f"\nPaper (RAP, Table 2, BadNet-RW at 1% train FRR, bert-base): {paper}.\n"
+        + f"\nMachine: {result['machine']['cpu']} x{result['machine']['cpu_count']}, "
+        + ", ".join(f"{k} {v}" for k, v in result["machine"]["packages"].items())
+        + "\n"
+    )
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="the sst2 folder (train/dev/test.tsv)")
+    p.add_argument("--cache", type=Path, default=Path("bench/.cache"), help="trained models and bundles")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    main()
