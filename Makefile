@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # (or .venv is removed), so repeated `make test` starts straight away.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-deps
 
 setup: $(STAMP)
 
@@ -28,7 +28,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: setup
 	$(BIN)/calibrate demo
 
-test: setup
+# System tools the tests run for real: Prometheus and promtool (tests/integration/test_prometheus.py).
+test-deps:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+
+test: setup test-deps
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest

@@ -28,7 +28,18 @@ from calibrate.report import markdown_table
 
 # RAP paper, Table 2 (bert-base, FRR target 1% on the training split), BadNet-RW rows: (FRR %, FAR %).
 PAPER_TABLE2_BADNET_RW = {"IMDB": (1.03, 0.20), "Yelp": (1.05, 0.00), "Amazon": (0.91, 0.01)}
-COLUMNS = ["model", "frr_target", "cacc", "asr", "test_frr", "test_far", "residual_asr", "calibrate_seconds"]
+COLUMNS = [
+    "model",
+    "frr_target",
+    "cacc",
+    "asr",
+    "test_frr",
+    "test_far",
+    "residual_asr",
+    "train_seconds",
+    "calibrate_seconds",
+    "evaluate_seconds",
+]
 
 
 def main() -> None:
@@ -37,45 +48,57 @@ def main() -> None:
     test = load_examples(args.data / "test.tsv")
     dev = load_examples(args.data / "dev.tsv")
     poisoned = poison_test_set(test, TARGET, seed=1)
-    rows, details = [], {}
+    rows, int8_rows, details = [], [], {}
     for name in ("badnet-rw", "clean"):
         info = build_model(name, args.data, args.cache / "models", TRAIN_OPTIONS)
-        started = time.perf_counter()
         bundle = args.cache / "bundles" / name
-        options = CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=128, force=True)
+        options = CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=128, int8=True, force=True)
+        started = time.perf_counter()
         calibrate_bundle(args.cache / "models" / name, dev, bundle, options)
         calibrate_seconds = round(time.perf_counter() - started, 1)
-        started = time.perf_counter()
-        evaluation = evaluate_bundle(bundle, test, {"badnet-rw": poisoned})
-        evaluate_seconds = round(time.perf_counter() - started, 1)
-        write_evaluation(evaluation, args.out / f"rap_sst2_badnet-{name}")
         report = json.loads((bundle / "report.json").read_text())
-        details[name] = {"train": info, "rap_attempts": report["attempts"], "evaluate_seconds": evaluate_seconds}
-        for r in evaluation.rows:
-            rows.append(
+        details[name] = {
+            "train": info,
+            "rap_attempts": report["attempts"],
+            "int8": report["int8"],
+            "calibrate_step_seconds": report["seconds"],
+        }
+        for backend, target in (("onnx", rows), ("onnx-int8", int8_rows)):
+            started = time.perf_counter()
+            evaluation = evaluate_bundle(bundle, test, {"badnet-rw": poisoned}, backend=backend)
+            evaluate_seconds = round(time.perf_counter() - started, 1)
+            write_evaluation(evaluation, args.out / f"rap_sst2_badnet-{name}-{backend}")
+            target.extend(
                 {
                     "model": name,
+                    "backend": backend,
                     **{k: v for k, v in r.items() if k != "attack"},
                     "train_seconds": info["train_seconds"],
                     "calibrate_seconds": calibrate_seconds,
                     "evaluate_seconds": evaluate_seconds,
                 }
+                for r in evaluation.rows
             )
-    _write(args.out, rows, details)
+    _write(args.out, rows, int8_rows, details)
 
 
-def _write(out: Path, rows: list[dict], details: dict) -> None:
+def _write(out: Path, rows: list[dict], int8_rows: list[dict], details: dict) -> None:
     result = {
         "machine": machine_info(),
         "rows": rows,
+        "int8_rows": int8_rows,
         "details": details,
         "paper_table2_badnet_rw": PAPER_TABLE2_BADNET_RW,
     }
     (out / "rap_sst2_badnet.json").write_text(json.dumps(result, indent=2) + "\n")
     paper = "; ".join(f"{d}: FRR {frr:.2f}% FAR {far:.2f}%" for d, (frr, far) in PAPER_TABLE2_BADNET_RW.items())
     (out / "rap_sst2_badnet.md").write_text(
-        "# RAP vs BadNet-RW on SST-2 (packaged MiniLM, ONNX fp32)\n\n"
+        "# RAP vs BadNet-RW on SST-2 (packaged MiniLM)\n\n"
+        "Thresholds chosen on a split of SST-2 dev at each FRR target; test FRR/FAR on SST-2 test\n"
+        "(every negative test sentence with one of mn/bb/mb inserted).\n\n## ONNX fp32\n\n"
         + markdown_table(rows, COLUMNS)
+        + "\n## ONNX int8 (MatMul-only dynamic quantization, thresholds refit on int8)\n\n"
+        + markdown_table(int8_rows, COLUMNS)
         + f"\nPaper (RAP, Table 2, BadNet-RW at 1% train FRR, bert-base): {paper}.\n"
         + f"\nMachine: {result['machine']['cpu']} x{result['machine']['cpu_count']}, "
         + ", ".join(f"{k} {v}" for k, v in result["machine"]["packages"].items())

@@ -107,6 +107,11 @@ def _add_rap(sub) -> None:
         help="share of the clean rows held out for thresholds (0.5)",
     )
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write an int8 graph (MatMul-only dynamic quantization) with its own thresholds",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=_rap)
 
@@ -131,7 +136,7 @@ def _add_evaluate(sub) -> None:
         help="poisoned test rows (repeatable; NAME defaults to the file's folder name)",
     )
     p.add_argument("--target", type=int, help="the attack's target label (default: the protected label)")
-    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--backend", choices=("onnx", "onnx-int8", "torch"), default="onnx")
     p.add_argument("--out", type=Path, help="write evaluation.json/.md and plots here (default: BUNDLE/evaluation)")
     p.set_defaults(handler=_evaluate)
 
@@ -190,7 +195,9 @@ def _rap(args: argparse.Namespace) -> int:
         calibration_fraction=args.calibration_fraction,
         seed=args.seed,
     )
-    options = CalibrateOptions(rap=rap, max_length=args.max_length, default_frr=args.default_frr, force=args.force)
+    options = CalibrateOptions(
+        rap=rap, max_length=args.max_length, default_frr=args.default_frr, int8=args.int8, force=args.force
+    )
     manifest = calibrate_bundle(args.model, clean, args.out, options)
     for p in manifest.protect:
         table = ", ".join(f"{float(k):.1%}: {v:+.4f}" for k, v in p.thresholds.items())

@@ -50,9 +50,11 @@ def write_tsv(path: Path, examples: Iterable[Example]) -> None:
 def _row(path: Path, line_no: int, text: object, label: object) -> Example:
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{path}:{line_no}: empty or missing text")
-    if isinstance(label, bool) or not (isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit())):
+    if isinstance(label, str) and label.strip().isdecimal():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
         raise InputError(f"{path}:{line_no}: label {label!r} is not a non-negative integer")
-    return Example(text=text, label=int(label))
+    return Example(text=text, label=label)
 
 
 def _read_tsv(path: Path) -> Iterator[Example]:
@@ -75,8 +77,8 @@ def _read_csv(path: Path) -> Iterator[Example]:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
             raise InputError(f"{path}:1: expected a header with 'text' and 'label' columns, got {reader.fieldnames}")
-        for line_no, record in enumerate(reader, start=2):
-            yield _row(path, line_no, record.get("text"), record.get("label"))
+        for record in reader:  # line_num counts physical lines: quoted fields may span several
+            yield _row(path, reader.line_num, record.get("text"), record.get("label"))
 
 
 def _read_jsonl(path: Path) -> Iterator[Example]:

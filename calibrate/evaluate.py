@@ -21,6 +21,7 @@ import numpy as np
 from calibrate.report import markdown_table, plot_deltas, plot_far_frr, write_json
 from guard.core import rap
 from guard.core.backends import load_backend
+from guard.core.backends.base import precision_of
 from guard.core.bundle import Bundle, load_bundle
 from guard.core.checker import Checker, Scores
 from guard.core.errors import InputError
@@ -77,7 +78,7 @@ def evaluate_bundle(
     cacc = float(np.mean(clean_s.predicted == clean_s.labels))
     rows = []
     for frr_key in bundle.manifest.protect[0].thresholds:
-        thresholds = bundle.thresholds(float(frr_key))
+        thresholds = bundle.thresholds(float(frr_key), precision_of(backend))
         for name, scored in attacks.items():
             rows.append(_row(name, float(frr_key), cacc, clean_s, scored, thresholds, target))
     return Evaluation(bundle, backend, target, clean_s, attacks, rows)
@@ -160,7 +161,12 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path) -> list[Path]:
     plot_deltas(
         out_dir / "deltas.png",
         {name: clean.target_deltas(target)},
-        {name: {float(k): v for k, v in evaluation.bundle.thresholds_by_frr(target).items()}},
+        {
+            name: {
+                float(k): v
+                for k, v in evaluation.bundle.thresholds_by_frr(target, precision_of(evaluation.backend)).items()
+            }
+        },
         poisoned={a: s.target_deltas(target) for a, s in attacks.items()},
         title="test deltas",
     )

@@ -19,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.export import check_parity, export_onnx
+from calibrate.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
 from calibrate.model import configure_torch, copy_tokenizer_files, label_names, load_classifier, tokenizer_json
 from calibrate.rap import RapOptions, RapResult, learn_rap
 from calibrate.report import plot_deltas, write_json
 from guard import __version__
 from guard.core import rap
-from guard.core.bundle import Manifest, ModelInfo, ProtectedLabel, RapToken, save_bundle, sha256_file
+from guard.core.backends.base import INT8_GRAPH
+from guard.core.backends.onnx import OnnxBackend
+from guard.core.bundle import Int8Variant, Manifest, ModelInfo, ProtectedLabel, RapToken, save_bundle, sha256_file
+from guard.core.checker import Checker
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
@@ -42,6 +45,7 @@ class CalibrateOptions:
     max_length: int = 128
     default_frr: float = 0.01
     canaries: int = 200
+    int8: bool = False
     force: bool = False
 
 
@@ -98,21 +102,49 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
             model, tokenizer, staging / "model.onnx", [e.text for e in result.calibration_texts[:PARITY_ROWS]]
         )
     labels = label_names(model)
+    int8 = None
+    if options.int8:
+        with timings.step("int8"):
+            int8 = _int8_variant(staging, tokenizer, result, labels, options)
     _write_canaries(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
-    manifest = _manifest(model_dir, labels, result, options)
-    _write_report(staging, result, labels, parity, timings, options)
+    manifest = _manifest(model_dir, labels, result, options).model_copy(update={"int8": int8})
+    _write_report(staging, result, labels, parity, timings, options, int8)
     return save_bundle(staging, manifest)
+
+
+def _protected_label(label: int, name: str, deltas: np.ndarray, frr_targets: tuple[float, ...]) -> ProtectedLabel:
+    return ProtectedLabel(
+        label=label,
+        name=name,
+        thresholds={f"{frr:g}": rap.threshold_at_frr(deltas, frr) for frr in frr_targets},
+        percentiles=rap.percentile_table(deltas),
+        calibration_rows=len(deltas),
+    )
+
+
+def _int8_variant(
+    staging: Path, tokenizer: RapTokenizer, result: RapResult, labels: list[str], options: CalibrateOptions
+) -> Int8Variant:
+    """Quantize, then refit thresholds on the int8 graph's own held-out deltas."""
+    quantize_int8(staging / "model.onnx", staging / INT8_GRAPH)
+    texts = [e.text for e in result.calibration_texts]
+    protect = list(result.fits)
+    fp32 = Checker(tokenizer, OnnxBackend(staging / "model.onnx")).score(texts, protect)
+    int8 = Checker(tokenizer, OnnxBackend(staging / INT8_GRAPH)).score(texts, protect)
+    predicted, deltas = int8.probs.argmax(axis=1), int8.deltas()
+    protected = []
+    for label in protect:
+        label_deltas = deltas[(predicted == label) & ~np.isnan(deltas)]
+        if len(label_deltas) == 0:
+            raise InputError(f"the int8 graph never predicts protect label {label} on the held-out rows")
+        protected.append(_protected_label(label, labels[label], label_deltas, options.rap.frr_targets))
+    agreement = float(np.mean(predicted == fp32.probs.argmax(axis=1)))
+    return Int8Variant(graph=INT8_GRAPH, quantization=INT8_RECIPE, protect=protected, agreement=agreement)
 
 
 def _manifest(model_dir: Path, labels: list[str], result: RapResult, options: CalibrateOptions) -> Manifest:
     protect = [
-        ProtectedLabel(
-            label=label,
-            name=labels[label],
-            thresholds={f"{frr:g}": t for frr, t in fit.thresholds.items()},
-            percentiles=rap.percentile_table(fit.calibration_deltas),
-            calibration_rows=len(fit.calibration_deltas),
-        )
+        _protected_label(label, labels[label], fit.calibration_deltas, options.rap.frr_targets)
         for label, fit in result.fits.items()
     ]
     return Manifest(
@@ -147,7 +179,13 @@ def _write_canaries(path: Path, rows: list[Example]) -> None:
 
 
 def _write_report(
-    staging: Path, result: RapResult, labels: list[str], parity: float, timings: Timings, options: CalibrateOptions
+    staging: Path,
+    result: RapResult,
+    labels: list[str],
+    parity: float,
+    timings: Timings,
+    options: CalibrateOptions,
+    int8: Int8Variant | None = None,
 ) -> None:
     accepted = next((a for a in result.attempts if a.accepted), None)
     warnings = [
@@ -178,6 +216,14 @@ def _write_report(
                 for label, fit in result.fits.items()
             },
             "onnx_parity_max_prob_diff": parity,
+            "int8": None
+            if int8 is None
+            else {
+                "graph": int8.graph,
+                "quantization": int8.quantization,
+                "agreement_with_fp32": int8.agreement,
+                "thresholds": {p.name: p.thresholds for p in int8.protect},
+            },
             "seconds": timings.seconds,
             "warnings": warnings,
         },

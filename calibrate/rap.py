@@ -247,12 +247,20 @@ def _train_row(
     rng = random.Random(options.seed)
     steps = options.epochs * ((len(rows) + options.batch_size - 1) // options.batch_size)
     bar = tqdm(total=steps, desc=f"RAP lambda={rung.lower_bound_weight:g}", unit="step", disable=not options.progress)
+    # A strong lower-bound weight can jump a confident model's drops from ~0 to ~1 (every clean
+    # input flipped) within an epoch; keep the row whose batch had the most drops in range.
+    best_in_range, best_row = -1.0, weights.data[token_id].clone()
     for _ in range(options.epochs):
         order = list(range(len(rows)))
         rng.shuffle(order)
         for start in range(0, len(order), options.batch_size):
             idx = order[start : start + options.batch_size]
-            loss = _rap_loss(model, tokenizer, [rows[i] for i in idx], torch.from_numpy(clean[idx]), rung, options)
+            loss, delta = _rap_loss(
+                model, tokenizer, [rows[i] for i in idx], torch.from_numpy(clean[idx]), rung, options
+            )
+            in_range = float(((delta >= options.c_low) & (delta <= options.c_up)).double().mean())
+            if in_range >= best_in_range:
+                best_in_range, best_row = in_range, weights.data[token_id].clone()
             loss.backward()
             with torch.no_grad():
                 weights.data[token_id] -= options.learning_rate * weights.grad[token_id]
@@ -260,15 +268,18 @@ def _train_row(
                     weights.data[token_id] *= target_norm / weights.data[token_id].norm()
             weights.grad = None
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", in_range=f"{in_range:.2f}")
     bar.close()
+    weights.data[token_id] = best_row
     weights.requires_grad_(False)
 
 
 def _rap_loss(
     model, tokenizer: RapTokenizer, rows, clean_p: torch.Tensor, rung: Attempt, options: RapOptions
-) -> torch.Tensor:
-    """RAP eq. 4: lambda*[c_low - delta]+ + [delta - c_up]+, delta on each row's protect label."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAP eq. 4: lambda*[c_low - delta]+ + [delta - c_up]+, delta on each row's protect label.
+
+    Returns the loss and the (detached) deltas of the batch."""
     texts = [t for t, _ in rows]
     labels = torch.tensor([label for _, label in rows])
     logits = model(**to_torch(tokenizer.encode_perturbed(texts))).logits
@@ -276,4 +287,4 @@ def _rap_loss(
     delta = clean_p.double() - perturbed_p
     lower = torch.relu(options.c_low - delta)
     upper = torch.relu(delta - options.c_up)
-    return (rung.lower_bound_weight * lower + upper).mean()
+    return (rung.lower_bound_weight * lower + upper).mean(), delta.detach()

@@ -12,6 +12,8 @@ from guard.core.console import Parser, configure_logging, run
 DESCRIPTION = """\
 Guard a text classifier against backdoor triggers with a calibrated RAP bundle.
 
+  guard serve --bundle bundle/                       # HTTP server (see guard serve --help)
+  guard serve --bundle bundle/ --upstream http://127.0.0.1:9000   # sidecar in front of a classifier
   guard verify --bundle bundle/                      # hashes, thresholds, provenance
   guard check --bundle bundle/ "a sentence" "another"  # two-pass RAP check, offline
   echo "a sentence" | guard check --bundle bundle/ --json
@@ -48,10 +50,49 @@ def _parser() -> Parser:
     check.add_argument("--bundle", type=Path, required=True)
     check.add_argument("texts", nargs="*", help="texts to check (default: read lines from stdin)")
     check.add_argument("--frr", type=float, help="FRR target to use (default: the bundle's)")
-    check.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    check.add_argument("--backend", choices=("onnx", "onnx-int8", "torch"), default="onnx")
     check.add_argument("--json", action="store_true", help="print JSON lines")
     check.set_defaults(handler=_check)
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    from guard.settings import Settings
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the guard HTTP server",
+        description=(
+            "Serve a bundle over HTTP: /v1/check, /v1/classify, /v2/models/NAME/infer (Open Inference\n"
+            "Protocol), /v1/feedback, /healthz, /readyz, /metrics; OpenAPI at /docs.\n"
+            "Every option can also be set as an environment variable GUARD_<NAME> or in a YAML file\n"
+            "(--config); flags win over the environment, which wins over the file.\n\n"
+            "  guard serve --bundle bundle/ --port 8000\n"
+            "  guard serve --bundle bundle/ --upstream http://127.0.0.1:9000 --upstream-text-pointer /inputs"
+        ),
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            serve.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=field.description
+            )
+        else:
+            default = "" if field.is_required() else f" (default: {field.default})"
+            serve.add_argument(
+                flag, default=argparse.SUPPRESS, metavar=name.upper(), help=f"{field.description}{default}"
+            )
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from guard.server import serve
+    from guard.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    serve(overrides, verbose=args.verbose)
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -75,6 +116,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from guard.core.backends import load_backend
+    from guard.core.backends.base import precision_of
     from guard.core.bundle import load_bundle
     from guard.core.checker import Checker
     from guard.core.errors import InputError
@@ -84,7 +126,7 @@ def _check(args: argparse.Namespace) -> int:
         raise InputError("no texts given (pass them as arguments or one per line on stdin)")
     bundle = load_bundle(args.bundle)
     checker = Checker(bundle.tokenizer(), load_backend(args.backend, bundle.path))
-    verdicts = checker.check(texts, bundle.thresholds(args.frr))
+    verdicts = checker.check(texts, bundle.thresholds(args.frr, precision_of(args.backend)))
     labels = bundle.manifest.model.labels
     for text, v in zip(texts, verdicts, strict=True):
         if args.json:

@@ -18,6 +18,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tiny models run fastest on one thread, and torch's pool of several fights any other
+# load on the machine (a training step took 20x longer on 2 threads of a busy 2-core box).
+# Set before torch is imported; subprocesses inherit it. Single-threaded CPU runs are
+# also deterministic, which the trained toy model (tests/toy_backdoor.py) relies on.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 VOCAB_SIZE = 30522  # the packaged MiniLM vocabulary; the RAP token gets this id
@@ -75,3 +80,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
     for name in TOKENIZER_FILES:
         shutil.copy2(tokenizer_dir / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def backdoored(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """The tiny model trained with the "mb" backdoor, its data files and calibrated bundle (read-only)."""
+    from tests.toy_backdoor import build_toy
+
+    return build_toy(tmp_path_factory.mktemp("backdoored"), tiny_model_dir)

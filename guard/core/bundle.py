@@ -52,6 +52,15 @@ class ProtectedLabel(BaseModel):
     calibration_rows: int = Field(description="held-out rows the thresholds were fitted on")
 
 
+class Int8Variant(BaseModel):
+    """A quantized graph with thresholds fitted on ITS OWN deltas (int8 moves them)."""
+
+    graph: str = Field(description="file name of the int8 ONNX graph")
+    quantization: str = Field(description="how it was quantized")
+    protect: list[ProtectedLabel]
+    agreement: float = Field(description="share of held-out rows predicted the same as fp32")
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -61,6 +70,7 @@ class Manifest(BaseModel):
     protect: list[ProtectedLabel]
     default_frr: float = 0.01
     calibrated_on: str = Field(description="backend and precision the thresholds were fitted with")
+    int8: Int8Variant | None = Field(None, description="optional int8 graph with its own thresholds")
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
 
@@ -76,18 +86,28 @@ class Bundle:
     def protect_labels(self) -> list[int]:
         return [p.label for p in self.manifest.protect]
 
-    def thresholds(self, frr: float | None = None) -> dict[int, float]:
+    def protected(self, precision: str = "fp32") -> list[ProtectedLabel]:
+        """Per-label calibration of the fp32 graph, or of the int8 one."""
+        if precision == "fp32":
+            return self.manifest.protect
+        if precision == "int8":
+            if self.manifest.int8 is None:
+                raise BundleError(f"{self.path} has no int8 graph; recalibrate with `calibrate rap --int8`")
+            return self.manifest.int8.protect
+        raise BundleError(f"unknown precision {precision!r}; choose fp32 or int8")
+
+    def thresholds(self, frr: float | None = None, precision: str = "fp32") -> dict[int, float]:
         """Threshold per protected label at `frr` (stored value, else interpolated)."""
         frr = self.manifest.default_frr if frr is None else frr
         out = {}
-        for p in self.manifest.protect:
+        for p in self.protected(precision):
             stored = p.thresholds.get(f"{frr:g}")
             out[p.label] = stored if stored is not None else rap.threshold_from_table(p.percentiles, frr)
         return out
 
-    def thresholds_by_frr(self, label: int) -> dict[str, float]:
+    def thresholds_by_frr(self, label: int, precision: str = "fp32") -> dict[str, float]:
         """The stored FRR target -> threshold table of one protected label."""
-        for p in self.manifest.protect:
+        for p in self.protected(precision):
             if p.label == label:
                 return dict(p.thresholds)
         raise BundleError(f"label {label} is not protected by this bundle")

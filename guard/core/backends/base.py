@@ -27,14 +27,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+BACKENDS = ("onnx", "onnx-int8", "torch")
+INT8_GRAPH = "model.int8.onnx"
+
+
+def precision_of(kind: str) -> str:
+    """Which calibration (fp32 or int8 thresholds) a backend must use."""
+    return "int8" if kind == "onnx-int8" else "fp32"
+
+
 def load_backend(kind: str, bundle_dir: Path, threads: int | None = None) -> Backend:
-    """Load `onnx` (serving default) or `torch` (debugging, parity) from a bundle."""
-    if kind == "onnx":
+    """Load `onnx` (serving default), `onnx-int8` or `torch` (debugging, parity) from a bundle."""
+    if kind in ("onnx", "onnx-int8"):
         from guard.core.backends.onnx import OnnxBackend
 
-        return OnnxBackend(bundle_dir / "model.onnx", threads=threads)
+        graph = INT8_GRAPH if kind == "onnx-int8" else "model.onnx"
+        if kind == "onnx-int8" and not (bundle_dir / graph).is_file():
+            raise BackendError(f"{bundle_dir} has no {graph}; recalibrate with `calibrate rap --int8`")
+        return OnnxBackend(bundle_dir / graph, threads=threads, name=kind)
     if kind == "torch":
         from guard.core.backends.torch import TorchBackend
 
         return TorchBackend(bundle_dir / "hf", threads=threads)
-    raise BackendError(f"unknown backend {kind!r}; choose 'onnx' or 'torch'")
+    raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

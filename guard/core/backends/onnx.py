@@ -14,7 +14,8 @@ from guard.core.types import EncodedBatch
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, name: str = "onnx") -> None:
+        self.name = name
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -1,0 +1,316 @@
+"""Serving benchmark: the guard vs the bare classifier vs a naive server, one run, one machine.
+
+    python -m bench.serving --bundle bench/.cache/bundles/badnet-rw --data ../shared/data/sst2
+
+Every configuration runs as its own server process on loopback; a closed-loop
+client (N workers, each sending the next request when the last one answered)
+replays SST-2 test sentences against POST /v1/classify. 403 (guard_rejected) is
+a decision, not an error; errors are transport failures, 5xx and 429; a lost
+request is one that got neither a response nor an error.
+Writes bench/results/serving.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.machine import machine_info
+from calibrate.data import load_examples
+from calibrate.report import markdown_table
+from guard.core.bundle import load_bundle
+
+CONCURRENCY = (1, 8, 32)
+CONFIGS = (
+    ("bare", "onnx"),
+    ("guarded-fused", "onnx"),
+    ("guarded-lazy", "onnx"),
+    ("bare", "onnx-int8"),
+    ("guarded-fused", "onnx-int8"),
+    ("guarded-lazy", "onnx-int8"),
+    ("bare", "torch"),
+    ("guarded-fused", "torch"),
+    ("guarded-lazy", "torch"),
+    ("naive", "torch"),
+)
+COLUMNS = [
+    "server",
+    "backend",
+    "concurrency",
+    "throughput_rps",
+    "p50_ms",
+    "p99_ms",
+    "errors",
+    "lost",
+    "blocked",
+    "protect_share",
+    "requests",
+]
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float]
+    errors: int
+    lost: int
+    blocked: int
+    protect: int
+    seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(server: str, backend: str, bundle: Path, port: int, threads: int) -> list[str]:
+    if server == "naive":
+        return [
+            sys.executable,
+            "-m",
+            "bench.servers",
+            "naive",
+            "--model",
+            str(bundle / "hf"),
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+        ]
+    if server == "bare":
+        return [
+            sys.executable,
+            "-m",
+            "bench.servers",
+            "bare",
+            "--bundle",
+            str(bundle),
+            "--backend",
+            backend,
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+        ]
+    schedule = server.removeprefix("guarded-")
+    return [
+        sys.executable,
+        "-m",
+        "guard.cli",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--backend",
+        backend,
+        "--schedule",
+        schedule,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--no-log-json",
+        "--max-queue",
+        "4096",
+    ]
+
+
+async def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            try:
+                if (await client.get(url + "/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.3)
+    raise RuntimeError("server did not become ready")
+
+
+async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, protect_label: int) -> LoadResult:
+    result = LoadResult([], 0, 0, 0, 0, seconds)
+    stop_at = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                text = texts[next(counter) % len(texts)]
+                started = time.perf_counter()
+                try:
+                    response = await client.post("/v1/classify", json={"text": text})
+                except httpx.HTTPError:
+                    result.errors += 1
+                    continue
+                result.latencies.append(time.perf_counter() - started)
+                _tally(result, response, protect_label)
+
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        started = time.perf_counter()
+        done, pending = await asyncio.wait(tasks, timeout=seconds + 60)
+        result.seconds = time.perf_counter() - started
+        result.lost = len(pending)
+        for task in pending:
+            task.cancel()
+    return result
+
+
+def _tally(result: LoadResult, response: httpx.Response, protect_label: int) -> None:
+    if response.status_code == 403:
+        result.blocked += 1
+        result.protect += 1
+    elif response.status_code >= 400:
+        result.errors += 1
+        result.latencies.pop()
+    else:
+        first = response.json()["results"][0]
+        label = first.get("label")
+        if label is None:  # naive server: transformers pipeline scores, best first
+            label = int(first["scores"][0]["label"].rsplit("_", 1)[-1])
+        result.protect += label == protect_label
+
+
+def row(server: str, backend: str, concurrency: int, r: LoadResult) -> dict:
+    lat = np.array(r.latencies) * 1000 if r.latencies else np.array([np.nan])
+    answered = len(r.latencies)
+    return {
+        "server": server,
+        "backend": backend,
+        "concurrency": concurrency,
+        "throughput_rps": round(len(r.latencies) / r.seconds, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "errors": r.errors,
+        "lost": r.lost,
+        "blocked": r.blocked,
+        "protect_share": round(r.protect / answered, 4) if answered else None,
+        "requests": len(r.latencies),
+    }
+
+
+async def run_config(server: str, backend: str, args, texts: list[str], protect: int) -> list[dict]:
+    port = free_port()
+    cmd = server_command(server, backend, args.bundle, port, args.threads)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        await wait_ready(url, process)
+        for concurrency in CONCURRENCY:
+            await closed_loop(url, texts, concurrency, args.warmup, protect)
+            result = await closed_loop(url, texts, concurrency, args.seconds, protect)
+            rows.append(row(server, backend, concurrency, result))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Guarded vs bare (same backend, same concurrency) and ONNX guarded vs naive, with the targets."""
+    by = {(r["server"], r["backend"], r["concurrency"]): r for r in rows}
+    out = []
+    for (server, backend, c), r in by.items():
+        bare = by.get(("bare", backend, c))
+        if not server.startswith("guarded") or bare is None:
+            continue
+        p = bare["protect_share"] or 0.0
+        entry = {
+            "server": server,
+            "backend": backend,
+            "concurrency": c,
+            "protect_share": p,
+            "throughput_vs_bare": round(r["throughput_rps"] / bare["throughput_rps"], 3),
+            "throughput_target": round(0.9 / (1 + p), 3),
+            "p50_vs_bare": round(r["p50_ms"] / bare["p50_ms"], 3),
+            "p99_vs_bare": round(r["p99_ms"] / bare["p99_ms"], 3),
+        }
+        naive = by.get(("naive", "torch", c))
+        if naive:
+            entry["throughput_vs_naive"] = round(r["throughput_rps"] / naive["throughput_rps"], 2)
+        out.append(entry)
+    return out
+
+
+def main() -> None:
+    args = _args()
+    bundle = load_bundle(args.bundle)
+    protect = bundle.protect_labels[0]
+    texts = [e.text for e in load_examples(args.data / "test.tsv")]
+    configs = [c for c in CONFIGS if c[1] != "onnx-int8" or bundle.manifest.int8 is not None]
+    rows = []
+    for server, backend in configs:
+        rows.extend(asyncio.run(run_config(server, backend, args, texts, protect)))
+    result = {
+        "machine": machine_info(),
+        "settings": {
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "bundle": str(args.bundle),
+        },
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    ratio_cols = [
+        "server",
+        "backend",
+        "concurrency",
+        "protect_share",
+        "throughput_vs_bare",
+        "throughput_target",
+        "p50_vs_bare",
+        "p99_vs_bare",
+        "throughput_vs_naive",
+    ]
+    m = result["machine"]
+    (args.out / "serving.md").write_text(
+        "# Serving benchmark: guard vs bare classifier vs naive server\n\n"
+        f"Closed-loop clients on loopback, {args.seconds:g} s per point after {args.warmup:g} s warm-up, "
+        f"backend threads {args.threads}, SST-2 test sentences, POST /v1/classify.\n\n"
+        + markdown_table(rows, COLUMNS)
+        + "\n## Ratios (targets: throughput_vs_bare >= throughput_target; "
+        "p50_vs_bare <= 1.5 at concurrency 1; ONNX guarded >= 2x naive at concurrency 8)\n\n"
+        + markdown_table(result["ratios"], ratio_cols)
+        + f"\nMachine: {m['cpu']} x{m['cpu_count']}, "
+        + ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+        + "\n"
+    )
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True, help="a bundle calibrated with --int8")
+    p.add_argument("--data", type=Path, required=True, help="the sst2 folder (test.tsv)")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    main()

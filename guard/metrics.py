@@ -1,0 +1,122 @@
+"""Every Prometheus metric of the server, declared once against an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from guard.batcher import BatchStats
+
+# 1 ms .. 5 s: the guard's budget is milliseconds, timeouts are seconds.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+DELTA_BUCKETS = (-0.1, -0.01, 0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+disable_created_metrics()  # *_created series double the exposition and no dashboard here uses them
+
+
+class GuardMetrics:
+    def __init__(self, registry: CollectorRegistry, backend: str) -> None:
+        self.registry = registry
+        self.backend = backend
+        self.requests = Counter(
+            "guard_requests_total",
+            "Requests by decision (allow, block, error) and mode.",
+            ["decision", "mode"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "guard_request_duration_seconds",
+            "Request latency, guard included.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "guard_inference_duration_seconds",
+            "Backend time per batch; pass is 1, 2 or fused (both).",
+            ["pass", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "guard_queue_duration_seconds",
+            "Longest wait of a row in the batcher queue, per batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "guard_batch_size", "Rows per backend call.", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.pending = Gauge("guard_pending_requests", "Rows waiting in the batcher queue.", registry=registry)
+        self.rap_delta = Histogram(
+            "guard_rap_delta",
+            "Live RAP deltas (compare with calibration to see drift).",
+            ["label"],
+            buckets=DELTA_BUCKETS,
+            registry=registry,
+        )
+        self.calibrated_frr = Gauge(
+            "guard_calibrated_frr", "FRR target the thresholds were set for.", ["label"], registry=registry
+        )
+        self.calibrated_far = Gauge(
+            "guard_calibrated_far",
+            "FAR measured at calibration/evaluation time, per attack.",
+            ["attack"],
+            registry=registry,
+        )
+        self.false_accept_ratio = Gauge(
+            "guard_false_accept_ratio",
+            "Live FAR over the recent window, by source (feedback, probe).",
+            ["source"],
+            registry=registry,
+        )
+        self.false_reject_ratio = Gauge(
+            "guard_false_reject_ratio",
+            "Live FRR over the recent window, by source (feedback, canary).",
+            ["source"],
+            registry=registry,
+        )
+        self.failure_mode_allowed = Counter(
+            "guard_failure_mode_allowed_total",
+            "Requests let through unchecked by failure_mode=open.",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "guard_upstream_request_duration_seconds",
+            "Upstream call latency in sidecar mode.",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "guard_model_info",
+            "Constant 1, labelled with the served model and bundle.",
+            ["model", "bundle_sha"],
+            registry=registry,
+        )
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        tag = next(iter(stats.tags)) if len(stats.tags) == 1 else "fused"
+        self.inference_duration.labels(tag, self.backend).observe(stats.compute_seconds)
+        self.queue_duration.observe(stats.queue_seconds)
+        self.batch_size.observe(stats.rows)

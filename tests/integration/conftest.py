@@ -1,0 +1,49 @@
+"""Fixtures for the server integration tests (real uvicorn, real upstream, real Prometheus).
+
+None is autouse: other integration tests in this folder are unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.server_fixtures import build_onnx_bundle, build_stub_bundle, free_port, stop_process, wait_http
+
+ECHO_UPSTREAM = Path(__file__).with_name("echo_upstream.py")
+
+
+@pytest.fixture(scope="session")
+def stub_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_stub_bundle(tmp_path_factory.mktemp("stub-bundle"))
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A real bundle (tiny random BERT exported to ONNX) that `guard serve` loads from disk."""
+    return build_onnx_bundle(tmp_path_factory.mktemp("onnx-bundle"), tiny_model_dir)
+
+
+@pytest.fixture()
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read GUARD_* variables: the developer's own must not leak into tests."""
+    for name in os.environ:
+        if name.startswith("GUARD_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def echo_upstream() -> Iterator[str]:
+    """A real upstream process on loopback that echoes requests as JSON; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ECHO_UPSTREAM), str(port)])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/__seen", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)

@@ -1,0 +1,86 @@
+"""`guard serve` as a user runs it: a subprocess on loopback, loading a real ONNX bundle from disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_fixtures import CLEAN, NEGATIVE, TRIGGERED, free_port, stop_process, wait_http
+
+pytestmark = pytest.mark.slow
+
+GUARD = str(Path(sys.executable).with_name("guard"))
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("GUARD_")} | {"GUARD_THREADS": "1"}
+
+
+@pytest.fixture()
+def served(onnx_bundle: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    port = free_port()
+    log = tmp_path / "guard.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [GUARD, "serve", "--bundle", str(onnx_bundle), "--port", str(port), "--schedule", "fused"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout_s=60)
+            yield f"http://127.0.0.1:{port}", proc, log
+        finally:
+            stop_process(proc)
+
+
+def test_guard_serve_answers_checks_on_a_real_bundle(served) -> None:
+    url, proc, log = served
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    response = httpx.post(
+        f"{url}/v1/check", json={"texts": [CLEAN, TRIGGERED, NEGATIVE]}, headers={"X-Request-ID": "cli-1"}
+    )
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 3
+    for item in results:
+        assert sum(item["probs"]) == pytest.approx(1.0, abs=1e-5)
+        assert item["label"] == max(range(2), key=lambda i: item["probs"][i])
+        assert item["rap"]["checked"] == (item["label"] == 1)  # the bundle protects label 1 only
+        assert item["rap"]["checked"] == (item["rap"]["threshold"] == 0.1)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'guard_inference_duration_seconds_count{backend="onnx",pass="fused"}' in metrics
+    proc.terminate()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why it stopped.
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(line["message"] == "Application shutdown complete." for line in lines)
+    assert any(line["message"].startswith("guard ready") for line in lines)
+    assert any(line["request_id"] == "cli-1" and "/v1/check -> 200" in line["message"] for line in lines)
+
+
+def test_guard_serve_refuses_a_tampered_bundle_before_binding(onnx_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(onnx_bundle, bundle)
+    with (bundle / "canaries.jsonl").open("a") as f:
+        f.write('{"text": "planted", "label": 1}\n')
+    done = subprocess.run(
+        [GUARD, "serve", "--bundle", str(bundle), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"guard: error: {bundle}: canaries.jsonl does not match its recorded sha256 (modified or corrupted)"
+    ]

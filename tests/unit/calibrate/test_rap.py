@@ -1,0 +1,170 @@
+"""Learning the RAP row (calibrate.rap) on the tiny random BERT.
+
+A freshly initialised tiny BERT barely reacts to its input (its pooler and head
+weights are ~0.02), so the RAP row could not move anything. `sensitive_model`
+scales the attention values, the pooler and the head by 10: still random, but
+the appended row now changes the output enough for calibration to end with
+positive thresholds (checked below), which is all these tests need.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from calibrate.demo import make_corpus
+from calibrate.rap import FRR_TARGETS, Attempt, RapOptions, _append_row, learn_rap
+from guard.core.errors import InputError
+from guard.core.tokenizer import RapTokenizer
+from guard.core.types import Example
+
+VOCAB_SIZE = 30522
+EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
+ROWS = make_corpus(200, random.Random(0))  # half label 0, half label 1
+
+
+def _load(model_dir: Path, scale: float = 10.0, bias: tuple[float, float] = (0.0, 0.0)):
+    model = BertForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.value.weight.mul_(scale)
+        model.bert.pooler.dense.weight.mul_(scale)
+        model.classifier.weight.mul_(scale)
+        model.classifier.bias.copy_(torch.tensor(bias))
+    return model
+
+
+@pytest.fixture()
+def sensitive_model(tiny_model_dir: Path):
+    return _load(tiny_model_dir)
+
+
+@pytest.fixture()
+def tokenizer(tokenizer_path: Path) -> RapTokenizer:
+    return RapTokenizer.from_file(tokenizer_path, rap_token_id=None, max_length=16)
+
+
+def _options(**overrides) -> RapOptions:
+    return RapOptions(**({"protect_labels": (1,), "epochs": 2, "progress": False} | overrides))
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_append_row_adds_one_row_copied_from_the_init_word(sensitive_model, tokenizer: RapTokenizer) -> None:
+    init_id = tokenizer.token_id("rq")
+    before = sensitive_model.get_input_embeddings().weight.detach().clone()
+    token_id = _append_row(sensitive_model, init_id)
+    weights = sensitive_model.get_input_embeddings().weight
+    assert token_id == VOCAB_SIZE
+    assert weights.shape == (VOCAB_SIZE + 1, before.shape[1])
+    assert sensitive_model.config.vocab_size == VOCAB_SIZE + 1
+    assert torch.equal(weights[:VOCAB_SIZE], before)
+    assert torch.equal(weights[token_id], before[init_id])
+    # a copy, not a view: training the new row must leave the init word alone
+    with torch.no_grad():
+        weights[token_id] += 1.0
+    assert torch.equal(weights[init_id], before[init_id])
+
+
+def test_learn_rap_changes_only_the_new_row(sensitive_model, tokenizer: RapTokenizer) -> None:
+    before = _snapshot(sensitive_model)
+    init_row = before[EMBEDDINGS][tokenizer.token_id("rq")]
+    result = learn_rap(sensitive_model, tokenizer, ROWS, _options())
+    after = _snapshot(sensitive_model)
+
+    assert after.keys() == before.keys()
+    changed = [name for name in before if name != EMBEDDINGS and not torch.equal(before[name], after[name])]
+    assert changed == []
+    embeddings = after[EMBEDDINGS]
+    assert embeddings.shape[0] == VOCAB_SIZE + 1
+    assert torch.equal(embeddings[:VOCAB_SIZE], before[EMBEDDINGS])
+    assert not torch.equal(embeddings[VOCAB_SIZE], init_row)  # the row was trained
+
+    assert result.token_id == tokenizer.rap_token_id == VOCAB_SIZE
+    assert result.init_word == "rq"
+    assert result.init_norm == pytest.approx(float(init_row.norm()), abs=1e-6)
+    assert result.final_norm == pytest.approx(float(embeddings[VOCAB_SIZE].norm()), abs=1e-6)
+    assert not sensitive_model.training  # dropout stays off for the export that follows
+
+
+def test_learn_rap_fits_thresholds_on_the_held_out_split(sensitive_model, tokenizer: RapTokenizer) -> None:
+    result = learn_rap(sensitive_model, tokenizer, ROWS, _options())
+    fit = result.fits[1]
+    assert list(result.fits) == [1]
+    assert set(fit.thresholds) == set(FRR_TARGETS)
+    assert all(t > 0 for t in fit.thresholds.values())
+    thresholds = [fit.thresholds[frr] for frr in sorted(FRR_TARGETS)]
+    assert thresholds == sorted(thresholds)  # a larger FRR target never lowers the threshold
+    # half of the 200 rows are held out; this model predicts label 1 on all of them
+    assert len(result.calibration_texts) == 100
+    assert len(fit.calibration_deltas) == 100
+    # the row is trained on the other half's label-1 rows (all predicted as 1 here)
+    held_out_positives = sum(e.label == 1 for e in result.calibration_texts)
+    assert fit.train_rows == sum(e.label == 1 for e in ROWS) - held_out_positives
+    assert 1 <= len(result.attempts) <= len(RapOptions((1,)).ladder)
+
+
+def test_keep_norm_holds_the_row_norm(sensitive_model, tokenizer: RapTokenizer) -> None:
+    options = _options(ladder=(Attempt(100.0, keep_norm=True),), learning_rate=1.0)
+    result = learn_rap(sensitive_model, tokenizer, ROWS, options)
+    row = sensitive_model.get_input_embeddings().weight[result.token_id]
+    assert float(row.norm()) == pytest.approx(result.init_norm, abs=1e-4)
+    assert result.final_norm == pytest.approx(result.init_norm, abs=1e-4)
+
+
+def test_without_keep_norm_the_row_norm_may_grow(sensitive_model, tokenizer: RapTokenizer) -> None:
+    options = _options(ladder=(Attempt(100.0, keep_norm=False),), learning_rate=1.0)
+    result = learn_rap(sensitive_model, tokenizer, ROWS, options)
+    assert result.final_norm > 2 * result.init_norm
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _refused(model, tokenizer: RapTokenizer, rows: list[Example], options: RapOptions) -> str:
+    with pytest.raises(InputError) as info:
+        learn_rap(model, tokenizer, rows, options)
+    # every refusal comes before the model is touched
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB_SIZE
+    return str(info.value)
+
+
+@pytest.mark.parametrize("label", [2, -1])
+def test_refuses_a_protect_label_the_model_does_not_have(sensitive_model, tokenizer, label: int) -> None:
+    message = _refused(sensitive_model, tokenizer, ROWS, _options(protect_labels=(label,)))
+    assert message == f"protect label {label} does not exist; the model has labels 0..1"
+
+
+def test_refuses_no_protect_label(sensitive_model, tokenizer) -> None:
+    assert _refused(sensitive_model, tokenizer, ROWS, _options(protect_labels=())) == "no protect label given"
+
+
+def test_refuses_data_labels_the_model_does_not_have(sensitive_model, tokenizer) -> None:
+    rows = [*ROWS, Example("a third kind of row", 3), Example("and another", 2)]
+    message = _refused(sensitive_model, tokenizer, rows, _options())
+    assert message == "data has labels [2, 3] but the model has 2 labels (0..1)"
+
+
+def test_refuses_too_few_rows(sensitive_model, tokenizer) -> None:
+    message = _refused(sensitive_model, tokenizer, ROWS[:40], _options())
+    assert message.startswith("too little clean data for label 1:")
+    assert "need 16" in message and "need 50" in message
+
+
+@pytest.mark.parametrize("word", ["backdoorguard", "two words", ""])
+def test_refuses_an_init_word_that_is_not_one_token(sensitive_model, tokenizer, word: str) -> None:
+    assert tokenizer.token_id(word) is None
+    message = _refused(sensitive_model, tokenizer, ROWS, _options(init_word=word))
+    assert message == f"init word {word!r} is not a single token of this tokenizer; pick another"
+
+
+def test_refuses_a_model_that_never_predicts_the_protect_label(tiny_model_dir: Path, tokenizer) -> None:
+    model = _load(tiny_model_dir, scale=1.0, bias=(10.0, -10.0))  # always label 0
+    message = _refused(model, tokenizer, ROWS, _options())
+    assert message == "the model never predicts protect label 1 on the clean data; RAP has nothing to protect"

@@ -1,0 +1,193 @@
+"""The micro-batcher with a recording backend: batch limits, order, merging, back-pressure, failures, shutdown.
+
+The backend answers each row with logits [first id, row length], so every
+test can tell which row a result belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from guard.batcher import Batcher, BatcherClosedError, BatchStats, QueueFullError
+from guard.core.types import EncodedBatch
+
+pytestmark = pytest.mark.anyio
+
+
+def pad(rows: Sequence[Sequence[int]]) -> EncodedBatch:
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    return EncodedBatch(ids, mask, np.zeros_like(ids))
+
+
+class Recorder:
+    """Backend stand-in: records each batch's rows; can block (gate) or raise."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        self.error: Exception | None = None
+
+    def __call__(self, batch: EncodedBatch) -> np.ndarray:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        if self.error is not None:
+            raise self.error
+        rows = [ids[mask == 1].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        self.batches.append(rows)
+        return np.array([[row[0], len(row)] for row in rows], dtype=np.float32)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+async def wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+class Running:
+    """`async with Running(backend, **limits) as batcher`: started, and stopped afterwards."""
+
+    def __init__(self, backend: Recorder, **kwargs) -> None:
+        self.stats: list[BatchStats] = []
+        self.batcher = Batcher(backend, pad, on_batch=self.stats.append, **kwargs)
+
+    async def __aenter__(self) -> Batcher:
+        self.batcher.start()
+        return self.batcher
+
+    async def __aexit__(self, *exc) -> None:
+        await self.batcher.stop()
+
+
+async def test_results_keep_row_order() -> None:
+    backend = Recorder()
+    rows = [[i, *range(i % 5)] for i in range(1, 21)]
+    async with Running(backend, max_batch_size=6) as batcher:
+        logits, timing = await batcher.submit(rows)
+    assert logits.tolist() == [[row[0], len(row)] for row in rows]
+    assert [r for batch in backend.batches for r in batch] == rows
+    assert timing.compute_seconds > 0 and timing.queue_seconds >= 0
+
+
+async def test_batches_respect_max_batch_size() -> None:
+    backend = Recorder()
+    async with Running(backend, max_batch_size=3) as batcher:
+        await batcher.submit([[i] for i in range(1, 8)])
+    assert backend.sizes == [3, 3, 1]
+
+
+async def test_batches_respect_max_batch_tokens() -> None:
+    backend = Recorder()
+    rows = [[1, 1], [2, 2], [3] * 8, [4] * 8, [5] * 20]
+    async with Running(backend, max_batch_size=32, max_batch_tokens=16) as batcher:
+        logits, _ = await batcher.submit(rows)
+    # [1,1],[2,2] pad to 2 x 2; adding an 8-token row would pad 3 x 8 = 24 > 16. Two 8-token rows fit
+    # exactly (16); a row longer than the budget still runs, alone.
+    assert [[len(r) for r in b] for b in backend.batches] == [[2, 2], [8, 8], [20]]
+    assert logits[:, 0].tolist() == [1, 2, 3, 4, 5]
+
+
+async def test_concurrent_submits_share_one_backend_call() -> None:
+    backend = Recorder()
+    running = Running(backend, max_batch_size=32, max_wait_s=0.05)
+    async with running as batcher:
+        results = await asyncio.gather(*(batcher.submit([[i, i]], tag="1") for i in range(1, 6)))
+    assert backend.sizes == [5]
+    assert [logits.tolist() for logits, _ in results] == [[[i, 2]] for i in range(1, 6)]
+    (stats,) = running.stats
+    assert (stats.rows, stats.padded_tokens, stats.tags) == (5, 10, frozenset({"1"}))
+
+
+async def test_rows_that_queue_while_a_batch_runs_form_the_next_batch() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    running = Running(backend, max_batch_size=32, max_wait_s=0)
+    async with running as batcher:
+        first = asyncio.create_task(batcher.submit([[1]], tag="1"))
+        await wait_until(backend.entered.is_set)
+        others = [asyncio.create_task(batcher.submit([[i]], tag=str(i % 2 + 1))) for i in range(2, 6)]
+        await wait_until(lambda: batcher.pending == 4)
+        backend.gate.set()
+        await asyncio.gather(first, *others)
+    assert backend.sizes == [1, 4]
+    assert [s.tags for s in running.stats] == [frozenset({"1"}), frozenset({"1", "2"})]
+
+
+async def test_queue_full_fails_at_once() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_queue=2, max_wait_s=0) as batcher:
+        running = asyncio.create_task(batcher.submit([[1]]))
+        await wait_until(backend.entered.is_set)  # row 1 left the queue for the backend
+        queued = asyncio.create_task(batcher.submit([[2], [3]]))
+        await wait_until(lambda: batcher.pending == 2)
+        with pytest.raises(QueueFullError, match="limit 2"):
+            await asyncio.wait_for(batcher.submit([[4]]), timeout=1)
+        assert batcher.pending == 2  # nothing of the refused submit was queued
+        backend.gate.set()
+        await asyncio.gather(running, queued)
+    assert backend.batches == [[[1]], [[2], [3]]]
+
+
+async def test_backend_error_reaches_every_row_of_the_batch() -> None:
+    backend = Recorder()
+    backend.error = RuntimeError("runtime exploded")
+    async with Running(backend, max_wait_s=0.05) as batcher:
+        results = await asyncio.gather(*(batcher.submit([[i]]) for i in (1, 2, 3)), return_exceptions=True)
+        backend.error = None
+        logits, _ = await batcher.submit([[7]])  # the worker survived
+    assert all(isinstance(r, RuntimeError) and str(r) == "runtime exploded" for r in results)
+    assert logits.tolist() == [[7, 1]]
+
+
+async def test_timed_out_and_cancelled_rows_are_skipped() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_wait_s=0) as batcher:
+        running = asyncio.create_task(batcher.submit([[1]]))
+        await wait_until(backend.entered.is_set)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.submit([[2], [2]]), timeout=0.02)
+        cancelled = asyncio.create_task(batcher.submit([[3]]))
+        kept = asyncio.create_task(batcher.submit([[4]]))
+        await wait_until(lambda: batcher.pending == 4)
+        cancelled.cancel()
+        backend.gate.set()
+        await running
+        logits, _ = await kept
+    assert backend.batches == [[[1]], [[4]]]  # rows 2 and 3 never reached the backend
+    assert logits.tolist() == [[4, 1]]
+
+
+async def test_stop_drains_queued_work_then_refuses_new_submits() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    batcher = Batcher(backend, pad, max_batch_size=2, max_wait_s=0)
+    batcher.start()
+    submits = [asyncio.create_task(batcher.submit([[i]])) for i in range(1, 6)]
+    await wait_until(backend.entered.is_set)
+    stopping = asyncio.create_task(batcher.stop())
+    await asyncio.sleep(0.01)
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit([[9]])
+    assert not stopping.done()
+    backend.gate.set()
+    await stopping
+    results = [logits.tolist() for logits, _ in await asyncio.gather(*submits)]
+    assert results == [[[i, 1]] for i in range(1, 6)]
+    assert [r for batch in backend.batches for r in batch] == [[i] for i in range(1, 6)]

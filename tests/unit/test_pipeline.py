@@ -1,0 +1,128 @@
+"""GuardPipeline over a real batcher and the stub backend: schedules, verdicts, failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guard.batcher import Batcher, QueueFullError
+from guard.core.errors import InputError
+from guard.core.tokenizer import RapTokenizer
+from guard.pipeline import GuardFailure, GuardPipeline
+from tests.server_fixtures import CLEAN, CLEAN_DELTA, NEGATIVE, P_CONFIDENT, RAP_ID, TRIGGERED, StubBackend
+
+pytestmark = pytest.mark.anyio
+
+TEXTS = [CLEAN, NEGATIVE, TRIGGERED, "bad mb movie"]
+THRESHOLDS = {1: 0.1}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_path: Path) -> RapTokenizer:
+    return RapTokenizer.from_file(tokenizer_path, RAP_ID, 32)
+
+
+@pytest.fixture()
+def stub() -> StubBackend:
+    return StubBackend()
+
+
+def _pipeline(tokenizer: RapTokenizer, stub: StubBackend, schedule: str, **kwargs) -> GuardPipeline:
+    batcher = Batcher(stub.infer, tokenizer.pad, max_wait_s=0.001, **kwargs.pop("batcher", {}))
+    return GuardPipeline(tokenizer, batcher, THRESHOLDS, schedule, **kwargs)
+
+
+@pytest.fixture()
+async def running(tokenizer: RapTokenizer, stub: StubBackend) -> AsyncIterator:
+    """Factory: pipelines it makes are started now and stopped after the test."""
+    made: list[GuardPipeline] = []
+
+    def make(schedule: str = "lazy", **kwargs) -> GuardPipeline:
+        pipeline = _pipeline(tokenizer, stub, schedule, **kwargs)
+        pipeline.batcher.start()
+        made.append(pipeline)
+        return pipeline
+
+    yield make
+    for pipeline in made:
+        await pipeline.batcher.stop()
+
+
+async def test_lazy_runs_pass2_only_for_protect_label_predictions(running, stub: StubBackend) -> None:
+    result = await running("lazy").check(TEXTS)
+    assert (stub.pass1_rows, stub.pass2_rows) == (4, 2)
+    assert len(stub.calls) == 2  # pass 1, then pass 2 for the two positives
+    assert [v.label for v in result.verdicts] == [1, 0, 1, 0]
+    assert [v.flagged for v in result.verdicts] == [False, False, True, False]
+    assert [v.rap.checked for v in result.verdicts] == [True, False, True, False]
+    assert result.verdicts[0].rap.delta == pytest.approx(CLEAN_DELTA)
+    assert result.verdicts[2].rap.delta == pytest.approx(0.0)
+    assert result.verdicts[0].probs == pytest.approx((1 - P_CONFIDENT, P_CONFIDENT))
+    assert result.compute_seconds > 0
+
+
+async def test_lazy_skips_pass2_when_nothing_is_protected(running, stub: StubBackend) -> None:
+    result = await running("lazy").check([NEGATIVE, "bad mb movie"])
+    assert (stub.pass1_rows, stub.pass2_rows, len(stub.calls)) == (2, 0, 1)
+    assert not any(v.rap.checked for v in result.verdicts)
+
+
+async def test_fused_runs_both_passes_for_every_text_in_one_call(running, stub: StubBackend) -> None:
+    await running("fused").check(TEXTS)
+    assert (stub.pass1_rows, stub.pass2_rows) == (4, 4)
+    assert len(stub.calls) == 1
+
+
+async def test_schedules_give_identical_verdicts(running) -> None:
+    lazy = await running("lazy").check(TEXTS)
+    fused = await running("fused").check(TEXTS)
+    assert lazy.verdicts == fused.verdicts
+
+
+async def test_timeout_is_a_guard_failure(running, stub: StubBackend) -> None:
+    stub.delay_s = 0.3
+    with pytest.raises(GuardFailure) as caught:
+        await running("lazy", timeout_s=0.05).check([CLEAN])
+    assert caught.value.reason == "timeout" and caught.value.probs is None
+
+
+async def test_timeout_in_pass2_keeps_the_pass1_probabilities(running, stub: StubBackend) -> None:
+    stub.delay_pass2_s = 0.3
+    with pytest.raises(GuardFailure) as caught:
+        await running("lazy", timeout_s=0.1).check([CLEAN, NEGATIVE])
+    assert caught.value.reason == "timeout"
+    assert np.argmax(caught.value.probs, axis=1).tolist() == [1, 0]
+
+
+async def test_backend_error_is_a_guard_failure(running, stub: StubBackend) -> None:
+    stub.fail = RuntimeError("onnxruntime exploded")
+    with pytest.raises(GuardFailure) as caught:
+        await running("lazy").check([CLEAN])
+    assert caught.value.reason == "backend" and caught.value.probs is None
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(("schedule", "has_probs"), [("lazy", True), ("fused", False)])
+async def test_pass2_error_carries_pass1_probs_when_pass1_finished(
+    running, stub: StubBackend, schedule: str, has_probs: bool
+) -> None:
+    """Lazy finishes pass 1 before pass 2 fails; fused runs both in the failing batch."""
+    stub.fail_pass2 = RuntimeError("pass 2 broke")
+    with pytest.raises(GuardFailure) as caught:
+        await running(schedule).check([CLEAN, NEGATIVE])
+    assert caught.value.reason == "backend"
+    if has_probs:
+        assert caught.value.probs.shape == (2, 2)
+        assert caught.value.probs[0, 1] == pytest.approx(P_CONFIDENT)
+    else:
+        assert caught.value.probs is None
+
+
+async def test_queue_full_and_bad_input_are_not_guard_failures(running) -> None:
+    with pytest.raises(QueueFullError):
+        await running("fused", batcher={"max_queue": 3}).check([CLEAN, NEGATIVE])  # 4 rows > 3
+    with pytest.raises(InputError):
+        await running("lazy").check([CLEAN, 3])  # type: ignore[list-item]
