@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.verbose)
-    if not args.verbose:
+    if getattr(args, "uses_torch", False) and not args.verbose:  # keep torch off the path of the others
         from calibrate.model import quiet_transformers
 
         quiet_transformers()
@@ -73,7 +73,7 @@ def _add_train(sub) -> None:
         default=(),
         help="comma-separated names for labels 0,1,... (e.g. negative,positive)",
     )
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=_train, uses_torch=True)
 
 
 def _add_rap(sub) -> None:
@@ -113,7 +113,7 @@ def _add_rap(sub) -> None:
         help="also write an int8 graph (MatMul-only dynamic quantization) with its own thresholds",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(handler=_rap)
+    p.set_defaults(handler=_rap, uses_torch=True)
 
 
 def _add_evaluate(sub) -> None:
@@ -147,13 +147,17 @@ def _add_demo(sub) -> None:
         help="offline end-to-end demo on a corpus it writes itself",
         description=(
             "Write a small sentiment corpus, fine-tune the packaged MiniLM on it with a planted\n"
-            "rare-word backdoor, calibrate a RAP guard bundle, evaluate it, and show a clean\n"
-            "sentence passing and a triggered one flagged. No data or network needed."
+            "rare-word backdoor, calibrate a RAP guard bundle, evaluate it, show a clean sentence\n"
+            "passing and a triggered one flagged, then serve the bundle with `guard serve` and send\n"
+            "one allowed and one blocked request; it keeps serving until Ctrl-C (--no-serve: stop).\n"
+            "No data or network needed."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (default ./demo-out)")
     p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(handler=_demo)
+    p.add_argument("--port", type=int, default=8000, help="port of the demo guard server (default 8000)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the offline checks; start no server")
+    p.set_defaults(handler=_demo, uses_torch=True)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -181,10 +185,10 @@ def _rap(args: argparse.Namespace) -> int:
     from calibrate.pipeline import CalibrateOptions, calibrate_bundle
     from calibrate.rap import RapOptions
 
-    clean = load_examples(args.clean)
-    protect = tuple(args.protect) if args.protect else _ask_protect(label_counts(clean))
     if args.c_low >= args.c_up:
         raise InputError(f"--c-low ({args.c_low}) must be below --c-up ({args.c_up})")
+    clean = load_examples(args.clean)
+    protect = tuple(args.protect) if args.protect else _ask_protect(label_counts(clean))
     rap = RapOptions(
         protect_labels=protect,
         init_word=args.init_word,
@@ -193,6 +197,7 @@ def _rap(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         epochs=args.epochs,
         calibration_fraction=args.calibration_fraction,
+        select_frr=args.default_frr,
         seed=args.seed,
     )
     options = CalibrateOptions(
@@ -219,6 +224,10 @@ def _ask_protect(counts: dict[int, int]) -> tuple[int, ...]:
                 return tuple(int(x) for x in answer.replace(",", " ").split())
             except ValueError:
                 raise InputError(f"expected label ids separated by spaces, got {answer!r}") from None
+    if not enough:
+        raise InputError(
+            f"no label has {2 * MIN_CALIBRATION_ROWS} clean rows to calibrate on ({counts}); pass --protect LABEL"
+        )
     print(f"protecting labels {list(enough)} (pass --protect to choose)", file=sys.stderr)
     return enough
 
@@ -243,7 +252,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from calibrate.demo import run_demo
 
-    run_demo(args.out, seed=args.seed)
+    run_demo(args.out, seed=args.seed, port=None if args.no_serve else args.port)
     return 0
 
 

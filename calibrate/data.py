@@ -32,10 +32,19 @@ def load_examples(path: Path) -> list[Example]:
     try:
         rows = list(reader(path))
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        raise InputError(f"{path}:{_bad_utf8_line(path)}: not UTF-8 text ({exc.reason})") from exc
     if not rows:
         raise InputError(f"{path}: no data rows")
     return rows
+
+
+def _bad_utf8_line(path: Path) -> int:
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return raw.count(b"\n", 0, exc.start) + 1
+    return 0
 
 
 def label_counts(examples: Iterable[Example]) -> dict[int, int]:
@@ -43,6 +52,10 @@ def label_counts(examples: Iterable[Example]) -> dict[int, int]:
 
 
 def write_tsv(path: Path, examples: Iterable[Example]) -> None:
+    examples = list(examples)
+    for i, e in enumerate(examples):
+        if "\n" in e.text or "\r" in e.text:  # a tab is fine: readers split on the last one
+            raise InputError(f"row {i}: a TSV text cannot contain a line break")
     lines = ["text\tlabel"] + [f"{e.text}\t{e.label}" for e in examples]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 

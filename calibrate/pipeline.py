@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
-from calibrate.model import configure_torch, copy_tokenizer_files, label_names, load_classifier, tokenizer_json
+from calibrate.model import copy_tokenizer_files, flush_denormal, label_names, load_classifier, tokenizer_json
 from calibrate.rap import RapOptions, RapResult, learn_rap
 from calibrate.report import plot_deltas, write_json
 from guard import __version__
@@ -64,12 +64,12 @@ def calibrate_bundle(model_dir: Path, clean: list[Example], out_dir: Path, optio
     """Run calibration and write the bundle to `out_dir`; return its manifest."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_out_dir(out_dir, options.force)
-    configure_torch()
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        manifest = _build(model_dir, clean, staging, options)
+        with flush_denormal():
+            manifest = _build(model_dir, clean, staging, options)
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)
     finally:
@@ -187,7 +187,7 @@ def _write_report(
     options: CalibrateOptions,
     int8: Int8Variant | None = None,
 ) -> None:
-    accepted = next((a for a in result.attempts if a.accepted), None)
+    chosen = next(i for i, a in enumerate(result.attempts) if a.chosen)
     warnings = [
         f"label {labels[label]}: threshold at {frr:.1%} FRR is {t:.4f} <= 0 (that target flags almost nothing)"
         for label, fit in result.fits.items()
@@ -205,7 +205,10 @@ def _write_report(
             },
             "options": {k: v for k, v in options.rap.__dict__.items() if k != "ladder"},
             "attempts": [a.__dict__ for a in result.attempts],
-            "adapted": accepted is not result.attempts[0] if accepted else "no attempt met the goal; used the best one",
+            "chosen_attempt": chosen,
+            "adapted": chosen > 0,
+            "note": "every attempt of the ladder is trained; the one with the largest held-out threshold at "
+            "the selection FRR (select_frr) is kept, and calibration refuses if that threshold is <= 0",
             "labels": {
                 labels[label]: {
                     "train_rows": fit.train_rows,

@@ -6,11 +6,14 @@ to make clean protect-label inputs lose between `c_low` and `c_up` of their
 probability (RAP eq. 4). Thresholds come from a split held out from training.
 
 On confident models the paper's setting (lambda=1, norm held) can leave most
-clean drops near zero and the threshold negative. Calibration therefore runs a
-ladder of attempts, stronger each step, and stops at the first whose held-out
-thresholds are all positive AND which moves at least MIN_IN_RANGE of the
-training rows into [c_low, c_up] (a positive threshold on drops of 0.003 is
-luck, not separation); the report lists every attempt.
+clean drops near zero and the threshold negative (every poisoned input passes).
+Calibration therefore trains a ladder of attempts, from the paper's setting to
+stronger ones, and keeps the one whose held-out threshold at the selection FRR
+is LARGEST (for several protected labels: the largest smallest one). Triggered
+inputs barely move under the perturbation, so the further the low tail of the
+clean drops sits from zero, the fewer of them pass: on SST-2 BadNet-RW that rule
+picked lambda=100 (1% FRR: FAR 0.9%) where "most drops in [c_low, c_up]" picked
+lambda=10 (FAR 31%). The report lists every attempt.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ log = logging.getLogger(__name__)
 FRR_TARGETS = (0.005, 0.01, 0.03, 0.05)
 MIN_TRAIN_ROWS = 16
 MIN_CALIBRATION_ROWS = 50
-MIN_IN_RANGE = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class RapOptions:
     calibration_fraction: float = 0.5
     frr_targets: tuple[float, ...] = FRR_TARGETS
     ladder: tuple[Attempt, ...] = DEFAULT_LADDER
+    select_frr: float = 0.01  # the FRR target whose held-out threshold picks the attempt
     seed: int = 13
     progress: bool = True
 
@@ -73,7 +76,8 @@ class AttemptReport:
     in_range_fraction: float
     median_train_delta: float
     thresholds: dict[int, dict[float, float]]
-    accepted: bool = False
+    score: float = 0.0  # smallest held-out threshold at select_frr over the protected labels
+    chosen: bool = False
 
 
 @dataclass
@@ -114,16 +118,15 @@ def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Examp
     embeddings = model.get_input_embeddings().weight
     init_row = embeddings.data[token_id].clone()
     result = RapResult(token_id, options.init_word, float(init_row.norm()), 0.0, {})
+    outcomes = []  # (fits, learned row) per attempt, so the best one needs no retraining
     for rung in options.ladder:
         embeddings.data[token_id] = init_row
         report, fits = _attempt(model, tokenizer, split, options, token_id, rung)
         result.attempts.append(report)
-        if report.accepted:
-            break
-    best = max(range(len(result.attempts)), key=lambda i: _preference(result.attempts[i]))
-    if not result.attempts[-1].accepted and best != len(result.attempts) - 1:
-        embeddings.data[token_id] = init_row
-        report, fits = _attempt(model, tokenizer, split, options, token_id, options.ladder[best])
+        outcomes.append((fits, embeddings.data[token_id].clone()))
+    best = max(range(len(result.attempts)), key=lambda i: result.attempts[i].score)
+    result.attempts[best].chosen = True
+    fits, embeddings.data[token_id] = outcomes[best]
     _refuse_non_positive(fits, options)
     result.fits = fits
     result.final_norm = float(embeddings.data[token_id].norm())
@@ -195,32 +198,25 @@ def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int
         median_train_delta=float(np.median(train_deltas)),
         thresholds={label: dict(fit.thresholds) for label, fit in fits.items()},
     )
-    report.accepted = _smallest_threshold(report) > 0 and report.in_range_fraction >= MIN_IN_RANGE
+    report.score = min(rap.threshold_at_frr(fit.calibration_deltas, options.select_frr) for fit in fits.values())
     log.info(
-        "RAP attempt lambda=%g keep_norm=%s: in-range %.2f, smallest threshold %.4f",
+        "RAP attempt lambda=%g keep_norm=%s: in-range %.2f, threshold at %.1f%% FRR %.4f",
         rung.lower_bound_weight,
         rung.keep_norm,
         report.in_range_fraction,
-        _smallest_threshold(report),
+        options.select_frr * 100,
+        report.score,
     )
     return report, fits
 
 
-def _preference(report: AttemptReport) -> tuple[bool, float]:
-    """When no attempt is accepted: positive thresholds first, then the most rows in range."""
-    return _smallest_threshold(report) > 0, report.in_range_fraction
-
-
-def _smallest_threshold(report: AttemptReport) -> float:
-    return min(min(t.values()) for t in report.thresholds.values())
-
-
 def _refuse_non_positive(fits: dict[int, LabelFit], options: RapOptions) -> None:
     for label, fit in fits.items():
-        default = fit.thresholds.get(0.01, min(fit.thresholds.values()))
-        if default <= 0:
+        threshold = rap.threshold_at_frr(fit.calibration_deltas, options.select_frr)
+        if threshold <= 0:
             raise InputError(
-                f"RAP could not separate clean inputs for label {label}: the 1% FRR threshold is {default:.4f} <= 0 "
+                f"RAP could not separate clean inputs for label {label}: the {options.select_frr:.1%} FRR threshold "
+                f"is {threshold:.4f} <= 0 "
                 f"even with lower-bound weight {options.ladder[-1].lower_bound_weight:g}; this model may not be "
                 "RAP-calibratable (try more clean data or larger --c-low)"
             )
@@ -240,7 +236,8 @@ def _train_row(
     clean = np.concatenate([clean_p[label] for label in options.protect_labels])
     weights = model.get_input_embeddings().weight
     target_norm = float(weights.data[token_id].norm())
-    for p in model.parameters():
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in trainable:
         p.requires_grad_(False)
     weights.requires_grad_(True)
     model.eval()  # dropout off: the row must work at inference, where dropout is off
@@ -271,7 +268,8 @@ def _train_row(
             bar.set_postfix(loss=f"{loss.item():.4f}", in_range=f"{in_range:.2f}")
     bar.close()
     weights.data[token_id] = best_row
-    weights.requires_grad_(False)
+    for p, flag in trainable:
+        p.requires_grad_(flag)
 
 
 def _rap_loss(

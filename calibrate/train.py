@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from calibrate.data import label_counts
-from calibrate.model import configure_torch, copy_tokenizer_files, load_classifier, predict_probs, to_torch
+from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, predict_probs, to_torch
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
@@ -56,7 +56,6 @@ def train_classifier(
         raise InputError(f"training data has a single label ({next(iter(counts))}); need at least two")
     if len(train) < options.batch_size:
         raise InputError(f"training data has {len(train)} rows; need at least one batch ({options.batch_size})")
-    configure_torch()
     _seed(options.seed)
     model = load_classifier(base, num_labels=num_labels)
     _name_labels(model, options.label_names)
@@ -64,7 +63,8 @@ def train_classifier(
         raise InputError(f"{base} has {model.config.num_labels} labels but the data uses labels 0..{num_labels - 1}")
     tokenizer = RapTokenizer.from_file(Path(base) / "tokenizer.json", None, options.max_length)
     started = time.perf_counter()
-    _fit(model, tokenizer, train, options)
+    with flush_denormal():
+        _fit(model, tokenizer, train, options)
     seconds = time.perf_counter() - started
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -139,11 +139,11 @@ def test_a_larger_frr_target_flags_more(evaluation: Evaluation) -> None:
 def test_the_guard_catches_part_of_the_attack(evaluation: Evaluation) -> None:
     """What holds on this toy for every seed that calibrates, not just this one.
 
-    Over 6 seeds: CACC >= 0.99 and ASR >= 0.7 everywhere; at the 5% FRR target the
-    test FRR stayed <= 0.14 and the test FAR ranged 0.12-0.62. So "FAR <= 0.2" would
-    hold for this seed only; asserted instead: the backdoor works, and the guard
-    stops a real share of it (FAR well below the ~0.95 of a guard that cannot tell
-    triggered inputs from clean ones at 5% FRR).
+    Over the 5 of 6 seeds that calibrate: CACC >= 0.99 and ASR >= 0.71; at the 5%
+    FRR target the test FRR stayed <= 0.12 and the test FAR ranged 0.12-0.68 (0.12
+    for this seed). So "FAR <= 0.2" would hold for this seed only; asserted instead:
+    the backdoor works, and the guard stops a real share of it (FAR well below the
+    ~0.95 of a guard that cannot tell triggered inputs from clean ones at 5% FRR).
     """
     at5 = _rows(evaluation)[0.05]
     assert at5["cacc"] >= 0.95
@@ -171,6 +171,7 @@ def test_write_evaluation(evaluation: Evaluation, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_deltas_separate_triggered_from_clean_inputs(evaluation: Evaluation) -> None:
     # RAP's premise: the perturbation moves triggered inputs less than clean ones
+    # (medians on all 5 seeds that calibrate; 0.77 clean vs 0.005 triggered for this seed)
     clean = evaluation.clean.target_deltas(1)
     triggered = evaluation.attacks["mb"].target_deltas(1)
     assert len(clean) and len(triggered)

@@ -227,16 +227,18 @@ def test_non_utf8_bytes(tmp_path: Path, name: str, content: bytes) -> None:
     assert "not UTF-8" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: load_examples reports non-UTF-8 input as 'PATH: not UTF-8 text', without the line",
-)
 def test_non_utf8_bytes_names_the_line(tmp_path: Path) -> None:
     path = _write(tmp_path, "latin1.tsv", b"text\tlabel\nfine\t0\ncaf\xe9\t1\n")
     assert _error(path).startswith(f"{path}:3:")
 
 
 # ------------------------------------------------------------------ writing
+
+
+def test_write_tsv_refuses_line_breaks(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="row 1: .*line break"):
+        write_tsv(tmp_path / "out.tsv", [Example("fine", 0), Example("two\nlines", 1)])
+    assert not (tmp_path / "out.tsv").exists()
 
 
 def test_write_tsv_round_trip(tmp_path: Path) -> None:
