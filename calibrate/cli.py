@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from guard.core.console import Parser, configure_logging, run
+from guard.core.console import Parser, command_parser, dispatch
 from guard.core.errors import InputError
 
 DESCRIPTION = """\
@@ -23,24 +23,18 @@ Data files: .tsv (header 'text<TAB>label'), .csv (columns text,label) or .jsonl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
-    configure_logging(args.verbose)
+    return dispatch(_parser(), argv, prepare=_quiet)
+
+
+def _quiet(args: argparse.Namespace) -> None:
     if getattr(args, "uses_torch", False) and not args.verbose:  # keep torch off the path of the others
         from calibrate.model import quiet_transformers
 
         quiet_transformers()
-    return run("calibrate", lambda: args.handler(args), debug=args.debug)
 
 
 def _parser() -> Parser:
-    parser = Parser(prog="calibrate", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    parser, sub = command_parser("calibrate", DESCRIPTION)
     _add_train(sub)
     _add_rap(sub)
     _add_evaluate(sub)

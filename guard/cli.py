@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from guard.core.console import Parser, configure_logging, run
+from guard.core.console import Parser, command_parser, dispatch
 
 DESCRIPTION = """\
 Guard a text classifier against backdoor triggers with a calibrated RAP bundle.
@@ -21,20 +21,11 @@ Guard a text classifier against backdoor triggers with a calibrated RAP bundle.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
-    configure_logging(args.verbose)
-    return run("guard", lambda: args.handler(args), debug=args.debug)
+    return dispatch(_parser(), argv)
 
 
 def _parser() -> Parser:
-    parser = Parser(prog="guard", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    parser, sub = command_parser("guard", DESCRIPTION)
     verify = sub.add_parser("verify", help="verify a bundle's files and print its summary")
     verify.add_argument("--bundle", type=Path, required=True)
     verify.set_defaults(handler=_verify)

@@ -54,3 +54,25 @@ def run(prog: str, command: Callable[[], int | None], debug: bool = False) -> in
             raise
         sys.stderr.write(f"{prog}: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)\n")
         return 1
+
+
+def command_parser(prog: str, description: str) -> tuple[Parser, argparse._SubParsersAction]:
+    """A top-level parser with the shared -v/--debug flags, and its sub-command group."""
+    parser = Parser(prog=prog, description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    return parser, parser.add_subparsers(title="commands", metavar="COMMAND")
+
+
+def dispatch(
+    parser: Parser, argv: list[str] | None, prepare: Callable[[argparse.Namespace], None] | None = None
+) -> int:
+    """Parse, set up logging, run the chosen sub-command's handler under `run`."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    if prepare is not None:
+        prepare(args)
+    return run(parser.prog, lambda: args.handler(args), debug=args.debug)

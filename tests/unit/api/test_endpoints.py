@@ -429,3 +429,15 @@ async def test_queue_full_is_429_with_retry_after(make_settings, stub: StubBacke
     assert "limit 2" in body["error"]
     assert third.headers["retry-after"] == "1"
     assert [a.status_code for a in answers] == [200, 200]
+
+
+async def test_canaries_feed_the_live_frr_gauge(make_settings, stub: StubBackend) -> None:
+    app = create_app(make_settings(canary_interval_s=0.02), backend=stub)
+    async with asgi_client(app) as client:
+        value = None
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            value = metric_value((await client.get("/metrics")).text, "guard_false_reject_ratio", source="canary")
+            if value is not None:
+                break
+    assert value == 0.0  # the bundle's clean canary is predicted positive and passes
