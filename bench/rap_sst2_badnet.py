@@ -20,7 +20,7 @@ from bench.attacks.badnet import poison_test_set
 from bench.machine import machine_info
 from bench.models import TARGET, TRAIN_OPTIONS, build_model
 from calibrate.data import load_examples
-from calibrate.evaluate import evaluate_bundle, write_evaluation
+from calibrate.evaluate import evaluate_bundle, far_frr_curve, write_evaluation
 from calibrate.model import quiet_transformers
 from calibrate.pipeline import CalibrateOptions, calibrate_bundle
 from calibrate.rap import RapOptions
@@ -54,9 +54,10 @@ def main() -> None:
         bundle = args.cache / "bundles" / name
         options = CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=128, int8=True, force=True)
         started = time.perf_counter()
-        calibrate_bundle(args.cache / "models" / name, dev, bundle, options)
-        calibrate_seconds = round(time.perf_counter() - started, 1)
+        if not (args.reuse_bundles and (bundle / "manifest.json").is_file()):
+            calibrate_bundle(args.cache / "models" / name, dev, bundle, options)
         report = json.loads((bundle / "report.json").read_text())
+        calibrate_seconds = round(sum(report["seconds"].values()), 1)
         details[name] = {
             "train": info,
             "rap_attempts": report["attempts"],
@@ -68,6 +69,8 @@ def main() -> None:
             evaluation = evaluate_bundle(bundle, test, {"badnet-rw": poisoned}, backend=backend)
             evaluate_seconds = round(time.perf_counter() - started, 1)
             write_evaluation(evaluation, args.out / f"rap_sst2_badnet-{name}-{backend}")
+            curve = far_frr_curve(evaluation.clean, evaluation.attacks["badnet-rw"], TARGET)
+            details[name][f"{backend}_far_at_test_frr"] = {f"{f:g}": far_at(curve, f) for f in (0.01, 0.015)}
             target.extend(
                 {
                     "model": name,
@@ -80,6 +83,13 @@ def main() -> None:
                 for r in evaluation.rows
             )
     _write(args.out, rows, int8_rows, details)
+
+
+def far_at(curve: tuple, frr: float) -> float:
+    """Lowest FAR on the test FAR-vs-FRR curve with test FRR <= frr (an oracle point, for reference)."""
+    frrs, fars = curve
+    ok = frrs <= frr
+    return float(fars[ok].min()) if ok.any() else 1.0
 
 
 def _write(out: Path, rows: list[dict], int8_rows: list[dict], details: dict) -> None:
@@ -100,10 +110,38 @@ def _write(out: Path, rows: list[dict], int8_rows: list[dict], details: dict) ->
         + "\n## ONNX int8 (MatMul-only dynamic quantization, thresholds refit on int8)\n\n"
         + markdown_table(int8_rows, COLUMNS)
         + f"\nPaper (RAP, Table 2, BadNet-RW at 1% train FRR, bert-base): {paper}.\n"
+        + _notes(details)
         + f"\nMachine: {result['machine']['cpu']} x{result['machine']['cpu_count']}, "
         + ", ".join(f"{k} {v}" for k, v in result["machine"]["packages"].items())
         + "\n"
     )
+
+
+def _notes(details: dict) -> str:
+    lines = ["", "## Notes", ""]
+    for name, d in details.items():
+        for backend in ("onnx", "onnx-int8"):
+            far = d.get(f"{backend}_far_at_test_frr", {})
+            if far and name != "clean":  # the clean model has no backdoor: its FAR is not a detection figure
+                lines.append(
+                    f"- {name}, {backend}: on the test FAR-vs-FRR curve (threshold swept on test, for reference only), "
+                    f"FAR is {far['0.01']:.2%} at test FRR <= 1% and {far['0.015']:.2%} at test FRR <= 1.5%."
+                )
+        chosen = next((a for a in d["rap_attempts"] if a["chosen"]), None)
+        if chosen:
+            lines.append(
+                f"- {name}: RAP ladder chose lambda={chosen['lower_bound_weight']:g}, "
+                f"{'norm held' if chosen['keep_norm'] else 'norm free'} (held-out 1% threshold {chosen['score']:+.4f})."
+            )
+    lines += [
+        "- clean model: its 'ASR' is the natural share of negative sentences it calls positive with a rare word",
+        "  inserted; RAP is not meant to flag such honest errors, so its FAR there is ~100% by design. What matters",
+        "  for the clean model is FRR: the guard costs clean traffic about the FRR target.",
+        "- train_seconds were measured while other jobs shared the 2 cores (tests, another calibration); on an idle",
+        "  machine one epoch takes ~3.5 min (ARCHITECTURE.md figures).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _args() -> argparse.Namespace:
@@ -111,6 +149,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="the sst2 folder (train/dev/test.tsv)")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache"), help="trained models and bundles")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--reuse-bundles", action="store_true", help="evaluate cached bundles instead of recalibrating")
     return p.parse_args()
 
 
