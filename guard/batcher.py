@@ -66,7 +66,7 @@ class Batcher:
         pad: Callable[[Sequence[Sequence[int]]], EncodedBatch],
         max_batch_size: int = 32,
         max_batch_tokens: int = 8192,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         max_queue: int = 1024,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:

@@ -46,7 +46,14 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         8192, ge=16, description="Most padded tokens (rows x longest row) in one backend call."
     )
-    max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher waits to fill a batch after the first row.")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "How long an idle batcher waits for more rows before running the first one. Under load batches "
+            "form anyway while the backend is busy, so 0 (default) adds no latency at low traffic."
+        ),
+    )
     max_queue: int = Field(1024, ge=1, description="Rows waiting for the backend before new requests get 429.")
     request_timeout_s: float = Field(10.0, gt=0, description="Per-request deadline for the guard check.")
     max_text_chars: int = Field(20000, ge=1, description="Longest text accepted (413 above).")
@@ -65,6 +72,7 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Replay one bundle canary (held-out clean row) every N seconds for live FRR; 0 = off."
     )
     log_json: bool = Field(True, description="JSON log lines (false: plain text).")
+    access_log: bool = Field(True, description="One log line per request: method, path, status, milliseconds.")
     # FilePath, not Path: the YAML source skips a missing file silently, so a typo would go unnoticed.
     config: FilePath | None = Field(None, description="YAML file with any of these settings.")
 
