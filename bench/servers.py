@@ -71,11 +71,16 @@ def naive_app(model_dir: str, threads: int | None) -> FastAPI:
     async def ready() -> dict:
         return {"status": "ready"}
 
+    label2id = classifier.model.config.label2id
+
     @app.post("/v1/classify")
     async def classify(body: Body) -> dict:
         async with lock:
             scores = await asyncio.to_thread(classifier, body.text)
-        return {"results": [{"scores": scores}]}
+        while scores and isinstance(scores[0], list):  # one text in: some versions still nest the list
+            scores = scores[0]
+        best = max(scores, key=lambda s: s["score"])
+        return {"results": [{"label": label2id[best["label"]], "scores": scores}]}
 
     return app
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -184,9 +185,7 @@ def _tally(result: LoadResult, status: int, body: bytes, protect_label: int) -> 
         result.latencies.pop()
     else:
         first = json.loads(body)["results"][0]
-        label = first.get("label")
-        if label is None:  # naive server: transformers pipeline scores, best first
-            label = int(first["scores"][0]["label"].rsplit("_", 1)[-1])
+        label = first["label"]
         result.protect += label == protect_label
 
 
@@ -208,33 +207,61 @@ def row(server: str, backend: str, concurrency: int, r: LoadResult) -> dict:
     }
 
 
-async def run_config(server: str, backend: str, args, texts: list[str], protect: int) -> list[dict]:
-    port = free_port()
-    cmd = server_command(server, backend, args.bundle, port, args.threads)
+async def run_all(configs: list[tuple[str, str]], args, texts: list[str], protect: int) -> list[dict]:
+    """Start every server, then measure them interleaved: round after round, each concurrency, each server.
+
+    Interleaving spreads slow phases of a shared machine over all configurations
+    instead of charging them to whichever one happened to run then.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log_path = Path(tempfile.gettempdir()) / f"serving-{server}-{backend}.log"
-    # The server's output goes to a file: a pipe nobody reads fills up and blocks the server.
-    with log_path.open("w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            return await _measure(f"http://127.0.0.1:{port}", process, server, backend, args, texts, protect)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for server, backend in configs:
+            port = free_port()
+            log = stack.enter_context((Path(tempfile.gettempdir()) / f"serving-{server}-{backend}.log").open("w"))
+            # The server's output goes to a file: a pipe nobody reads fills up and blocks the server.
+            process = subprocess.Popen(
+                server_command(server, backend, args.bundle, port, args.threads),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            stack.callback(_stop, process)
+            urls[(server, backend)] = f"http://127.0.0.1:{port}"
+            await wait_ready(urls[(server, backend)], process)
+        return await _interleaved(urls, args, texts, protect)
 
 
-async def _measure(url: str, process, server: str, backend: str, args, texts: list[str], protect: int) -> list[dict]:
-    await wait_ready(url, process)
+async def _interleaved(urls: dict, args, texts: list[str], protect: int) -> list[dict]:
     rows = []
     for concurrency in CONCURRENCY:
-        await closed_loop(url, texts, concurrency, args.warmup, protect)
-        result = await closed_loop(url, texts, concurrency, args.seconds, protect)
-        rows.append(row(server, backend, concurrency, result))
-        print(json.dumps(rows[-1]), flush=True)
+        totals = {key: LoadResult([], 0, 0, 0, 0, 0.0) for key in urls}
+        for round_ in range(args.rounds):
+            order = list(urls)[round_ % len(urls) :] + list(urls)[: round_ % len(urls)]
+            for key in order:
+                await closed_loop(urls[key], texts, concurrency, args.warmup, protect)
+                _add(totals[key], await closed_loop(urls[key], texts, concurrency, args.seconds, protect))
+        for (server, backend), total in totals.items():
+            rows.append(row(server, backend, concurrency, total))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _add(total: LoadResult, part: LoadResult) -> None:
+    total.latencies += part.latencies
+    total.errors += part.errors
+    total.lost += part.lost
+    total.blocked += part.blocked
+    total.protect += part.protect
+    total.seconds += part.seconds
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -269,15 +296,14 @@ def main() -> None:
     protect = bundle.protect_labels[0]
     texts = [e.text for e in load_examples(args.data / "test.tsv")]
     configs = [c for c in CONFIGS if c[1] != "onnx-int8" or bundle.manifest.int8 is not None]
-    rows = []
-    for server, backend in configs:
-        rows.extend(asyncio.run(run_config(server, backend, args, texts, protect)))
+    rows = asyncio.run(run_all(configs, args, texts, protect))
     result = {
         "machine": machine_info(),
         "settings": {
             "seconds": args.seconds,
             "warmup": args.warmup,
             "threads": args.threads,
+            "rounds": args.rounds,
             "bundle": str(args.bundle),
         },
         "rows": rows,
@@ -299,8 +325,9 @@ def main() -> None:
     m = result["machine"]
     (args.out / "serving.md").write_text(
         "# Serving benchmark: guard vs bare classifier vs naive server\n\n"
-        f"Closed-loop clients on loopback, {args.seconds:g} s per point after {args.warmup:g} s warm-up, "
-        f"backend threads {args.threads}, SST-2 test sentences, POST /v1/classify.\n\n"
+        f"Closed-loop clients on loopback; all servers up at once and measured interleaved, {args.rounds} rounds "
+        f"x {args.seconds:g} s per point (after {args.warmup:g} s warm-up each), backend threads {args.threads}, "
+        "SST-2 test sentences, POST /v1/classify.\n\n"
         + markdown_table(rows, COLUMNS)
         + "\n## Ratios (targets: throughput_vs_bare >= throughput_target; "
         "p50_vs_bare <= 1.5 at concurrency 1; ONNX guarded >= 2x naive at concurrency 8)\n\n"
@@ -315,8 +342,9 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True, help="a bundle calibrated with --int8")
     p.add_argument("--data", type=Path, required=True, help="the sst2 folder (test.tsv)")
-    p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point and round")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all servers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p.parse_args()
