@@ -68,31 +68,38 @@ def error_body(message: str, error_type: str) -> dict:
     return {"error": message, "error_type": error_type, "request_id": request_id_var.get()}
 
 
+# Errors raised below the HTTP layer, each with its one HTTP meaning.
+MAPPED: dict[type[Exception], tuple[int, str, dict[str, str]]] = {
+    InputError: (422, "invalid_input", {}),
+    QueueFullError: (429, "queue_full", {"Retry-After": "1"}),
+    BatcherClosedError: (503, "not_ready", {}),
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServerError)
-    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), exc.error_type), exc.status_code, headers=exc.headers)
+    app.add_exception_handler(ServerError, _server_error)
+    app.add_exception_handler(RequestValidationError, _validation)
+    for error in MAPPED:
+        app.add_exception_handler(error, _mapped)
+    app.add_exception_handler(Exception, _unknown)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-        return JSONResponse(error_body(message, "invalid_input"), 422)
 
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "invalid_input"), 422)
+async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+    return JSONResponse(error_body(str(exc), exc.error_type), exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(QueueFullError)
-    async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "queue_full"), 429, headers={"Retry-After": "1"})
 
-    @app.exception_handler(BatcherClosedError)
-    async def _closing(request: Request, exc: BatcherClosedError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "not_ready"), 503)
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return JSONResponse(error_body(message, "invalid_input"), 422)
 
-    @app.exception_handler(Exception)
-    async def _unknown(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal server error", "internal_error"), 500)
+
+async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+    status, error_type, headers = next(v for k, v in MAPPED.items() if isinstance(exc, k))
+    return JSONResponse(error_body(str(exc), error_type), status, headers=headers)
+
+
+async def _unknown(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("internal server error", "internal_error"), 500)
