@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,19 +80,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
     for name in TOKENIZER_FILES:
         shutil.copy2(tokenizer_dir / name, out / name)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _restore_denormals():
-    """Undo calibrate.model.configure_torch() after each test.
-
-    It turns on flush-to-zero for denormal floats, a process-wide CPU flag; left on,
-    it breaks later tests in the same process (hypothesis refuses to run under it).
-    """
-    yield
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="session")

@@ -168,3 +168,13 @@ def test_refuses_a_model_that_never_predicts_the_protect_label(tiny_model_dir: P
     model = _load(tiny_model_dir, scale=1.0, bias=(10.0, -10.0))  # always label 0
     message = _refused(model, tokenizer, ROWS, _options())
     assert message == "the model never predicts protect label 1 on the clean data; RAP has nothing to protect"
+
+
+def test_flush_denormal_restores_the_process_setting() -> None:
+    """Training flushes denormals for speed; the process-wide flag must not leak out."""
+    from calibrate.model import _denormals_flushed, flush_denormal
+
+    before = _denormals_flushed()
+    with flush_denormal():
+        assert _denormals_flushed()
+    assert _denormals_flushed() == before
