@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,25 @@ import onnxruntime as ort
 
 from guard.core.errors import BackendError
 from guard.core.types import EncodedBatch
+
+
+def providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, then the CPU."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        _load_cuda_libraries()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@functools.cache
+def _load_cuda_libraries() -> None:
+    # onnxruntime-gpu does not look for the CUDA and cuDNN libraries that NVIDIA's pip
+    # wheels install (the GPU image uses them instead of a CUDA base image) unless asked
+    # to preload them; without this the CUDA provider fails to load and sessions fall
+    # back to the CPU. With system-wide CUDA it loads those; older builds lack the call.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
 
 
 class OnnxBackend:
@@ -20,9 +40,8 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers())
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"cannot load ONNX model {path}: {exc}") from exc
         self._inputs = {i.name for i in self._session.get_inputs()}

@@ -100,3 +100,21 @@ def test_onnx_backend_refuses_a_garbage_file(tmp_path: Path) -> None:
 def test_torch_backend_refuses_a_missing_model_dir(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="cannot load torch model"):
         load_backend("torch", tmp_path)
+
+
+def test_cuda_libraries_are_preloaded_only_when_the_build_has_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU image's CUDA/cuDNN come from NVIDIA's pip wheels: onnxruntime must be asked to load them."""
+    import onnxruntime as ort
+
+    from guard.core.backends import onnx
+
+    calls: list[str] = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda: calls.append("preload"), raising=False)
+    onnx._load_cuda_libraries.cache_clear()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx.providers() == ["CPUExecutionProvider"] and calls == []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert calls == ["preload"]  # once per process
+    onnx._load_cuda_libraries.cache_clear()
