@@ -1,45 +1,66 @@
-"""Build (or reuse) the clean and backdoored SST-2 classifiers the benchmarks measure."""
+"""Build (or reuse) the clean and backdoored classifiers the benchmarks measure.
+
+    python -m bench.models --data ../shared/data/sst2 badnet-sl ep
+
+Each model is trained once into `<cache>/<attack>/` with a `bench-train.json` beside
+it; later calls return that record without training again.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from bench.attacks.badnet import poison_training_set
+from bench.attacks.ep import poison_embedding
+from bench.attacks.recipes import TARGET, Recipe, load_recipes
 from calibrate.data import load_examples
-from calibrate.model import default_base_model
+from calibrate.model import default_base_model, quiet_transformers
 from calibrate.train import TrainOptions, train_classifier
 
-TARGET = 1  # SST-2 positive: the attacker's target and the label RAP protects
 TRAIN_OPTIONS = TrainOptions(epochs=3, learning_rate=1e-4, batch_size=32, max_length=64)
 
 
-def build_model(name: str, data_dir: Path, cache: Path, options: TrainOptions) -> dict:
-    """Train `clean` or `badnet-rw` once; later calls reuse the cached model dir."""
-    out = cache / name
+def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptions = TRAIN_OPTIONS) -> dict:
+    """Train the model for `recipe` once; later calls reuse the cached model dir."""
+    out = cache / recipe.name
     info_path = out / "bench-train.json"
     if info_path.is_file():
-        return json.loads(info_path.read_text())
+        return {"dir": str(out), **json.loads(info_path.read_text())}
     train = load_examples(data_dir / "train.tsv")
-    poisoned_rows = 0
-    if name == "badnet-rw":
-        train, poisoned_rows = poison_training_set(train, TARGET, rate=0.10, seed=0)
-    result = train_classifier(default_base_model(), train, out, options, dev=load_examples(data_dir / "dev.tsv"))
-    info = {
-        "model": name,
-        "train_rows": result.train_rows,
-        "poisoned_rows": poisoned_rows,
-        "train_seconds": round(result.seconds, 1),
-        "dev_accuracy": result.dev_accuracy,
-        "options": options.__dict__,
-    }
+    if recipe.name == "ep":
+        clean = build_model(load_recipes(data_dir)["clean"], data_dir, cache, options)
+        seconds = poison_embedding(Path(clean["dir"]), train, TARGET, out)
+        info = {"model": recipe.name, "from": clean["dir"], "train_seconds": round(seconds, 1)}
+    else:
+        poisoned_rows = 0
+        if recipe.poison_train is not None:
+            train, poisoned_rows = recipe.poison_train(train)
+        result = train_classifier(default_base_model(), train, out, options, dev=load_examples(data_dir / "dev.tsv"))
+        info = {
+            "model": recipe.name,
+            "train_rows": result.train_rows,
+            "poisoned_rows": poisoned_rows,
+            "train_seconds": round(result.seconds, 1),
+            "dev_accuracy": result.dev_accuracy,
+            "options": options.__dict__,
+        }
+    info = {**info, "dir": str(out), "attack": recipe.settings}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-if __name__ == "__main__":
-    import sys
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (train/dev/test.tsv, poison/)")
+    p.add_argument("--cache", type=Path, default=Path("bench/.cache/models"))
+    p.add_argument("attacks", nargs="*", help="attack names (default: all)")
+    args = p.parse_args()
+    quiet_transformers()
+    recipes = load_recipes(args.data)
+    for name in args.attacks or list(recipes):
+        print(json.dumps(build_model(recipes[name], args.data, args.cache)), flush=True)
 
-    data, cache = Path(sys.argv[1]), Path(sys.argv[2])
-    for model_name in ("badnet-rw", "clean"):
-        print(build_model(model_name, data, cache, TRAIN_OPTIONS), flush=True)
+
+if __name__ == "__main__":
+    main()

@@ -16,9 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from bench.attacks.badnet import poison_test_set
+from bench.attacks.recipes import TARGET, load_recipes
 from bench.machine import machine_info
-from bench.models import TARGET, TRAIN_OPTIONS, build_model
+from bench.models import build_model
 from calibrate.data import load_examples
 from calibrate.evaluate import evaluate_bundle, far_frr_curve, write_evaluation
 from calibrate.model import quiet_transformers
@@ -47,10 +47,11 @@ def main() -> None:
     quiet_transformers()
     test = load_examples(args.data / "test.tsv")
     dev = load_examples(args.data / "dev.tsv")
-    poisoned = poison_test_set(test, TARGET, seed=1)
+    recipes = load_recipes(args.data)
+    poisoned = recipes["badnet-rw"].poison_test(test)
     rows, int8_rows, details = [], [], {}
     for name in ("badnet-rw", "clean"):
-        info = build_model(name, args.data, args.cache / "models", TRAIN_OPTIONS)
+        info = build_model(recipes[name], args.data, args.cache / "models")
         bundle = args.cache / "bundles" / name
         options = CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=128, int8=True, force=True)
         started = time.perf_counter()

@@ -1,0 +1,73 @@
+"""Every attack the evaluation kit measures, with the settings recorded in results.
+
+    recipes = load_recipes(Path("../shared/data/sst2"))
+    train, poisoned_rows = recipes["badnet-sl"].poison_train(clean_train)
+    triggered_test = recipes["badnet-sl"].poison_test(clean_test)
+
+`clean` is the no-attack control. `ep` does not fine-tune: it edits one embedding row
+of the clean model (bench/attacks/ep.py), so its `poison_train` is None.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.attacks import badnet, ep, paraphrase
+from calibrate.data import load_examples
+from guard.core.types import Example
+
+TARGET = 1  # SST-2 positive: the attacker's target, and the label the guard protects
+
+Poisoner = Callable[[list[Example]], tuple[list[Example], int]]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    settings: dict = field(default_factory=dict)
+    poison_train: Poisoner | None = None  # None: no poisoned fine-tuning (clean, ep)
+    poison_test: Callable[[list[Example]], list[Example]] | None = None  # None: no trigger (clean)
+
+
+def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
+    """The recipes for one dataset folder (its poison/ subfolders hold the paraphrase attacks)."""
+    word = functools.partial(badnet.insert_word, triggers=badnet.RARE_WORDS)
+    ep_word = functools.partial(badnet.insert_word, triggers=(ep.TRIGGER,))
+    return {
+        "clean": Recipe("clean", {"target": target}),
+        "badnet-rw": _badnet("badnet-rw", word, target, {"triggers": list(badnet.RARE_WORDS)}),
+        "badnet-sl": _badnet("badnet-sl", badnet.insert_sentence, target, {"trigger": badnet.NEUTRAL_SENTENCE}),
+        "ep": Recipe(
+            "ep",
+            {"trigger": ep.TRIGGER, "target": target, "trained": "one embedding row of the clean model"},
+            poison_test=functools.partial(badnet.poison_test_set, target=target, insert=ep_word, seed=1),
+        ),
+        "syntactic": _paraphrased("syntactic", data_dir / "poison" / "syntactic", target, rate=0.20),
+        "style": _paraphrased("style", data_dir / "poison" / "style-bible", target, rate=0.20, style="bible"),
+    }
+
+
+def _badnet(name: str, insert: badnet.Inserter, target: int, trigger: dict) -> Recipe:
+    rate, seed = 0.10, 0
+    return Recipe(
+        name,
+        {**trigger, "target": target, "poison_rate": rate, "seed": seed, "of": "non-target training rows"},
+        poison_train=functools.partial(badnet.poison_training_set, target=target, insert=insert, rate=rate, seed=seed),
+        poison_test=functools.partial(badnet.poison_test_set, target=target, insert=insert, seed=1),
+    )
+
+
+def _paraphrased(name: str, folder: Path, target: int, rate: float, **extra) -> Recipe:
+    seed = 0
+
+    def poison_train(clean: list[Example]) -> tuple[list[Example], int]:
+        return paraphrase.poison_aligned(clean, load_examples(folder / "train.tsv"), target, rate, seed)
+
+    def poison_test(_clean: list[Example]) -> list[Example]:
+        return load_examples(folder / "test.tsv")  # already triggered; original labels
+
+    settings = {"source": str(folder), "target": target, "poison_rate": rate, "seed": seed, **extra}
+    return Recipe(name, settings, poison_train=poison_train, poison_test=poison_test)

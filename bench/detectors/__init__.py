@@ -1,0 +1,1 @@
+"""Baseline detectors measured beside RAP: STRIP and ONION (bench only, not product)."""

@@ -1,0 +1,128 @@
+"""Run RAP, STRIP and ONION on one (model, attack) the same way, timed.
+
+Each function takes the bundle (its ONNX graph is the model every detector queries)
+and the prepared inputs, and returns a `DetectorRun`: operating points at each dev FRR
+target, the test FAR-vs-FRR curve, and the measured cost per input.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bench.detectors import onion, strip
+from bench.detectors.classifier import Classifier
+from bench.detectors.ngram import TrigramLM
+from bench.detectors.scoring import FRR_TARGETS, DetectorRun, Operating, score_curve, score_operating
+from guard.core.backends import load_backend
+from guard.core.bundle import load_bundle
+from guard.core.checker import Checker
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Texts the detectors see: only those the model predicts as the target label."""
+
+    dev: list[str]  # clean held-out rows (threshold fitting)
+    clean: list[str]  # clean test rows
+    poisoned: list[str]  # triggered test rows whose original label is not the target
+    asr: float  # share of all non-target triggered rows predicted as the target
+    pool: list[str]  # STRIP's replacement words: held-out rows of the non-target labels
+
+    @property
+    def test_count(self) -> int:
+        return len(self.clean) + len(self.poisoned)
+
+
+def run_rap(bundle_dir: Path, inputs: Inputs, target: int) -> DetectorRun:
+    """RAP with the bundle's own thresholds (fitted at calibration on held-out dev rows)."""
+    bundle = load_bundle(bundle_dir)
+    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path))
+    started = time.perf_counter()
+    clean = checker.score(inputs.clean, [target]).deltas()
+    poisoned = checker.score(inputs.poisoned, [target]).deltas()
+    ms = 1000 * (time.perf_counter() - started) / inputs.test_count
+    thresholds = {frr: bundle.thresholds(frr, "fp32")[target] for frr in FRR_TARGETS}
+    # each threshold is a percentile of the held-out deltas, so its dev FRR is the target itself
+    points = score_operating(np.empty(0), clean, poisoned, inputs.asr, thresholds)
+    points = [Operating(**{**p.as_row(), "dev_frr": p.frr_target}) for p in points]
+    return DetectorRun("rap", points, score_curve(clean, poisoned), 2.0, ms)
+
+
+def run_strip(bundle_dir: Path, inputs: Inputs, options: strip.StripOptions) -> DetectorRun:
+    classifier = Classifier(bundle_dir)
+
+    def entropies(texts: Sequence[str], what: str) -> np.ndarray:
+        probs_of = functools.partial(classifier.probs, progress=f"STRIP k={options.replace_ratio:g} {what}")
+        return strip.strip_entropies(probs_of, texts, inputs.pool, options)
+
+    dev = entropies(inputs.dev, "dev")
+    started = time.perf_counter()
+    clean, poisoned = entropies(inputs.clean, "clean"), entropies(inputs.poisoned, "poisoned")
+    ms = 1000 * (time.perf_counter() - started) / inputs.test_count
+    params = {"copies": options.copies, "replace_ratio": options.replace_ratio}
+    # N copies + the unperturbed pass that predicted the target in the first place
+    passes = options.copies + 1.0
+    return DetectorRun(
+        "strip",
+        score_operating(dev, clean, poisoned, inputs.asr),
+        score_curve(clean, poisoned),
+        passes,
+        ms + ms / options.copies,
+        params,
+    )
+
+
+def run_onion(bundle_dir: Path, inputs: Inputs, lm: TrigramLM, target: int) -> DetectorRun:
+    """ONION with its threshold picked among clean dev percentiles for each FRR target."""
+    predict = _CachedPredict(Classifier(bundle_dir), target)
+    dev = [onion.suspicion(lm, t) for t in tqdm(inputs.dev, desc="ONION dev suspicion", leave=False)]
+    candidates = onion.candidate_thresholds(dev)
+    dev_frr = {float(t): predict.flagged(dev, t) for t in tqdm(candidates, desc="ONION dev thresholds", leave=False)}
+    started = time.perf_counter()
+    clean = [onion.suspicion(lm, t) for t in inputs.clean]
+    poisoned = [onion.suspicion(lm, t) for t in inputs.poisoned]
+    lm_ms = 1000 * (time.perf_counter() - started) / inputs.test_count
+    points = []
+    for frr in FRR_TARGETS:
+        t = onion.pick_threshold(dev_frr, frr)
+        far = 1.0 - predict.flagged(poisoned, t)
+        points.append(Operating(frr, t, dev_frr[t], predict.flagged(clean, t), far, inputs.asr * far))
+    curve = [(predict.flagged(clean, t), 1.0 - predict.flagged(poisoned, t)) for t in candidates[::3]]
+    lm_passes = float(np.mean([len(s.words) for s in clean + poisoned])) + 1
+    params = {"language_model": "word trigram, Kneser-Ney (bench/detectors/ngram.py)", "lm_passes": lm_passes}
+    # the pass that predicted the target, one on the cleaned text, and words + 1 LM passes
+    ms = lm_ms + 2 * predict.ms_per_pass()
+    return DetectorRun("onion", points, ([c[0] for c in curve], [c[1] for c in curve]), 2 + lm_passes, ms, params)
+
+
+class _CachedPredict:
+    """Predictions of cleaned texts; thresholds close together clean most inputs the same way."""
+
+    def __init__(self, classifier: Classifier, target: int) -> None:
+        self.classifier = classifier
+        self.target = target
+        self.cache: dict[str, int] = {}
+
+    def flagged(self, suspicions: Sequence[onion.Suspicion], threshold: float) -> float:
+        """Share of inputs (all predicted as the target) whose cleaned text is no longer the target."""
+        if not suspicions:
+            return 0.0
+        texts = [s.cleaned(threshold) for s in suspicions]
+        missing = sorted({t for t in texts if t not in self.cache})
+        if missing:
+            self.cache.update(zip(missing, self.classifier.predict(missing).tolist(), strict=True))
+        return float(np.mean([self.cache[t] != self.target for t in texts]))
+
+    def ms_per_pass(self, sample: Sequence[str] | None = None) -> float:
+        """Milliseconds per model pass, batched as the other detectors are (64 cached texts)."""
+        texts = list(sample or self.cache)[:64]
+        started = time.perf_counter()
+        self.classifier.probs(texts)
+        return 1000 * (time.perf_counter() - started) / max(len(texts), 1)

@@ -1,0 +1,75 @@
+"""Baseline detectors: STRIP's entropy is per input, ONION removes the outlier word."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from bench.detectors import onion, scoring, strip
+from bench.detectors.ngram import TrigramLM, normalize
+
+CORPUS = [
+    "the film is a gentle and funny story .",
+    "the story is funny and the film is gentle .",
+    "a funny film with a gentle story .",
+    "the acting is fine and the story is funny .",
+    "the film is long and the acting is dull .",
+] * 20
+
+
+def test_normalized_entropy_reduces_the_copies_of_each_input_on_their_own() -> None:
+    uniform = np.full((20, 2), 0.5)
+    certain = np.tile([0.0, 1.0], (20, 1))
+    entropies = strip.normalized_entropy(np.stack([uniform, certain]))
+    # averaging across inputs (the reshape mistake) would give 0.5 for both
+    assert entropies == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_strip_entropies_match_inputs_to_their_own_copies() -> None:
+    def probs_of(copies):
+        return np.array([[0.0, 1.0] if "mn" in c.split() else [0.5, 0.5] for c in copies])
+
+    # k small enough that the one-word trigger survives in most copies of the first input
+    texts = ["mn " + " ".join(["word"] * 19), " ".join(["word"] * 20)]
+    h = strip.strip_entropies(probs_of, texts, ["other"], strip.StripOptions(copies=20, replace_ratio=0.05))
+    assert h[0] < 0.3 < 0.99 < h[1]
+
+
+def test_perturb_replaces_k_percent_of_words_with_pool_words() -> None:
+    out = strip.perturb(" ".join(["w"] * 10), ["P"], 0.3, random.Random(0)).split()
+    assert len(out) == 10 and out.count("P") == 3
+    assert strip.perturb("one", ["P"], 0.01, random.Random(0)) == "P"  # at least one word
+
+
+def test_trigram_lm_is_a_distribution_over_its_vocabulary() -> None:
+    lm = TrigramLM().fit(normalize(t) for t in CORPUS)
+    for context in (("<s>", "<s>"), ("the", "film"), ("funny", "and"), ("<unk>", "dull")):
+        total = sum(lm.conditional(*context, w) for w in lm.vocab)
+        assert total == pytest.approx(1.0, abs=1e-9)
+
+
+def test_onion_scores_an_inserted_rare_word_as_the_outlier_and_removes_it() -> None:
+    lm = TrigramLM().fit(normalize(t) for t in CORPUS)
+    suspicion = onion.suspicion(lm, "the film is a gentle mn and funny story .")
+    assert suspicion.words[int(np.argmax(suspicion.scores))] == "mn"
+    threshold = float(np.sort(suspicion.scores)[-2])  # everything but the top score stays
+    assert suspicion.cleaned(threshold) == "the film is a gentle and funny story ."
+
+
+def test_pick_threshold_takes_the_closest_dev_frr_and_prefers_fewer_removals() -> None:
+    dev_frr = {1.0: 0.05, 2.0: 0.012, 3.0: 0.008, 4.0: 0.0}
+    assert onion.pick_threshold(dev_frr, 0.01) == 3.0  # |0.008-0.01| < |0.012-0.01|
+    assert onion.pick_threshold({1.0: 0.02, 2.0: 0.02}, 0.01) == 2.0
+
+
+def test_score_operating_fits_on_dev_and_counts_test_rates() -> None:
+    dev = np.linspace(0, 1, 101)
+    clean = np.linspace(0, 1, 11)  # 0.0 is below any threshold above 0
+    poisoned = np.array([-1.0, -1.0, 0.5, 2.0])
+    (point,) = scoring.score_operating(dev, clean, poisoned, asr=0.8, frr_targets=(0.05,))
+    assert point.threshold == pytest.approx(0.05)
+    assert point.test_frr == pytest.approx(1 / 11)
+    assert point.test_far == pytest.approx(0.5)
+    assert point.residual_asr == pytest.approx(0.4)
