@@ -14,6 +14,8 @@ Turn a fine-tuned text classifier you did not train into a verified guard bundle
 
   calibrate demo                                   # everything end-to-end, offline, ~3 min
   calibrate train --data train.tsv --out model/    # fine-tune a classifier (demos, benchmarks)
+  calibrate prune --model model/ --data clean.tsv --dev dev.tsv --out repaired/   # optional repair: PURE
+  calibrate maxent --model model/ --data clean.tsv --out repaired/                # optional repair: MEFT
   calibrate rap --model model/ --clean dev.tsv --protect 1 --out bundle/
   calibrate evaluate --bundle bundle/ --clean test.tsv --poisoned badnet=poison.tsv
 
@@ -36,6 +38,8 @@ def _quiet(args: argparse.Namespace) -> None:
 def _parser() -> Parser:
     parser, sub = command_parser("calibrate", DESCRIPTION)
     _add_train(sub)
+    _add_prune(sub)
+    _add_maxent(sub)
     _add_rap(sub)
     _add_evaluate(sub)
     _add_demo(sub)
@@ -49,13 +53,20 @@ def _add_train(sub) -> None:
         description=(
             "Fine-tune a sequence classifier and save a Hugging Face model directory.\n"
             "Users normally bring their own model; this exists for demos and benchmarks.\n\n"
-            "  calibrate train --data train.tsv --dev dev.tsv --out model/ --epochs 3"
+            "  calibrate train --data train.tsv --dev dev.tsv --out model/ --epochs 3\n\n"
+            "With --init, keep training an existing classifier on clean rows instead: the FT repair\n"
+            "baseline, or FTH with --high-lr (the learning rate x2.5). It writes repair.json, which\n"
+            "`calibrate rap` copies into the bundle's report:\n\n"
+            "  calibrate train --init suspect/ --data clean.tsv --dev dev.tsv --out ft/ --epochs 1"
         ),
     )
     p.add_argument("--data", type=Path, required=True, help="training rows (.tsv/.csv/.jsonl)")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--dev", type=Path, help="optional rows to report accuracy on after training")
-    p.add_argument("--base", type=Path, help="base encoder directory (default: the packaged all-MiniLM-L6-v2)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--base", type=Path, help="base encoder directory (default: the packaged all-MiniLM-L6-v2)")
+    start.add_argument("--init", type=Path, help="existing classifier to keep training, head included (FT/FTH)")
+    p.add_argument("--high-lr", action="store_true", help="with --init: FTH, the learning rate times 2.5")
     p.add_argument("--epochs", type=_positive_int, default=3)
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
@@ -67,7 +78,73 @@ def _add_train(sub) -> None:
         default=(),
         help="comma-separated names for labels 0,1,... (e.g. negative,positive)",
     )
+    p.add_argument("--force", action="store_true", help="with --init: replace --out if it exists")
     p.set_defaults(handler=_train, uses_torch=True)
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="repair a suspect model with PURE (head pruning + attention normalisation)",
+        description=(
+            "PURE: score every attention head by the variance of its [CLS] attention on clean --dev\n"
+            "text, remove the lowest-scoring heads step by step until dev accuracy falls more than\n"
+            "--max-drop below the unpruned model's (one head per layer always stays), then fine-tune\n"
+            "on clean --data rows with a penalty that spreads the [CLS] attention of the kept heads.\n"
+            "Writes a normal HF model directory (removed heads are zeroed) with repair.json; calibrate\n"
+            "the guard on it next, with clean rows other than --dev:\n\n"
+            "  calibrate prune --model suspect/ --data clean-train.tsv --dev clean-dev.tsv --out repaired/\n"
+            "  calibrate rap --model repaired/ --clean held-out.tsv --protect 1 --out bundle/\n\n"
+            "--mu 0.15 suits rare-word triggers, 0.05 syntactic and style ones (PURE section 6.2)."
+        ),
+    )
+    _repair_arguments(p)
+    p.add_argument("--dev", type=Path, required=True, help="clean rows that score heads and stop the pruning")
+    p.add_argument(
+        "--max-drop",
+        type=_fraction,
+        default=0.05,
+        help="stop pruning when dev accuracy falls below the unpruned accuracy minus this (0.05)",
+    )
+    p.add_argument("--heads-per-step", type=_positive_int, default=1, help="heads removed between checks (1)")
+    p.add_argument("--mu", type=_non_negative_float, default=0.15, help="weight of the attention penalty (0.15)")
+    p.set_defaults(handler=_prune, uses_torch=True)
+
+
+def _add_maxent(sub) -> None:
+    p = sub.add_parser(
+        "maxent",
+        help="repair a suspect model with MEFT (maximum-entropy fine-tuning)",
+        description=(
+            "MEFT: train a fresh output layer on the frozen encoder, fine-tune the encoder to make\n"
+            "its predictions as uncertain as possible until the class centroids of the [CLS]\n"
+            "representation are within --stop-distance (or --max-steps run out), then fine-tune\n"
+            "with cross-entropy on the clean rows. Writes a HF model directory with repair.json and\n"
+            "stop_distance.png (the curve); calibrate the guard on it next:\n\n"
+            "  calibrate maxent --model suspect/ --data clean-train.tsv --dev clean-dev.tsv --out repaired/\n"
+            "  calibrate rap --model repaired/ --clean held-out.tsv --protect 1 --out bundle/"
+        ),
+    )
+    _repair_arguments(p)
+    p.add_argument("--dev", type=Path, help="optional clean rows to report accuracy on after each phase")
+    p.add_argument("--stop-distance", type=_positive_float, default=0.01, help="stop distance threshold (0.01)")
+    p.add_argument("--max-steps", type=_positive_int, default=4000, help="maximum-entropy step budget (4000)")
+    p.add_argument("--maxent-lr", type=_positive_float, default=2e-5, help="maximum-entropy learning rate (2e-5)")
+    p.add_argument("--check-every", type=_positive_int, default=50, help="steps between distance checks (50)")
+    p.add_argument("--keep-head", action="store_true", help="use the model's own head instead of a fresh one")
+    p.set_defaults(handler=_maxent, uses_torch=True)
+
+
+def _repair_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="suspect HF classifier directory (left unchanged)")
+    p.add_argument("--data", type=Path, required=True, help="clean training rows (.tsv/.csv/.jsonl)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the repaired model")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="epochs of the final fine-tuning (3)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate of the final fine-tuning (1e-4)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per input (64)")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def _add_rap(sub) -> None:
@@ -157,8 +234,11 @@ def _add_demo(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     from calibrate.data import load_examples
     from calibrate.model import default_base_model
+    from calibrate.repair import ft, fth
     from calibrate.train import TrainOptions, train_classifier
 
+    if args.high_lr and not args.init:
+        raise InputError("--high-lr is for fine-tuning an existing classifier: pass --init MODEL")
     options = TrainOptions(
         epochs=args.epochs,
         learning_rate=args.lr,
@@ -168,9 +248,73 @@ def _train(args: argparse.Namespace) -> int:
         label_names=args.label_names,
     )
     dev = load_examples(args.dev) if args.dev else None
-    result = train_classifier(args.base or default_base_model(), load_examples(args.data), args.out, options, dev=dev)
+    if args.init:
+        repair = fth if args.high_lr else ft
+        result = repair(args.init, load_examples(args.data), args.out, options, dev=dev, force=args.force)
+    else:
+        result = train_classifier(args.base or default_base_model(), load_examples(args.data), args.out, options, dev)
     accuracy = f", dev accuracy {result.dev_accuracy:.4f}" if result.dev_accuracy is not None else ""
     print(f"saved {result.out_dir} ({result.train_rows} rows, {result.seconds:.0f} s{accuracy})")
+    return 0
+
+
+def _finetune_options(args: argparse.Namespace):
+    from calibrate.train import TrainOptions
+
+    return TrainOptions(
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from calibrate.data import load_examples
+    from calibrate.prune import PruneOptions, pure_repair
+
+    options = PruneOptions(
+        max_accuracy_drop=args.max_drop,
+        heads_per_step=args.heads_per_step,
+        mu=args.mu,
+        finetune=_finetune_options(args),
+    )
+    train, dev = load_examples(args.data), load_examples(args.dev)
+    result = pure_repair(args.model, train, dev, args.out, options, force=args.force)
+    removed = sum(len(heads) for heads in result.pruned_heads.values())
+    print(
+        f"removed {removed} of {result.variances.size} heads (dev accuracy {result.baseline_accuracy:.4f} -> "
+        f"{result.pruned_accuracy:.4f} pruned, floor {result.accuracy_threshold:.4f}); after attention "
+        f"normalisation {result.dev_accuracy:.4f}"
+    )
+    print(f"saved {args.out} in {result.seconds['total']:.0f} s (record: {args.out / 'repair.json'})")
+    return 0
+
+
+def _maxent(args: argparse.Namespace) -> int:
+    from calibrate.data import load_examples
+    from calibrate.maxent import PLOT, MaxEntOptions, maxent_repair
+
+    options = MaxEntOptions(
+        stop_distance=args.stop_distance,
+        max_steps=args.max_steps,
+        learning_rate=args.maxent_lr,
+        batch_size=args.batch_size,
+        check_every=args.check_every,
+        fresh_head=not args.keep_head,
+        finetune=_finetune_options(args),
+    )
+    dev = load_examples(args.dev) if args.dev else None
+    result = maxent_repair(args.model, load_examples(args.data), args.out, options, dev=dev, force=args.force)
+    outcome = "reached" if result.reached else "NOT reached (budget spent; raise --max-steps or --maxent-lr)"
+    print(
+        f"maximum entropy: {result.steps} steps, stop distance {result.curve[0][1]:.4g} -> "
+        f"{result.curve[-1][1]:.4g}, threshold {args.stop_distance:g} {outcome}"
+    )
+    if dev:
+        print("dev accuracy: " + ", ".join(f"after {k} {v:.4f}" for k, v in result.dev_accuracy.items()))
+    print(f"saved {args.out} in {result.seconds['total']:.0f} s (record: {args.out / 'repair.json'}, {PLOT})")
     return 0
 
 
@@ -274,6 +418,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
 
 

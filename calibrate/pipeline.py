@@ -22,6 +22,7 @@ import numpy as np
 from calibrate.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
 from calibrate.model import copy_tokenizer_files, flush_denormal, label_names, load_classifier, tokenizer_json
 from calibrate.rap import RapOptions, RapResult, learn_rap
+from calibrate.repair import read_record
 from calibrate.report import plot_deltas, write_json
 from guard import __version__
 from guard.core import rap
@@ -108,7 +109,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
             int8 = _int8_variant(staging, tokenizer, result, labels, options)
     _write_canaries(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
     manifest = _manifest(model_dir, labels, result, options).model_copy(update={"int8": int8})
-    _write_report(staging, result, labels, parity, timings, options, int8)
+    _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir))
     return save_bundle(staging, manifest)
 
 
@@ -186,6 +187,7 @@ def _write_report(
     timings: Timings,
     options: CalibrateOptions,
     int8: Int8Variant | None = None,
+    repair: dict | None = None,
 ) -> None:
     chosen = next(i for i, a in enumerate(result.attempts) if a.chosen)
     warnings = [
@@ -227,6 +229,7 @@ def _write_report(
                 "agreement_with_fp32": int8.agreement,
                 "thresholds": {p.name: p.thresholds for p in int8.protect},
             },
+            "repair": repair,  # the repair record (repair.json) of the model, if a repair produced it
             "seconds": timings.seconds,
             "warnings": warnings,
         },

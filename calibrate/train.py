@@ -1,25 +1,40 @@
-"""Fine-tune a sequence classifier (for demos and benchmarks; users bring their own)."""
+"""Fine-tune a sequence classifier (for demos and benchmarks; users bring their own).
+
+`train_classifier` puts a fresh head on an encoder; `fine_tune` keeps training an
+existing classifier, head and label names included (the FT baseline of the repair
+papers, and the last stage of PURE and MEFT, which pass their own loss to `fit`).
+"""
 
 from __future__ import annotations
 
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from calibrate.data import label_counts
-from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, predict_probs, to_torch
+from calibrate.model import (
+    copy_tokenizer_files,
+    flush_denormal,
+    load_classifier,
+    predict_probs,
+    to_torch,
+    tokenizer_json,
+)
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
 log = logging.getLogger(__name__)
+
+LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -49,29 +64,70 @@ def train_classifier(
     options: TrainOptions = TrainOptions(),
     dev: list[Example] | None = None,
 ) -> TrainResult:
-    """Fine-tune `base` on `train`, save a HF model dir (weights + tokenizer) to `out_dir`."""
-    counts = label_counts(train)
-    num_labels = max(counts) + 1
-    if len(counts) < 2:
-        raise InputError(f"training data has a single label ({next(iter(counts))}); need at least two")
-    if len(train) < options.batch_size:
-        raise InputError(f"training data has {len(train)} rows; need at least one batch ({options.batch_size})")
-    _seed(options.seed)
+    """Fine-tune `base` with a fresh head on `train`, save a HF model dir (weights + tokenizer) to `out_dir`."""
+    num_labels = max(_check_rows(train, options)) + 1
+    seed_everything(options.seed)
     model = load_classifier(base, num_labels=num_labels)
     _name_labels(model, options.label_names)
     if model.config.num_labels != num_labels:
         raise InputError(f"{base} has {model.config.num_labels} labels but the data uses labels 0..{num_labels - 1}")
-    tokenizer = RapTokenizer.from_file(Path(base) / "tokenizer.json", None, options.max_length)
+    return _train_and_save(model, Path(base), train, out_dir, options, dev)
+
+
+def fine_tune(
+    model_dir: Path,
+    train: list[Example],
+    out_dir: Path,
+    options: TrainOptions = TrainOptions(),
+    dev: list[Example] | None = None,
+) -> TrainResult:
+    """Keep training the classifier in `model_dir` (its head and label names kept) on `train`; save to `out_dir`."""
+    _check_rows(train, options)
+    seed_everything(options.seed)
+    model = load_classifier(model_dir)
+    check_labels(model, train)
+    _name_labels(model, options.label_names)
+    return _train_and_save(model, Path(model_dir), train, out_dir, options, dev)
+
+
+def check_labels(model: PreTrainedModel, rows: list[Example]) -> None:
+    n = model.config.num_labels
+    bad = sorted({r.label for r in rows if r.label >= n})
+    if bad:
+        raise InputError(f"data has labels {bad} but the model has {n} labels (0..{n - 1})")
+
+
+def load_tokenizer(model_dir: Path, out_dir: Path, max_length: int) -> RapTokenizer:
+    """The model's tokenizer; a model without tokenizer.json gets one converted into `out_dir`."""
+    return RapTokenizer.from_file(tokenizer_json(model_dir, Path(out_dir)), None, max_length)
+
+
+def _check_rows(train: list[Example], options: TrainOptions) -> dict[int, int]:
+    counts = label_counts(train)
+    if len(counts) < 2:
+        raise InputError(f"training data has a single label ({next(iter(counts))}); need at least two")
+    if len(train) < options.batch_size:
+        raise InputError(f"training data has {len(train)} rows; need at least one batch ({options.batch_size})")
+    return counts
+
+
+def _train_and_save(
+    model: PreTrainedModel,
+    src_dir: Path,
+    train: list[Example],
+    out_dir: Path,
+    options: TrainOptions,
+    dev: list[Example] | None,
+) -> TrainResult:
+    tokenizer = load_tokenizer(src_dir, out_dir, options.max_length)
     started = time.perf_counter()
     with flush_denormal():
-        _fit(model, tokenizer, train, options)
+        fit(model, tokenizer, train, options)
     seconds = time.perf_counter() - started
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
-    copy_tokenizer_files(base, out_dir)
-    accuracy = _accuracy(model, tokenizer, dev) if dev else None
-    return TrainResult(out_dir=out_dir, seconds=seconds, train_rows=len(train), dev_accuracy=accuracy)
+    copy_tokenizer_files(src_dir, out_dir)
+    dev_accuracy = accuracy(model, tokenizer, dev) if dev else None
+    return TrainResult(out_dir=Path(out_dir), seconds=seconds, train_rows=len(train), dev_accuracy=dev_accuracy)
 
 
 def _name_labels(model, names: tuple[str, ...]) -> None:
@@ -83,21 +139,32 @@ def _name_labels(model, names: tuple[str, ...]) -> None:
     model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
-def _fit(model, tokenizer: RapTokenizer, train: list[Example], options: TrainOptions) -> None:
+def cross_entropy(model: PreTrainedModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    return model(**inputs, labels=labels).loss
+
+
+def fit(
+    model: PreTrainedModel,
+    tokenizer: RapTokenizer,
+    train: list[Example],
+    options: TrainOptions,
+    loss_fn: LossFn = cross_entropy,
+    desc: str = "fine-tuning",
+) -> None:
+    """AdamW with linear warm-up and decay over `options.epochs`; trains whatever requires grad."""
     steps_per_epoch = (len(train) + options.batch_size - 1) // options.batch_size
     total = steps_per_epoch * options.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, int(total * options.warmup_ratio), total)
     model.train()
-    bar = tqdm(total=total, desc="fine-tuning", unit="step", disable=not options.progress)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not options.progress)
     for _ in range(options.epochs):
         order = list(range(len(train)))
         random.shuffle(order)
         for start in range(0, len(order), options.batch_size):
             rows = [train[i] for i in order[start : start + options.batch_size]]
             inputs = to_torch(tokenizer.encode([r.text for r in rows]))
-            labels = torch.tensor([r.label for r in rows])
-            loss = model(**inputs, labels=labels).loss
+            loss = loss_fn(model, inputs, torch.tensor([r.label for r in rows]))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -109,12 +176,12 @@ def _fit(model, tokenizer: RapTokenizer, train: list[Example], options: TrainOpt
     model.eval()
 
 
-def _accuracy(model, tokenizer: RapTokenizer, rows: list[Example]) -> float:
+def accuracy(model: PreTrainedModel, tokenizer: RapTokenizer, rows: list[Example]) -> float:
     probs = predict_probs(model, tokenizer, [r.text for r in rows])
     return float(np.mean(probs.argmax(axis=1) == np.array([r.label for r in rows])))
 
 
-def _seed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
