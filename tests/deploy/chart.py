@@ -1,0 +1,97 @@
+"""Render and lint the Helm chart offline with helm-python-sdk (Helm 4 as a library).
+
+No cluster and no `helm` binary: `Chart.render` runs Helm's own template engine and
+values-schema validation. The SDK's Python wrapper does not pass a Kubernetes version
+or extra API versions to `.Capabilities` yet, though the native `helm_render` call it
+wraps accepts both (`kube_version`, `api_versions`); `render` below passes them there,
+which is why pyproject pins helm-python-sdk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import helm_python as helm
+import yaml
+from helm_python import _native
+
+from tests.deploy.conftest import ROOT
+
+CHART = ROOT / "helm" / "backdoor-guard"
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+RELEASE, NAMESPACE = "guard", "ml"
+
+
+@functools.cache
+def chart() -> helm.Chart:
+    return helm.Chart.load(CHART)
+
+
+def ci_values() -> dict[str, dict]:
+    """The chart's ci/*-values.yaml files (chart-testing's convention), by case name."""
+    files = sorted((CHART / "ci").glob("*-values.yaml"))
+    return {f.name.removesuffix("-values.yaml"): yaml.safe_load(f.read_text(encoding="utf-8")) for f in files}
+
+
+@dataclass(frozen=True)
+class Manifests:
+    """Every object a render produced, plus NOTES.txt."""
+
+    objects: list[dict]
+    notes: str
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str) -> dict:
+        (found,) = self.of_kind(kind)
+        return found
+
+    def kinds(self) -> set[str]:
+        return {o["kind"] for o in self.objects}
+
+
+def render(values: dict, kube_version: str, api_versions: Iterable[str] = ()) -> Manifests:
+    options = {
+        "name": RELEASE,
+        "namespace": NAMESPACE,
+        "is_install": True,
+        "kube_version": kube_version,
+        "api_versions": list(api_versions),
+    }
+    rendered: dict[str, str] = json.loads(
+        _native.call_string("helm_render", chart()._raw(), json.dumps(values), json.dumps(options))
+    )
+    objects = [
+        doc
+        for path, text in sorted(rendered.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    notes = next((text for path, text in rendered.items() if path.endswith("NOTES.txt")), "")
+    return Manifests(objects, notes)
+
+
+def lint(values: dict, kube_version: str) -> list[dict]:
+    """`helm lint --strict` findings of warning level and above (info, such as 'icon is recommended', is left out)."""
+    report = helm.lint(Path(CHART), values, strict=True, kube_version=kube_version)
+    return [m for m in report["messages"] if m["severity"] >= 2] + [{"error": e} for e in report["errors"]]
+
+
+def pod_spec(manifests: Manifests) -> dict:
+    return manifests.one("Deployment")["spec"]["template"]["spec"]
+
+
+def containers(manifests: Manifests) -> dict[str, dict]:
+    """Every container of the Deployment's pod, init containers included, by name."""
+    spec = pod_spec(manifests)
+    return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]}
+
+
+def env(container: dict) -> dict[str, object]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}

@@ -1,0 +1,341 @@
+"""The Helm chart, without a cluster: Helm 4 (helm-python-sdk) lints and renders it for both
+topologies and every ci/ values file, on Kubernetes versions before and after native
+sidecars, with and without the ServiceMonitor CRD; every rendered object is validated
+against that version's Kubernetes schema (kubernetes-validate, strict: unknown fields fail).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import helm_python as helm
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+
+from guard.api import create_app
+from guard.settings import Settings
+from tests.deploy import chart
+from tests.deploy.chart import SERVICE_MONITOR_API
+from tests.server_fixtures import StubBackend, build_stub_bundle, uvicorn_thread
+
+CASES = chart.ci_values()
+KUBE_VERSIONS = ("1.28.0", "1.31.0")  # without and with native sidecars (1.29+)
+CAPABILITIES = {"no-crd": (), "servicemonitor-crd": (SERVICE_MONITOR_API,)}
+# Settings the chart sets itself (environment), so `settings:` may not carry them.
+CHART_OWNED = {"bundle", "host", "port", "upstream", "api_key", "config"}
+MATRIX = [
+    pytest.param(case, kube, api, id=f"{case}-k{kube[:4]}-{api}")
+    for case in CASES
+    for kube in KUBE_VERSIONS
+    for api in CAPABILITIES
+]
+
+
+def render(case: str | dict, kube: str = "1.31.0", apis: tuple[str, ...] = ()) -> chart.Manifests:
+    values = CASES[case] if isinstance(case, str) else case
+    return chart.render(values, f"v{kube}", apis)
+
+
+def test_every_topology_and_bundle_source_has_a_ci_case() -> None:
+    assert {v["topology"] for v in CASES.values()} == {"standalone", "sidecar"}
+    assert {v["bundle"]["source"] for v in CASES.values()} == {"pvc", "url", "image"}
+    assert {v.get("autoscaling", {}).get("metric") for v in CASES.values()} >= {"cpu", "pendingRequests"}
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_helm_lint_strict_is_clean(case: str, kube: str) -> None:
+    assert chart.lint(CASES[case], f"v{kube}") == []
+
+
+@pytest.mark.parametrize(("case", "kube", "api"), MATRIX)
+def test_every_rendered_object_is_valid_for_its_kubernetes_version(case: str, kube: str, api: str) -> None:
+    manifests = render(case, kube, CAPABILITIES[api])
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Pod"} <= manifests.kinds()
+    for obj in manifests.objects:
+        if obj["kind"] == "ServiceMonitor":  # a CRD: kubernetes-validate has no schema for it
+            _check_service_monitor(obj, manifests)
+            continue
+        kubernetes_validate.validate(obj, kube, strict=True)
+    assert ("ServiceMonitor" in manifests.kinds()) == (api == "servicemonitor-crd")
+
+
+def test_the_validator_is_strict() -> None:
+    """A typo in a rendered object must fail validation: this is what catches template slips."""
+    deployment = copy.deepcopy(render("standalone-pvc").one("Deployment"))
+    guard = deployment["spec"]["template"]["spec"]["containers"][0]
+    guard["livenesProbe"] = guard.pop("livenessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError, match="livenesProbe"):
+        kubernetes_validate.validate(deployment, "1.31.0", strict=True)
+
+
+def _check_service_monitor(monitor: dict, manifests: chart.Manifests) -> None:
+    service = manifests.one("Service")
+    spec = monitor["spec"]
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert spec["namespaceSelector"]["matchNames"] == [chart.NAMESPACE]
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    # The alert rules and the dashboard select job="backdoor-guard".
+    assert service["metadata"]["labels"][spec["jobLabel"]] == "backdoor-guard"
+
+
+# ---------------------------------------------------------------- topologies
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c]["topology"] == "standalone"])
+def test_standalone_serves_the_classifier_itself(case: str) -> None:
+    manifests = render(case)
+    spec = chart.pod_spec(manifests)
+    assert [c["name"] for c in spec["containers"]] == ["guard"]
+    assert "GUARD_UPSTREAM" not in chart.env(spec["containers"][0])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c]["topology"] == "sidecar"])
+def test_sidecar_is_native_from_kubernetes_1_29(case: str) -> None:
+    port = CASES[case]["sidecar"]["upstreamPort"]
+    native = chart.pod_spec(render(case, "1.29.0"))
+    guard = native["initContainers"][-1]
+    assert guard["name"] == "guard" and guard["restartPolicy"] == "Always"
+    assert [c["name"] for c in native["containers"]] == [CASES[case]["sidecar"]["classifier"].get("name", "classifier")]
+    assert chart.env(guard)["GUARD_UPSTREAM"] == f"http://127.0.0.1:{port}"
+
+    older = chart.pod_spec(render(case, "1.28.0"))
+    assert "guard" not in {c["name"] for c in older["initContainers"]}
+    assert [c["name"] for c in older["containers"]][0] == "guard"
+    assert all("restartPolicy" not in c for c in older["containers"] + older["initContainers"])
+    assert chart.env(older["containers"][0])["GUARD_UPSTREAM"] == f"http://127.0.0.1:{port}"
+
+
+def test_sidecar_keeps_the_classifier_container_as_given() -> None:
+    given = CASES["sidecar-url"]["sidecar"]["classifier"]
+    (classifier,) = [c for c in chart.pod_spec(render("sidecar-url"))["containers"] if c["name"] == given["name"]]
+    assert classifier == given
+
+
+# ---------------------------------------------------------------- bundle delivery
+
+
+def test_bundle_from_a_pvc_is_mounted_read_only_and_verified() -> None:
+    spec = chart.pod_spec(render("standalone-pvc"))
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "bundle"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "guard-bundles", "readOnly": True}
+    assert [c["name"] for c in spec["initContainers"]] == ["verify-bundle"]
+    for container in (spec["initContainers"][0], spec["containers"][0]):
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "bundle"]
+        assert mount == {"name": "bundle", "mountPath": "/bundle", "readOnly": True, "subPath": "sst2-minilm"}
+
+
+@pytest.mark.parametrize(("case", "first"), [("standalone-url", "fetch-bundle"), ("sidecar-image", "copy-bundle")])
+def test_fetched_bundles_land_in_an_empty_dir_before_verification(case: str, first: str) -> None:
+    spec = chart.pod_spec(render(case, "1.28.0"))
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "bundle"]
+    assert "emptyDir" in volume
+    assert [c["name"] for c in spec["initContainers"]] == [first, "verify-bundle"]
+    writer = spec["initContainers"][0]
+    assert {"name": "bundle", "mountPath": "/bundle"} in writer["volumeMounts"]
+
+
+def test_the_fetch_container_runs_the_script_with_the_pinned_checksum() -> None:
+    manifests = render("standalone-url")
+    fetch = chart.containers(manifests)["fetch-bundle"]
+    url = CASES["standalone-url"]["bundle"]["url"]
+    assert fetch["command"] == ["python", "/etc/backdoor-guard/fetch_bundle.py"]
+    assert fetch["args"] == ["--url", url["location"], "--sha256", url["sha256"], "--into", "/bundle"]
+    script = manifests.one("ConfigMap")["data"]["fetch_bundle.py"]
+    assert script == (chart.CHART / "files" / "fetch_bundle.py").read_text(encoding="utf-8")
+
+
+def test_the_verify_container_runs_the_real_cli(tmp_path: Path) -> None:
+    """The verify init container's arguments, given to this checkout's `guard` CLI: a tampered bundle fails."""
+    verify_args = {tuple(chart.containers(render(case))["verify-bundle"]["args"]) for case in CASES}
+    assert verify_args == {("verify", "--bundle", "/bundle")}
+    assert {tuple(chart.containers(render(case))["guard"]["args"]) for case in CASES} == {("serve",)}
+    args = list(verify_args.pop())
+    bundle = build_stub_bundle(tmp_path / "bundle")
+    done = subprocess.run([sys.executable, "-m", "guard.cli", *args[:-1], str(bundle)], capture_output=True, text=True)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr
+    (bundle / "tokenizer.json").write_text("{}")
+    tampered = subprocess.run([sys.executable, "-m", "guard.cli", *args[:-1], str(bundle)], capture_output=True)
+    assert tampered.returncode != 0
+
+
+# ---------------------------------------------------------------- security, probes, scaling
+
+
+@pytest.mark.parametrize(("case", "kube"), [(c, k) for c in CASES for k in KUBE_VERSIONS])
+def test_every_chart_container_is_locked_down(case: str, kube: str) -> None:
+    manifests = render(case, kube)
+    classifier = CASES[case].get("sidecar", {}).get("classifier", {}).get("name", "classifier")
+    pods = [chart.pod_spec(manifests), manifests.one("Pod")["spec"]]
+    for spec in pods:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            if container["name"] == classifier and CASES[case]["topology"] == "sidecar":
+                continue  # the user's container, left as given
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+            assert context["allowPrivilegeEscalation"] is False, container["name"]
+            assert context["capabilities"] == {"drop": ["ALL"]}, container["name"]
+
+
+def test_probes_point_at_the_guards_health_endpoints() -> None:
+    guard = chart.containers(render("standalone-pvc"))["guard"]
+    assert guard["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert guard["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert guard["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert guard["startupProbe"]["periodSeconds"] * guard["startupProbe"]["failureThreshold"] >= 300
+
+
+def test_probes_and_the_helm_test_hook_work_against_a_real_guard(tmp_path: Path) -> None:
+    """The rendered probe paths and the `helm test` pod's own command, run against a live server."""
+    manifests = render("standalone-pvc")
+    guard = chart.containers(manifests)["guard"]
+    hook = manifests.one("Pod")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (command,) = [c["command"] for c in hook["spec"]["containers"]]
+    service = manifests.one("Service")
+    service_url = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/readyz"
+    assert command[0] == "python" and command[-1] == service_url
+
+    settings = Settings(bundle=build_stub_bundle(tmp_path / "bundle"), log_json=False, access_log=False)
+    with uvicorn_thread(create_app(settings, backend=StubBackend())) as url:
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            assert httpx.get(url + guard[probe]["httpGet"]["path"]).status_code == 200, probe
+        local = [sys.executable, *command[1:-1], f"{url}/readyz"]
+        done = subprocess.run(local, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and '"ready"' in done.stdout, done.stderr
+    gone = subprocess.run([sys.executable, *command[1:-1], f"{url}/readyz"], capture_output=True, timeout=30)
+    assert gone.returncode != 0
+
+
+def test_autoscaling_on_cpu_or_on_the_guards_queue() -> None:
+    cpu = render("standalone-pvc").one("HorizontalPodAutoscaler")["spec"]
+    assert cpu["metrics"] == [
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}
+    ]
+    assert cpu["scaleTargetRef"]["kind"] == "Deployment"
+    queue = render("standalone-url").one("HorizontalPodAutoscaler")["spec"]
+    assert queue["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "guard_pending_requests"},
+                "target": {"type": "AverageValue", "averageValue": "16"},
+            },
+        }
+    ]
+    # With an HPA the Deployment leaves replicas to it.
+    assert "replicas" not in render("standalone-pvc").one("Deployment")["spec"]
+    fixed = render({**CASES["standalone-pvc"], "autoscaling": {"enabled": False}})
+    assert fixed.one("Deployment")["spec"]["replicas"] == 2
+
+
+def test_pod_disruption_budget_selects_the_pods_and_can_be_turned_off() -> None:
+    manifests = render("standalone-pvc")
+    pdb = manifests.one("PodDisruptionBudget")["spec"]
+    labels = manifests.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items() and pdb["maxUnavailable"] == 1
+    assert "PodDisruptionBudget" not in render("sidecar-image").kinds()
+
+
+def test_service_monitor_needs_the_crd_and_can_be_turned_off() -> None:
+    assert "ServiceMonitor" not in render("standalone-url").kinds()
+    monitor = render("standalone-url", apis=(SERVICE_MONITOR_API,)).one("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    values = {**CASES["standalone-url"], "serviceMonitor": {"enabled": False}}
+    assert "ServiceMonitor" not in render(values, apis=(SERVICE_MONITOR_API,)).kinds()
+    assert "no ServiceMonitor CRD here" in render("standalone-url").notes
+
+
+def test_service_selects_the_pods_on_the_guards_port() -> None:
+    manifests = render("sidecar-url")
+    service = manifests.one("Service")["spec"]
+    labels = manifests.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+    guard = chart.containers(manifests)["guard"]
+    assert service["ports"][0]["targetPort"] in {p["name"] for p in guard["ports"]}
+
+
+# ---------------------------------------------------------------- settings and secrets
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_settings_config_map_is_accepted_by_the_guard(case: str, tmp_path: Path, clean_env: None) -> None:
+    manifests = render(case)
+    config = tmp_path / "guard.yaml"
+    config.write_text(manifests.one("ConfigMap")["data"]["guard.yaml"], encoding="utf-8")
+    environment = chart.env(chart.containers(manifests)["guard"])
+    settings = Settings(bundle=build_stub_bundle(tmp_path / "bundle"), config=config)
+    for name, value in CASES[case].get("settings", {}).items():
+        assert getattr(settings, name) == value, name
+    # Every GUARD_* variable the chart sets names a real setting.
+    assert {name.removeprefix("GUARD_").lower() for name in environment} <= set(Settings.model_fields)
+    assert environment["GUARD_CONFIG"] == f"/etc/backdoor-guard/{config.name}"
+
+
+def test_config_changes_roll_the_pods() -> None:
+    before = render("standalone-pvc").one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    changed = {**CASES["standalone-pvc"], "settings": {"mode": "shadow"}}
+    after = render(changed).one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert before["checksum/config"] != after["checksum/config"]
+
+
+def test_values_schema_lists_exactly_the_guards_own_settings() -> None:
+    properties = chart.chart().schema["properties"]["settings"]["properties"]
+    assert set(properties) == set(Settings.model_fields) - CHART_OWNED
+    for name, rule in properties.items():
+        if "enum" in rule:
+            assert set(rule["enum"]) == set(typing.get_args(Settings.model_fields[name].annotation)), name
+
+
+def test_api_key_from_a_value_or_an_existing_secret() -> None:
+    manifests = render("standalone-pvc")
+    secret = manifests.one("Secret")
+    assert base64.b64decode(secret["data"]["api-key"]).decode() == "s3cr3t-token"
+    key_ref = chart.env(chart.containers(manifests)["guard"])["GUARD_API_KEY"]
+    assert key_ref == {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "api-key"}}
+
+    existing = render("standalone-url")
+    assert "Secret" not in existing.kinds()
+    key_ref = chart.env(chart.containers(existing)["guard"])["GUARD_API_KEY"]
+    assert key_ref == {"secretKeyRef": {"name": "guard-api", "key": "token"}}
+
+    assert "GUARD_API_KEY" not in chart.env(chart.containers(render("sidecar-url"))["guard"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"topology": "mesh"}, "/topology"),
+        ({"settings": {"bundle": "/elsewhere"}}, "additional properties 'bundle' not allowed"),
+        ({"settings": {"mode": "block"}}, "/settings/mode"),
+        ({"settings": {"frr": 1.5}}, "/settings/frr"),
+        ({"bundle": {"source": "pvc", "pvc": {"claimName": ""}}}, "/bundle/pvc/claimName"),
+        ({"bundle": {"source": "url", "url": {"location": "ftp://x/b.tgz"}}}, "/bundle/url/location"),
+        ({"bundle": {"source": "url", "url": {"location": "https://x/b.tgz", "sha256": "abc"}}}, "sha256"),
+        ({"topology": "sidecar", "sidecar": {"classifier": {"name": "c"}}}, "missing property 'image'"),
+        ({"autoscaling": {"metric": "memory"}}, "/autoscaling/metric"),
+    ],
+)
+def test_the_values_schema_rejects_mistakes(change: dict, message: str) -> None:
+    values = {**CASES["standalone-pvc"], **change}
+    with pytest.raises(helm.HelmValuesError, match=message):
+        render(values)
+
+
+def test_default_values_need_a_bundle() -> None:
+    """Nothing sensible deploys without a bundle: the defaults alone are refused with a pointer to it."""
+    with pytest.raises(helm.HelmValuesError, match="claimName"):
+        render({})
+    rendered = render({"bundle": {"pvc": {"claimName": "bundles"}}})
+    assert yaml.safe_load(rendered.one("ConfigMap")["data"]["guard.yaml"]) == chart.chart().values["settings"]
