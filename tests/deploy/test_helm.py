@@ -339,3 +339,14 @@ def test_default_values_need_a_bundle() -> None:
         render({})
     rendered = render({"bundle": {"pvc": {"claimName": "bundles"}}})
     assert yaml.safe_load(rendered.one("ConfigMap")["data"]["guard.yaml"]) == chart.chart().values["settings"]
+
+
+def test_the_readmes_sidecar_example_renders_and_validates() -> None:
+    readme = (chart.CHART.parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in readme.split("```yaml\n")[1:] if b.startswith("# sidecar-values.yaml"))
+    values = yaml.safe_load(block.split("```")[0])
+    for kube in KUBE_VERSIONS:
+        manifests = render(values, kube)
+        for obj in manifests.objects:
+            kubernetes_validate.validate(obj, kube, strict=True)
+        assert chart.containers(manifests)["guard"] and chart.containers(manifests)["sentiment"]
