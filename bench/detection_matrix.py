@@ -26,6 +26,7 @@ import numpy as np
 from bench.attacks.recipes import TARGET, load_recipes
 from bench.detectors import strip
 from bench.detectors.classifier import Classifier
+from bench.detectors.cost import detector_costs
 from bench.detectors.ngram import TrigramLM, normalize
 from bench.detectors.runs import Inputs, run_onion, run_rap, run_strip
 from bench.detectors.scoring import DetectorRun
@@ -51,7 +52,7 @@ def main() -> None:
     recipes = load_recipes(args.data)
     dev, test = load_examples(args.data / "dev.tsv"), load_examples(args.data / "test.tsv")
     language_model = _LazyLM(args.data)
-    results = {}
+    results, costs_from = {}, None
     for name in args.attacks:
         recipe = recipes[name]
         log.info("== %s: model", name)
@@ -62,7 +63,18 @@ def main() -> None:
         inputs, cacc = _inputs(bundle, dev, test, poisoned)
         runs = _detector_runs(name, bundle, inputs, args, language_model)
         results[name] = {"recipe": recipe.settings, "train": info, "cacc": cacc, "asr": inputs.asr, "runs": runs}
-    write_matrix(args.out, results, machine_info())
+        if costs_from is None and name != "clean" and set(DETECTORS) <= {k.split("@")[0] for k in runs}:
+            costs_from = (bundle, inputs, runs)
+    costs = _costs(*costs_from, language_model.get()) if costs_from else {}
+    write_matrix(args.out, results, costs, machine_info())
+
+
+def _costs(bundle: Path, inputs: Inputs, runs: dict, lm: TrigramLM, sample: int = 100) -> dict[str, float]:
+    """Online ms per input of every detector, measured back to back on one bundle's inputs."""
+    log.info("== measuring cost per input (%d clean + %d poisoned, one at a time)", sample, sample)
+    onion_threshold = next(p["threshold"] for p in runs["onion"]["operating"] if p["frr_target"] == 0.01)
+    texts = inputs.clean[:sample] + inputs.poisoned[:sample]
+    return detector_costs(Classifier(bundle), texts, inputs.pool, lm, onion_threshold)
 
 
 def _bundle(name: str, model_dir: Path, dev: list[Example], out: Path) -> Path:

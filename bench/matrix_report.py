@@ -35,7 +35,7 @@ def best_strip(runs: dict[str, dict]) -> dict | None:
     return min(strips, key=lambda r: _at(r, HEADLINE_FRR)["test_far"], default=None)
 
 
-def matrix_rows(results: dict[str, dict]) -> list[dict]:
+def matrix_rows(results: dict[str, dict], costs: dict[str, float]) -> list[dict]:
     rows = []
     for attack, result in results.items():
         for run in _headline_runs(result["runs"]):
@@ -48,25 +48,26 @@ def matrix_rows(results: dict[str, dict]) -> list[dict]:
                         "asr": result["asr"],
                         **point,
                         "passes_per_input": run["passes_per_input"],
-                        "ms_per_input": run["ms_per_input"],
+                        "ms_per_input": costs.get(run["detector"], run["ms_per_input"]),
                         "params": run.get("params", {}),
                     }
                 )
     return rows
 
 
-def write_matrix(out: Path, results: dict[str, dict], machine: dict) -> None:
+def write_matrix(out: Path, results: dict[str, dict], costs: dict[str, float], machine: dict) -> None:
+    """`costs`: online ms per input per detector (and "bare"), measured back to back."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = matrix_rows(results)
+    rows = matrix_rows(results, costs)
     details = {
         a: {"recipe": r["recipe"], "train": r["train"], "strip_by_ratio": _strip_table(r["runs"])}
         for a, r in results.items()
     }
     (out / "detection_matrix.json").write_text(
-        json.dumps({"machine": machine, "rows": rows, "details": details}, indent=2) + "\n"
+        json.dumps({"machine": machine, "rows": rows, "costs_ms": costs, "details": details}, indent=2) + "\n"
     )
     plot_matrix(out / "detection_matrix.png", results)
-    (out / "detection_matrix.md").write_text(_markdown(rows, details, machine))
+    (out / "detection_matrix.md").write_text(_markdown(rows, details, costs, machine))
 
 
 def plot_matrix(path: Path, results: dict[str, dict]) -> None:
@@ -116,7 +117,17 @@ def _strip_table(runs: dict[str, dict]) -> list[dict]:
     ]
 
 
-def _markdown(rows: list[dict], details: dict, machine: dict) -> str:
+def _cost_table(rows: list[dict], costs: dict[str, float]) -> str:
+    passes = {r["detector"]: r["passes_per_input"] for r in rows if r["attack"] != "clean"}
+    table = [{"detector": "bare model", "passes_per_input": 1.0, "ms_per_input": costs.get("bare"), "x_bare": 1.0}]
+    for name, p in passes.items():
+        ms = costs.get(name)
+        x_bare = ms / costs["bare"] if ms is not None and costs.get("bare") else None
+        table.append({"detector": name, "passes_per_input": p, "ms_per_input": ms, "x_bare": x_bare})
+    return markdown_table(table, ["detector", "passes_per_input", "ms_per_input", "x_bare"])
+
+
+def _markdown(rows: list[dict], details: dict, costs: dict[str, float], machine: dict) -> str:
     headline = [r for r in rows if abs(r["frr_target"] - HEADLINE_FRR) < 1e-9]
     strip_lines = [
         f"- {attack}: "
@@ -134,6 +145,8 @@ def _markdown(rows: list[dict], details: dict, machine: dict) -> str:
         "FRR is what the detector costs honest traffic. ![curves](detection_matrix.png)\n\n"
         "## At 1% dev FRR\n\n"
         + markdown_table(headline, COLUMNS)
+        + "\n## Cost per input online (one input at a time, measured back to back on the same 200 inputs)\n\n"
+        + _cost_table(rows, costs)
         + "\n## Every FRR target\n\n"
         + markdown_table(rows, COLUMNS)
         + "\n## STRIP by replace ratio k (at 1% dev FRR; the row above uses the best k per attack)\n\n"
@@ -156,7 +169,8 @@ def _notes(machine: dict) -> str:
         "  GPT-2 and much cheaper: its ms_per_input is NOT what ONION costs with GPT-2 (about words+1 BERT\n"
         "  passes, the passes_per_input column). Threshold: the 10th-99th percentile of dev suspicion scores whose\n"
         "  dev FRR is closest to the target (dev_frr shows what it reached).\n"
-        "- ms_per_input: wall time per test input with the bundle's ONNX fp32 graph, batches of 32-64 sorted by\n"
-        f"  length, on {machine['cpu']} x{machine['cpu_count']}.\n\n"
+        "- ms_per_input: online cost, one input at a time, each detector in turn on the same 100 clean + 100\n"
+        f"  poisoned inputs predicted as the target, ONNX fp32, on {machine['cpu']} x{machine['cpu_count']}.\n"
+        "  passes_per_input counts model passes for an input predicted as the target (ONION: + words+1 LM passes).\n\n"
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items()) + "\n"
     )

@@ -9,6 +9,7 @@ it; later calls return that record without training again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -54,12 +55,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="dataset folder (train/dev/test.tsv, poison/)")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache/models"))
+    p.add_argument("--epochs", type=int, default=TRAIN_OPTIONS.epochs, help="fine-tuning epochs for new models")
     p.add_argument("attacks", nargs="*", help="attack names (default: all)")
     args = p.parse_args()
     quiet_transformers()
     recipes = load_recipes(args.data)
     for name in args.attacks or list(recipes):
-        print(json.dumps(build_model(recipes[name], args.data, args.cache)), flush=True)
+        options = dataclasses.replace(TRAIN_OPTIONS, epochs=args.epochs)
+        print(json.dumps(build_model(recipes[name], args.data, args.cache, options)), flush=True)
 
 
 if __name__ == "__main__":
