@@ -45,6 +45,7 @@ def test_promtool_accepts_the_rules_and_the_compose_prometheus_config() -> None:
     assert config.returncode == 0 and "1 rule files found" in config.stdout, config.stdout + config.stderr
 
 
+@pytest.mark.slow
 def test_promtool_rule_unit_tests_pass() -> None:
     tested = promtool("test", "rules", RULES_TEST.name)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
