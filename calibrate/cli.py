@@ -16,12 +16,17 @@ Turn a fine-tuned text classifier you did not train into a verified guard bundle
   calibrate train --data train.tsv --out model/    # fine-tune a classifier (demos, benchmarks)
   calibrate prune --model model/ --data clean.tsv --dev dev.tsv --out repaired/   # optional repair: PURE
   calibrate maxent --model model/ --data clean.tsv --out repaired/                # optional repair: MEFT
+  calibrate scan --model model/ --clean dev.tsv --out scan.json                   # backdoored? trigger? (DBS)
+  calibrate unlearn --model model/ --clean dev.tsv --scan scan.json --out repaired/   # repair: unlearn it
+  calibrate harden --model model/ --clean dev.tsv --out hardened/                 # repair: hardening
   calibrate rap --model model/ --clean dev.tsv --protect 1 --out bundle/
   calibrate evaluate --bundle bundle/ --clean test.tsv --poisoned badnet=poison.tsv
 
 Data files: .tsv (header 'text<TAB>label'), .csv (columns text,label) or .jsonl
 ({"text": ..., "label": ...}); labels are integer class ids.
 """
+# Where scan/unlearn/harden put a trigger (calibrate.inversion.POSITIONS; not imported: it loads torch).
+POSITIONS = ("start", "middle", "end", "random")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +45,9 @@ def _parser() -> Parser:
     _add_train(sub)
     _add_prune(sub)
     _add_maxent(sub)
+    _add_scan(sub)
+    _add_unlearn(sub)
+    _add_harden(sub)
     _add_rap(sub)
     _add_evaluate(sub)
     _add_demo(sub)
@@ -147,6 +155,116 @@ def _repair_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
+def _add_scan(sub) -> None:
+    p = sub.add_parser(
+        "scan",
+        help="is the model backdoored? invert a trigger for every label pair (DBS)",
+        description=(
+            "DBS trigger inversion: for every (victim -> target) label pair, search the whole\n"
+            "vocabulary for the --length-token trigger that flips clean victim rows to the target,\n"
+            "then score that trigger on held-out rows. A planted trigger flips them with a tiny loss;\n"
+            "natural words rarely do. Exit status 3 when the model looks backdoored.\n\n"
+            "  calibrate scan --model suspect/ --clean dev.tsv --out scan.json --probes-out probes.jsonl\n\n"
+            "  | victim -> target | trigger | loss   | ASR    | steps | seconds | flagged |\n"
+            "  | 0 -> 1           | mb      | 0.0029 | 1.0000 | 5     | 16      | yes     |\n"
+            "  | 1 -> 0           | useless | 0.9780 | 0.7400 | 100   | 180     |         |\n"
+            "  backdoored: label 0 -> 1 flips with 'mb' (loss 0.0029 < 0.1)\n\n"
+            "Clean rows need ~30+ correctly classified rows per label (20 to invert on, the rest\n"
+            "held out). On 2 CPU cores a MiniLM step takes ~1-2 s: --steps bounds the time per pair.\n"
+            "--probes-out writes held-out rows carrying the found triggers; give them to\n"
+            "`calibrate rap --probes` and the guard server replays them as live FAR probes."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="suspect HF classifier directory")
+    p.add_argument("--clean", type=Path, required=True, help="clean rows (.tsv/.csv/.jsonl)")
+    p.add_argument("--out", type=Path, help="write the JSON report here")
+    p.add_argument("--probes-out", type=Path, help="write the found triggers as guard probes (JSONL) here")
+    p.add_argument("--length", type=_positive_int, default=1, help="trigger length in tokens (1)")
+    p.add_argument("--position", choices=POSITIONS, default="start", help="where the trigger goes (start)")
+    p.add_argument("--steps", type=_positive_int, default=100, help="optimisation steps per label pair (100)")
+    p.add_argument("--rows-per-label", type=_positive_int, default=20, help="rows to invert on per label (20)")
+    p.add_argument("--heldout-per-label", type=_positive_int, default=200, help="rows to score on per label (200)")
+    p.add_argument("--criterion", choices=("loss", "asr"), default="loss", help="what the verdict uses (loss)")
+    p.add_argument("--loss-threshold", type=_positive_float, default=0.1, help="backdoored below this loss (0.1)")
+    p.add_argument("--asr-threshold", type=_fraction, default=0.9, help="with --criterion asr: at least (0.9)")
+    p.add_argument("--allow-subwords", action="store_true", help="let triggers use '##' word pieces too")
+    p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per clean row (64)")
+    p.add_argument("--seed", type=int, default=13)
+    p.set_defaults(handler=_scan, uses_torch=True)
+
+
+def _add_unlearn(sub) -> None:
+    p = sub.add_parser(
+        "unlearn",
+        help="repair: fine-tune a found trigger away (DBS eq. 6)",
+        description=(
+            "Fine-tune the model on clean rows of which a share carry the trigger and KEEP their\n"
+            "true label, so the trigger stops flipping anything (DBS eq. 6, appendix A). Takes the\n"
+            "triggers a scan flagged, or explicit ones. CACC and the trigger's ASR are measured\n"
+            "before and after on rows held out from the fine-tuning. Writes a HF model directory\n"
+            "with repair.json; calibrate the guard on it next:\n\n"
+            "  calibrate unlearn --model suspect/ --clean train.tsv --scan scan.json --out repaired/\n"
+            "  calibrate unlearn --model suspect/ --clean train.tsv --trigger mb --target 1 --out repaired/\n"
+            "  calibrate rap --model repaired/ --clean held-out.tsv --protect 1 --out bundle/"
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="suspect HF classifier directory (left unchanged)")
+    p.add_argument("--clean", type=Path, required=True, help="clean rows to fine-tune on and measure with")
+    p.add_argument("--out", type=Path, required=True, help="directory for the repaired model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scan", type=Path, help="a `calibrate scan --out` report: unlearn its flagged triggers")
+    source.add_argument("--trigger", action="append", metavar="TEXT", help="a trigger to unlearn (repeatable)")
+    p.add_argument("--target", type=int, help="with --trigger: the label the trigger flips rows to")
+    p.add_argument("--position", choices=POSITIONS, default="random", help="where triggers are stamped (random)")
+    p.add_argument("--stamp-fraction", type=_fraction, default=0.2, help="share of rows stamped (0.2)")
+    p.add_argument("--holdout-fraction", type=_fraction, default=0.2, help="rows kept out to measure on (0.2)")
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--lr", type=_positive_float, default=2e-5, help="learning rate (2e-5)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per input (64)")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_unlearn, uses_torch=True)
+
+
+def _add_harden(sub) -> None:
+    p = sub.add_parser(
+        "harden",
+        help="repair: harden against natural and injected backdoors (trigger augmentation)",
+        description=(
+            "Hardening (Shen et al.): rounds of adversarial training on clean rows stamped with\n"
+            "freshly inverted triggers that keep their true labels. Per label pair and round, a\n"
+            "binary length search finds the shortest trigger reaching --asr-bound, the two\n"
+            "directions are kept in step, and with probability --exhaustive-p every shorter length\n"
+            "is tried. Reports eps-mA^2 (mean ASR of inverted triggers over label pairs and lengths\n"
+            "1..--max-trigger-length, on held-out rows) before and after; writes a HF model\n"
+            "directory with repair.json:\n\n"
+            "  calibrate harden --model model/ --clean train-sample.tsv --out hardened/\n"
+            "  calibrate harden --model model/ --clean sample.tsv --out quick/ --max-trigger-length 4 --no-measure\n\n"
+            "Each round runs several inversions: on 2 CPU cores expect minutes per round for a MiniLM;\n"
+            "measuring eps-mA^2 costs labels x (labels-1) x max-trigger-length inversions twice."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="HF classifier directory (left unchanged)")
+    p.add_argument("--clean", type=Path, required=True, help="clean rows (the paper: 5%% of the training data)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the hardened model")
+    p.add_argument("--max-trigger-length", type=_positive_int, default=8, help="epsilon, longest trigger (8)")
+    p.add_argument("--asr-bound", type=_fraction, default=0.8, help="phi, ASR a trigger must reach (0.8)")
+    p.add_argument("--sync-gap", type=_positive_int, default=2, help="delta, length gap that syncs directions (2)")
+    p.add_argument("--exhaustive-p", type=_fraction, default=0.1, help="probability of the exhaustive search (0.1)")
+    p.add_argument("--position", choices=POSITIONS, default="start", help="where triggers go (start)")
+    p.add_argument("--steps", type=_positive_int, default=30, help="optimisation steps per inversion (30)")
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--lr", type=_positive_float, default=2e-5, help="learning rate (2e-5)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="rows of each label per round (16)")
+    p.add_argument("--holdout-fraction", type=_fraction, default=0.3, help="rows kept out to measure on (0.3)")
+    p.add_argument("--no-measure", action="store_true", help="skip eps-mA^2 before and after")
+    p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per clean row (64)")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_harden, uses_torch=True)
+
+
 def _add_rap(sub) -> None:
     p = sub.add_parser(
         "rap",
@@ -182,6 +300,11 @@ def _add_rap(sub) -> None:
         "--int8",
         action="store_true",
         help="also write an int8 graph (MatMul-only dynamic quantization) with its own thresholds",
+    )
+    p.add_argument(
+        "--probes",
+        type=Path,
+        help="known-trigger rows (e.g. `calibrate scan --probes-out`) the server's canary replays as live FAR probes",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=_rap, uses_torch=True)
@@ -318,6 +441,142 @@ def _maxent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan(args: argparse.Namespace) -> int:
+    from calibrate.data import load_examples
+    from calibrate.inversion import InversionOptions, load_subject
+    from calibrate.report import markdown_table, write_json
+    from calibrate.scan import ScanOptions, is_flagged, scan_model, write_probes
+
+    for path in (args.out, args.probes_out):
+        _check_writable(path)
+    clean = load_examples(args.clean)
+    subject = load_subject(args.model, args.max_length)
+    inversion = InversionOptions(
+        steps=args.steps, position=args.position, allow_subwords=args.allow_subwords, seed=args.seed
+    )
+    options = ScanOptions(
+        trigger_length=args.length,
+        rows_per_label=args.rows_per_label,
+        heldout_per_label=args.heldout_per_label,
+        criterion=args.criterion,
+        loss_threshold=args.loss_threshold,
+        asr_threshold=args.asr_threshold,
+        inversion=inversion,
+    )
+    result = scan_model(subject, clean, options)
+    rows = [
+        {
+            "victim -> target": f"{p.victim} -> {p.target}",
+            "trigger": p.text,
+            "loss": p.loss,
+            "ASR": p.asr,
+            "steps": p.inversion.steps,
+            "seconds": round(p.inversion.seconds),
+            "flagged": "yes" if is_flagged(p, options) else "",
+        }
+        for p in result.pairs
+    ]
+    print(markdown_table(rows, list(rows[0])))
+    print(_scan_verdict(result))
+    if args.out:
+        write_json(args.out, result.to_json())
+        print(f"report: {args.out}")
+    if args.probes_out:
+        _write_scan_probes(args.probes_out, result.probes, write_probes)
+    return 3 if result.backdoored else 0
+
+
+def _scan_verdict(result) -> str:
+    s = result.suspect
+    threshold = f"loss {s.loss:.4f} < {result.options.loss_threshold:g}"
+    if result.options.criterion == "asr":
+        threshold = f"ASR {s.asr:.4f} >= {result.options.asr_threshold:g}"
+    skipped = "".join(f"\nnot scanned as victim: label {k} ({why})" for k, why in result.skipped_victims.items())
+    if result.backdoored:
+        return f"backdoored: label {s.victim} -> {s.target} flips with {s.text!r} ({threshold}){skipped}"
+    return f"clean: no label pair crosses the threshold (closest: {s.victim} -> {s.target} {s.text!r}){skipped}"
+
+
+def _write_scan_probes(path: Path, probes, write) -> None:
+    if not probes:
+        print(f"no probes written to {path}: no trigger was flagged", file=sys.stderr)
+        return
+    write(path, probes)
+    print(f"probes: {path} ({len(probes)} rows; `calibrate rap --probes {path}` puts them in a bundle)")
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from calibrate.data import load_examples
+    from calibrate.inversion import load_subject
+    from calibrate.repair import prepare_out_dir
+    from calibrate.unlearn import Trigger, UnlearnOptions, save_model, triggers_from_scan, unlearn_model
+
+    if args.trigger and args.target is None:
+        raise InputError("--trigger needs --target LABEL (the label the trigger flips rows to)")
+    triggers = triggers_from_scan(args.scan) if args.scan else None
+    prepare_out_dir(args.model, args.out, args.force)
+    clean = load_examples(args.clean)
+    subject = load_subject(args.model, args.max_length)
+    if triggers is None:
+        triggers = [Trigger(tuple(subject.vocabulary.word_ids(t)), args.target, t) for t in args.trigger]
+    options = UnlearnOptions(
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        stamp_fraction=args.stamp_fraction,
+        position=args.position,
+        holdout_fraction=args.holdout_fraction,
+        seed=args.seed,
+    )
+    result = unlearn_model(subject, clean, triggers, options)
+    save_model(subject, args.out, "unlearn", asdict(result))
+    for trigger, before, after in zip(result.triggers, result.asr_before, result.asr_after, strict=True):
+        print(f"trigger {trigger.text!r} -> label {trigger.target}: ASR {before:.4f} -> {after:.4f}")
+    print(f"clean accuracy {result.cacc_before:.4f} -> {result.cacc_after:.4f} ({result.eval_rows} held-out rows)")
+    print(f"saved {args.out} in {result.seconds:.0f} s (record: {args.out / 'repair.json'})")
+    return 0
+
+
+def _harden(args: argparse.Namespace) -> int:
+    from calibrate.data import load_examples
+    from calibrate.harden import HardenOptions, harden_model
+    from calibrate.inversion import InversionOptions, load_subject
+    from calibrate.repair import prepare_out_dir
+    from calibrate.unlearn import save_model
+
+    prepare_out_dir(args.model, args.out, args.force)
+    clean = load_examples(args.clean)
+    subject = load_subject(args.model, args.max_length)
+    options = HardenOptions(
+        max_trigger_length=args.max_trigger_length,
+        asr_bound=args.asr_bound,
+        sync_gap=args.sync_gap,
+        exhaustive_probability=args.exhaustive_p,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        holdout_fraction=args.holdout_fraction,
+        measure=not args.no_measure,
+        inversion=InversionOptions(steps=args.steps, position=args.position, seed=args.seed),
+        seed=args.seed,
+    )
+    result = harden_model(subject, clean, options)
+    save_model(subject, args.out, "harden", result.to_json())
+    if result.eps_ma2_before is not None:
+        epsilon = options.max_trigger_length
+        print(f"eps-mA^2 (epsilon {epsilon}): {result.eps_ma2_before:.4f} -> {result.eps_ma2_after:.4f}")
+    print(f"clean accuracy {result.cacc_before:.4f} -> {result.cacc_after:.4f}; {len(result.rounds)} rounds")
+    print(f"saved {args.out} in {result.seconds:.0f} s (record: {args.out / 'repair.json'})")
+    return 0
+
+
+def _check_writable(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise InputError(f"{path}: its folder {path.parent} does not exist")
+
+
 def _rap(args: argparse.Namespace) -> int:
     from calibrate.data import label_counts, load_examples
     from calibrate.pipeline import CalibrateOptions, calibrate_bundle
@@ -326,6 +585,7 @@ def _rap(args: argparse.Namespace) -> int:
     if args.c_low >= args.c_up:
         raise InputError(f"--c-low ({args.c_low}) must be below --c-up ({args.c_up})")
     clean = load_examples(args.clean)
+    probes = tuple(load_examples(args.probes)) if args.probes else ()
     protect = tuple(args.protect) if args.protect else _ask_protect(label_counts(clean))
     rap = RapOptions(
         protect_labels=protect,
@@ -339,7 +599,12 @@ def _rap(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     options = CalibrateOptions(
-        rap=rap, max_length=args.max_length, default_frr=args.default_frr, int8=args.int8, force=args.force
+        rap=rap,
+        max_length=args.max_length,
+        default_frr=args.default_frr,
+        int8=args.int8,
+        force=args.force,
+        probes=probes,
     )
     manifest = calibrate_bundle(args.model, clean, args.out, options)
     for p in manifest.protect:

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ class CalibrateOptions:
     canaries: int = 200
     int8: bool = False
     force: bool = False
+    probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`
 
 
 @dataclass
@@ -90,6 +91,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     with timings.step("load"):
         model = load_classifier(model_dir)
         tokenizer = RapTokenizer.from_file(tokenizer_json(model_dir, staging / "converted"), None, options.max_length)
+    _check_probe_labels(options.probes, model.config.num_labels)
     with timings.step("rap"):
         result = learn_rap(model, tokenizer, clean, options.rap)
     with timings.step("export"):
@@ -107,7 +109,9 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     if options.int8:
         with timings.step("int8"):
             int8 = _int8_variant(staging, tokenizer, result, labels, options)
-    _write_canaries(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
+    _write_rows(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
+    if options.probes:
+        _write_rows(staging / "probes.jsonl", options.probes)
     manifest = _manifest(model_dir, labels, result, options).model_copy(update={"int8": int8})
     _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir))
     return save_bundle(staging, manifest)
@@ -175,7 +179,14 @@ def _weights_sha(model_dir: Path) -> str:
     return ""
 
 
-def _write_canaries(path: Path, rows: list[Example]) -> None:
+def _check_probe_labels(probes: tuple[Example, ...], num_labels: int) -> None:
+    bad = sorted({p.label for p in probes if p.label >= num_labels})
+    if bad:
+        raise InputError(f"probes have labels {bad} but the model has {num_labels} labels (0..{num_labels - 1})")
+
+
+def _write_rows(path: Path, rows: Sequence[Example]) -> None:
+    """JSONL `{"text", "label"}` lines: the format guard.monitoring reads canaries and probes in."""
     path.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n" for r in rows))
 
 
@@ -230,6 +241,7 @@ def _write_report(
                 "thresholds": {p.name: p.thresholds for p in int8.protect},
             },
             "repair": repair,  # the repair record (repair.json) of the model, if a repair produced it
+            "probes": len(options.probes),  # known-trigger rows in probes.jsonl (the live FAR canary)
             "seconds": timings.seconds,
             "warnings": warnings,
         },

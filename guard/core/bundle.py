@@ -8,6 +8,7 @@ Layout::
     hf/             HF model dir with the RAP row appended (torch backend)
     report.json     calibration report; deltas.png its picture
     canaries.jsonl  held-out clean rows (live FRR probes)
+    probes.jsonl    optional known-trigger rows, original labels (live FAR probes; `calibrate rap --probes`)
 
 `load_bundle` refuses a bundle whose files do not match their recorded sha256.
 """

@@ -1,0 +1,386 @@
+"""`calibrate harden`: iterative augmentation with synthetic triggers (Shen et al., "Hardening
+Modern Pre-trained NLP Models Against Backdoors", Sec. 4, Algorithms 1-2, appendix D).
+
+Every round, for every pair of labels (y_i, y_j) and a batch of clean rows of each:
+
+1. per direction, find the SHORTEST inverted trigger whose ASR on the batch reaches
+   phi (0.8): a binary length search (BLS, Algorithm 2) over [lambda, epsilon], where
+   lambda is the direction's running-average lower bound -- or, with probability p
+   and lambda > 1, an exhaustive try of every length below lambda, keeping the
+   trigger with the highest ASR (the randomised fallback of Sec. 4.2 / appendix D);
+2. synchronise the two directions (Algorithm 1 lines 5-13): if one needs a trigger
+   at least delta tokens longer (more progress), re-invert it at the other's length
+   and update only the lagging direction's lower bound; otherwise update both;
+3. one training step on the clean rows plus both batches stamped with their
+   triggers and KEEPING their true labels (line 14).
+
+The inversion engine is the scan's (`calibrate.inversion`, DBS). The model's
+robustness is the epsilon-mean average ASR (Definition I, eq. 3): the ASR of
+inverted triggers averaged over every ordered label pair and every length 1..epsilon,
+measured on held-out rows before and after hardening.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.inversion import (
+    Inversion,
+    InversionOptions,
+    LabelRows,
+    Subject,
+    check_room,
+    correct_rows,
+    invert_trigger,
+    stamp,
+)
+from calibrate.model import flush_denormal
+from calibrate.scan import ScanOptions, scan_pair
+from calibrate.unlearn import accuracy, train_batch
+from guard.core.errors import InputError
+from guard.core.types import Example
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS_PER_LABEL = 4
+
+
+# ------------------------------------------------------------------ the scheduler, as pure functions
+
+
+class Scored(Protocol):
+    asr: float
+
+
+@dataclass(frozen=True)
+class LengthSearch:
+    """The trigger a length search settled on; `probes` lists the lengths inverted, in order."""
+
+    length: int
+    trigger: Scored  # an Inversion when hardening
+    reached: bool  # its ASR reached the bound
+    probes: tuple[int, ...]
+    exhaustive: bool = False
+
+
+def binary_length_search(invert: Callable[[int], Scored], lower: int, upper: int, bound: float) -> LengthSearch:
+    """The smallest length in [1, upper] whose inverted trigger reaches ASR `bound` (Algorithm 2).
+
+    Lines 3-8: the running-average `lower` may not be a lower bound for this batch, so
+    while the trigger at `lower` already reaches the bound, halve it. Lines 9-14: bisect
+    between a length known to fail and one known (or assumed, for `upper`) to reach it,
+    assuming monotone ASR in length (Definition II). Algorithm 2 as printed returns
+    m_min, the failing side, and whichever trigger was generated last; this returns the
+    smallest length that reached the bound and its trigger, which is what the text
+    describes. If not even `upper` reaches it, `upper` and its trigger come back with
+    `reached=False`. About log2(upper - lower) inversions; each length at most once.
+    """
+    found: dict[int, Scored] = {}
+
+    def probe(length: int) -> Scored:
+        if length not in found:
+            found[length] = invert(length)
+        return found[length]
+
+    low, high = max(1, min(lower, upper)), upper
+    while probe(low).asr >= bound:
+        high = low
+        if low == 1:
+            return LengthSearch(1, found[1], True, tuple(found))
+        low = max(1, low // 2)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if probe(middle).asr >= bound:
+            high = middle
+        else:
+            low = middle
+    trigger = probe(high)
+    return LengthSearch(high, trigger, trigger.asr >= bound, tuple(found))
+
+
+def exhaustive_search(invert: Callable[[int], Scored], below: int, bound: float) -> LengthSearch:
+    """Every length 1..below-1; the trigger with the highest ASR (Sec. 4.2, appendix D)."""
+    found = {length: invert(length) for length in range(1, below)}
+    length = max(found, key=lambda m: found[m].asr)
+    return LengthSearch(length, found[length], found[length].asr >= bound, tuple(found), exhaustive=True)
+
+
+@dataclass(frozen=True)
+class Sync:
+    """Algorithm 1 lines 5-13 for directions forward (i->j) and backward (j->i)."""
+
+    regenerate: str | None  # "forward" or "backward": re-invert that direction at the other's length
+
+    @property
+    def update_forward(self) -> bool:
+        return self.regenerate != "forward"
+
+    @property
+    def update_backward(self) -> bool:
+        return self.regenerate != "backward"
+
+
+def synchronise(forward_length: int, backward_length: int, gap: int) -> Sync:
+    """The direction needing a trigger `gap` or more tokens longer has more progress: hold it back."""
+    if forward_length - backward_length >= gap:
+        return Sync("forward")
+    if backward_length - forward_length >= gap:
+        return Sync("backward")
+    return Sync(None)
+
+
+class RunningMean:
+    """The running-average lower bound lambda of one direction (Algorithm 1 lines 1, 7, 10, 12)."""
+
+    def __init__(self) -> None:
+        self.value = 1.0
+        self.count = 0
+
+    def add(self, length: int) -> None:
+        self.count += 1
+        self.value += (length - self.value) / self.count
+
+    def bound(self, upper: int) -> int:
+        return max(1, min(upper, int(round(self.value))))
+
+
+def eps_mean_average_asr(asr: np.ndarray) -> float:
+    """Definition I (eq. 3): the mean of ASR[i, j, m] over i != j and m = 1..epsilon.
+
+    `asr` has shape (n, n, epsilon); the diagonal is ignored, and so are NaN entries
+    (pairs whose victim label had no rows to measure on).
+    """
+    n = asr.shape[0]
+    off_diagonal = ~np.eye(n, dtype=bool)
+    values = asr[off_diagonal]
+    if np.isnan(values).all():
+        raise InputError("no label pair could be measured")
+    return float(np.nanmean(values))
+
+
+# ------------------------------------------------------------------ hardening a model
+
+
+@dataclass(frozen=True)
+class HardenOptions:
+    max_trigger_length: int = 8  # epsilon (the paper: 32 for short-text MR, 64 for IMDB)
+    asr_bound: float = 0.8  # phi
+    sync_gap: int = 2  # delta of Algorithm 1 line 5
+    exhaustive_probability: float = 0.1  # p
+    epochs: int = 2  # the paper's setting
+    batch_size: int = 16  # rows of each label per round
+    learning_rate: float = 2e-5  # the paper: 1e-5 (Adam)
+    holdout_fraction: float = 0.3  # rows kept out of training to measure eps-mA^2 and CACC on
+    measure: bool = True  # eps-mA^2 before and after (n(n-1)epsilon inversions each)
+    measure_rows_per_label: int = 20  # inversion rows per label for the measurement (the rest score it)
+    inversion: InversionOptions = field(default_factory=lambda: InversionOptions(steps=30))
+    progress: bool = True
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class RoundLog:
+    """One pair's round: lengths and ASRs used for training, what the scheduler did."""
+
+    epoch: int
+    labels: tuple[int, int]
+    forward_length: int
+    backward_length: int
+    forward_asr: float
+    backward_asr: float
+    regenerated: str | None
+    exhaustive: tuple[bool, bool]
+    inversions: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class HardenResult:
+    eps_ma2_before: float | None
+    eps_ma2_after: float | None
+    asr_before: list | None  # ASR[i][j][m-1] on held-out rows
+    asr_after: list | None
+    cacc_before: float
+    cacc_after: float
+    rounds: list[RoundLog]
+    lower_bounds: dict[str, float]  # "i->j" -> final running-average lower bound
+    seconds: float
+    measure_seconds: float
+    options: HardenOptions
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def harden_model(subject: Subject, clean: list[Example], options: HardenOptions = HardenOptions()) -> HardenResult:
+    """Harden `subject.model` in place (Algorithm 1, `epochs` passes over the training rows)."""
+    started = time.perf_counter()
+    check_room(subject, options.max_trigger_length)
+    train, evaluation = _split(subject, clean, options)
+    measured = time.perf_counter()
+    before = measure_asr(subject, evaluation, options) if options.measure else None
+    measure_seconds = time.perf_counter() - measured
+    cacc_before = accuracy(subject, _examples(evaluation))
+    hardening = _Hardening(subject, options)
+    with flush_denormal():
+        rounds = hardening.run(train)
+    measured = time.perf_counter()
+    after = measure_asr(subject, evaluation, options) if options.measure else None
+    measure_seconds += time.perf_counter() - measured
+    return HardenResult(
+        eps_ma2_before=None if before is None else eps_mean_average_asr(before),
+        eps_ma2_after=None if after is None else eps_mean_average_asr(after),
+        asr_before=None if before is None else before.tolist(),
+        asr_after=None if after is None else after.tolist(),
+        cacc_before=cacc_before,
+        cacc_after=accuracy(subject, _examples(evaluation)),
+        rounds=rounds,
+        lower_bounds={f"{i}->{j}": mean.value for (i, j), mean in hardening.bounds.items()},
+        seconds=time.perf_counter() - started,
+        measure_seconds=measure_seconds,
+        options=options,
+    )
+
+
+def measure_asr(subject: Subject, rows: LabelRows, options: HardenOptions) -> np.ndarray:
+    """ASR[i, j, m-1] of a DBS trigger of length m inverted i -> j, on held-out rows of label i."""
+    n, epsilon = subject.num_labels, options.max_trigger_length
+    inversion_rows, heldout = rows.split(options.measure_rows_per_label)
+    asr = np.full((n, n, epsilon), np.nan)
+    cells = [(i, j, m) for i in rows.labels() for j in range(n) if j != i for m in range(1, epsilon + 1)]
+    for i, j, m in tqdm(cells, desc="eps-mA^2", unit="inversion", disable=not options.progress):
+        scan = ScanOptions(trigger_length=m, inversion=options.inversion, progress=False)
+        if heldout.texts[i]:
+            asr[i, j, m - 1] = scan_pair(subject, inversion_rows, heldout, i, j, scan).asr
+    return asr
+
+
+class _Hardening:
+    """Algorithm 1 over the training rows: running-average bounds per direction, one optimiser."""
+
+    def __init__(self, subject: Subject, options: HardenOptions) -> None:
+        self.subject, self.options = subject, options
+        self.rng = random.Random(options.seed)
+        labels = range(subject.num_labels)
+        self.bounds = {(i, j): RunningMean() for i in labels for j in labels if i != j}
+        self.optimizer = torch.optim.AdamW(subject.model.parameters(), lr=options.learning_rate, weight_decay=0.01)
+        self.inversions = 0
+
+    def run(self, train: LabelRows) -> list[RoundLog]:
+        labels = train.labels()
+        pairs = [(i, j) for i in labels for j in labels if i < j]
+        rounds = []
+        for epoch in range(self.options.epochs):
+            batches = _batches(train, self.options.batch_size, self.rng)
+            steps = tqdm(batches, desc=f"hardening epoch {epoch + 1}", unit="round", disable=not self.options.progress)
+            for texts in steps:
+                batch = {label: self.subject.tokenizer.ids(rows) for label, rows in texts.items()}
+                for i, j in pairs:
+                    rounds.append(self.harden_pair(epoch, batch, i, j))
+                    steps.set_postfix(lengths=f"{rounds[-1].forward_length}/{rounds[-1].backward_length}")
+        return rounds
+
+    def harden_pair(self, epoch: int, batch: dict[int, list[list[int]]], i: int, j: int) -> RoundLog:
+        """Algorithm 1 lines 3-14 for labels i and j."""
+        self.inversions = 0
+        forward = self.search(batch[i], i, j)
+        backward = self.search(batch[j], j, i)
+        sync = synchronise(forward.length, backward.length, self.options.sync_gap)
+        if sync.regenerate == "forward":
+            forward = self.fixed_length(batch[i], j, backward.length)
+        elif sync.regenerate == "backward":
+            backward = self.fixed_length(batch[j], i, forward.length)
+        if sync.update_forward:
+            self.bounds[(i, j)].add(forward.length)
+        if sync.update_backward:
+            self.bounds[(j, i)].add(backward.length)
+        loss = self.train_step(batch[i], batch[j], i, j, forward, backward)
+        return RoundLog(
+            epoch=epoch,
+            labels=(i, j),
+            forward_length=forward.length,
+            backward_length=backward.length,
+            forward_asr=forward.trigger.asr,
+            backward_asr=backward.trigger.asr,
+            regenerated=sync.regenerate,
+            exhaustive=(forward.exhaustive, backward.exhaustive),
+            inversions=self.inversions,
+            loss=loss,
+        )
+
+    def search(self, rows: list[list[int]], victim: int, target: int) -> LengthSearch:
+        """BLS over [lambda, epsilon], or with probability p every length below lambda."""
+        options = self.options
+        lower = self.bounds[(victim, target)].bound(options.max_trigger_length)
+        invert = self.inverter(rows, target)
+        if lower > 1 and self.rng.random() < options.exhaustive_probability:
+            return exhaustive_search(invert, lower, options.asr_bound)
+        return binary_length_search(invert, lower, options.max_trigger_length, options.asr_bound)
+
+    def fixed_length(self, rows: list[list[int]], target: int, length: int) -> LengthSearch:
+        trigger = self.inverter(rows, target)(length)
+        return LengthSearch(length, trigger, trigger.asr >= self.options.asr_bound, (length,))
+
+    def inverter(self, rows: list[list[int]], target: int) -> Callable[[int], Inversion]:
+        def invert(length: int) -> Inversion:
+            self.inversions += 1
+            return invert_trigger(self.subject, rows, target, length, self.options.inversion)
+
+        return invert
+
+    def train_step(self, rows_i, rows_j, i: int, j: int, forward: LengthSearch, backward: LengthSearch) -> float:
+        """Line 14: (X_i ⊕ T_ij, y_i) ∪ (X_j ⊕ T_ji, y_j), plus the clean rows themselves."""
+        pad, position = self.subject.tokenizer.pad_id, self.options.inversion.position
+        stamped_i = _stamped(rows_i, forward.trigger.token_ids, position, pad, self.rng)
+        stamped_j = _stamped(rows_j, backward.trigger.token_ids, position, pad, self.rng)
+        rows = [*rows_i, *rows_j, *stamped_i, *stamped_j]
+        labels = [i] * len(rows_i) + [j] * len(rows_j) + [i] * len(stamped_i) + [j] * len(stamped_j)
+        return train_batch(self.subject, self.optimizer, rows, labels)
+
+
+def _stamped(rows: list[list[int]], trigger, position: str, pad: int, rng: random.Random) -> list[list[int]]:
+    batch = stamp(rows, trigger, position, pad, rng)
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+
+
+def _split(subject: Subject, clean: list[Example], options: HardenOptions) -> tuple[LabelRows, LabelRows]:
+    """Correctly classified rows by label; `holdout_fraction` of each label kept for measuring."""
+    rows = correct_rows(subject, clean, options.seed)
+    train, evaluation = {}, {}
+    for label, texts in rows.texts.items():
+        cut = int(round(len(texts) * options.holdout_fraction))
+        evaluation[label], train[label] = texts[:cut], texts[cut:]
+    short = {label: len(t) for label, t in train.items() if len(t) < MIN_ROWS_PER_LABEL}
+    if len(train) - len(short) < 2:
+        raise InputError(
+            f"too little clean data to harden: correctly classified training rows per label {short} "
+            f"(need {MIN_ROWS_PER_LABEL} for at least two labels)"
+        )
+    return LabelRows({k: v for k, v in train.items() if k not in short}), LabelRows(evaluation)
+
+
+def _batches(rows: LabelRows, batch_size: int, rng: random.Random) -> list[dict[int, list[str]]]:
+    """Rounds of one epoch: a batch of every label per round; shorter labels cycle."""
+    shuffled = {label: rng.sample(texts, len(texts)) for label, texts in rows.texts.items()}
+    rounds = max((len(t) + batch_size - 1) // batch_size for t in shuffled.values())
+    out = []
+    for r in range(rounds):
+        out.append({label: _cycle(texts, r * batch_size, batch_size) for label, texts in shuffled.items()})
+    return out
+
+
+def _cycle(items: list, start: int, count: int) -> list:
+    return [items[(start + k) % len(items)] for k in range(count)] if len(items) >= count else list(items)
+
+
+def _examples(rows: LabelRows) -> list[Example]:
+    return [Example(text, label) for label, texts in rows.texts.items() for text in texts]
