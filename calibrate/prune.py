@@ -135,7 +135,7 @@ def _repair(
     baseline = accuracy(model, tokenizer, dev)
     chosen, search = _search(model, tokenizer, dev, pruning_order(variances, earlier), baseline, options)
     remove_heads(model, chosen)
-    pruned_accuracy = accuracy(model, tokenizer, dev)
+    pruned_accuracy = next((step.accuracy for step in search if step.pruned == len(chosen)), baseline)
     seconds["search"] = round(time.perf_counter() - clock, 2)
 
     clock = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,13 +38,14 @@ from calibrate.prune import (
     removed_heads,
 )
 from calibrate.rap import _append_row
-from calibrate.train import TrainOptions
+from calibrate.train import TrainOptions, train_classifier
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
 ROWS = make_corpus(96, random.Random(0))
-QUICK = PruneOptions(finetune=TrainOptions(epochs=1, batch_size=16, max_length=24, progress=False), progress=False)
+FAST = TrainOptions(epochs=1, learning_rate=1e-3, batch_size=16, max_length=24, progress=False)
+QUICK = PruneOptions(finetune=replace(FAST, learning_rate=1e-4), progress=False)
 
 
 @pytest.fixture()
@@ -251,6 +253,7 @@ def test_pure_repair_removes_all_but_the_top_head_of_each_layer(repaired) -> Non
     lowest = {layer: [int(np.argmin(scores))] for layer, scores in enumerate(repaired.variances)}
     assert repaired.pruned_heads == lowest
     assert repaired.search == [SearchStep(1, repaired.search[0].accuracy), SearchStep(2, repaired.search[1].accuracy)]
+    assert repaired.pruned_accuracy == repaired.search[-1].accuracy
     assert repaired.accuracy_threshold == pytest.approx(repaired.baseline_accuracy - 0.5)
     assert set(repaired.seconds) == {"variance", "search", "finetune", "total"}
 
@@ -281,6 +284,29 @@ def test_pruned_model_exports_to_onnx_with_parity(repaired, tmp_path: Path) -> N
     tokenizer.rap_token_id = _append_row(model, tokenizer.token_id("rq"))
     export_onnx(model, tokenizer, tmp_path / "model.onnx")
     assert check_parity(model, tokenizer, tmp_path / "model.onnx", [r.text for r in ROWS[:16]]) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a few seconds of training: its [CLS] attention has learned to focus."""
+    out = tmp_path_factory.mktemp("trained") / "model"
+    train_classifier(tiny_model_dir, ROWS, out, replace(FAST, epochs=3))
+    return out
+
+
+def test_attention_normalisation_flattens_the_kept_heads(trained: Path, tokenizer, tmp_path: Path) -> None:
+    texts = [r.text for r in ROWS[64:]]
+
+    def weighted_focus(mu: float) -> float:
+        """sum over kept heads of lambda_l * variance score, after PURE with this mu."""
+        options = PruneOptions(max_accuracy_drop=0.0, mu=mu, finetune=replace(FAST, epochs=2), progress=False)
+        result = pure_repair(trained, ROWS[:64], ROWS[64:], tmp_path / f"mu-{mu}", options)
+        removed = {(layer, head) for layer, heads in result.pruned_heads.items() for head in heads}
+        weights = penalty_weights(np.array(result.layer_coefficients), removed, result.variances.shape)
+        model = BertForSequenceClassification.from_pretrained(str(result.out_dir))
+        return float((weights.numpy() * head_variances(model, tokenizer, texts)).sum())
+
+    assert weighted_focus(5.0) < 0.5 * weighted_focus(0.0)
 
 
 def test_pure_repair_refuses_labels_the_model_does_not_have(tiny_model_dir: Path, tmp_path: Path) -> None:
