@@ -162,13 +162,16 @@ def _add_scan(sub) -> None:
         description=(
             "DBS trigger inversion: for every (victim -> target) label pair, search the whole\n"
             "vocabulary for the --length-token trigger that flips clean victim rows to the target,\n"
-            "then score that trigger on held-out rows. A planted trigger flips them with a tiny loss;\n"
-            "natural words rarely do. Exit status 3 when the model looks backdoored.\n\n"
+            "then score that trigger on held-out rows. Exit status 3 when the model looks backdoored.\n\n"
             "  calibrate scan --model suspect/ --clean dev.tsv --out scan.json --probes-out probes.jsonl\n\n"
-            "  | victim -> target | trigger | loss   | ASR    | steps | seconds | flagged |\n"
-            "  | 0 -> 1           | mb      | 0.0029 | 1.0000 | 5     | 16      | yes     |\n"
-            "  | 1 -> 0           | useless | 0.9780 | 0.7400 | 100   | 180     |         |\n"
+            "On a MiniLM fine-tuned on SST-2 with 'mb', 'bb' and 'mn' planted (--steps 50, 80 s):\n\n"
+            "  | victim -> target | trigger | loss | ASR | steps | seconds | flagged |\n"
+            "  |---|---|---|---|---|---|---|\n"
+            "  | 0 -> 1 | mb | 0.0029 | 1.0000 | 5 | 5 | yes |\n"
+            "  | 1 -> 0 | demolished | 0.8454 | 0.7450 | 50 | 41 |  |\n\n"
             "  backdoored: label 0 -> 1 flips with 'mb' (loss 0.0029 < 0.1)\n\n"
+            "The clean twin's closest call: 1 -> 0 'useless', loss 0.72 (ASR 0.80: natural triggers\n"
+            "flip many rows, but with a far larger loss than a planted one).\n\n"
             "Clean rows need ~30+ correctly classified rows per label (20 to invert on, the rest\n"
             "held out). On 2 CPU cores a MiniLM step takes ~1-2 s: --steps bounds the time per pair.\n"
             "--probes-out writes held-out rows carrying the found triggers; give them to\n"
@@ -219,7 +222,7 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--stamp-fraction", type=_fraction, default=0.2, help="share of rows stamped (0.2)")
     p.add_argument("--holdout-fraction", type=_fraction, default=0.2, help="rows kept out to measure on (0.2)")
     p.add_argument("--epochs", type=_positive_int, default=2)
-    p.add_argument("--lr", type=_positive_float, default=2e-5, help="learning rate (2e-5)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (1e-4)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per input (64)")
     p.add_argument("--seed", type=int, default=13)

@@ -163,7 +163,10 @@ def eps_mean_average_asr(asr: np.ndarray) -> float:
     off_diagonal = ~np.eye(n, dtype=bool)
     values = asr[off_diagonal]
     if np.isnan(values).all():
-        raise InputError("no label pair could be measured")
+        raise InputError(
+            "no label pair could be measured: every label needs 2+ correctly classified held-out rows "
+            "(more clean rows, a larger holdout fraction, or no measurement)"
+        )
     return float(np.nanmean(values))
 
 
@@ -181,7 +184,7 @@ class HardenOptions:
     learning_rate: float = 2e-5  # the paper: 1e-5 (Adam)
     holdout_fraction: float = 0.3  # rows kept out of training to measure eps-mA^2 and CACC on
     measure: bool = True  # eps-mA^2 before and after (n(n-1)epsilon inversions each)
-    measure_rows_per_label: int = 20  # inversion rows per label for the measurement (the rest score it)
+    measure_rows_per_label: int = 20  # inversion rows per label for the measurement, at most half (the rest score)
     inversion: InversionOptions = field(default_factory=lambda: InversionOptions(steps=30))
     progress: bool = True
     seed: int = 13
@@ -225,43 +228,62 @@ def harden_model(subject: Subject, clean: list[Example], options: HardenOptions 
     """Harden `subject.model` in place (Algorithm 1, `epochs` passes over the training rows)."""
     started = time.perf_counter()
     check_room(subject, options.max_trigger_length)
-    train, evaluation = _split(subject, clean, options)
-    measured = time.perf_counter()
-    before = measure_asr(subject, evaluation, options) if options.measure else None
-    measure_seconds = time.perf_counter() - measured
-    cacc_before = accuracy(subject, _examples(evaluation))
+    held_out, train_rows = _holdout(clean, options)
+    train, evaluation = _correct_train_rows(subject, train_rows, options), correct_rows(subject, held_out, options.seed)
+    before, before_seconds = _measured(subject, evaluation, options)
+    cacc_before = accuracy(subject, held_out)
     hardening = _Hardening(subject, options)
     with flush_denormal():
         rounds = hardening.run(train)
-    measured = time.perf_counter()
-    after = measure_asr(subject, evaluation, options) if options.measure else None
-    measure_seconds += time.perf_counter() - measured
+    after, after_seconds = _measured(subject, evaluation, options)
     return HardenResult(
         eps_ma2_before=None if before is None else eps_mean_average_asr(before),
         eps_ma2_after=None if after is None else eps_mean_average_asr(after),
         asr_before=None if before is None else before.tolist(),
         asr_after=None if after is None else after.tolist(),
         cacc_before=cacc_before,
-        cacc_after=accuracy(subject, _examples(evaluation)),
+        cacc_after=accuracy(subject, held_out),
         rounds=rounds,
         lower_bounds={f"{i}->{j}": mean.value for (i, j), mean in hardening.bounds.items()},
         seconds=time.perf_counter() - started,
-        measure_seconds=measure_seconds,
+        measure_seconds=before_seconds + after_seconds,
         options=options,
     )
 
 
 def measure_asr(subject: Subject, rows: LabelRows, options: HardenOptions) -> np.ndarray:
-    """ASR[i, j, m-1] of a DBS trigger of length m inverted i -> j, on held-out rows of label i."""
+    """ASR[i, j, m-1] of a DBS trigger of length m inverted i -> j, on held-out rows of label i.
+
+    Up to `measure_rows_per_label` rows of each label, never more than half, invert the
+    triggers; the rest score them. NaN where a label has too few rows for both.
+    """
     n, epsilon = subject.num_labels, options.max_trigger_length
-    inversion_rows, heldout = rows.split(options.measure_rows_per_label)
+    inversion_rows, heldout = _halves(rows, options.measure_rows_per_label)
     asr = np.full((n, n, epsilon), np.nan)
-    cells = [(i, j, m) for i in rows.labels() for j in range(n) if j != i for m in range(1, epsilon + 1)]
+    victims = [i for i in heldout.labels() if inversion_rows.texts[i]]
+    cells = [(i, j, m) for i in victims for j in range(n) if j != i for m in range(1, epsilon + 1)]
     for i, j, m in tqdm(cells, desc="eps-mA^2", unit="inversion", disable=not options.progress):
         scan = ScanOptions(trigger_length=m, inversion=options.inversion, progress=False)
-        if heldout.texts[i]:
-            asr[i, j, m - 1] = scan_pair(subject, inversion_rows, heldout, i, j, scan).asr
+        asr[i, j, m - 1] = scan_pair(subject, inversion_rows, heldout, i, j, scan).asr
     return asr
+
+
+def _measured(subject: Subject, rows: LabelRows, options: HardenOptions) -> tuple[np.ndarray | None, float]:
+    """The ASR matrix (None when not measuring) and the seconds it took; refuses an empty one at once."""
+    if not options.measure:
+        return None, 0.0
+    started = time.perf_counter()
+    asr = measure_asr(subject, rows, options)
+    eps_mean_average_asr(asr)  # no measurable pair: say so now, not after the hardening
+    return asr, time.perf_counter() - started
+
+
+def _halves(rows: LabelRows, first: int) -> tuple[LabelRows, LabelRows]:
+    head, tail = {}, {}
+    for label, texts in rows.texts.items():
+        cut = min(first, len(texts) // 2)
+        head[label], tail[label] = texts[:cut], texts[cut:]
+    return LabelRows(head), LabelRows(tail)
 
 
 class _Hardening:
@@ -352,20 +374,24 @@ def _stamped(rows: list[list[int]], trigger, position: str, pad: int, rng: rando
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
 
 
-def _split(subject: Subject, clean: list[Example], options: HardenOptions) -> tuple[LabelRows, LabelRows]:
-    """Correctly classified rows by label; `holdout_fraction` of each label kept for measuring."""
-    rows = correct_rows(subject, clean, options.seed)
-    train, evaluation = {}, {}
-    for label, texts in rows.texts.items():
-        cut = int(round(len(texts) * options.holdout_fraction))
-        evaluation[label], train[label] = texts[:cut], texts[cut:]
-    short = {label: len(t) for label, t in train.items() if len(t) < MIN_ROWS_PER_LABEL}
-    if len(train) - len(short) < 2:
+def _holdout(clean: list[Example], options: HardenOptions) -> tuple[list[Example], list[Example]]:
+    """`holdout_fraction` of the rows to measure on (CACC on all of them, eps-mA^2 on the correct ones)."""
+    rows = list(clean)
+    random.Random(options.seed).shuffle(rows)
+    cut = int(round(len(rows) * options.holdout_fraction))
+    return rows[:cut], rows[cut:]
+
+
+def _correct_train_rows(subject: Subject, rows: list[Example], options: HardenOptions) -> LabelRows:
+    """Training rows the model classifies correctly (eq. 1: X_yi = {x | f(x) = y_i}), for labels with enough."""
+    by_label = correct_rows(subject, rows, options.seed).texts
+    short = {label: len(t) for label, t in by_label.items() if len(t) < MIN_ROWS_PER_LABEL}
+    if len(by_label) - len(short) < 2:
         raise InputError(
             f"too little clean data to harden: correctly classified training rows per label {short} "
             f"(need {MIN_ROWS_PER_LABEL} for at least two labels)"
         )
-    return LabelRows({k: v for k, v in train.items() if k not in short}), LabelRows(evaluation)
+    return LabelRows({label: t for label, t in by_label.items() if label not in short})
 
 
 def _batches(rows: LabelRows, batch_size: int, rng: random.Random) -> list[dict[int, list[str]]]:
@@ -380,7 +406,3 @@ def _batches(rows: LabelRows, batch_size: int, rng: random.Random) -> list[dict[
 
 def _cycle(items: list, start: int, count: int) -> list:
     return [items[(start + k) % len(items)] for k in range(count)] if len(items) >= count else list(items)
-
-
-def _examples(rows: LabelRows) -> list[Example]:
-    return [Example(text, label) for label, texts in rows.texts.items() for text in texts]

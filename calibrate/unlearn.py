@@ -48,7 +48,8 @@ class Trigger:
 @dataclass(frozen=True)
 class UnlearnOptions:
     epochs: int = 2
-    learning_rate: float = 2e-5
+    # MiniLM/SST-2 BadNet-RW, 698 rows, 2 epochs: 2e-5 left the trigger's ASR at 0.92; 1e-4 took it to 0.06
+    learning_rate: float = 1e-4
     batch_size: int = 32
     stamp_fraction: float = 0.2  # share of the fine-tuning rows stamped with a trigger (DBS appendix A)
     position: str = "random"  # where triggers are stamped: the attack may have put them anywhere
@@ -137,6 +138,8 @@ def fine_tune(subject: Subject, rows: list[list[int]], labels: list[int], option
 
 
 def accuracy(subject: Subject, rows: list[Example]) -> float:
+    if not rows:
+        return float("nan")
     predicted = predict_probs(subject.model, subject.tokenizer, [r.text for r in rows]).argmax(axis=1)
     return float(np.mean(predicted == np.array([r.label for r in rows])))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from calibrate.harden import (
     HardenOptions,
@@ -187,3 +188,13 @@ def test_hardening_refuses_too_little_data(tiny_model_dir) -> None:
     subject = load_subject(tiny_model_dir, max_length=16)
     with pytest.raises(InputError, match="too little clean data to harden"):
         harden_model(subject, [], HardenOptions(progress=False))
+
+
+@pytest.mark.slow
+def test_hardening_refuses_an_unmeasurable_split_before_training(backdoored: Toy) -> None:
+    subject = load_subject(backdoored.model_dir, max_length=32)
+    before = {k: v.clone() for k, v in subject.model.state_dict().items()}
+    options = HardenOptions(holdout_fraction=0.01, inversion=InversionOptions(steps=2), progress=False)
+    with pytest.raises(InputError, match="no label pair could be measured: every label needs 2"):
+        harden_model(subject, backdoored.dev[:40], options)  # no held-out row is left to measure on
+    assert all(torch.equal(v, before[k]) for k, v in subject.model.state_dict().items())

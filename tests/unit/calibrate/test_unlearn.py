@@ -1,7 +1,7 @@
 """`calibrate unlearn` (calibrate.unlearn) on the toy backdoored model, and the triggers it takes.
 
 The toy model was trained at lr 1e-3 from random weights; unlearning it needs the
-same rate (2e-5, the default for pre-trained encoders, barely moves it).
+same rate (the default, 1e-4, suits pre-trained encoders and barely moves it).
 """
 
 from __future__ import annotations
