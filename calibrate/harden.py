@@ -22,7 +22,6 @@ measured on held-out rows before and after hardening.
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -48,8 +47,6 @@ from calibrate.scan import ScanOptions, scan_pair
 from calibrate.unlearn import accuracy, train_batch
 from guard.core.errors import InputError
 from guard.core.types import Example
-
-log = logging.getLogger(__name__)
 
 MIN_ROWS_PER_LABEL = 4
 

@@ -3,14 +3,15 @@
 DBS (Shen et al. 2022, "Constrained optimization with dynamic bound-scaling"):
 each of the m trigger tokens is a point of the convex hull of ALL token
 embeddings (Proposition I), t_q = sum_k alpha_qk e(c_k), with alpha_q a softmax
-of free weights w_q at temperature lambda (eq. 10). The weights are optimised
-with Adam to flip clean rows of a victim label to a target label (eq. 9); every
-`check_every` steps the temperature is lowered when the inversion loss is under
-the bound beta' and raised (with a random offset to the weights) when it is not
-(Algorithm 1). Only the DISCRETE trigger counts: at every check the argmax
-tokens are stamped into the rows as real ids and scored, and the best one is
-kept (Algorithm 1 lines 11-13 keep only one-hot results; we keep the argmax
-tokens with the lowest discrete loss, which is the same thing measured directly).
+of free weights w_q at temperature lambda (eq. 10). The weights are optimised to
+flip clean rows of a victim label to a target label (eq. 9; by exponentiated
+gradient steps, not the paper's Adam: see `_Search.step`); every `check_every`
+steps the temperature is lowered when the inversion loss is under the bound
+beta' and raised, with a random offset to the weights, when it is not
+(Algorithm 1). Only the DISCRETE trigger counts: at every check the argmax tokens
+and a few near-ties are stamped into the rows as real ids and scored, and the one
+with the lowest loss is kept (Algorithm 1 lines 11-13 keep one-hot results with a
+small loss; scoring the tokens themselves measures that directly).
 
 The trigger reaches the model through `get_input_embeddings()` and
 `inputs_embeds`, so any BERT-family classifier works. The search space is the
@@ -21,7 +22,6 @@ trigger made of them could never be written as a probe or reach the model).
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 import tempfile
@@ -40,8 +40,6 @@ from calibrate.model import load_classifier, predict_probs, tokenizer_json
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
-
-log = logging.getLogger(__name__)
 
 POSITIONS = ("start", "middle", "end", "random")
 BRACKETED = re.compile(r"^\[.*\]$")  # [PAD] [CLS] [SEP] [MASK] [UNK] [unused0..993]

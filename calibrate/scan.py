@@ -10,7 +10,7 @@ the smallest loss is the suspect (DBS Sec. 3.2.1), and the model is called
 backdoored when that loss is under a threshold (DBS Sec. 3.2.2; the hardening
 paper runs DBS with 0.1) -- or, with criterion "asr", when its ASR reaches one.
 Natural triggers are real: a clean sentiment model has words that flip most
-inputs (measured on MiniLM/SST-2: ASR 0.7-0.8 at loss 0.5-1.0), so the loss
+inputs (measured on MiniLM/SST-2: ASR 0.69-0.80 at loss 0.72-0.94), so the loss
 separates planted triggers (loss ~0.003) far better than the ASR does.
 
 The triggers of the pairs judged backdoored also come back as probes: held-out
@@ -21,7 +21,6 @@ target label, in the format of a bundle's `probes.jsonl` (the live FAR canary).
 from __future__ import annotations
 
 import json
-import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,8 +42,6 @@ from calibrate.inversion import (
 from calibrate.model import predict_probs
 from guard.core.errors import InputError
 from guard.core.types import Example
-
-log = logging.getLogger(__name__)
 
 CRITERIA = ("loss", "asr")
 MIN_INVERSION_ROWS = 4

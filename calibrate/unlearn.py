@@ -15,7 +15,6 @@ measured before and after on the other.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,8 +29,6 @@ from calibrate.model import copy_tokenizer_files, flush_denormal, predict_probs
 from calibrate.repair import write_record
 from guard.core.errors import InputError
 from guard.core.types import Example
-
-log = logging.getLogger(__name__)
 
 MIN_EVAL_ROWS = 10
 
