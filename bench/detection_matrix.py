@@ -16,8 +16,10 @@ Writes bench/results/detection_matrix.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -41,7 +43,8 @@ from guard.core.types import Example
 
 log = logging.getLogger("bench.detection_matrix")
 DETECTORS = ("rap", "strip", "onion")
-STRIP_RATIOS = (0.1, 0.3, 0.6)  # the RAP paper's best k per attack ranged 0.05-0.9 (its Table 9)
+STRIP_RATIOS = (0.05, 0.3, 0.6)  # the RAP paper's best k per attack ranged 0.05-0.9 (its Table 9)
+STRIP_TEST_INPUTS = 400  # per side (clean, poisoned): STRIP costs 21 passes per input and k is swept
 LM_CORPORA = ("imdb/test.tsv", "yelp/test.tsv", "yelp-sentences/dev.tsv", "amazon-sentences/dev.tsv")
 
 
@@ -114,10 +117,19 @@ def _detector_runs(name: str, bundle: Path, inputs: Inputs, args, language_model
         jobs["rap"] = lambda: run_rap(bundle, inputs, TARGET)
     if "strip" in args.detectors:
         for k in args.strip_ratios:
-            jobs[f"strip@{k:g}"] = lambda k=k: run_strip(bundle, inputs, strip.StripOptions(replace_ratio=k))
+            options = strip.StripOptions(replace_ratio=k)
+            jobs[f"strip@{k:g}"] = lambda o=options: run_strip(bundle, _sample(inputs, args.strip_test_inputs), o)
     if "onion" in args.detectors:
         jobs["onion"] = lambda: run_onion(bundle, inputs, language_model.get(), TARGET)
     return {key: _cached(args.cache / "matrix" / name / f"{key}.json", key, job) for key, job in jobs.items()}
+
+
+def _sample(inputs: Inputs, count: int, seed: int = 0) -> Inputs:
+    """At most `count` clean and `count` poisoned test inputs, drawn at random (dev stays whole)."""
+    rng = random.Random(seed)
+    clean = rng.sample(inputs.clean, min(count, len(inputs.clean)))
+    poisoned = rng.sample(inputs.poisoned, min(count, len(inputs.poisoned)))
+    return dataclasses.replace(inputs, clean=clean, poisoned=poisoned)
 
 
 def _cached(path: Path, key: str, job) -> dict:
@@ -155,6 +167,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--attacks", nargs="+", default=["clean", "badnet-rw", "badnet-sl", "ep", "syntactic", "style"])
     p.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
     p.add_argument("--strip-ratios", nargs="+", type=float, default=list(STRIP_RATIOS), help="STRIP's k values")
+    p.add_argument(
+        "--strip-test-inputs", type=int, default=STRIP_TEST_INPUTS, help="STRIP's test inputs per side (cost cap)"
+    )
     p.add_argument("--cache", type=Path, default=Path("bench/.cache"), help="models, bundles, per-detector results")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p.parse_args()
