@@ -43,8 +43,10 @@ from guard.core.types import Example
 
 log = logging.getLogger("bench.detection_matrix")
 DETECTORS = ("rap", "strip", "onion")
-STRIP_RATIOS = (0.05, 0.3, 0.6)  # the RAP paper's best k per attack ranged 0.05-0.9 (its Table 9)
-STRIP_TEST_INPUTS = 400  # per side (clean, poisoned): STRIP costs 21 passes per input and k is swept
+# The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
+# Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
+STRIP_RATIOS = (0.05, 0.3)
+STRIP_TEST_INPUTS = 300  # per side (clean, poisoned)
 LM_CORPORA = ("imdb/test.tsv", "yelp/test.tsv", "yelp-sentences/dev.tsv", "amazon-sentences/dev.tsv")
 
 

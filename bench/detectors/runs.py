@@ -66,7 +66,11 @@ def run_strip(bundle_dir: Path, inputs: Inputs, options: strip.StripOptions) -> 
     started = time.perf_counter()
     clean, poisoned = entropies(inputs.clean, "clean"), entropies(inputs.poisoned, "poisoned")
     ms = 1000 * (time.perf_counter() - started) / inputs.test_count
-    params = {"copies": options.copies, "replace_ratio": options.replace_ratio}
+    params = {
+        "copies": options.copies,
+        "replace_ratio": options.replace_ratio,
+        "test_inputs": {"clean": len(inputs.clean), "poisoned": len(inputs.poisoned)},
+    }
     # N copies + the unperturbed pass that predicted the target in the first place
     passes = options.copies + 1.0
     return DetectorRun(
