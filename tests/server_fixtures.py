@@ -18,9 +18,10 @@ import math
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,3 +244,49 @@ def metric_value(exposition: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
+
+
+ECHO_UPSTREAM = Path(__file__).parent / "integration" / "echo_upstream.py"
+
+
+@contextlib.contextmanager
+def running_echo_upstream() -> Iterator[str]:
+    """A real upstream process on loopback that echoes requests as JSON; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ECHO_UPSTREAM), str(port)])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/__seen", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def running_prometheus(
+    binary: str, target: str, workdir: Path, job: str, rule_files: Sequence[Path] = ()
+) -> Iterator[str]:
+    """A real Prometheus scraping `target` every second as `job`; yields its base URL."""
+    port = free_port()
+    rules = "".join(f"  - {path}\n" for path in rule_files)
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        + (f"rule_files:\n{rules}" if rules else "")
+        + f"scrape_configs:\n  - job_name: {job}\n    static_configs:\n"
+        f"      - targets: ['{target.removeprefix('http://')}']\n",
+        encoding="utf-8",
+    )
+    with (workdir / "prometheus.log").open("w") as log:
+        command = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/-/ready", proc)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_process(proc)

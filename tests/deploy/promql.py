@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from guard.metrics import GuardMetrics
-from tests.server_fixtures import free_port, stop_process, wait_http
 
 JOB = "backdoor-guard"
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus to every scraped series
@@ -58,32 +53,3 @@ def unknown_references(expr: str, known: dict[str, set[str]]) -> list[str]:
         elif labels - known[name]:
             problems.append(f"{name} has no label(s) {sorted(labels - known[name])}")
     return problems
-
-
-@contextlib.contextmanager
-def running_prometheus(binary: str, target: str, workdir: Path, rule_files: list[Path] = ()) -> Iterator[str]:
-    """A real Prometheus scraping `target` every second as job backdoor-guard; yields its base URL."""
-    port = free_port()
-    rules = "".join(f"  - {path}\n" for path in rule_files)
-    config = workdir / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        + (f"rule_files:\n{rules}" if rules else "")
-        + f"scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n"
-        f"      - targets: ['{target.removeprefix('http://')}']\n",
-        encoding="utf-8",
-    )
-    with (workdir / "prometheus.log").open("w") as log:
-        command = [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ]
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/-/ready", proc)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop_process(proc)

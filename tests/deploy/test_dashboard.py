@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,15 +29,13 @@ from tests.server_fixtures import (
     TRIGGERED,
     StubBackend,
     build_stub_bundle,
-    free_port,
-    stop_process,
+    running_echo_upstream,
+    running_prometheus,
     uvicorn_thread,
-    wait_http,
 )
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "backdoor-guard.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-ECHO_UPSTREAM = ROOT / "tests" / "integration" / "echo_upstream.py"
 GRID_COLUMNS = 24
 BUILTIN_VARIABLES = {"__rate_interval", "__range", "__interval"}
 # Grafana's variables, as the live test resolves them.
@@ -128,13 +125,8 @@ def test_promtool_parses_every_query(dashboard: dict, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ECHO_UPSTREAM), str(port)])
-    try:
-        wait_http(f"http://127.0.0.1:{port}/__seen", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with running_echo_upstream() as url:
+        yield url
 
 
 def _send_traffic(url: str, backend: StubBackend) -> None:
@@ -171,7 +163,7 @@ def test_every_query_returns_data_from_a_real_guard(dashboard: dict, upstream: s
     binary = tool("prometheus", "run `make test-deps` (Debian/Ubuntu: apt-get install prometheus)")
     with (
         uvicorn_thread(create_app(settings, backend=backend)) as url,
-        promql.running_prometheus(binary, url, tmp_path, rule_files=[RULES]) as prometheus,
+        running_prometheus(binary, url, tmp_path, promql.JOB, rule_files=[RULES]) as prometheus,
     ):
         deadline = time.monotonic() + QUERY_DEADLINE_S
         while not _query(prometheus, f'up{{job="{promql.JOB}"}} == 1') and time.monotonic() < deadline:

@@ -6,16 +6,12 @@ None is autouse: other integration tests in this folder are unaffected.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.server_fixtures import build_onnx_bundle, build_stub_bundle, free_port, stop_process, wait_http
-
-ECHO_UPSTREAM = Path(__file__).with_name("echo_upstream.py")
+from tests.server_fixtures import build_onnx_bundle, build_stub_bundle, running_echo_upstream
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +36,5 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def echo_upstream() -> Iterator[str]:
     """A real upstream process on loopback that echoes requests as JSON; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ECHO_UPSTREAM), str(port)])
-    try:
-        wait_http(f"http://127.0.0.1:{port}/__seen", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with running_echo_upstream() as url:
+        yield url

@@ -7,7 +7,6 @@ metrics test would hide a broken dashboard.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import shutil
 import subprocess
@@ -27,10 +26,8 @@ from tests.server_fixtures import (
     NEGATIVE,
     TRIGGERED,
     StubBackend,
-    free_port,
-    stop_process,
+    running_prometheus,
     uvicorn_thread,
-    wait_http,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
@@ -50,33 +47,6 @@ def _binary(name: str) -> str:
 def guard_url(stub_bundle: Path) -> Iterator[str]:
     with uvicorn_thread(create_app(Settings(bundle=stub_bundle, max_wait_ms=1), backend=StubBackend())) as url:
         yield url
-
-
-@contextlib.contextmanager
-def running_prometheus(binary: str, target: str, tmp_path: Path) -> Iterator[str]:
-    """A real Prometheus scraping `target` every second; yields its base URL."""
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: guard\n    static_configs:\n"
-        f"      - targets: ['{target.removeprefix('http://')}']\n",
-        encoding="utf-8",
-    )
-    with (tmp_path / "prometheus.log").open("w") as log:
-        command = [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ]
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/-/ready", proc)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop_process(proc)
 
 
 def _send_traffic(url: str) -> Counter:
@@ -104,7 +74,7 @@ def _scraped(prometheus: str) -> dict[str, float]:
 
 
 def test_prometheus_counts_every_request(guard_url: str, tmp_path: Path) -> None:
-    with running_prometheus(_binary("prometheus"), guard_url, tmp_path) as prometheus:
+    with running_prometheus(_binary("prometheus"), guard_url, tmp_path, "guard") as prometheus:
         _assert_scraped_counts(prometheus, _send_traffic(guard_url))
 
 
