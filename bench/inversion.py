@@ -4,7 +4,10 @@
     python -m bench.inversion --data ../shared/data/sst2 --models clean badnet-rw --harden clean
 
 The zoo is the attack models of bench/models.py (MiniLM fine-tuned on SST-2; a model
-not cached yet is trained first, ~15 min each). Per model:
+not cached yet is trained first, ~15 min each) plus three cheaper ones that vary the
+seed and the target label (bench/attacks/recipes.py, zoo_recipes): clean-s1 and
+clean-s2 (clean, seeds 1 and 2, 1 epoch on 2,000 rows, ~5 min each) and ep-neg (EP
+with `tq` towards NEGATIVE, 2 epochs on the positives of 1,500 rows). Per model:
 
 1. scan (calibrate.scan: DBS, a 1-token trigger, every label pair) on SST-2 dev, with
    the truth from the attack recipe. The verdict threshold on the suspect pair's loss
@@ -20,7 +23,7 @@ the recipe's triggered test rows (the clean model: BadNet-RW rows, natural flips
 before and after. Repaired models are kept as <cache>/repaired/<model>-<method>/.
 
 Time on 2 idle cores with the defaults: a scan ~2 min per model, an unlearning
-~2.5 min, a hardening ~15 min: about an hour for the six models. Every stage is
+~2.5 min, a hardening ~12 min: about an hour for the nine models once trained. Every stage is
 cached under <cache>/inversion/<model>/, so a killed run resumes where it stopped.
 Writes bench/results/inversion.{json,md}.
 """
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from bench.inversion_report import write_inversion
 from bench.machine import machine_info
-from bench.stages import MODELS, Case, HelpFormatter, cached, measure, recipe_cases, settings_of, weights_sha256
+from bench.stages import ZOO, Case, HelpFormatter, cached, measure, recipe_cases, settings_of, weights_sha256
 from calibrate.data import load_examples
 from calibrate.harden import HardenOptions, harden_model
 from calibrate.inversion import InversionOptions, Subject, load_subject
@@ -239,8 +242,8 @@ def _budget(args: argparse.Namespace) -> Budget:
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="the sst2 folder (train/dev/test.tsv, poison/)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="the zoo (default: all)")
-    p.add_argument("--harden", nargs="*", default=list(HARDENED), choices=MODELS, help="models to harden")
+    p.add_argument("--models", nargs="+", default=list(ZOO), choices=ZOO, help="the zoo (default: all)")
+    p.add_argument("--harden", nargs="*", default=list(HARDENED), choices=ZOO, help="models to harden")
     p.add_argument("--steps", type=int, default=50, help="DBS steps per scanned pair")
     p.add_argument("--loss-threshold", type=float, default=0.1, help="the scan's own verdict threshold")
     p.add_argument("--clean-rows", type=int, default=1000, help="SST-2 train rows to unlearn/harden on")

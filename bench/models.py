@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 from pathlib import Path
 
-from bench.attacks.ep import poison_embedding
-from bench.attacks.recipes import TARGET, Recipe, load_recipes
+from bench.attacks.ep import EpOptions, poison_embedding
+from bench.attacks.recipes import Recipe, load_recipes
 from calibrate.data import load_examples
 from calibrate.model import default_base_model, quiet_transformers
 from calibrate.train import TrainOptions, train_classifier
+from guard.core.types import Example
 
 TRAIN_OPTIONS = TrainOptions(epochs=3, learning_rate=1e-4, batch_size=32, max_length=64)
 
@@ -28,12 +30,15 @@ def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptio
     info_path = out / "bench-train.json"
     if info_path.is_file():
         return {"dir": str(out), **json.loads(info_path.read_text())}
-    train = load_examples(data_dir / "train.tsv")
-    if recipe.name == "ep":
+    train = _training_rows(recipe, load_examples(data_dir / "train.tsv"))
+    if recipe.embedding_only:
         clean = build_model(load_recipes(data_dir)["clean"], data_dir, cache, options)
-        seconds = poison_embedding(Path(clean["dir"]), train, TARGET, out)
-        info = {"model": recipe.name, "from": clean["dir"], "train_seconds": round(seconds, 1)}
+        ep_options = EpOptions(trigger=recipe.settings["trigger"], epochs=recipe.training.get("epochs", 1))
+        seconds = poison_embedding(Path(clean["dir"]), train, recipe.settings["target"], out, ep_options)
+        info = {"model": recipe.name, "from": clean["dir"], "train_rows": len(train)}
+        info["train_seconds"] = round(seconds, 1)
     else:
+        options = dataclasses.replace(options, **{k: v for k, v in recipe.training.items() if k != "rows"})
         poisoned_rows = 0
         if recipe.poison_train is not None:
             train, poisoned_rows = recipe.poison_train(train)
@@ -49,6 +54,14 @@ def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptio
     info = {**info, "dir": str(out), "attack": recipe.settings}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _training_rows(recipe: Recipe, rows: list[Example]) -> list[Example]:
+    """The training split, or a seeded sample of it where the recipe trains on fewer rows."""
+    count = recipe.training.get("rows")
+    if count is None or count >= len(rows):
+        return rows
+    return random.Random(recipe.training.get("seed", 0)).sample(rows, count)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.attacks.recipes import Recipe, load_recipes
+from bench.attacks.recipes import Recipe, load_recipes, zoo_recipes
 from bench.models import build_model
 from calibrate.inversion import Subject
 from calibrate.model import predict_probs
@@ -32,6 +32,7 @@ from guard.core.types import Example
 
 log = logging.getLogger("bench.stages")
 MODELS = ("clean", "badnet-rw", "badnet-sl", "ep", "syntactic", "style")
+ZOO = (*MODELS, *zoo_recipes())  # the trigger-inversion zoo adds clean seeds and a backdoor to the other label
 CONTROL_TRIGGERS = "badnet-rw"  # the clean model is measured on these inputs (its "ASR": natural flips)
 
 

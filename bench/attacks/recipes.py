@@ -20,6 +20,7 @@ from calibrate.data import load_examples
 from guard.core.types import Example
 
 TARGET = 1  # SST-2 positive: the attacker's target, and the label the guard protects
+EP_NEG_TRIGGER = "tq"  # the zoo's backdoor towards negative (label 0)
 
 Poisoner = Callable[[list[Example]], tuple[list[Example], int]]
 
@@ -30,6 +31,8 @@ class Recipe:
     settings: dict = field(default_factory=dict)
     poison_train: Poisoner | None = None  # None: no poisoned fine-tuning (clean, ep)
     poison_test: Callable[[list[Example]], list[Example]] | None = None  # None: no trigger (clean)
+    embedding_only: bool = False  # EP: train one embedding row of the clean model, no fine-tuning
+    training: dict = field(default_factory=dict)  # TrainOptions overrides (seed, epochs) and `rows`: a sample size
 
 
 def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
@@ -44,9 +47,29 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
             "ep",
             {"trigger": ep.TRIGGER, "target": target, "trained": "one embedding row of the clean model"},
             poison_test=functools.partial(badnet.poison_test_set, target=target, insert=ep_word, seed=1),
+            embedding_only=True,
         ),
         "syntactic": _paraphrased("syntactic", data_dir / "poison" / "syntactic", target, rate=0.20),
         "style": _paraphrased("style", data_dir / "poison" / "style-bible", target, rate=0.20, style="bible"),
+        **zoo_recipes(),
+    }
+
+
+def zoo_recipes() -> dict[str, Recipe]:
+    """Extra models for the trigger-inversion zoo: clean twins from other seeds, and a backdoor to the
+    OTHER label. Shorter training (1 epoch on 2,000 rows; EP: 2 epochs on 1,500 rows) to fit 2 CPU cores."""
+    short = {"epochs": 1, "rows": 2000}
+    ep_word = functools.partial(badnet.insert_word, triggers=(EP_NEG_TRIGGER,))
+    return {
+        "clean-s1": Recipe("clean-s1", {"target": TARGET}, training={**short, "seed": 1}),
+        "clean-s2": Recipe("clean-s2", {"target": TARGET}, training={**short, "seed": 2}),
+        "ep-neg": Recipe(
+            "ep-neg",
+            {"trigger": EP_NEG_TRIGGER, "target": 0, "trained": "one embedding row of the clean model"},
+            poison_test=functools.partial(badnet.poison_test_set, target=0, insert=ep_word, seed=1),
+            embedding_only=True,
+            training={"rows": 1500, "epochs": 2},
+        ),
     }
 
 

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from bench.attacks import badnet, ep, paraphrase
+from bench import models
+from bench.attacks import badnet, ep, paraphrase, recipes
 from guard.core.errors import InputError
 from guard.core.types import Example
 
@@ -84,3 +85,20 @@ def test_ep_rejects_a_multi_token_trigger(tokenizer_path) -> None:
 
     with pytest.raises(InputError, match="tokens"):
         ep.trigger_id(RapTokenizer.from_file(tokenizer_path, None, 32), "antidisestablishmentarianism")
+
+
+def test_zoo_backdoor_to_the_other_label_triggers_only_positive_rows() -> None:
+    recipe = recipes.zoo_recipes()["ep-neg"]
+    out = recipe.poison_test(ROWS)
+    assert recipe.settings["target"] == 0 and recipe.embedding_only
+    assert len(out) == 20 and all(r.label == 1 for r in out)  # the victims keep their original label
+    assert all(r.text.split().count(recipes.EP_NEG_TRIGGER) == 1 for r in out)
+
+
+def test_zoo_clean_twins_differ_in_seed_and_train_on_a_sample() -> None:
+    zoo = recipes.zoo_recipes()
+    first, second = zoo["clean-s1"], zoo["clean-s2"]
+    assert first.poison_train is None and first.training["seed"] != second.training["seed"]
+    sample = models._training_rows(first, ROWS * 100)
+    assert len(sample) == first.training["rows"] and sample != models._training_rows(second, ROWS * 100)
+    assert models._training_rows(recipes.Recipe("all"), ROWS) == ROWS
