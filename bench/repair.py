@@ -220,9 +220,10 @@ def _matrix_bundle(case: Case, cache: Path) -> Path | None:
     calibration here. It was calibrated on all of SST-2 dev (the +RAP rows: dev less PURE's rows), which
     if anything favours RAP alone in the comparison."""
     bundle = cache / "bundles" / case.name
-    if not (bundle / "manifest.json").is_file() or not (bundle / "hf").is_dir():
+    if not (bundle / "manifest.json").is_file():
         return None
-    return bundle if weights_sha256(bundle / "hf") == weights_sha256(case.model_dir) else None
+    source = json.loads((bundle / "manifest.json").read_text())["model"].get("source_sha256")
+    return bundle if source == weights_sha256(case.model_dir) else None
 
 
 def _calibration_seconds(bundle: Path) -> float:

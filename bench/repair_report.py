@@ -146,6 +146,11 @@ def _repair_notes(rows: list[dict]) -> list[str]:
     notes = []
     for r in rows:
         d = r.get("details", {})
+        if r["defence"] == "rap" and "/repair/bundles/" not in r.get("bundle", "/repair/bundles/"):
+            notes.append(
+                f"- RAP alone on {r['attack']}: the detection matrix's bundle of the same model ({r['bundle']}), "
+                "calibrated on all SST-2 dev rows, more than the +RAP rows had; `seconds` is its calibration."
+            )
         if r["defence"] == "meft":
             distance = f"{d['stop_distance_start']:.4g} -> {d['stop_distance_end']:.4g}"
             notes.append(
