@@ -157,6 +157,9 @@ def _markdown(payload: dict) -> str:
         "- `asr_*`: the planted trigger's ASR on the recipe's triggered SST-2 test rows (the clean model: "
         "BadNet-RW rows, i.e. natural flips); `cacc_*`: SST-2 test accuracy. Unlearning removes the triggers the "
         "scan flagged at its own threshold, so its effect on the planted trigger is indirect.",
+        "- Training: the five attack models and `clean` are fine-tuned 3 epochs (BadNet-SL, syntactic, style: 2) on "
+        "all of SST-2 train, seed 13; `clean-s1`/`clean-s2` 1 epoch on 2,000 rows with seeds 1/2 (CPU budget); "
+        "`ep-neg` trains the `tq` embedding row of `clean` towards NEGATIVE (2 epochs, 1,500 rows).",
         "",
         f"Machine: {payload['machine']['cpu']} ({payload['machine']['cpu_count']} cores).",
         "",
