@@ -30,9 +30,10 @@ threshold is unreachable in any CPU budget. The benchmark does what PURE's appen
 did when it ran MEFT: a fixed step budget (there 4,000 steps; here --maxent-steps),
 keeping 0.01 as an early stop; the distance at the start and the end is recorded.
 
-Time on 2 idle cores with the defaults, per attack: FT and FTH ~2 min each, MEFT
-~8 min, PURE ~6-11 min (the head search dominates), each of the three RAP
-calibrations ~3.5 min: ~30 min per attack, about 2.5 hours for the five attacks.
+Time measured on 2 cores with the defaults, per attack: FT and FTH ~1 min each, MEFT
+5-10 min, PURE ~2 min (+ measuring), RAP alone ~1 min with the matrix's bundle cached
+(else ~3.5), PURE+RAP and MEFT+RAP ~3.5 min each (calibration): ~20 min per attack,
+about 1 h 45 min for the five attacks.
 Every stage is cached under <cache>/repair/<attack>/<defence>.json, repaired models
 under <cache>/repaired/<attack>-<method>/, so a killed run resumes where it stopped.
 Writes bench/results/repair.{json,md,png}.
@@ -282,7 +283,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="the sst2 folder (train/dev/test.tsv, poison/)")
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=MODELS, help="attack models (+ clean)")
     p.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=DEFENCES)
-    p.add_argument("--train-rows", type=int, default=2000, help="clean SST-2 train rows repairs fine-tune on")
+    p.add_argument("--train-rows", type=int, default=1000, help="clean SST-2 train rows repairs fine-tune on")
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs of FT, FTH and MEFT/PURE's last phase")
     p.add_argument("--maxent-steps", type=int, default=200, help="MEFT's maximum-entropy step budget")
     p.add_argument(
@@ -293,7 +294,7 @@ def _args() -> argparse.Namespace:
         "as for FT, to make up a little for the 20x smaller step budget)",
     )
     p.add_argument("--prune-dev-rows", type=int, default=300, help="SST-2 dev rows for PURE; the rest calibrate RAP")
-    p.add_argument("--heads-per-step", type=int, default=2, help="heads PURE removes between two accuracy checks")
+    p.add_argument("--heads-per-step", type=int, default=4, help="heads PURE removes between two accuracy checks")
     p.add_argument("--mu", type=float, default=0.15, help="PURE's attention-normalisation weight (paper: 0.05-0.15)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per row when measuring and calibrating")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache"), help="models, stage results, repaired models")
