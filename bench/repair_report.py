@@ -133,8 +133,8 @@ def _markdown(rows: list[dict], budget: dict, machine: dict) -> str:
         "",
         *notes,
         "- `seconds`: wall-clock cost of the defence (repair + RAP calibration), not the measurement.",
-        "- MEFT runs a fixed maximum-entropy step budget (PURE appendix B's protocol); the paper's stop distance "
-        "0.01 is on BERT-base's scale and stays an early stop only.",
+        "- MEFT's maximum-entropy phase stops at the paper's stop distance 0.01 or at the step budget, "
+        "whichever comes first (per attack above).",
         "",
         f"Machine: {machine['cpu']} ({machine['cpu_count']} cores).",
         "",
