@@ -25,12 +25,11 @@ pruning; the rest calibrate RAP, rows no repair has seen.
 
 MEFT's stop: the paper stops the maximum-entropy phase when the squared distance
 between the class centroids of the [CLS] vectors falls below 0.01, on BERT-base.
-On MiniLM that distance starts near 375-510; at lr 1e-4 it fell below 0.01 within
+On MiniLM that distance starts at 330-510; at lr 1e-4 it fell below 0.01 within
 50-100 steps on BadNet-RW, EP and syntactic, not within 200 on BadNet-SL (0.021) or
-style (0.040). The
-benchmark therefore caps the phase at --maxent-steps (PURE appendix B ran MEFT for a
-fixed 4,000 steps) and stops early at 0.01; the distance at the start and the end and
-whether 0.01 was reached are recorded.
+style (0.040). The benchmark therefore caps the phase at --maxent-steps (PURE
+appendix B ran MEFT for a fixed 4,000 steps) and stops early at 0.01; the distance at
+the start and the end and whether 0.01 was reached are recorded.
 
 Time measured on 2 cores with the defaults, per attack: FT and FTH ~1 min each, MEFT
 5-10 min, PURE ~2 min (+ measuring), RAP alone ~1 min with the matrix's bundle cached
