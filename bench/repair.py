@@ -196,10 +196,10 @@ def _with_rap(case: Case, rows: Rows, budget: Budget, cache: Path, defence: str)
         bundle, settings["rows"] = matrix_bundle, {"matrix_bundle": str(matrix_bundle), "test": len(rows.test)}
 
     def job() -> dict:
-        started = time.perf_counter()
         if matrix_bundle is None:
-            calibrate_bundle(model_dir, rows.rap_dev, bundle, dataclasses.replace(budget.calibrate, force=True))
-        calibrate_seconds = _calibration_seconds(bundle) if matrix_bundle else time.perf_counter() - started
+            calibrate_seconds = _calibrate(model_dir, rows.rap_dev, bundle, budget.calibrate)
+        else:
+            calibrate_seconds = _calibration_seconds(matrix_bundle)
         evaluation = evaluate_bundle(bundle, rows.test, {case.name: case.poisoned_test}, case.target)
         at = next(r for r in evaluation.rows if r["frr_target"] == HEADLINE_FRR)
         return {
@@ -228,7 +228,15 @@ def _matrix_bundle(case: Case, cache: Path) -> Path | None:
     return bundle if source == weights_sha256(case.model_dir) else None
 
 
+def _calibrate(model_dir: Path, rows: list[Example], bundle: Path, options: CalibrateOptions) -> float:
+    """Calibrate a RAP bundle for `model_dir` into `bundle`; the wall-clock seconds it took."""
+    started = time.perf_counter()
+    calibrate_bundle(model_dir, rows, bundle, dataclasses.replace(options, force=True))
+    return time.perf_counter() - started
+
+
 def _calibration_seconds(bundle: Path) -> float:
+    """What an existing bundle's calibration took, from its report."""
     return float(sum(json.loads((bundle / "report.json").read_text())["seconds"].values()))
 
 
