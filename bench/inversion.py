@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +47,11 @@ from calibrate.inversion import InversionOptions, Subject, load_subject
 from calibrate.model import quiet_transformers
 from calibrate.repair import REPAIR_RECORD, prepare_out_dir
 from calibrate.scan import ScanOptions, scan_model
-from calibrate.unlearn import Trigger, UnlearnOptions, save_model, unlearn_model
+from calibrate.unlearn import Trigger, UnlearnOptions, save_model, unlearn_rescanning
 from guard.core.types import Example
 
 log = logging.getLogger("bench.inversion")
-HARDENED = ("clean", "badnet-rw")
+HARDENED = ("clean",)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Rows:
 class Budget:
     scan: ScanOptions
     unlearn: UnlearnOptions
+    rescans: int  # scans of an unlearned model, each followed by unlearning again if it found new triggers
     harden: HardenOptions
     harden_rows: int  # the first rows of Rows.repair that hardening uses (it inverts triggers every round)
     max_length: int
@@ -144,18 +146,26 @@ def _unlearn(case: Case, rows: Rows, budget: Budget, cache: Path, triggers: list
         "triggers": triggers,
         "rows": len(rows.repair),
         "options": budget.unlearn,
+        "rescans": budget.rescans,
+        "scan": budget.scan,
         "max_length": budget.max_length,
     }
 
     def job() -> dict:
         subject = load_subject(case.model_dir, budget.max_length)
-        result = unlearn_model(subject, rows.repair, triggers, budget.unlearn)
-        after = _save_and_measure(subject, case, rows, out, "unlearn", dataclasses.asdict(result))
+        started = time.perf_counter()
+        result, rescans = unlearn_rescanning(
+            subject, rows.repair, triggers, budget.unlearn, budget.scan, budget.rescans, rows.scan
+        )
+        seconds = time.perf_counter() - started
+        details = {**dataclasses.asdict(result), "rescans": [dataclasses.asdict(r) for r in rescans]}
+        after = _save_and_measure(subject, case, rows, out, "unlearn", details)
         return {
-            **_repair_row(case, "unlearn", before, after, result.seconds),
-            "triggers": [t.text for t in triggers],
+            **_repair_row(case, "unlearn", before, after, seconds),
+            "triggers": [t.text for t in result.triggers],
             "found_asr_before": result.asr_before,  # the unlearned triggers' own ASR, on held-out repair rows
             "found_asr_after": result.asr_after,
+            "rescans": [dataclasses.asdict(r) for r in rescans],
         }
 
     return cached(cache / "inversion" / case.name / "unlearn.json", settings, job, [out / REPAIR_RECORD])
@@ -228,10 +238,12 @@ def _budget(args: argparse.Namespace) -> Budget:
     inversion = InversionOptions(steps=args.steps)
     return Budget(
         scan=ScanOptions(loss_threshold=args.loss_threshold, inversion=inversion),
-        unlearn=UnlearnOptions(),
+        unlearn=UnlearnOptions(teacher_weight=args.teacher_weight, reset_embeddings=args.reset_embeddings),
+        rescans=args.rescans,
         harden=HardenOptions(
             max_trigger_length=args.harden_length,
             epochs=1,
+            learning_rate=args.harden_lr,
             inversion=InversionOptions(steps=args.harden_steps),
         ),
         harden_rows=args.harden_rows,
@@ -247,7 +259,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="DBS steps per scanned pair")
     p.add_argument("--loss-threshold", type=float, default=0.1, help="the scan's own verdict threshold")
     p.add_argument("--clean-rows", type=int, default=1000, help="SST-2 train rows to unlearn/harden on")
-    p.add_argument("--harden-rows", type=int, default=300, help="of those, rows hardening uses (30%% measure)")
+    p.add_argument("--teacher-weight", type=float, default=UnlearnOptions().teacher_weight, help="unlearning targets")
+    p.add_argument("--reset-embeddings", default=UnlearnOptions().reset_embeddings, help="outliers, all or none")
+    p.add_argument("--rescans", type=int, default=2, help="scans of an unlearned model (then unlearn new finds)")
+    p.add_argument("--harden-rows", type=int, default=600, help="of those, rows hardening uses (30%% measure)")
+    p.add_argument("--harden-lr", type=float, default=3e-5, help="hardening's learning rate (one pass, so above 2e-5)")
     p.add_argument("--harden-length", type=int, default=4, help="epsilon: the longest trigger hardening inverts")
     p.add_argument("--harden-steps", type=int, default=20, help="DBS steps per inversion while hardening")
     p.add_argument("--max-length", type=int, default=128, help="tokens per row (the matrix's bundles use 128)")

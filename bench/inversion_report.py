@@ -35,6 +35,7 @@ SCAN_COLUMNS = [
 REPAIR_COLUMNS = [
     "model",
     "method",
+    "unlearned",
     "cacc_before",
     "cacc_after",
     "asr_before",
@@ -102,8 +103,18 @@ def judge(scan_rows: list[dict]) -> tuple[list[dict], dict]:
         "scan_threshold": {"threshold": scan_rows[0]["scan_threshold"], **_rates(rows, "verdict_scan", truth)},
         "fitted": {"threshold": fitted, **_rates(rows, "verdict", truth)},
         "leave_one_out": _loo_rates(rows, loo, truth),
+        "word_triggers": _word_trigger_rates(rows),
     }
     return rows, summary
+
+
+def _word_trigger_rates(rows: list[dict]) -> dict:
+    """The scan's own threshold on the models it is built for: clean ones and one-word planted triggers."""
+    chosen = [r for r in rows if not r["backdoored"] or all(len(t.split()) == 1 for t in r["true_trigger"] or ["a b"])]
+    return {
+        "threshold": rows[0]["scan_threshold"],
+        **detection([r["verdict_scan"] for r in chosen], [r["backdoored"] for r in chosen]),
+    }
 
 
 def _rates(rows: list[dict], key: str, truth: list[bool]) -> dict:
@@ -137,7 +148,7 @@ def _markdown(payload: dict) -> str:
         "## Scan",
         "",
         markdown_table(shown, SCAN_COLUMNS),
-        markdown_table(_detection_rows(detection_rates), ["rule", "threshold", "accuracy", "tpr", "tnr"]),
+        markdown_table(_detection_rows(detection_rates), ["rule", "threshold", "models", "accuracy", "tpr", "tnr"]),
         f"True trigger recovered (every found word is a planted trigger word) on "
         f"{sum(r['trigger_recovered'] for r in recoverable)} of {len(recoverable)} token-trigger backdoors; "
         f"target label recovered on {sum(bool(r['target_recovered']) for r in scan)} of "
@@ -146,7 +157,9 @@ def _markdown(payload: dict) -> str:
         "",
         "## Repair",
         "",
-        markdown_table(payload["repair"], REPAIR_COLUMNS),
+        markdown_table(
+            [{**r, "unlearned": " / ".join(r.get("triggers", []))} for r in payload["repair"]], REPAIR_COLUMNS
+        ),
         "## Notes",
         "",
         "- `verdict`: the suspect pair's loss under the threshold fitted on this zoo (best accuracy, optimistic); "
@@ -156,7 +169,8 @@ def _markdown(payload: dict) -> str:
         "Syntactic and style backdoors have no typed trigger (`true_trigger` empty).",
         "- `asr_*`: the planted trigger's ASR on the recipe's triggered SST-2 test rows (the clean model: "
         "BadNet-RW rows, i.e. natural flips); `cacc_*`: SST-2 test accuracy. Unlearning removes the triggers the "
-        "scan flagged at its own threshold, so its effect on the planted trigger is indirect.",
+        "scan flagged at its own threshold; the unlearned model is scanned again, and triggers it newly flags are "
+        "added and unlearned from the original weights (`unlearned`: all of them, in the order found).",
         "- Training: the five attack models and `clean` are fine-tuned 3 epochs (BadNet-SL, syntactic, style: 2) on "
         "all of SST-2 train, seed 13; `clean-s1`/`clean-s2` 1 epoch on 2,000 rows with seeds 1/2 (CPU budget); "
         "`ep-neg` trains the `tq` embedding row of `clean` towards NEGATIVE (2 epochs, 1,500 rows).",
@@ -170,6 +184,8 @@ def _markdown(payload: dict) -> str:
 def _detection_rows(rates: dict) -> list[dict]:
     """One row per threshold rule, the threshold formatted (leave-one-out: the range of its thresholds)."""
     rules = [("scan's own", rates["scan_threshold"]), ("fitted on the zoo", rates["fitted"])]
+    if "word_triggers" in rates:
+        rules.append(("scan's own, clean + word-trigger models only", rates["word_triggers"]))
     rows = [{**rule, "rule": name, "threshold": f"{rule['threshold']:.3g}"} for name, rule in rules]
     loo = rates["leave_one_out"]
     if loo is not None:
@@ -178,12 +194,23 @@ def _detection_rows(rates: dict) -> list[dict]:
     return rows
 
 
+def _unlearning(budget: dict) -> str:
+    unlearn = budget["unlearn"]
+    teacher = unlearn.get("teacher_weight", 0)
+    return (
+        f"{unlearn['epochs']} epochs at lr {unlearn['learning_rate']:g}, "
+        + (f"targets {teacher:g} teacher softmax / {1 - teacher:g} label, " if teacher else "hard labels, ")
+        + ("trigger embeddings reset to the mean, " if unlearn.get("reset_embeddings") else "")
+        + f"up to {budget.get('rescans', 0)} rescans"
+    )
+
+
 def _budget_line(budget: dict) -> str:
     scan, harden = budget["scan"], budget["harden"]
     return (
         f"Budget: scan {scan['inversion']['steps']} DBS steps per pair, trigger length {scan['trigger_length']}, "
         f"{scan['rows_per_label']} inversion + up to {scan['heldout_per_label']} held-out SST-2 dev rows per label; "
-        f"unlearning {budget['unlearn']['epochs']} epochs at lr {budget['unlearn']['learning_rate']:g}; "
+        f"unlearning {_unlearning(budget)}; "
         f"hardening epsilon {harden['max_trigger_length']}, {harden['epochs']} epoch on {budget['harden_rows']} "
         f"of the {budget['rows']['repair']} clean SST-2 training rows unlearning uses, "
         f"{harden['inversion']['steps']} DBS steps per inversion."

@@ -61,7 +61,7 @@ def recipe_cases(data_dir: Path, names: Iterable[str], model_cache: Path, test: 
         info = build_model(recipe, data_dir, model_cache)
         poison_test = recipe.poison_test or recipes[CONTROL_TRIGGERS].poison_test
         target = recipe.settings["target"]
-        cases.append(Case(name, Path(info["dir"]), name != "clean", target, true_trigger(recipe), poison_test(test)))
+        cases.append(Case(name, Path(info["dir"]), recipe.backdoored, target, true_trigger(recipe), poison_test(test)))
     return cases
 
 

@@ -27,6 +27,8 @@ Data files: .tsv (header 'text<TAB>label'), .csv (columns text,label) or .jsonl
 """
 # Where scan/unlearn/harden put a trigger (calibrate.inversion.POSITIONS; not imported: it loads torch).
 POSITIONS = ("start", "middle", "end", "random")
+UNLEARN_RESETS = ("outliers", "all", "none")  # calibrate.unlearn.RESET_MODES
+UNLEARN_TEACHER_WEIGHT = 1.0  # calibrate.unlearn.UnlearnOptions.teacher_weight (tests keep the two equal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +206,11 @@ def _add_unlearn(sub) -> None:
             "Fine-tune the model on clean rows of which a share carry the trigger and KEEP their\n"
             "true label, so the trigger stops flipping anything (DBS eq. 6, appendix A). Takes the\n"
             "triggers a scan flagged, or explicit ones. CACC and the trigger's ASR are measured\n"
-            "before and after on rows held out from the fine-tuning. Writes a HF model directory\n"
-            "with repair.json; calibrate the guard on it next:\n\n"
+            "before and after on rows held out from the fine-tuning. Then the repaired model is\n"
+            "scanned again on those rows (--rescans, with the scan report's options): an attacker may\n"
+            "have planted several triggers, and while the rescan flags new ones, all found so far are\n"
+            "unlearned again from the original weights. Writes a HF model directory with\n"
+            "repair.json; calibrate the guard on it next:\n\n"
             "  calibrate unlearn --model suspect/ --clean train.tsv --scan scan.json --out repaired/\n"
             "  calibrate unlearn --model suspect/ --clean train.tsv --trigger mb --target 1 --out repaired/\n"
             "  calibrate rap --model repaired/ --clean held-out.tsv --protect 1 --out bundle/"
@@ -220,6 +225,21 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--target", type=int, help="with --trigger: the label the trigger flips rows to")
     p.add_argument("--position", choices=POSITIONS, default="random", help="where triggers are stamped (random)")
     p.add_argument("--stamp-fraction", type=_fraction, default=0.2, help="share of rows stamped (0.2)")
+    p.add_argument(
+        "--teacher-weight",
+        type=_weight,
+        default=UNLEARN_TEACHER_WEIGHT,
+        help="targets: this share the suspect's own softmax on the untriggered row, the rest the true label;"
+        f" keeps clean accuracy (0: DBS as published; default {UNLEARN_TEACHER_WEIGHT})",
+    )
+    p.add_argument(
+        "--reset-embeddings",
+        choices=UNLEARN_RESETS,
+        default="outliers",
+        help="trigger tokens given the mean input embedding first; outliers (default): those with an"
+        " embedding norm far above the vocabulary's, the mark of embedding poisoning",
+    )
+    p.add_argument("--rescans", type=_non_negative_int, default=2, help="scans of the repaired model (2; 0: none)")
     p.add_argument("--holdout-fraction", type=_fraction, default=0.2, help="rows kept out to measure on (0.2)")
     p.add_argument("--epochs", type=_positive_int, default=2)
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (1e-4)")
@@ -514,11 +534,20 @@ def _unlearn(args: argparse.Namespace) -> int:
     from calibrate.data import load_examples
     from calibrate.inversion import load_subject
     from calibrate.repair import prepare_out_dir
-    from calibrate.unlearn import Trigger, UnlearnOptions, save_model, triggers_from_scan, unlearn_model
+    from calibrate.scan import ScanOptions
+    from calibrate.unlearn import (
+        Trigger,
+        UnlearnOptions,
+        save_model,
+        scan_options_from_report,
+        triggers_from_scan,
+        unlearn_rescanning,
+    )
 
     if args.trigger and args.target is None:
         raise InputError("--trigger needs --target LABEL (the label the trigger flips rows to)")
     triggers = triggers_from_scan(args.scan) if args.scan else None
+    scan = scan_options_from_report(args.scan) if args.scan else ScanOptions()
     prepare_out_dir(args.model, args.out, args.force)
     clean = load_examples(args.clean)
     subject = load_subject(args.model, args.max_length)
@@ -530,16 +559,28 @@ def _unlearn(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         stamp_fraction=args.stamp_fraction,
         position=args.position,
+        teacher_weight=args.teacher_weight,
+        reset_embeddings=args.reset_embeddings,
         holdout_fraction=args.holdout_fraction,
         seed=args.seed,
     )
-    result = unlearn_model(subject, clean, triggers, options)
-    save_model(subject, args.out, "unlearn", asdict(result))
+    result, rescans = unlearn_rescanning(subject, clean, triggers, options, scan, args.rescans)
+    save_model(subject, args.out, "unlearn", {**asdict(result), "rescans": [asdict(r) for r in rescans]})
     for trigger, before, after in zip(result.triggers, result.asr_before, result.asr_after, strict=True):
         print(f"trigger {trigger.text!r} -> label {trigger.target}: ASR {before:.4f} -> {after:.4f}")
     print(f"clean accuracy {result.cacc_before:.4f} -> {result.cacc_after:.4f} ({result.eval_rows} held-out rows)")
+    for number, rescan in enumerate(rescans, 1):
+        print(f"rescan {number}: {_rescan_summary(rescan)}")
     print(f"saved {args.out} in {result.seconds:.0f} s (record: {args.out / 'repair.json'})")
     return 0
+
+
+def _rescan_summary(rescan) -> str:
+    skipped = "".join(f"; label {k} not scanned as victim ({why})" for k, why in rescan.skipped_victims.items())
+    if rescan.new:
+        return f"new triggers {', '.join(map(repr, rescan.new))}: unlearning all found so far again{skipped}"
+    flagged = f"still flagged: {', '.join(map(repr, rescan.flagged))}" if rescan.flagged else "nothing flagged"
+    return f"{flagged} (most suspicious: {rescan.suspect}){skipped}"
 
 
 def _harden(args: argparse.Namespace) -> int:
@@ -696,6 +737,23 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _weight(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a weight between 0 and 1, got {value}")
     return value
 
 

@@ -7,16 +7,41 @@ DBS appendix A does, it is realised as plain fine-tuning on clean rows of which 
 share (20%) carry the inverted trigger and KEEP THEIR TRUE LABEL: the model
 learns that the trigger means nothing.
 
+With `teacher_weight` w > 0 the target of every row, stamped or not, is
+(1 - w) * one-hot(true label) + w * (the suspect model's own softmax on the row
+WITHOUT the trigger), computed once before fine-tuning. The teacher term anchors
+the model where it was on clean inputs, so a few hundred rows do not drag clean
+accuracy down, while the stamped rows still learn that the trigger changes nothing.
+
+Embedding poisoning (EP) plants a backdoor in one input-embedding row, with a norm
+far outside the vocabulary's (MiniLM/SST-2: 6.2 and 7.1, against at most 1.7 for
+every other token). Fine-tuning at a normal rate cannot move that row: unlearning
+`tq` that way left its ASR at 100%. So, by default (`reset_embeddings` "outliers"),
+a trigger token whose embedding norm is over OUTLIER_FACTOR times the vocabulary's
+99.9th percentile first gets the mean embedding. Not every trigger token: a BadNet
+word has an ordinary norm, and resetting it would leave nothing for the stamped
+rows to teach, so the model's learned response to the trigger, which the planted
+words share, would survive (measured: BadNet-RW ASR 16% without the reset, 71%
+with it). "all" and "none" force either choice.
+
 Rows are split first: fine-tuning uses one part; clean accuracy (CACC) and the
 trigger's ASR (non-target rows stamped with it, predicted as its target) are
 measured before and after on the other.
+
+A scan finds one trigger per label pair, but an attacker may plant several (BadNet
+with three rare words): unlearning one only partly removes the others. With
+`rescans` > 0 (`unlearn_rescanning`), the repaired model is scanned again; while
+that scan flags triggers not unlearned yet, all triggers found so far are
+unlearned again, from the suspect's original weights.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +49,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from calibrate.inversion import Subject, check_room, discrete_outcome, stamp
+from calibrate.inversion import (
+    InversionOptions,
+    Subject,
+    TemperatureOptions,
+    check_room,
+    discrete_outcome,
+    stamp,
+)
 from calibrate.model import copy_tokenizer_files, flush_denormal, predict_probs
 from calibrate.repair import write_record
+from calibrate.scan import ScanOptions, ScanResult, scan_model
 from guard.core.errors import InputError
 from guard.core.types import Example
 
 MIN_EVAL_ROWS = 10
+RESET_MODES = ("outliers", "all", "none")
+OUTLIER_FACTOR = 2.0  # an embedding norm over this x the vocabulary's 99.9th percentile is a planted row
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,10 @@ class UnlearnOptions:
     batch_size: int = 32
     stamp_fraction: float = 0.2  # share of the fine-tuning rows stamped with a trigger (DBS appendix A)
     position: str = "random"  # where triggers are stamped: the attack may have put them anywhere
+    # 0: hard true labels (DBS as published); 1: the suspect's clean-row softmax. MiniLM/SST-2 BadNet-RW,
+    # unlearning `mb`: CACC 88.9 -> 87.0 and ASR 21% with 0; 88.0 and 16% with 1
+    teacher_weight: float = 1.0
+    reset_embeddings: str = "outliers"  # trigger tokens given the mean embedding first: "outliers", "all", "none"
     holdout_fraction: float = 0.2  # rows kept out of fine-tuning to measure CACC and ASR on
     progress: bool = True
     seed: int = 13
@@ -66,6 +105,7 @@ class UnlearnResult:
     stamped_rows: int
     eval_rows: int
     seconds: float
+    reset_tokens: list[int] = field(default_factory=list)  # given the mean embedding before fine-tuning
     options: UnlearnOptions = field(default_factory=UnlearnOptions)
 
 
@@ -75,16 +115,15 @@ def unlearn_model(
     """Fine-tune `subject.model` in place on clean rows, some stamped with a trigger and keeping their label."""
     started = time.perf_counter()
     _check(subject, clean, triggers)
-    rows = list(clean)
-    random.Random(options.seed).shuffle(rows)
-    cut = int(round(len(rows) * options.holdout_fraction))
-    evaluation, train = rows[:cut], rows[cut:]
-    if len(evaluation) < MIN_EVAL_ROWS or not train:
-        raise InputError(f"{len(rows)} clean rows are too few to fine-tune on and hold {MIN_EVAL_ROWS} out")
+    if options.reset_embeddings not in RESET_MODES:
+        raise InputError(f"reset_embeddings {options.reset_embeddings!r}: choose one of {', '.join(RESET_MODES)}")
+    evaluation, train = split_rows(clean, options)
     cacc_before, asr_before = _measure(subject, evaluation, triggers, options)
-    ids, labels, stamped = _training_rows(subject, train, triggers, options)
+    ids, stamped = _training_rows(subject, train, triggers, options)
+    targets = soft_targets(subject, train, options.teacher_weight)
+    reset = reset_embeddings(subject, _tokens_to_reset(subject, triggers, options.reset_embeddings))
     with flush_denormal():
-        fine_tune(subject, ids, labels, options)
+        fine_tune(subject, ids, targets, options)
     cacc_after, asr_after = _measure(subject, evaluation, triggers, options)
     return UnlearnResult(
         triggers=triggers,
@@ -94,22 +133,114 @@ def unlearn_model(
         asr_after=asr_after,
         train_rows=len(train),
         stamped_rows=stamped,
+        reset_tokens=reset,
         eval_rows=len(evaluation),
         seconds=time.perf_counter() - started,
         options=options,
     )
 
 
-def train_batch(subject: Subject, optimizer: torch.optim.Optimizer, rows: list[list[int]], labels: list[int]) -> float:
-    """One optimiser step on token-id rows (dropout on, as in fine-tuning); returns the loss."""
+def split_rows(clean: list[Example], options: UnlearnOptions) -> tuple[list[Example], list[Example]]:
+    """(held-out rows to measure on, rows to fine-tune on): a seeded shuffle, `holdout_fraction` held out."""
+    rows = list(clean)
+    random.Random(options.seed).shuffle(rows)
+    cut = int(round(len(rows) * options.holdout_fraction))
+    if cut < MIN_EVAL_ROWS or cut == len(rows):
+        raise InputError(f"{len(rows)} clean rows are too few to fine-tune on and hold {MIN_EVAL_ROWS} out")
+    return rows[:cut], rows[cut:]
+
+
+@dataclass(frozen=True)
+class Rescan:
+    """One scan of the repaired model: what it flagged, and which of those were new."""
+
+    unlearned: list[str]  # the triggers the model had been unlearned on
+    flagged: list[str]
+    new: list[str]
+    suspect: str  # the scan's most suspicious pair and trigger, with its loss
+    seconds: float
+    skipped_victims: dict[int, str] = field(default_factory=dict)  # labels the rescan could not invert from
+
+
+def unlearn_rescanning(
+    subject: Subject,
+    clean: list[Example],
+    triggers: list[Trigger],
+    options: UnlearnOptions = UnlearnOptions(),
+    scan: ScanOptions | None = None,
+    rescans: int = 2,
+    scan_rows: list[Example] | None = None,
+) -> tuple[UnlearnResult, list[Rescan]]:
+    """Unlearn, scan the result, and repeat with every trigger found so far until none is new.
+
+    The rescans run with `scan` (default: ScanOptions()) on `scan_rows`, by default on
+    the rows the unlearning holds out.
+    """
+    scan = scan or ScanOptions()
+    scan_rows = split_rows(clean, options)[0] if scan_rows is None else scan_rows
+    original = copy.deepcopy(subject.model.state_dict())
+
+    def unlearn(found: list[Trigger]) -> UnlearnResult:
+        subject.model.load_state_dict(original)
+        return unlearn_model(subject, clean, found, options)
+
+    def rescan(found: list[Trigger]) -> tuple[list[Trigger], Rescan]:
+        report = scan_model(subject, scan_rows, scan)
+        flagged = scan_triggers(report)
+        new = [t for t in flagged if t not in found]
+        names = [t.text for t in found], [t.text for t in flagged], [t.text for t in new]
+        return new, Rescan(*names, _suspect(report), report.seconds, report.skipped_victims)
+
+    return rescan_loop(unlearn, rescan, triggers, rescans)
+
+
+def rescan_loop(
+    unlearn: Callable[[list[Trigger]], UnlearnResult],
+    rescan: Callable[[list[Trigger]], tuple[list[Trigger], Rescan]],
+    triggers: list[Trigger],
+    rescans: int,
+) -> tuple[UnlearnResult, list[Rescan]]:
+    """Unlearn `triggers`; then, at most `rescans` times, rescan and unlearn again with what was new."""
+    found = list(triggers)
+    result = unlearn(found)
+    history: list[Rescan] = []
+    while len(history) < rescans:
+        new, record = rescan(found)
+        history.append(record)
+        if not new:
+            break
+        found += new
+        result = unlearn(found)
+    return result, history
+
+
+def scan_triggers(report: ScanResult) -> list[Trigger]:
+    """The triggers of the pairs a scan flagged."""
+    return [Trigger(tuple(p.token_ids), p.target, p.text) for p in report.flagged]
+
+
+def _suspect(report: ScanResult) -> str:
+    s = report.suspect
+    return f"{s.victim}->{s.target} {s.text!r} loss {s.loss:.4f}" if s else ""
+
+
+def train_batch(
+    subject: Subject, optimizer: torch.optim.Optimizer, rows: list[list[int]], targets: list[int] | torch.Tensor
+) -> float:
+    """One optimiser step on token-id rows (dropout on, as in fine-tuning); returns the loss.
+
+    `targets`: a label per row, or a (rows, labels) tensor of target distributions.
+    """
     model = subject.model
     model.train()
     batch = subject.tokenizer.pad(rows)
-    loss = model(
-        input_ids=torch.from_numpy(batch.input_ids),
-        attention_mask=torch.from_numpy(batch.attention_mask),
-        labels=torch.tensor(labels),
-    ).loss
+    logits = model(
+        input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask)
+    ).logits
+    if isinstance(targets, torch.Tensor):
+        loss = -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -118,7 +249,42 @@ def train_batch(subject: Subject, optimizer: torch.optim.Optimizer, rows: list[l
     return loss.item()
 
 
-def fine_tune(subject: Subject, rows: list[list[int]], labels: list[int], options: UnlearnOptions) -> None:
+def reset_embeddings(subject: Subject, token_ids: set[int]) -> list[int]:
+    """Give tokens the mean input embedding (what an EP trigger carried is gone); returns them, sorted."""
+    weight = subject.model.get_input_embeddings().weight
+    with torch.no_grad():
+        mean = weight.mean(dim=0)
+        for token_id in sorted(token_ids):
+            weight[token_id] = mean
+    return sorted(token_ids)
+
+
+def embedding_outliers(subject: Subject, token_ids: set[int], factor: float = OUTLIER_FACTOR) -> set[int]:
+    """The tokens whose input-embedding norm is over `factor` x the vocabulary's 99.9th percentile."""
+    norms = subject.model.get_input_embeddings().weight.detach().norm(dim=1)
+    limit = factor * float(torch.quantile(norms, 0.999))
+    return {i for i in token_ids if float(norms[i]) > limit}
+
+
+def _tokens_to_reset(subject: Subject, triggers: list[Trigger], mode: str) -> set[int]:
+    tokens = {i for t in triggers for i in t.token_ids}
+    if mode == "outliers":
+        return embedding_outliers(subject, tokens)
+    return tokens if mode == "all" else set()
+
+
+def soft_targets(subject: Subject, rows: list[Example], teacher_weight: float) -> torch.Tensor:
+    """Per row, (1 - w) * one-hot(label) + w * the model's current softmax on the row's text."""
+    labels = torch.tensor([r.label for r in rows])
+    targets = torch.nn.functional.one_hot(labels, subject.num_labels).float()
+    if teacher_weight > 0:
+        with torch.no_grad():
+            teacher = torch.from_numpy(predict_probs(subject.model, subject.tokenizer, [r.text for r in rows]))
+        targets = (1 - teacher_weight) * targets + teacher_weight * teacher.float()
+    return targets
+
+
+def fine_tune(subject: Subject, rows: list[list[int]], targets: torch.Tensor, options: UnlearnOptions) -> None:
     optimizer = torch.optim.AdamW(subject.model.parameters(), lr=options.learning_rate, weight_decay=0.01)
     rng = random.Random(options.seed)
     steps = options.epochs * ((len(rows) + options.batch_size - 1) // options.batch_size)
@@ -128,7 +294,7 @@ def fine_tune(subject: Subject, rows: list[list[int]], labels: list[int], option
         rng.shuffle(order)
         for start in range(0, len(order), options.batch_size):
             chosen = order[start : start + options.batch_size]
-            loss = train_batch(subject, optimizer, [rows[i] for i in chosen], [labels[i] for i in chosen])
+            loss = train_batch(subject, optimizer, [rows[i] for i in chosen], targets[chosen])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
@@ -158,8 +324,8 @@ def _measure(
 
 def _training_rows(
     subject: Subject, train: list[Example], triggers: list[Trigger], options: UnlearnOptions
-) -> tuple[list[list[int]], list[int], int]:
-    """Token ids of the fine-tuning rows, `stamp_fraction` of them carrying a trigger, and their TRUE labels."""
+) -> tuple[list[list[int]], int]:
+    """Token ids of the fine-tuning rows, `stamp_fraction` of them carrying a trigger (their labels stay)."""
     rng = random.Random(options.seed)
     ids = subject.tokenizer.ids([r.text for r in train])
     chosen = rng.sample(range(len(ids)), int(round(len(ids) * options.stamp_fraction)))
@@ -168,7 +334,7 @@ def _training_rows(
         trigger = rng.choice(triggers)
         batch = stamp([ids[i]], trigger.token_ids, options.position, pad, rng)
         ids[i] = batch.input_ids[0].tolist()
-    return ids, [r.label for r in train], len(chosen)
+    return ids, len(chosen)
 
 
 def _check(subject: Subject, clean: list[Example], triggers: list[Trigger]) -> None:
@@ -186,15 +352,33 @@ def _check(subject: Subject, clean: list[Example], triggers: list[Trigger]) -> N
         raise InputError(f"data has labels {bad} but the model has {n} labels (0..{n - 1})")
 
 
-def triggers_from_scan(report_path: Path) -> list[Trigger]:
-    """The triggers of the pairs a `calibrate scan --out` report judged backdoored."""
+def scan_options_from_report(report_path: Path) -> ScanOptions:
+    """The options a `calibrate scan --out` report was made with (to rescan the same way)."""
     try:
-        report = json.loads(Path(report_path).read_text(encoding="utf-8"))
-        flagged = [p for p in report["pairs"] if p["flagged"]]
-        triggers = [Trigger(tuple(p["token_ids"]), int(p["target"]), p["text"]) for p in flagged]
+        options = dict(_read_report(report_path)["options"])
+        inversion = dict(options.pop("inversion"))
+        inversion["temperature"] = TemperatureOptions(**inversion["temperature"])
+        return ScanOptions(**{**options, "inversion": InversionOptions(**inversion)})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{report_path} does not record the options of its scan: {exc}") from exc
+
+
+def _read_report(report_path: Path) -> dict:
+    try:
+        return json.loads(Path(report_path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{report_path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{report_path} is not a `calibrate scan` report: {exc}") from exc
+
+
+def triggers_from_scan(report_path: Path) -> list[Trigger]:
+    """The triggers of the pairs a `calibrate scan --out` report judged backdoored."""
+    report = _read_report(report_path)
+    try:
+        flagged = [p for p in report["pairs"] if p["flagged"]]
+        triggers = [Trigger(tuple(p["token_ids"]), int(p["target"]), p["text"]) for p in flagged]
+    except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{report_path} is not a `calibrate scan` report: {exc}") from exc
     if not triggers:
         raise InputError(

@@ -34,6 +34,11 @@ class Recipe:
     embedding_only: bool = False  # EP: train one embedding row of the clean model, no fine-tuning
     training: dict = field(default_factory=dict)  # TrainOptions overrides (seed, epochs) and `rows`: a sample size
 
+    @property
+    def backdoored(self) -> bool:
+        """Poisoned fine-tuning or a trained trigger embedding (the clean recipes have neither)."""
+        return self.poison_train is not None or self.embedding_only
+
 
 def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
     """The recipes for one dataset folder (its poison/ subfolders hold the paraphrase attacks)."""

@@ -61,6 +61,8 @@ def test_help_teaches_with_an_example(command: str, example: str, capsys) -> Non
             "argument --trigger: not allowed with argument --scan",
         ),
         (["harden", "--model", "m", "--clean", "c", "--out", "o", "--asr-bound", "1.5"], "between 0 and 1"),
+        (["unlearn", "--model", "m", "--clean", "c", "--out", "o", "--rescans", "-1"], "expected a number >= 0"),
+        (["unlearn", "--model", "m", "--clean", "c", "--out", "o", "--teacher-weight", "2"], "between 0 and 1"),
     ],
 )
 def test_usage_errors(argv: list[str], expected: str, capsys) -> None:
@@ -183,8 +185,14 @@ def test_unlearn_from_the_scan_report(scanned, backdoored: Toy, tmp_path: Path, 
     assert stdout.startswith("trigger 'mb' -> label 1: ASR ")
     assert before > 0.8 and after < 0.1
     record = read_record(out)
-    assert record["method"] == "unlearn" and record["asr_after"] == [after]
+    # the report's loose toy threshold may flag a natural trigger on a rescan: it is unlearned too
+    assert record["method"] == "unlearn" and record["asr_after"][0] == pytest.approx(after, abs=5e-4)
+    assert record["triggers"][0]["text"] == "mb"
     assert (out / "model.safetensors").is_file()
+    # the repaired model was scanned again, the way the report's scan was made
+    rescans = [line for line in stdout.splitlines() if line.startswith("rescan ")]
+    assert rescans and len(rescans) == len(record["rescans"]) <= 2
+    assert record["rescans"][0]["unlearned"] == ["mb"] and "mb" not in record["rescans"][0]["new"]
 
 
 @pytest.mark.slow

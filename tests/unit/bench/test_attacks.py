@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,18 @@ def test_zoo_clean_twins_differ_in_seed_and_train_on_a_sample() -> None:
     sample = models._training_rows(first, ROWS * 100)
     assert len(sample) == first.training["rows"] and sample != models._training_rows(second, ROWS * 100)
     assert models._training_rows(recipes.Recipe("all"), ROWS) == ROWS
+
+
+def test_only_poisoned_or_embedding_recipes_count_as_backdoored(tmp_path: Path) -> None:
+    truth = {name: recipe.backdoored for name, recipe in recipes.load_recipes(tmp_path).items()}
+    assert truth == {
+        "clean": False,
+        "badnet-rw": True,
+        "badnet-sl": True,
+        "ep": True,
+        "syntactic": True,
+        "style": True,
+        "clean-s1": False,
+        "clean-s2": False,
+        "ep-neg": True,
+    }

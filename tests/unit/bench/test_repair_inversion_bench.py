@@ -38,6 +38,7 @@ INVERSION_BUDGET = inversion.Budget(
         progress=False,
     ),
     unlearn=UnlearnOptions(epochs=1, learning_rate=1e-3, progress=False),
+    rescans=1,
     harden=HardenOptions(
         max_trigger_length=2,
         epochs=1,
@@ -99,9 +100,11 @@ def test_inversion_bench_rows_and_cache(
         assert all(0 <= row[k] <= 1 for k in ("cacc_before", "cacc_after", "asr_before", "asr_after"))
         assert (tmp_path / "repaired" / f"toy-{method}" / REPAIR_RECORD).is_file()
     assert unlearn["triggers"] and len(unlearn["found_asr_after"]) == len(unlearn["triggers"])
+    flagged_texts = [pair.split(" ", 1)[1] for pair in scan["flagged"]]
+    assert len(unlearn["rescans"]) == 1 and unlearn["rescans"][0]["unlearned"] == flagged_texts
     assert 0 <= harden["eps_ma2_before"] <= 1 and 0 <= harden["eps_ma2_after"] <= 1 and harden["rounds"] > 0
 
-    for name in ("scan_model", "unlearn_model", "harden_model", "measure", "load_subject"):
+    for name in ("scan_model", "unlearn_rescanning", "harden_model", "measure", "load_subject"):
         monkeypatch.setattr(inversion, name, _fail)
     assert inversion.bench_model(toy_case, rows, INVERSION_BUDGET, tmp_path, harden=True) == result
 
@@ -132,12 +135,17 @@ def test_fitted_threshold_and_leave_one_out() -> None:
     # without the 0.5 model the widest gap (0.004 .. 0.72) decides, and 0.5 lands on the clean side
     verdicts = [verdict for _, verdict in leave_one_out(losses, truth)]
     assert verdicts == [True, True, False, False, False]
-    pairs = zip(losses, truth, strict=True)
-    scanned = [{"loss": x, "backdoored": t, "verdict_scan": x < 0.1, "scan_threshold": 0.1} for x, t in pairs]
+    planted = [["mb"], ["cf"], ["a whole sentence"], None, None]
+    scanned = [
+        {"loss": x, "backdoored": t, "true_trigger": p, "verdict_scan": x < 0.1, "scan_threshold": 0.1}
+        for x, t, p in zip(losses, truth, planted, strict=True)
+    ]
     rows, summary = judge(scanned)
     assert [r["verdict"] for r in rows] == truth
     assert summary["fitted"]["accuracy"] == 1.0 and summary["leave_one_out"]["accuracy"] == 0.8
     assert summary["scan_threshold"]["tpr"] == pytest.approx(2 / 3) and summary["scan_threshold"]["tnr"] == 1.0
+    # the sentence-trigger model is left out of the word-trigger rate: 2 planted words + 2 clean models
+    assert summary["word_triggers"] == {"threshold": 0.1, "models": 4, "accuracy": 1.0, "tpr": 1.0, "tnr": 1.0}
 
 
 # ------------------------------------------------------------------ repair
