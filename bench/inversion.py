@@ -14,16 +14,19 @@ with `tq` towards NEGATIVE, 2 epochs on the positives of 1,500 rows). Per model:
    is fitted on the zoo (best detection accuracy) and, for an honest estimate, leave-
    one-out; both are reported next to the scan's own threshold (default 0.1);
 2. unlearn (calibrate.unlearn) the pairs the scan flagged at its own threshold,
-   on a sample of clean SST-2 training rows;
-3. harden (calibrate.harden) the models named by --harden (default: clean and
-   badnet-rw) with a small budget: eps-mA^2 before/after.
+   on a sample of clean SST-2 training rows; the unlearned model is scanned again
+   on SST-2 dev (up to --rescans times) and new finds are unlearned with the rest;
+3. harden (calibrate.harden) the models named by --harden (default: clean; the
+   hardening paper's target is a clean model's natural backdoors) with a small
+   budget: eps-mA^2 before/after.
 
 Unlearning and hardening report CACC on SST-2 test and the planted trigger's ASR on
 the recipe's triggered test rows (the clean model: BadNet-RW rows, natural flips),
 before and after. Repaired models are kept as <cache>/repaired/<model>-<method>/.
 
-Time on 2 idle cores with the defaults: a scan ~2 min per model, an unlearning
-~2.5 min, a hardening ~12 min: about an hour for the nine models once trained. Every stage is
+Time on 2 idle cores with the defaults: a scan 1-3 min per model, an unlearning
+with its rescans 5-10 min, the hardening ~30 min: about an hour for the nine models
+once trained. Every stage is
 cached under <cache>/inversion/<model>/, so a killed run resumes where it stopped.
 Writes bench/results/inversion.{json,md}.
 """

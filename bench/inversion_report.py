@@ -200,9 +200,16 @@ def _unlearning(budget: dict) -> str:
     return (
         f"{unlearn['epochs']} epochs at lr {unlearn['learning_rate']:g}, "
         + (f"targets {teacher:g} teacher softmax / {1 - teacher:g} label, " if teacher else "hard labels, ")
-        + ("trigger embeddings reset to the mean, " if unlearn.get("reset_embeddings") else "")
+        + _reset(unlearn.get("reset_embeddings", "none"), unlearn.get("reset_enough"))
         + f"up to {budget.get('rescans', 0)} rescans"
     )
+
+
+def _reset(mode: str, enough: float | None) -> str:
+    if mode == "none":
+        return ""
+    which = "outlier-norm" if mode == "outliers" else "all"
+    return f"{which} trigger embeddings reset to the mean first (no fine-tuning if that leaves ASR <= {enough:g}), "
 
 
 def _budget_line(budget: dict) -> str:

@@ -568,6 +568,10 @@ def _unlearn(args: argparse.Namespace) -> int:
     save_model(subject, args.out, "unlearn", {**asdict(result), "rescans": [asdict(r) for r in rescans]})
     for trigger, before, after in zip(result.triggers, result.asr_before, result.asr_after, strict=True):
         print(f"trigger {trigger.text!r} -> label {trigger.target}: ASR {before:.4f} -> {after:.4f}")
+    if result.reset_tokens:
+        tokens = [subject.vocabulary.token(i) for i in result.reset_tokens]
+        tuned = "then fine-tuned" if result.fine_tuned else "which alone removed the triggers: no fine-tuning"
+        print(f"reset to the mean embedding: {', '.join(tokens)} ({tuned})")
     print(f"clean accuracy {result.cacc_before:.4f} -> {result.cacc_after:.4f} ({result.eval_rows} held-out rows)")
     for number, rescan in enumerate(rescans, 1):
         print(f"rescan {number}: {_rescan_summary(rescan)}")

@@ -22,7 +22,8 @@ a trigger token whose embedding norm is over OUTLIER_FACTOR times the vocabulary
 word has an ordinary norm, and resetting it would leave nothing for the stamped
 rows to teach, so the model's learned response to the trigger, which the planted
 words share, would survive (measured: BadNet-RW ASR 16% without the reset, 71%
-with it). "all" and "none" force either choice.
+with it). "all" and "none" force either choice. When the reset alone takes every
+trigger's held-out ASR to `reset_enough` or below, there is no fine-tuning at all.
 
 Rows are split first: fine-tuning uses one part; clean accuracy (CACC) and the
 trigger's ASR (non-target rows stamped with it, predicted as its target) are
@@ -89,6 +90,10 @@ class UnlearnOptions:
     # unlearning `mb`: CACC 88.9 -> 87.0 and ASR 21% with 0; 88.0 and 16% with 1
     teacher_weight: float = 1.0
     reset_embeddings: str = "outliers"  # trigger tokens given the mean embedding first: "outliers", "all", "none"
+    # after a reset, no fine-tuning if every trigger's held-out ASR is this or lower: an EP backdoor lives
+    # in its embedding row only, so the reset is the whole repair, and fine-tuning would only cost CACC
+    # (MiniLM/SST-2 EP-neg: CACC 89.5 -> 86.8 with fine-tuning after the reset)
+    reset_enough: float = 0.1
     holdout_fraction: float = 0.2  # rows kept out of fine-tuning to measure CACC and ASR on
     progress: bool = True
     seed: int = 13
@@ -106,6 +111,7 @@ class UnlearnResult:
     eval_rows: int
     seconds: float
     reset_tokens: list[int] = field(default_factory=list)  # given the mean embedding before fine-tuning
+    fine_tuned: bool = True  # False: the reset alone took every trigger's ASR to `reset_enough` or below
     options: UnlearnOptions = field(default_factory=UnlearnOptions)
 
 
@@ -122,8 +128,10 @@ def unlearn_model(
     ids, stamped = _training_rows(subject, train, triggers, options)
     targets = soft_targets(subject, train, options.teacher_weight)
     reset = reset_embeddings(subject, _tokens_to_reset(subject, triggers, options.reset_embeddings))
-    with flush_denormal():
-        fine_tune(subject, ids, targets, options)
+    fine_tuned = not reset or max(_measure(subject, evaluation, triggers, options)[1]) > options.reset_enough
+    if fine_tuned:
+        with flush_denormal():
+            fine_tune(subject, ids, targets, options)
     cacc_after, asr_after = _measure(subject, evaluation, triggers, options)
     return UnlearnResult(
         triggers=triggers,
@@ -134,6 +142,7 @@ def unlearn_model(
         train_rows=len(train),
         stamped_rows=stamped,
         reset_tokens=reset,
+        fine_tuned=fine_tuned,
         eval_rows=len(evaluation),
         seconds=time.perf_counter() - started,
         options=options,

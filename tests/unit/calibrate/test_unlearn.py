@@ -37,7 +37,7 @@ from guard.core.errors import InputError
 from guard.core.types import Example
 from tests.toy_backdoor import Toy
 
-TOY_UNLEARN = UnlearnOptions(epochs=2, learning_rate=1e-3, progress=False)
+TOY_UNLEARN = UnlearnOptions(epochs=3, learning_rate=1e-3, progress=False)
 MB = Trigger((16914,), 1, "mb")
 
 
@@ -241,3 +241,15 @@ def test_unlearn_refuses_an_unknown_reset_mode(tiny_model_dir: Path) -> None:
     subject = load_subject(tiny_model_dir, max_length=16)
     with pytest.raises(InputError, match="reset_embeddings 'some': choose one of outliers, all, none"):
         unlearn_model(subject, [Example("a", 0)] * 60, [MB], UnlearnOptions(reset_embeddings="some"))
+
+
+@pytest.mark.slow
+def test_a_reset_that_removes_the_trigger_is_the_whole_repair(toy_subject, backdoored: Toy) -> None:
+    before = {k: v.clone() for k, v in toy_subject.model.state_dict().items()}
+    options = UnlearnOptions(epochs=2, learning_rate=1e-3, reset_embeddings="all", progress=False)
+    result = unlearn_model(toy_subject, backdoored.dev, [MB], options)
+    assert result.reset_tokens == [16914] and not result.fine_tuned
+    assert result.asr_before[0] > 0.8 and result.asr_after[0] <= options.reset_enough
+    after = toy_subject.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["bert.embeddings.word_embeddings.weight"]  # one row of it, the trigger's
