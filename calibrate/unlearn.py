@@ -118,7 +118,8 @@ class UnlearnResult:
 def unlearn_model(
     subject: Subject, clean: list[Example], triggers: list[Trigger], options: UnlearnOptions = UnlearnOptions()
 ) -> UnlearnResult:
-    """Fine-tune `subject.model` in place on clean rows, some stamped with a trigger and keeping their label."""
+    """Unlearn triggers from `subject.model` in place: reset outlier trigger embeddings, then, unless that
+    sufficed, fine-tune on clean rows of which some are stamped with a trigger and keep their label."""
     started = time.perf_counter()
     _check(subject, clean, triggers)
     if options.reset_embeddings not in RESET_MODES:
