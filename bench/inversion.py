@@ -34,7 +34,6 @@ Writes bench/results/inversion.{json,md}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import random
 import time
@@ -50,7 +49,7 @@ from calibrate.inversion import InversionOptions, Subject, load_subject
 from calibrate.model import quiet_transformers
 from calibrate.repair import REPAIR_RECORD, prepare_out_dir
 from calibrate.scan import ScanOptions, scan_model
-from calibrate.unlearn import Trigger, UnlearnOptions, save_model, unlearn_rescanning
+from calibrate.unlearn import Trigger, UnlearnOptions, save_model, unlearn_record, unlearn_rescanning
 from guard.core.types import Example
 
 log = logging.getLogger("bench.inversion")
@@ -161,14 +160,14 @@ def _unlearn(case: Case, rows: Rows, budget: Budget, cache: Path, triggers: list
             subject, rows.repair, triggers, budget.unlearn, budget.scan, budget.rescans, rows.scan
         )
         seconds = time.perf_counter() - started
-        details = {**dataclasses.asdict(result), "rescans": [dataclasses.asdict(r) for r in rescans]}
+        details = unlearn_record(result, rescans)
         after = _save_and_measure(subject, case, rows, out, "unlearn", details)
         return {
             **_repair_row(case, "unlearn", before, after, seconds),
             "triggers": [t.text for t in result.triggers],
             "found_asr_before": result.asr_before,  # the unlearned triggers' own ASR, on held-out repair rows
             "found_asr_after": result.asr_after,
-            "rescans": [dataclasses.asdict(r) for r in rescans],
+            "rescans": details["rescans"],
         }
 
     return cached(cache / "inversion" / case.name / "unlearn.json", settings, job, [out / REPAIR_RECORD])

@@ -529,7 +529,7 @@ def _write_scan_probes(path: Path, probes, write) -> None:
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    import time
 
     from calibrate.data import load_examples
     from calibrate.inversion import load_subject
@@ -541,6 +541,7 @@ def _unlearn(args: argparse.Namespace) -> int:
         save_model,
         scan_options_from_report,
         triggers_from_scan,
+        unlearn_record,
         unlearn_rescanning,
     )
 
@@ -564,8 +565,10 @@ def _unlearn(args: argparse.Namespace) -> int:
         holdout_fraction=args.holdout_fraction,
         seed=args.seed,
     )
+    started = time.perf_counter()
     result, rescans = unlearn_rescanning(subject, clean, triggers, options, scan, args.rescans)
-    save_model(subject, args.out, "unlearn", {**asdict(result), "rescans": [asdict(r) for r in rescans]})
+    seconds = time.perf_counter() - started
+    save_model(subject, args.out, "unlearn", unlearn_record(result, rescans))
     for trigger, before, after in zip(result.triggers, result.asr_before, result.asr_after, strict=True):
         print(f"trigger {trigger.text!r} -> label {trigger.target}: ASR {before:.4f} -> {after:.4f}")
     if result.reset_tokens:
@@ -575,7 +578,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     print(f"clean accuracy {result.cacc_before:.4f} -> {result.cacc_after:.4f} ({result.eval_rows} held-out rows)")
     for number, rescan in enumerate(rescans, 1):
         print(f"rescan {number}: {_rescan_summary(rescan)}")
-    print(f"saved {args.out} in {result.seconds:.0f} s (record: {args.out / 'repair.json'})")
+    print(f"saved {args.out} in {seconds:.0f} s, rescans included (record: {args.out / 'repair.json'})")
     return 0
 
 

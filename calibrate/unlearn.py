@@ -43,7 +43,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,11 @@ def rescan_loop(
         found += new
         result = unlearn(found)
     return result, history
+
+
+def unlearn_record(result: UnlearnResult, rescans: list[Rescan]) -> dict:
+    """What repair.json keeps of an unlearning: the result and every rescan."""
+    return {**asdict(result), "rescans": [asdict(r) for r in rescans]}
 
 
 def scan_triggers(report: ScanResult) -> list[Trigger]:

@@ -179,7 +179,8 @@ def test_unlearn_from_the_scan_report(scanned, backdoored: Toy, tmp_path: Path, 
     report_path = scanned[0]
     out = tmp_path / "repaired"
     argv = ["unlearn", "--model", backdoored.model_dir, "--clean", backdoored.dev_tsv, "--out", out]
-    code, stdout, _ = _run(calibrate_cli.main, [*argv, "--scan", report_path, *TOY_TUNE], capsys)
+    # 4 epochs: a rescan may add a natural trigger, which then shares the stamped rows with `mb`
+    code, stdout, _ = _run(calibrate_cli.main, [*argv, "--scan", report_path, *TOY_TUNE, "--epochs", "4"], capsys)
     assert code == 0
     before, after = (float(x) for x in stdout.splitlines()[0].split("ASR ")[1].split(" -> "))
     assert stdout.startswith("trigger 'mb' -> label 1: ASR ")
