@@ -7,11 +7,22 @@ future with its logits. While a batch runs, new rows pile up and form the next
 batch, so batches grow with load; when idle, the first row waits at most
 `max_wait` for company. The queue is bounded: a submit that would overflow it
 raises `QueueFullError` at once (the caller answers 429); nothing is dropped.
+
+Admission is deadline-aware: `admit` estimates when new rows would finish from the
+measured seconds per row and refuses at once (429, with Retry-After) what cannot
+finish before its deadline, instead of queueing it to time out. Rows submitted with
+`priority` (the second pass of an admitted request) go to the front of the queue.
+
+The worker is supervised: a failing batch fails only its own rows; if the worker
+itself dies it is restarted, and `healthy` is False until it runs again (or while
+one batch has run longer than `stall_after_s`), which readiness reports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -20,12 +31,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from guard.core.errors import GuardError
+from guard.core.errors import BackendError, GuardError
 from guard.core.types import EncodedBatch
+
+log = logging.getLogger(__name__)
+RATE_SMOOTHING = 0.2  # weight of the newest batch in the seconds-per-row estimate
 
 
 class QueueFullError(GuardError):
-    """The batcher's queue is full; retry later."""
+    """The batcher cannot take this work now; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BatcherClosedError(GuardError):
@@ -69,23 +87,38 @@ class Batcher:
         max_wait_s: float = 0.0,
         max_queue: int = 1024,
         on_batch: Callable[[BatchStats], None] | None = None,
+        stall_after_s: float = 30.0,
     ) -> None:
         self._infer, self._pad = infer, pad
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
+        self.stall_after_s = stall_after_s
         self._on_batch = on_batch or (lambda stats: None)
         self._queue: deque[_Row] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-infer")
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self._restarting = False
+        self._running: list[_Row] = []  # the batch in the backend now
+        self._running_since: float | None = None
+        self.seconds_per_row: float | None = None  # measured; None until the first batch
+        self.restarts = 0
 
     @property
     def pending(self) -> int:
         return len(self._queue)
 
+    @property
+    def healthy(self) -> bool:
+        """The worker runs and no batch has been stuck in the backend past `stall_after_s`."""
+        if self._worker is None or self._worker.done() or self._restarting:
+            return False
+        since = self._running_since
+        return since is None or time.perf_counter() - since < self.stall_after_s
+
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="guard-batcher")
+        self._worker = asyncio.get_running_loop().create_task(self._supervise(), name="guard-batcher")
 
     async def stop(self) -> None:
         """Finish every queued row, then stop the worker and the inference thread."""
@@ -95,21 +128,78 @@ class Batcher:
             await self._worker
         self._executor.shutdown(wait=True)
 
-    async def submit(self, rows: Sequence[Sequence[int]], tag: str = "") -> tuple[np.ndarray, Timing]:
-        """Logits for `rows` (in order) and how long they queued and computed."""
+    def estimated_wait_s(self, rows: int) -> float:
+        """Seconds until `rows` more rows would be done, at the measured rate (0 before one)."""
+        per_row = self.seconds_per_row or 0.0
+        return (len(self._queue) + len(self._running) + rows) * per_row
+
+    def admit(self, rows: int, deadline: float, passes: int = 1) -> None:
+        """Refuse now (QueueFullError) work that cannot finish by `deadline` (perf_counter time).
+
+        `rows` are queued now; `passes` x rows is the work to finish (the second pass
+        joins the queue later, at its front).
+        """
         if self._closing:
             raise BatcherClosedError("the guard is shutting down")
-        if len(self._queue) + len(rows) > self.max_queue:
-            raise QueueFullError(f"queue full ({len(self._queue)} rows waiting, limit {self.max_queue})")
+        if len(self._queue) + rows > self.max_queue:
+            raise QueueFullError(
+                f"queue full ({len(self._queue)} rows waiting, limit {self.max_queue})", self._retry_after(rows)
+            )
+        wait = self.estimated_wait_s(rows * passes)
+        budget = deadline - time.perf_counter()
+        if wait > budget:
+            raise QueueFullError(
+                f"the guard is at capacity: this request would finish in about {wait:.2f} s, "
+                f"past its {budget:.2f} s deadline",
+                self._retry_after(rows),
+            )
+
+    async def submit(
+        self, rows: Sequence[Sequence[int]], tag: str = "", priority: bool = False
+    ) -> tuple[np.ndarray, Timing]:
+        """Logits for `rows` (in order) and how long they queued and computed.
+
+        `priority` rows (the rest of already admitted work) go first and are not refused
+        for a full queue: refusing them would waste the work already done.
+        """
+        if self._closing:
+            raise BatcherClosedError("the guard is shutting down")
+        if not priority and len(self._queue) + len(rows) > self.max_queue:
+            raise QueueFullError(
+                f"queue full ({len(self._queue)} rows waiting, limit {self.max_queue})", self._retry_after(len(rows))
+            )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         entries = [_Row(r, tag, now, loop.create_future()) for r in rows]
-        self._queue.extend(entries)
+        if priority:
+            self._queue.extendleft(reversed(entries))
+        else:
+            self._queue.extend(entries)
         self._wakeup.set()
         results = await asyncio.gather(*(e.future for e in entries))
         logits = np.stack([r[0] for r in results]) if results else np.empty((0, 0), dtype=np.float32)
         timing = Timing(max((r[1] for r in results), default=0.0), max((r[2] for r in results), default=0.0))
         return logits, timing
+
+    def _retry_after(self, rows: int) -> float:
+        return max(1.0, math.ceil(self.estimated_wait_s(rows)))
+
+    async def _supervise(self) -> None:
+        """Run the worker; if it dies, fail the batch it held and start it again."""
+        backoff = 0.05
+        while True:
+            try:
+                await self._run()
+                return
+            except Exception as exc:
+                self.restarts += 1
+                self._restarting = True
+                log.exception("batcher worker failed (restart %d): %s", self.restarts, exc)
+                self._fail(self._running, BackendError(f"the batcher failed: {exc}"))
+                self._running, self._running_since = [], None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._restarting = False
 
     async def _run(self) -> None:
         idle = True
@@ -126,7 +216,9 @@ class Batcher:
             batch = self._take()
             idle = False
             if batch:
+                self._running, self._running_since = batch, time.perf_counter()
                 await self._execute(batch)
+                self._running, self._running_since = [], None
 
     async def _fill(self) -> None:
         """When the queue holds less than a batch, give it `max_wait` to fill."""
@@ -157,19 +249,46 @@ class Batcher:
         return batch
 
     async def _execute(self, batch: list[_Row]) -> None:
+        """One backend call. Whatever fails in it (padding, the backend, its output) fails these rows only."""
         started = time.perf_counter()
-        encoded = self._pad([r.ids for r in batch])
         try:
+            encoded = self._pad([r.ids for r in batch])
             logits = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, encoded)
-        except Exception as exc:  # the backend's failure belongs to every request in the batch
-            for row in batch:
-                if not row.future.done():
-                    row.future.set_exception(exc)
+            logits = _checked_shape(logits, len(batch))
+        except Exception as exc:  # the failure belongs to every request in the batch, and to no other
+            self._fail(batch, exc)
             return
         compute = time.perf_counter() - started
-        queue_wait = max(started - r.enqueued for r in batch)
         for row, out in zip(batch, logits, strict=True):
             if not row.future.done():
                 row.future.set_result((out, started - row.enqueued, compute))
-        tokens = int(encoded.input_ids.size)
-        self._on_batch(BatchStats(len(batch), tokens, frozenset(r.tag for r in batch), queue_wait, compute))
+        self._measure(compute, len(batch))
+        stats = BatchStats(
+            len(batch),
+            int(encoded.input_ids.size),
+            frozenset(r.tag for r in batch),
+            max(started - r.enqueued for r in batch),
+            compute,
+        )
+        try:
+            self._on_batch(stats)
+        except Exception:  # metrics must never cost a request its answer
+            log.exception("batch statistics callback failed")
+
+    def _measure(self, compute_s: float, rows: int) -> None:
+        per_row = compute_s / rows
+        old = self.seconds_per_row
+        self.seconds_per_row = per_row if old is None else old + RATE_SMOOTHING * (per_row - old)
+
+    @staticmethod
+    def _fail(rows: list[_Row], exc: BaseException) -> None:
+        for row in rows:
+            if not row.future.done():
+                row.future.set_exception(exc)
+
+
+def _checked_shape(logits: object, rows: int) -> np.ndarray:
+    out = np.asarray(logits)
+    if out.ndim != 2 or out.shape[0] != rows:
+        raise BackendError(f"the backend returned logits of shape {out.shape} for {rows} rows")
+    return out

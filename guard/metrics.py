@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from guard.batcher import BatchStats
@@ -66,7 +68,18 @@ class GuardMetrics:
         self.batch_size = Histogram(
             "guard_batch_size", "Rows per backend call.", buckets=BATCH_BUCKETS, registry=registry
         )
-        self.pending = Gauge("guard_pending_requests", "Rows waiting in the batcher queue.", registry=registry)
+        self.pending = Gauge(
+            "guard_pending_requests", "Rows waiting in the batcher queue (read at scrape time).", registry=registry
+        )
+        self.rejections = Counter(
+            "guard_rejections_total",
+            "Requests answered with an error instead of a verdict or an upstream answer, by reason (error_type).",
+            ["reason"],
+            registry=registry,
+        )
+        self.batcher_restarts = Gauge(
+            "guard_batcher_restarts", "Times the batcher worker died and was restarted.", registry=registry
+        )
         self.rap_delta = Histogram(
             "guard_rap_delta",
             "Live RAP deltas (compare with calibration to see drift).",
@@ -114,6 +127,11 @@ class GuardMetrics:
             ["model", "bundle_sha"],
             registry=registry,
         )
+
+    def watch_batcher(self, pending: Callable[[], float], restarts: Callable[[], float]) -> None:
+        """Queue length and restarts are read from the batcher when scraped, never stale."""
+        self.pending.set_function(pending)
+        self.batcher_restarts.set_function(restarts)
 
     def observe_batch(self, stats: BatchStats) -> None:
         tag = next(iter(stats.tags)) if len(stats.tags) == 1 else "fused"

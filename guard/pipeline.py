@@ -10,6 +10,7 @@ Two schedules:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -19,14 +20,14 @@ import numpy as np
 from guard.batcher import Batcher, BatcherClosedError, QueueFullError, Timing
 from guard.core import rap
 from guard.core.errors import GuardError, InputError
-from guard.core.tokenizer import RapTokenizer
+from guard.core.tokenizer import RapTokenizer, Windows
 from guard.core.types import Verdict
 
 Schedule = Literal["fused", "lazy"]
 
 
 class GuardFailure(GuardError):
-    """The guard could not finish its check (backend error or timeout).
+    """The guard could not finish its check (backend error, non-finite output, timeout).
 
     `probs` holds pass-1 probabilities when pass 1 finished: failure_mode=open
     can then still answer with an (unchecked) prediction.
@@ -53,45 +54,72 @@ class GuardPipeline:
         thresholds: Mapping[int, float],
         schedule: Schedule = "lazy",
         timeout_s: float = 10.0,
+        classifier_max_length: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.batcher = batcher
         self.thresholds = dict(thresholds)
         self.schedule = schedule
         self.timeout_s = timeout_s
+        self.classifier_max_length = classifier_max_length
 
-    async def check(self, texts: Sequence[str]) -> CheckResult:
-        """Verdicts for `texts`; raises GuardFailure on backend error or deadline."""
+    async def windows(self, texts: Sequence[str]) -> Windows:
+        """Tokenise in a worker thread: a long text must not stall the event loop."""
+        return await asyncio.to_thread(self.tokenizer.windows, list(texts), self.classifier_max_length)
+
+    async def check(self, texts: Sequence[str], windows: Windows | None = None) -> CheckResult:
+        """Verdicts for `texts`; raises GuardFailure on backend error, non-finite output or deadline.
+
+        InputError (the text cannot be read), QueueFullError (no capacity before the
+        deadline) and BatcherClosedError are the caller's to answer, never guard failures.
+        """
+        deadline = time.perf_counter() + self.timeout_s
         state: dict[str, np.ndarray] = {}
         run = self._fused if self.schedule == "fused" else self._lazy
         try:
-            return await asyncio.wait_for(run(texts, state), self.timeout_s)
+            return await asyncio.wait_for(self._run(run, texts, windows, deadline, state), self.timeout_s)
         except TimeoutError:
             raise GuardFailure(f"guard check exceeded {self.timeout_s:g} s", "timeout", state.get("probs")) from None
-        except (QueueFullError, BatcherClosedError, InputError):
-            raise  # not a guard failure: the caller answers 429 / 503 / 422
+        except (QueueFullError, BatcherClosedError, InputError, GuardFailure):
+            raise
         except Exception as exc:  # BackendError, or anything the runtime raised
             raise GuardFailure(f"backend failed: {exc}", "backend", state.get("probs")) from exc
 
-    async def _lazy(self, texts: Sequence[str], state: dict) -> CheckResult:
-        logits, t1 = await self.batcher.submit(self.tokenizer.ids(texts), "1")
-        probs = state["probs"] = rap.softmax(logits)
+    async def _run(self, run, texts, windows: Windows | None, deadline: float, state: dict) -> CheckResult:
+        windows = windows or await self.windows(texts)
+        self.batcher.admit(len(windows.rows), deadline, passes=2)  # both passes, at worst
+        return await run(windows, state)
+
+    async def _lazy(self, windows: Windows, state: dict) -> CheckResult:
+        logits, t1 = await self.batcher.submit(windows.rows, "1")
+        probs = _probs(logits, "pass 1")
+        state["probs"] = probs[windows.first_rows()]
         rows = rap.eligible_rows(probs, self.thresholds.keys())
         perturbed, t2 = np.empty((0, probs.shape[1])), Timing(0.0, 0.0)
         if len(rows):
-            logits2, t2 = await self.batcher.submit(self.tokenizer.perturbed_ids([texts[i] for i in rows]), "2")
-            perturbed = rap.softmax(logits2)
-        verdicts = rap.decide(probs, perturbed, self.thresholds)
+            pass2 = self.tokenizer.perturb([windows.rows[i] for i in rows])
+            logits2, t2 = await self.batcher.submit(pass2, "2", priority=True)
+            perturbed = _probs(logits2, "pass 2", state["probs"])
+        verdicts = rap.merge_windows(rap.decide(probs, perturbed, self.thresholds), windows.owner)
         return CheckResult(verdicts, t1.queue_seconds + t2.queue_seconds, t1.compute_seconds + t2.compute_seconds)
 
-    async def _fused(self, texts: Sequence[str], state: dict) -> CheckResult:
-        ids, perturbed_ids = self.tokenizer.ids(texts), self.tokenizer.perturbed_ids(texts)
+    async def _fused(self, windows: Windows, state: dict) -> CheckResult:
         (logits, t1), (logits2, t2) = await asyncio.gather(
-            self.batcher.submit(ids, "1"), self.batcher.submit(perturbed_ids, "2")
+            self.batcher.submit(windows.rows, "1"),
+            self.batcher.submit(self.tokenizer.perturb(windows.rows), "2"),
         )
-        probs = state["probs"] = rap.softmax(logits)
+        probs = _probs(logits, "pass 1")
+        state["probs"] = probs[windows.first_rows()]
+        perturbed = _probs(logits2, "pass 2", state["probs"])
         rows = rap.eligible_rows(probs, self.thresholds.keys())
-        verdicts = rap.decide(probs, rap.softmax(logits2)[rows], self.thresholds)
+        verdicts = rap.merge_windows(rap.decide(probs, perturbed[rows], self.thresholds), windows.owner)
         return CheckResult(
             verdicts, max(t1.queue_seconds, t2.queue_seconds), max(t1.compute_seconds, t2.compute_seconds)
         )
+
+
+def _probs(logits: np.ndarray, which: str, known: np.ndarray | None = None) -> np.ndarray:
+    """Softmax of finite logits; NaN or inf is a guard failure, never an answer."""
+    if not np.isfinite(logits).all():
+        raise GuardFailure(f"the model returned non-finite logits in {which}", "nonfinite", known)
+    return rap.softmax(logits)

@@ -1,12 +1,23 @@
-"""`guard serve`: settings -> verified bundle -> uvicorn."""
+"""`guard serve`: settings -> verified bundle -> measured capacity -> uvicorn.
+
+Everything that can be wrong with the settings is found before the port is bound,
+and said in one line: a bad value, a bundle that does not verify, a request timeout
+this machine cannot meet.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
+import h11
 import uvicorn
 import yaml
 from pydantic import ValidationError
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from guard.api import create_app
+from guard.api.service import measure_capacity, special_tokens_mode
+from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
 from guard.core.errors import InputError
 from guard.logs import configure_server_logging
@@ -29,9 +40,64 @@ def build_settings(overrides: dict) -> Settings:
 
 def serve(overrides: dict, verbose: bool = False) -> None:
     settings = build_settings(overrides)
-    load_bundle(settings.bundle)  # fail before binding the port, with the bundle's own message
+    bundle = load_bundle(settings.bundle)  # fail before binding the port, with the bundle's own message
     configure_server_logging(settings.log_json, verbose)
-    app = create_app(settings)
+    backend = load_backend(settings.backend, bundle.path, settings.threads)
+    capacity = measure_capacity(backend, bundle.tokenizer(special_tokens_mode(settings)), settings)
+    capacity.validate(settings)
+    app = create_app(settings, backend=backend, capacity=capacity)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        http=head_timeout_protocol(settings.read_timeout_s),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=2 * settings.max_connections,  # the app answers 429 above max_connections first
     )
+
+
+def head_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing connections that take longer than `timeout_s` to send a request head."""
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": timeout_s})
+
+
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn times out idle keep-alive connections but not a client that trickles its headers;
+    h11 (unlike httptools) also bounds their size (h11_max_incomplete_event_size)."""
+
+    head_timeout_s = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._awaiting_head():
+            self._arm()  # bytes of a head arrived, the head is not complete yet
+        else:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _awaiting_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head():
+            self.transport.close()

@@ -12,6 +12,20 @@ from typing import Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+DEFAULT_PASSTHROUGH = (
+    "GET /",
+    "GET /health",
+    "GET /healthz",
+    "GET /readyz",
+    "GET /v2",
+    "GET /v2/health/live",
+    "GET /v2/health/ready",
+    "GET /v2/models/*",
+    "GET /v2/models/*/ready",
+    "HEAD /",
+    "OPTIONS /",
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GUARD_", extra="forbid", validate_default=True)
@@ -54,12 +68,63 @@ class Settings(BaseSettings):
             "form anyway while the backend is busy, so 0 (default) adds no latency at low traffic."
         ),
     )
-    max_queue: int = Field(1024, ge=1, description="Rows waiting for the backend before new requests get 429.")
+    max_queue: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Rows waiting for the backend before new requests get 429 (default: what this machine computes "
+            "within request_timeout_s, measured at start). Work that cannot finish before its deadline gets "
+            "429 at once in any case."
+        ),
+    )
     request_timeout_s: float = Field(10.0, gt=0, description="Per-request deadline for the guard check.")
     max_text_chars: int = Field(20000, ge=1, description="Longest text accepted (413 above).")
     max_texts_per_request: int = Field(64, ge=1, description="Most texts in one request (413 above).")
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="Largest request body, checked before it is read or parsed (413 above)."
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request head (request line + headers; 431 above)."
+    )
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send its headers, and then its body (408 or closed above)."
+    )
+    max_connections: int = Field(
+        256, ge=1, description="Requests handled at once; more get a fast 429 (connections beyond 2x are refused)."
+    )
+    long_text: Literal["windows", "refuse"] = Field(
+        "windows",
+        description=(
+            "Text longer than the guard's window but read by the protected classifier: windows checks it in "
+            "half-overlapping windows (flagged if any window is); refuse answers 413."
+        ),
+    )
+    classifier_max_length: int | None = Field(
+        None,
+        ge=4,
+        description=(
+            "Tokens the protected classifier reads, [CLS] and [SEP] included (default: the bundle's record; "
+            "set it in sidecar mode when the upstream reads more, e.g. 512)."
+        ),
+    )
+    special_tokens: Literal["text", "special"] | None = Field(
+        None,
+        description=(
+            "How '[SEP]', '[PAD]', ... inside a text are read: text (plain characters) or special (their special "
+            "ids, as a Hugging Face classifier does). Default: text standalone, special as a sidecar."
+        ),
+    )
     api_key: SecretStr | None = Field(
-        None, description="If set, requests need `Authorization: Bearer KEY` (health and metrics stay open)."
+        None,
+        description="If set, requests need `Authorization: Bearer KEY`, checked before the body is read "
+        "(health and metrics stay open).",
+    )
+    feedback_api_key: SecretStr | None = Field(
+        None, description="If set, /v1/feedback needs this key instead of api_key (ground truth from a trusted source)."
+    )
+    expose_scores: bool = Field(
+        False,
+        description="Return RAP deltas and thresholds in /v1/check (off by default: they help tune a trigger).",
     )
     model_name: str = Field("guard", description="Model name in the Open Inference Protocol paths and in metrics.")
     upstream: str | None = Field(None, description="Sidecar mode: forward clean requests to this base URL.")
@@ -68,6 +133,17 @@ class Settings(BaseSettings):
         description='JSON pointer to the text in proxied bodies (HF style `{"inputs": ...}`; OIP: /inputs/0/data).',
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="Timeout for the upstream call (504 above).")
+    upstream_passthrough: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PASSTHROUGH),
+        description=(
+            "Sidecar: 'METHOD /path' requests without a body forwarded unchecked ('*' matches one path segment). "
+            "A request with a body is always checked; any other request without one gets 403."
+        ),
+    )
+    upstream_forward_authorization: bool = Field(
+        False, description="Sidecar: forward the client's Authorization header upstream (default: stripped)."
+    )
+    max_json_depth: int = Field(32, ge=2, description="Sidecar: deepest JSON nesting accepted in a body (422 above).")
     canary_interval_s: float = Field(
         0.0, ge=0, description="Replay one bundle canary (held-out clean row) every N seconds for live FRR; 0 = off."
     )
@@ -83,10 +159,29 @@ class Settings(BaseSettings):
             raise ValueError("a JSON pointer starts with '/' (e.g. /inputs)")
         return value
 
+    @field_validator("upstream_passthrough")
+    @classmethod
+    def _passthrough(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            method, _, path = entry.partition(" ")
+            if not method.isalpha() or not method.isupper() or not path.startswith("/"):
+                raise ValueError(f"{entry!r} is not 'METHOD /path' (e.g. 'GET /v2/models/*')")
+        return value
+
     @model_validator(mode="after")
-    def _bundle_exists(self) -> Settings:
+    def _consistent(self) -> Settings:
         if not self.bundle.is_dir():
             raise ValueError(f"bundle {self.bundle} is not a directory")
+        if self.max_queue is not None and self.max_queue < self.max_texts_per_request:
+            raise ValueError(
+                f"max_queue {self.max_queue} cannot hold one full request (max_texts_per_request "
+                f"{self.max_texts_per_request}); raise max_queue or lower max_texts_per_request"
+            )
+        if self.max_text_chars * self.max_texts_per_request > self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes {self.max_body_bytes} is smaller than max_texts_per_request x max_text_chars "
+                f"({self.max_texts_per_request * self.max_text_chars}); requests within the text limits would get 413"
+            )
         return self
 
     @classmethod

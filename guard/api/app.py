@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard import __version__
 from guard.api import proxy, routes
-from guard.api.errors import install_error_handlers
-from guard.api.service import GuardService
+from guard.api.errors import error_response, install_error_handlers
+from guard.api.limits import RequestLimits
+from guard.api.service import Capacity, GuardService
 from guard.core.backends import load_backend
 from guard.core.backends.base import Backend
 from guard.core.bundle import load_bundle
@@ -35,17 +36,23 @@ perturbation token; inputs whose probability barely moves are flagged as poisone
 
 
 def create_app(
-    settings: Settings, backend: Backend | None = None, registry: CollectorRegistry | None = None
+    settings: Settings,
+    backend: Backend | None = None,
+    registry: CollectorRegistry | None = None,
+    capacity: Capacity | None = None,
 ) -> FastAPI:
-    """Build the app. The bundle is loaded and verified, and the backend warmed up, in the lifespan."""
+    """Build the app. The bundle is loaded and verified, and the backend warmed up, in the lifespan.
+
+    `capacity` is what `guard serve` measured before binding the port (else measured at start).
+    """
     registry = registry or CollectorRegistry()
+    metrics = GuardMetrics(registry, backend.name if backend else settings.backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bundle = load_bundle(settings.bundle)
         engine = backend or load_backend(settings.backend, bundle.path, settings.threads)
-        metrics = GuardMetrics(registry, engine.name if backend else settings.backend)
-        svc = GuardService(settings, bundle, engine, metrics)
+        svc = GuardService(settings, bundle, engine, metrics, capacity)
         app.state.service = svc
         async with httpx.AsyncClient(
             base_url=settings.upstream or "http://upstream.invalid", timeout=settings.upstream_timeout_s
@@ -67,8 +74,10 @@ def create_app(
     app = FastAPI(title="backdoor-guard", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
+    app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(RequestContext, state=app.state)
+    app.add_middleware(RequestLimits, state=app.state)
+    app.add_middleware(RequestContext, state=app.state)  # outermost: every answer carries the request id
     app.include_router(routes.health)
     app.include_router(routes.guarded)
     if settings.upstream:
@@ -80,6 +89,9 @@ def create_app(
 
 class RequestContext:
     """Pure ASGI middleware: request id (from X-Request-ID or new), total time, metrics, access log.
+
+    An exception nothing else handled becomes a counted 500 here, with the request id
+    (Starlette's last-resort handler runs after the id is gone).
 
     Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps every response
     in an extra task and stream, which cost more than a millisecond per request here.
@@ -100,10 +112,12 @@ class RequestContext:
         started = time.perf_counter()
         status = 500
 
+        started_response = False
+
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = rid
                 total = f"total;dur={(time.perf_counter() - started) * 1000:.2f}"
@@ -113,6 +127,12 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started_response:
+                raise  # the response is under way: nothing better to do than drop the connection
+            response = error_response(self.state, "internal server error", "internal_error", 500)
+            await response(scope, receive, send_with_headers)
         finally:
             self._record(scope, status, time.perf_counter() - started)
             request_id_var.reset(token)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -11,8 +9,6 @@ from fastapi.responses import JSONResponse
 from guard.batcher import BatcherClosedError, QueueFullError
 from guard.core.errors import InputError
 from guard.logs import request_id_var
-
-log = logging.getLogger(__name__)
 
 
 class ServerError(Exception):
@@ -48,6 +44,10 @@ class TooManyRequests(ServerError):
     status_code, error_type = 429, "queue_full"
 
 
+class Forbidden(ServerError):
+    status_code, error_type = 403, "not_passthrough"
+
+
 class NotReady(ServerError):
     status_code, error_type = 503, "not_ready"
 
@@ -68,6 +68,16 @@ def error_body(message: str, error_type: str) -> dict:
     return {"error": message, "error_type": error_type, "request_id": request_id_var.get()}
 
 
+def error_response(
+    state, message: str, error_type: str, status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one way an error reaches a client: the JSON body, counted by reason."""
+    metrics = getattr(state, "metrics", None)
+    if metrics is not None:
+        metrics.rejections.labels(error_type).inc()
+    return JSONResponse(error_body(message, error_type), status, headers=headers)
+
+
 # Errors raised below the HTTP layer, each with its one HTTP meaning.
 MAPPED: dict[type[Exception], tuple[int, str, dict[str, str]]] = {
     InputError: (422, "invalid_input", {}),
@@ -81,25 +91,21 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     for error in MAPPED:
         app.add_exception_handler(error, _mapped)
-    app.add_exception_handler(Exception, _unknown)
 
 
 async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), exc.error_type), exc.status_code, headers=exc.headers)
+    return error_response(request.app.state, str(exc), exc.error_type, exc.status_code, exc.headers)
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
     message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-    return JSONResponse(error_body(message, "invalid_input"), 422)
+    return error_response(request.app.state, message, "invalid_input", 422)
 
 
 async def _mapped(request: Request, exc: Exception) -> JSONResponse:
     status, error_type, headers = next(v for k, v in MAPPED.items() if isinstance(exc, k))
-    return JSONResponse(error_body(str(exc), error_type), status, headers=headers)
-
-
-async def _unknown(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body("internal server error", "internal_error"), 500)
+    if isinstance(exc, QueueFullError):
+        headers = {"Retry-After": f"{exc.retry_after_s:.0f}"}
+    return error_response(request.app.state, str(exc), error_type, status, headers)

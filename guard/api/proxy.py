@@ -1,16 +1,22 @@
-"""Sidecar mode: check the text in each request body, forward clean requests upstream unchanged."""
+"""Sidecar mode: check the text in each request body, forward clean requests upstream unchanged.
+
+The guard must read each body as the upstream will: strict JSON (duplicate keys,
+non-UTF-8, NaN and deep nesting refused), every BYTES tensor of an OIP body, every
+method that carries a body. Requests without a body pass only if allow-listed.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.datastructures import Headers
 
-from guard.api.errors import InvalidInput, UpstreamError, UpstreamTimeout
-from guard.api.routes import Svc, enforce, require_api_key
+from guard.api.errors import Forbidden, InvalidInput, UpstreamError, UpstreamTimeout
+from guard.api.routes import Svc, enforce
 from guard.api.service import GuardService
 from guard.logs import request_id_var
 
@@ -31,9 +37,9 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-CHECKED_METHODS = frozenset({"POST", "PUT", "PATCH"})
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # the API key is checked in guard.api.limits, before the body is read
 
 
 def resolve_pointer(document: object, pointer: str) -> object:
@@ -51,42 +57,113 @@ def resolve_pointer(document: object, pointer: str) -> object:
 
 
 def texts_at(document: object, pointer: str) -> list[str]:
-    """A string, a list of strings, or Open Inference Protocol tensors (first BYTES tensor's data)."""
+    """A string, a list of strings, or Open Inference Protocol tensors (the data of EVERY BYTES tensor)."""
     try:
         node = resolve_pointer(document, pointer)
     except KeyError:
         raise InvalidInput(f"request body has no text at JSON pointer {pointer!r}") from None
     if isinstance(node, list) and node and all(isinstance(t, dict) for t in node):
-        node = next((t.get("data") for t in node if t.get("datatype") == "BYTES"), None)
+        tensors = [t for t in node if t.get("datatype") == "BYTES"]
+        if not tensors:
+            raise InvalidInput(f"no BYTES tensor at JSON pointer {pointer!r}")
+        node = [text for t in tensors for text in _flat(t.get("data"))]
     if isinstance(node, str):
         return [node]
     if isinstance(node, list) and node and all(isinstance(t, str) for t in node):
         return node
-    raise InvalidInput(f"the value at JSON pointer {pointer!r} is not a text or a list of texts")
+    raise InvalidInput(f"the value at JSON pointer {pointer!r} is not a text or a non-empty list of texts")
 
 
-def forward_headers(headers: httpx.Headers | Headers, request_id: str | None = None) -> list[tuple[str, str]]:
+def _flat(data: object) -> list[object]:
+    """OIP tensor data, flat or nested by shape; anything else is left for the caller to refuse."""
+    if not isinstance(data, list):
+        return [data]
+    return [x for item in data for x in _flat(item)]
+
+
+def parse_body(body: bytes, max_depth: int) -> object:
+    """Strict JSON, so the guard cannot read a body differently from the upstream.
+
+    UTF-8 only (no BOM, no UTF-16), no duplicate keys (parsers disagree on which one
+    wins), no NaN or Infinity, nesting at most `max_depth`.
+    """
+    try:
+        text = body.decode("utf-8")
+        document = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise InvalidInput("sidecar mode needs a UTF-8 JSON request body") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not JSON: {exc.msg} at character {exc.pos}") from None
+    except RecursionError:
+        raise InvalidInput(f"the request body nests deeper than {max_depth} levels") from None
+    if _depth(document) > max_depth:
+        raise InvalidInput(f"the request body nests deeper than {max_depth} levels")
+    return document
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InvalidInput(f"duplicate key {key!r} in the request body")
+        seen[key] = value
+    return seen
+
+
+def _no_constants(name: str) -> object:
+    raise InvalidInput(f"{name} is not JSON")
+
+
+def _depth(document: object) -> int:
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def passthrough(method: str, path: str, allowed: list[str]) -> bool:
+    """Whether a body-less `METHOD /path` is on the pass-through list ('*' = one path segment)."""
+    return any(_matches(method, path, entry) for entry in allowed)
+
+
+def _matches(method: str, path: str, entry: str) -> bool:
+    want_method, _, pattern = entry.partition(" ")
+    regex = "/".join("[^/]+" if part == "*" else re.escape(part) for part in pattern.split("/"))
+    return method == want_method and re.fullmatch(regex, path) is not None
+
+
+def forward_headers(
+    headers: httpx.Headers | Headers, request_id: str | None = None, strip: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
     """End-to-end headers only, repeated ones (Set-Cookie) kept apart; X-Request-ID set if given."""
     items = headers.multi_items() if isinstance(headers, httpx.Headers) else headers.items()
     connection = ",".join(v for k, v in items if k.lower() == "connection")
-    dropped = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",") if h.strip()}
+    dropped = HOP_BY_HOP | strip | {h.strip().lower() for h in connection.split(",") if h.strip()}
     if request_id:
         dropped |= {"x-request-id"}
     out = [(k, v) for k, v in items if k.lower() not in dropped]
     return out + [("x-request-id", request_id)] if request_id else out
 
 
-@router.api_route(
-    "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False
-)
+@router.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
 async def proxy(path: str, request: Request, svc: Svc) -> Response:
+    """Every request with a body is checked, whatever its method; one without is forwarded only if allowed."""
     body = await request.body()
     rid = request_id_var.get()
     guard = {}
-    if request.method in CHECKED_METHODS:
-        texts = texts_at(_json(body), svc.settings.upstream_text_pointer)
+    settings = svc.settings
+    if body or _declares_body(request.headers):
+        texts = texts_at(parse_body(body, settings.max_json_depth), settings.upstream_text_pointer)
         outcome = await svc.check(texts, rid, need_prediction=False)
         guard = enforce(outcome, svc)
+    elif not passthrough(request.method, request.url.path, settings.upstream_passthrough):
+        raise Forbidden(
+            f"{request.method} {request.url.path} without a body is not on the sidecar's pass-through list "
+            "(upstream_passthrough); requests with a body are checked"
+        )
     status, headers, content = await _forward(request, body, rid)
     response = Response(content, status)
     for key, value in headers:
@@ -96,11 +173,8 @@ async def proxy(path: str, request: Request, svc: Svc) -> Response:
     return response
 
 
-def _json(body: bytes) -> object:
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidInput("sidecar mode needs a JSON request body") from None
+def _declares_body(headers: Headers) -> bool:
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
 async def _forward(request: Request, body: bytes, rid: str) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -115,7 +189,7 @@ async def _forward(request: Request, body: bytes, rid: str) -> tuple[int, list[t
     outcome = "error"
     try:
         upstream_request = client.build_request(
-            request.method, url, content=body, headers=forward_headers(request.headers, rid)
+            request.method, url, content=body, headers=forward_headers(request.headers, rid, _stripped(svc))
         )
         upstream = await client.send(upstream_request, stream=True)
         try:
@@ -132,3 +206,8 @@ async def _forward(request: Request, body: bytes, rid: str) -> tuple[int, list[t
         raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
     finally:
         svc.metrics.upstream_duration.labels(outcome).observe(time.perf_counter() - started)
+
+
+def _stripped(svc: GuardService) -> frozenset[str]:
+    """The client's Authorization (the guard's own key, typically) stays here unless configured."""
+    return frozenset() if svc.settings.upstream_forward_authorization else frozenset({"authorization"})

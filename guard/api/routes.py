@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guard.api import schemas
-from guard.api.errors import GuardRejected, GuardUnavailable, InvalidInput, NotFound, NotReady, Unauthorized
+from guard.api.errors import GuardRejected, GuardUnavailable, InvalidInput, NotFound, NotReady
 from guard.api.service import GuardService, Outcome
 from guard.core.types import Verdict
 from guard.logs import request_id_var
 
 FLAG_HEADER = "X-Guard-Flagged"
 FAILURE_HEADER = "X-Guard-Failure-Mode"
+DECISION_HEADER = "X-Guard-Decision-Id"
 ERRORS = {code: {"model": schemas.ErrorResponse} for code in (401, 403, 413, 422, 429, 503)}
 
 
@@ -28,18 +28,10 @@ async def service(request: Request) -> GuardService:
     return svc
 
 
-async def require_api_key(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), key.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
-
-
+# The API key (and the feedback key) are checked in guard.api.limits, before the body is read.
 Svc = Annotated[GuardService, Depends(service)]
-guarded = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
-standalone = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+guarded = APIRouter(responses=ERRORS)
+standalone = APIRouter(responses=ERRORS)
 health = APIRouter()
 
 
@@ -49,6 +41,8 @@ def guard_headers(outcome: Outcome, svc: GuardService) -> dict[str, str]:
         "Server-Timing": f"queue;dur={outcome.queue_seconds * 1000:.2f}, "
         f"compute;dur={outcome.compute_seconds * 1000:.2f}"
     }
+    if outcome.decision_id:
+        headers[DECISION_HEADER] = outcome.decision_id
     if outcome.failed_open:
         headers[FAILURE_HEADER] = f"open; unchecked ({outcome.failed_open})"
     if svc.settings.mode == "shadow" and outcome.flagged:
@@ -77,7 +71,7 @@ async def check(body: schemas.TextsRequest, response: Response, svc: Svc):
     outcome = await svc.check(body.items(), rid)
     response.headers.update(guard_headers(outcome, svc))
     items = [_check_item(v, svc, rid) for v in predictions(outcome)]
-    return schemas.CheckResponse(request_id=rid, results=items)
+    return schemas.CheckResponse(request_id=rid, decision_id=outcome.decision_id, results=items)
 
 
 @standalone.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["guard"])
@@ -90,7 +84,7 @@ async def classify(body: schemas.TextsRequest, response: Response, svc: Svc):
         schemas.Prediction(label=v.label, label_name=svc.labels[v.label], probs=list(v.probs))
         for v in predictions(outcome)
     ]
-    return schemas.ClassifyResponse(request_id=rid, results=results)
+    return schemas.ClassifyResponse(request_id=rid, decision_id=outcome.decision_id, results=results)
 
 
 @standalone.post(
@@ -103,7 +97,7 @@ async def infer(name: str, body: schemas.InferRequest, response: Response, svc: 
     """Open Inference Protocol v2: one BYTES input of texts -> label, probs and flagged outputs."""
     _known_model(name, svc)
     texts = _oip_texts(body)
-    rid = body.id or request_id_var.get()  # the id the client sees is the one /v1/feedback takes
+    rid = body.id or request_id_var.get()
     outcome = await svc.check(texts, rid)
     response.headers.update(enforce(outcome, svc))
     verdicts = predictions(outcome)
@@ -113,7 +107,8 @@ async def infer(name: str, body: schemas.InferRequest, response: Response, svc: 
         schemas.InferTensor(name="probs", shape=[n, k], datatype="FP32", data=[p for v in verdicts for p in v.probs]),
         schemas.InferTensor(name="flagged", shape=[n], datatype="BOOL", data=[v.flagged for v in verdicts]),
     ]
-    return schemas.InferResponse(model_name=name, id=rid, outputs=outputs)
+    parameters = {"decision_id": outcome.decision_id} if outcome.decision_id else None
+    return schemas.InferResponse(model_name=name, id=rid, outputs=outputs, parameters=parameters)
 
 
 @standalone.get("/v2/models/{name}", tags=["open inference protocol"])
@@ -139,10 +134,10 @@ async def model_ready(name: str, svc: Svc):
 
 @guarded.post("/v1/feedback", response_model=schemas.FeedbackResponse, tags=["guard"])
 async def feedback(body: schemas.FeedbackRequest, svc: Svc):
-    """Ground truth for an earlier decision: feeds the live FAR/FRR gauges (source=feedback)."""
-    decision = svc.decisions.pop(body.request_id)
+    """Ground truth for an earlier decision (its server-issued decision_id): feeds the live FAR/FRR gauges."""
+    decision = svc.decisions.pop(body.decision_id)
     if decision is None:
-        raise NotFound(f"no recent decision with request_id {body.request_id!r} (or feedback was already given)")
+        raise NotFound(f"no recent decision with decision_id {body.decision_id!r} (or feedback was already given)")
     svc.rates.record("feedback", body.poisoned, decision.flagged)
     kind = ("false_accept", "true_reject") if body.poisoned else ("true_accept", "false_reject")
     return schemas.FeedbackResponse(recorded=True, outcome=kind[decision.flagged])
@@ -181,16 +176,22 @@ def _known_model(name: str, svc: GuardService) -> None:
 
 
 def _oip_texts(body: schemas.InferRequest) -> list[str]:
-    tensor = next((t for t in body.inputs if t.datatype == "BYTES"), None)
-    if tensor is None:
-        raise InvalidInput("expected one BYTES input tensor holding the texts")
+    tensors = [t for t in body.inputs if t.datatype == "BYTES"]
+    if len(tensors) != 1:
+        raise InvalidInput(f"expected exactly one BYTES input tensor holding the texts, got {len(tensors)}")
+    (tensor,) = tensors
+    if not tensor.data:
+        raise InvalidInput(f"input {tensor.name!r} holds no texts")
     if not all(isinstance(x, str) for x in tensor.data):
         raise InvalidInput(f"input {tensor.name!r}: every element must be a string")
     return list(tensor.data)
 
 
 def _check_item(v: Verdict, svc: GuardService, rid: str) -> schemas.CheckItem:
-    rap = schemas.RapInfo(checked=v.rap.checked, delta=v.rap.delta, threshold=v.rap.threshold)
+    scores = svc.settings.expose_scores  # off by default: exact deltas help an attacker tune a trigger
+    rap = schemas.RapInfo(
+        checked=v.rap.checked, delta=v.rap.delta if scores else None, threshold=v.rap.threshold if scores else None
+    )
     return schemas.CheckItem(
         label=v.label, label_name=svc.labels[v.label], probs=list(v.probs), flagged=v.flagged, rap=rap, request_id=rid
     )

@@ -29,8 +29,10 @@ class TextsRequest(BaseModel):
 
 class RapInfo(BaseModel):
     checked: bool = Field(description="Whether the RAP second pass ran (only for protect-label predictions).")
-    delta: float | None = Field(None, description="p(label|x) - p(label|x+RAP); small means suspicious.")
-    threshold: float | None = Field(None, description="Flagged when delta is below this.")
+    delta: float | None = Field(
+        None, description="p(label|x) - p(label|x+RAP); small means suspicious (only with expose_scores)."
+    )
+    threshold: float | None = Field(None, description="Flagged when delta is below this (only with expose_scores).")
 
 
 class CheckItem(BaseModel):
@@ -44,6 +46,7 @@ class CheckItem(BaseModel):
 
 class CheckResponse(BaseModel):
     request_id: str
+    decision_id: str | None = Field(None, description="Server-issued id of this decision; /v1/feedback takes it.")
     results: list[CheckItem]
 
 
@@ -55,6 +58,7 @@ class Prediction(BaseModel):
 
 class ClassifyResponse(BaseModel):
     request_id: str
+    decision_id: str | None = Field(None, description="Server-issued id of this decision; /v1/feedback takes it.")
     results: list[Prediction]
 
 
@@ -67,7 +71,11 @@ class ErrorResponse(BaseModel):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1, max_length=200, description="The request_id of an earlier decision.")
+    decision_id: str = Field(
+        min_length=1,
+        max_length=200,
+        description="The decision_id of an earlier decision (response body or X-Guard-Decision-Id header).",
+    )
     poisoned: bool = Field(description="Ground truth: was that input poisoned (carried a trigger)?")
 
 
@@ -99,4 +107,5 @@ class InferRequest(BaseModel):
 class InferResponse(BaseModel):
     model_name: str
     id: str
+    parameters: dict[str, Any] | None = Field(None, description="decision_id: the id /v1/feedback takes.")
     outputs: list[InferTensor]

@@ -1,10 +1,17 @@
-"""The guard as the HTTP layer sees it: limits, the pipeline, failure modes, bookkeeping."""
+"""The guard as the HTTP layer sees it: limits, the pipeline, failure modes, bookkeeping.
+
+Input the guard cannot read is the client's error (422/413) and never a guard failure,
+so it can never be let through by failure_mode=open. A guard failure (backend error,
+non-finite output, timeout) is 503 when closed and counted when open.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +20,8 @@ from guard.api.errors import GuardUnavailable, InvalidInput, PayloadTooLarge
 from guard.batcher import Batcher
 from guard.core.backends.base import Backend, precision_of
 from guard.core.bundle import Bundle
+from guard.core.errors import InputError
+from guard.core.tokenizer import RapTokenizer, Windows
 from guard.core.types import RapCheck, Verdict
 from guard.metrics import GuardMetrics
 from guard.monitoring import DecisionLog, LiveRates, load_probe_rows, replay_canaries
@@ -32,48 +41,110 @@ class Outcome:
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     failed_open: str | None = None  # the failure reason when failure_mode=open let it through
+    decision_id: str | None = None  # server-issued; /v1/feedback takes it
 
     @property
     def flagged(self) -> bool:
         return any(v.flagged for v in self.verdicts or [])
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What this machine computes, measured once at start on full-width rows."""
+
+    seconds_per_row: float
+    full_request_seconds: float  # max_texts_per_request texts, both passes
+
+    def default_queue(self, settings: Settings) -> int:
+        """Rows the backend works through within one request timeout."""
+        return max(settings.max_texts_per_request, int(settings.request_timeout_s / self.seconds_per_row))
+
+    def validate(self, settings: Settings) -> None:
+        if settings.request_timeout_s <= self.full_request_seconds:
+            raise InputError(
+                f"request_timeout_s {settings.request_timeout_s:g} is shorter than one full request takes here "
+                f"({self.full_request_seconds:.2f} s for {settings.max_texts_per_request} texts, measured at start); "
+                "raise request_timeout_s or lower max_texts_per_request"
+            )
+
+
+def measure_capacity(backend: Backend, tokenizer: RapTokenizer, settings: Settings) -> Capacity:
+    """Time one batch of full-width rows (after one untimed run) on the backend itself."""
+    rows = min(settings.max_batch_size, 2 * settings.max_texts_per_request)
+    row = tokenizer.ids([" ".join([WARMUP_TEXT] * tokenizer.max_length)])[0]
+    batch = tokenizer.pad([row] * rows)
+    backend.infer(batch)
+    started = time.perf_counter()
+    backend.infer(batch)
+    per_row = max((time.perf_counter() - started) / rows, 1e-6)
+    return Capacity(per_row, per_row * 2 * settings.max_texts_per_request)
+
+
+def special_tokens_mode(settings: Settings) -> str:
+    """Standalone the guard is the classifier and reads '[SEP]' as text; a sidecar reads text as HF does."""
+    return settings.special_tokens or ("special" if settings.upstream else "text")
+
+
 class GuardService:
-    def __init__(self, settings: Settings, bundle: Bundle, backend: Backend, metrics: GuardMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bundle: Bundle,
+        backend: Backend,
+        metrics: GuardMetrics,
+        capacity: Capacity | None = None,
+    ) -> None:
         self.settings, self.bundle, self.backend, self.metrics = settings, bundle, backend, metrics
         self.labels = bundle.manifest.model.labels
-        tokenizer = bundle.tokenizer()  # parsing tokenizer.json takes ~0.1 s: once
+        self.tokenizer = bundle.tokenizer(special_tokens_mode(settings))  # parsing takes ~0.1 s: once
+        self.capacity = capacity
         self.batcher = Batcher(
             backend.infer,
-            tokenizer.pad,
+            self.tokenizer.pad,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000,
-            max_queue=settings.max_queue,
+            max_queue=settings.max_queue or settings.max_texts_per_request,  # set from capacity at start
             on_batch=metrics.observe_batch,
+            stall_after_s=3 * settings.request_timeout_s,
         )
+        metrics.watch_batcher(lambda: self.batcher.pending, lambda: self.batcher.restarts)
         self.pipeline = GuardPipeline(
-            tokenizer,
+            self.tokenizer,
             self.batcher,
             bundle.thresholds(settings.frr, precision_of(settings.backend)),
             settings.schedule,
             settings.request_timeout_s,
+            settings.classifier_max_length or bundle.manifest.model.classifier_max_length,
         )
         self.decisions = DecisionLog()
         self.rates = LiveRates(metrics)
-        self.ready = False
+        self._started = False
         self._canaries: asyncio.Task | None = None
 
+    @property
+    def ready(self) -> bool:
+        """Started, not stopping, and the batcher's worker is running (not restarting, not stuck)."""
+        return self._started and self.batcher.healthy
+
     async def start(self) -> None:
+        capacity = self.capacity or await asyncio.to_thread(
+            measure_capacity, self.backend, self.tokenizer, self.settings
+        )
+        capacity.validate(self.settings)
+        self.capacity = capacity
+        self.batcher.max_queue = self.settings.max_queue or capacity.default_queue(self.settings)
+        self.batcher.seconds_per_row = capacity.seconds_per_row
         self.batcher.start()
         await self.pipeline.check([WARMUP_TEXT])  # first run allocates; keep it off the first user's clock
+        self.batcher.seconds_per_row = capacity.seconds_per_row  # the warm-up's first run is no measure
         self._publish_static_metrics()
         if self.settings.canary_interval_s > 0:
             self._canaries = asyncio.create_task(self._replay())
-        self.ready = True
+        self._started = True
 
     async def stop(self) -> None:
-        self.ready = False
+        self._started = False
         if self._canaries is not None:
             self._canaries.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -82,17 +153,37 @@ class GuardService:
         self.backend.close()
 
     def validate(self, texts: list[str]) -> None:
+        if not texts:
+            raise InvalidInput("no texts to check")
         if len(texts) > self.settings.max_texts_per_request:
             raise PayloadTooLarge(
                 f"{len(texts)} texts in one request; the limit is {self.settings.max_texts_per_request}"
             )
         for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidInput(f"text {i} is {type(text).__name__}, expected a string")
             if len(text) > self.settings.max_text_chars:
                 raise PayloadTooLarge(
                     f"text {i} has {len(text)} characters; the limit is {self.settings.max_text_chars}"
                 )
-            if not text.strip():
-                raise InvalidInput(f"text {i} is empty")
+
+    async def windows(self, texts: list[str]) -> Windows:
+        """Limits, then the tokens: unreadable text is 422, text past the window 413 (long_text=refuse)."""
+        self.validate(texts)
+        try:
+            windows = await self.pipeline.windows(texts)
+        except InputError as exc:
+            raise InvalidInput(str(exc)) from None
+        if self.settings.long_text == "refuse" and len(windows.rows) > len(texts):
+            longest = max(self.tokenizer.text_tokens(texts))
+            raise PayloadTooLarge(
+                f"a text has {longest} tokens; the guard reads {self.tokenizer.text_window} (long_text=refuse)"
+            )
+        if len(windows.rows) > self.batcher.max_queue:
+            raise PayloadTooLarge(
+                f"this request needs {len(windows.rows)} model rows; the queue holds {self.batcher.max_queue}"
+            )
+        return windows
 
     async def check(self, texts: list[str], request_id: str, need_prediction: bool = True) -> Outcome:
         """Run the guard; apply failure_mode; record decisions, deltas and the decision log.
@@ -101,13 +192,12 @@ class GuardService:
         endpoints), so failing open is impossible when pass 1 itself failed. The sidecar
         only needs a decision and can let the request through.
         """
-        self.validate(texts)
-        self.metrics.pending.set(self.batcher.pending)
+        windows = await self.windows(texts)
         try:
-            result = await self.pipeline.check(texts)
+            result = await self.pipeline.check(texts, windows)
         except GuardFailure as failure:
             return self._failed(failure, need_prediction)
-        outcome = Outcome(result.verdicts, result.queue_seconds, result.compute_seconds)
+        outcome = Outcome(result.verdicts, result.queue_seconds, result.compute_seconds, decision_id=uuid.uuid4().hex)
         self._record(outcome, request_id)
         return outcome
 
@@ -128,7 +218,8 @@ class GuardService:
         for v in outcome.verdicts or []:
             if v.rap.checked:
                 self.metrics.rap_delta.labels(self.labels[v.label]).observe(v.rap.delta)
-        self.decisions.remember(request_id, outcome.verdicts or [])
+        self.decisions.remember(outcome.decision_id, outcome.verdicts or [])
+        log.debug("request %s: decision %s (%s)", request_id, outcome.decision_id, decision)
 
     def _publish_static_metrics(self) -> None:
         m = self.bundle.manifest

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from guard.core import rap
 from guard.core.errors import BundleError
-from guard.core.tokenizer import RapTokenizer
+from guard.core.tokenizer import RapTokenizer, SpecialTokens
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,6 +36,11 @@ class ModelInfo(BaseModel):
     source_sha256: str = Field(description="sha256 of the source weights file")
     labels: list[str] = Field(description="label names by id")
     max_length: int = Field(description="tokens per input, [CLS] and [SEP] included")
+    classifier_max_length: int | None = Field(
+        None,
+        description="tokens the protected classifier reads, [CLS] and [SEP] included (None: max_length); "
+        "text beyond the guard's window is checked in windows",
+    )
 
 
 class RapToken(BaseModel):
@@ -113,9 +118,9 @@ class Bundle:
                 return dict(p.thresholds)
         raise BundleError(f"label {label} is not protected by this bundle")
 
-    def tokenizer(self) -> RapTokenizer:
+    def tokenizer(self, special_tokens: SpecialTokens = "text") -> RapTokenizer:
         m = self.manifest
-        return RapTokenizer.from_file(self.path / "tokenizer.json", m.rap.token_id, m.model.max_length)
+        return RapTokenizer.from_file(self.path / "tokenizer.json", m.rap.token_id, m.model.max_length, special_tokens)
 
 
 def sha256_file(path: Path) -> str:

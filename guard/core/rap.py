@@ -9,7 +9,7 @@ both call these functions, so they cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -99,3 +99,23 @@ def decide(
         rap, flagged = rap_by_row.get(row, (RapCheck(checked=False), False))
         verdicts.append(Verdict(label=int(p.argmax()), probs=tuple(float(x) for x in p), flagged=flagged, rap=rap))
     return verdicts
+
+
+def merge_windows(row_verdicts: Sequence[Verdict], owner: Sequence[int]) -> list[Verdict]:
+    """One verdict per text from the verdicts of its windows (rows, `owner[i]` = its text).
+
+    A text is flagged when any of its windows is; its label and probabilities are its
+    first window's. The RAP check reported is the flagged window's, else the first
+    checked one's.
+    """
+    by_text: dict[int, list[Verdict]] = {}
+    for verdict, text in zip(row_verdicts, owner, strict=True):
+        by_text.setdefault(text, []).append(verdict)
+    merged = []
+    for text in sorted(by_text):
+        windows = by_text[text]
+        flagged = [v for v in windows if v.flagged]
+        checked = [v for v in windows if v.rap.checked]
+        shown = (flagged or checked or windows)[0].rap
+        merged.append(Verdict(windows[0].label, windows[0].probs, bool(flagged), shown))
+    return merged

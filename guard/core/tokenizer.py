@@ -1,16 +1,28 @@
-"""Tokenisation for both RAP passes.
+"""Tokenisation for both RAP passes, and the windows that cover a long text.
 
-Pass 1 is the model's ordinary input. Pass 2 is the same text with the RAP
-token inserted right after [CLS]. The RAP token is a fresh id (the old vocab
-size), so the tokenizer can never emit it from text: it is spliced in as an id.
-Pass 2 truncates its text one token earlier than pass 1 so that the RAP token
-and the final [SEP] always survive truncation.
+Pass 1 is the model's ordinary input: `[CLS] text [SEP]`. Pass 2 is the same row
+with the RAP token inserted right after [CLS]. The RAP token is a fresh id (the
+old vocab size), so the tokenizer can never emit it from text: it is spliced in
+as an id.
+
+Both passes read exactly the same text tokens: a text token one pass sees and the
+other does not would be a bypass (a trigger placed there is read by the classifier
+but never perturbed). Pass 2 is one token longer, so both keep `max_length - 3`
+text tokens and pass 2 fills `max_length` exactly. Pass-2 rows are built from
+pass-1 rows, never tokenised twice.
+
+A protected classifier may read more text than the guard's window (a sidecar in
+front of a 512-token model). `windows` then cuts the text tokens it reads into
+overlapping windows, each a pass-1 row of its own; the guard flags the text when
+any window flags.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -19,74 +31,142 @@ from guard.core.errors import BundleError, InputError
 from guard.core.types import EncodedBatch
 
 RAP_POSITION = 1  # right after [CLS]
+SpecialTokens = Literal["text", "special"]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Pass-1 rows for a batch of texts: `owner[i]` is the text row `i` belongs to."""
+
+    rows: list[list[int]]
+    owner: list[int]
+
+    def first_rows(self) -> list[int]:
+        """Index of each text's first window (texts are in order, each has one or more)."""
+        return [i for i, text in enumerate(self.owner) if i == 0 or self.owner[i - 1] != text]
 
 
 class RapTokenizer:
-    """Wraps a Hugging Face fast tokenizer (`tokenizer.json`, BERT-style)."""
+    """Wraps a Hugging Face fast tokenizer (`tokenizer.json`, BERT-style).
 
-    def __init__(self, tokenizer: Tokenizer, rap_token_id: int | None, max_length: int) -> None:
+    `special_tokens`: "text" reads `[SEP]`, `[PAD]`, ... inside a text as plain text
+    (the safe default); "special" reads them as their special ids, as a Hugging Face
+    classifier behind a sidecar does. The guard must read text as the classifier does.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        rap_token_id: int | None,
+        max_length: int,
+        special_tokens: SpecialTokens = "text",
+    ) -> None:
         if max_length < 4:
             raise InputError(f"max_length must be at least 4, got {max_length}")
-        # Two configured copies instead of toggling truncation per call, so one
-        # RapTokenizer can be shared by concurrent callers.
-        self._pass1 = _configured(tokenizer, max_length)
-        self._pass2 = _configured(tokenizer, max_length - 1)
+        if special_tokens not in ("text", "special"):
+            raise InputError(f"special_tokens must be 'text' or 'special', got {special_tokens!r}")
+        self._tokenizer = _configured(tokenizer, special_tokens)
         self.rap_token_id = rap_token_id
         self.max_length = max_length
+        self.text_window = max_length - 3  # [CLS] RAP ... [SEP] fills max_length in pass 2
+        self.special_tokens = special_tokens
         self.pad_id = _special_id(tokenizer, "[PAD]")
         self.cls_id = _special_id(tokenizer, "[CLS]")
+        self.sep_id = _special_id(tokenizer, "[SEP]")
+        self._special_ids = frozenset(tokenizer.get_added_tokens_decoder())
 
     @classmethod
-    def from_file(cls, path: Path, rap_token_id: int | None, max_length: int) -> RapTokenizer:
+    def from_file(
+        cls, path: Path, rap_token_id: int | None, max_length: int, special_tokens: SpecialTokens = "text"
+    ) -> RapTokenizer:
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises bare Exception subclasses
             raise BundleError(f"cannot read tokenizer {path}: {exc}") from exc
-        return cls(tok, rap_token_id, max_length)
+        return cls(tok, rap_token_id, max_length, special_tokens)
 
     @property
     def vocab_size(self) -> int:
-        return self._pass1.get_vocab_size()
+        return self._tokenizer.get_vocab_size()
 
     def token_id(self, word: str) -> int | None:
-        return self._pass1.token_to_id(word)
+        return self._tokenizer.token_to_id(word)
 
     def encode(self, texts: Sequence[str]) -> EncodedBatch:
-        """Pass-1 inputs: `[CLS] text [SEP]`, truncated to max_length, padded."""
+        """Pass-1 inputs: `[CLS] text [SEP]`, the text cut to `text_window` tokens, padded."""
         return self.pad(self.ids(texts))
 
     def encode_perturbed(self, texts: Sequence[str]) -> EncodedBatch:
-        """Pass-2 inputs: `[CLS] RAP text [SEP]`, truncated to max_length, padded."""
+        """Pass-2 inputs: `[CLS] RAP text [SEP]`, the same text tokens as pass 1, padded."""
         return self.pad(self.perturbed_ids(texts))
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Unpadded pass-1 token ids (a batcher pads rows from many requests together)."""
-        return self._ids(self._pass1, texts)
+        """Unpadded pass-1 token ids, one row per text (its first window)."""
+        return [self._row(content[: self.text_window]) for content in self._content(texts)]
 
     def perturbed_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Unpadded pass-2 token ids: the RAP id right after [CLS]."""
+        return self.perturb(self.ids(texts))
+
+    def perturb(self, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Pass-2 rows from pass-1 rows: the same tokens with the RAP id after [CLS]."""
         if self.rap_token_id is None:
             raise BundleError("this tokenizer has no RAP token id; it cannot build pass-2 inputs")
-        rows = self._ids(self._pass2, texts)
-        return [row[:RAP_POSITION] + [self.rap_token_id] + row[RAP_POSITION:] for row in rows]
+        return [[*row[:RAP_POSITION], self.rap_token_id, *row[RAP_POSITION:]] for row in rows]
+
+    def windows(self, texts: Sequence[str], classifier_max_length: int | None = None) -> Windows:
+        """Pass-1 rows covering every text token a classifier of that window reads.
+
+        `classifier_max_length` (default: the guard's own) is the protected classifier's
+        window, [CLS] and [SEP] included. Text it reads beyond `text_window` tokens is
+        covered by windows that overlap by half, so any span of up to half a window lies
+        whole inside one of them. A text with no token the model reads is an InputError.
+        """
+        reads = self.text_window if classifier_max_length is None else max(classifier_max_length - 2, 1)
+        rows, owner = [], []
+        for i, content in enumerate(self._content(texts)):
+            if not any(t not in self._special_ids for t in content):
+                raise InputError(f"text {i} is empty: it has no token the model reads")
+            for start in window_starts(min(len(content), reads), self.text_window):
+                rows.append(self._row(content[start : start + self.text_window]))
+                owner.append(i)
+        return Windows(rows, owner)
+
+    def text_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many text tokens each text has (no window applied)."""
+        return [len(content) for content in self._content(texts)]
 
     def pad(self, rows: Sequence[Sequence[int]]) -> EncodedBatch:
         """Pad rows to the longest one; attention mask marks real tokens."""
         return _pad(rows, self.pad_id)
 
-    def _ids(self, tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    def _row(self, content: Sequence[int]) -> list[int]:
+        return [self.cls_id, *content, self.sep_id]
+
+    def _content(self, texts: Sequence[str]) -> list[list[int]]:
+        """Text token ids without [CLS]/[SEP], untruncated."""
         _check_texts(texts)
-        encodings = tokenizer.encode_batch(list(texts))
-        rows = [list(enc.ids) for enc in encodings]
-        if rows and rows[0][:1] != [self.cls_id]:
-            raise BundleError("tokenizer does not start sequences with [CLS]; only BERT-style tokenizers are supported")
-        return rows
+        try:
+            encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        except Exception as exc:  # tokenizers raises TypeError/Exception on text it cannot read
+            raise InputError(f"cannot tokenise the text: {exc}") from None
+        return [list(enc.ids) for enc in encodings]
 
 
-def _configured(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
+def window_starts(length: int, window: int) -> list[int]:
+    """Start offsets of windows of `window` tokens, half overlapping, covering `length` tokens."""
+    if length <= window:
+        return [0]
+    stride = max(window // 2, 1)
+    starts = list(range(0, length - window, stride))
+    return [*starts, length - window]
+
+
+def _configured(tokenizer: Tokenizer, special_tokens: SpecialTokens) -> Tokenizer:
     copy = Tokenizer.from_str(tokenizer.to_str())
     copy.no_padding()
-    copy.enable_truncation(max_length=max_length)
+    copy.no_truncation()
+    copy.encode_special_tokens = special_tokens == "text"
     return copy
 
 
@@ -96,6 +176,10 @@ def _check_texts(texts: Sequence[str]) -> None:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"text {i} is {type(text).__name__}, expected str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"text {i} is not valid Unicode (it holds a lone surrogate)") from None
 
 
 def _special_id(tokenizer: Tokenizer, token: str) -> int:

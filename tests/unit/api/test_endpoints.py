@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from guard.api import create_app
+from guard.api.service import Capacity
 from guard.metrics import GuardMetrics
 from tests.server_fixtures import (
     CLEAN,
@@ -46,11 +47,15 @@ ARCHITECTURE_METRICS = {
     "guard_failure_mode_allowed_total",
     "guard_upstream_request_duration_seconds",
     "guard_model_info",
+    "guard_rejections_total",
+    "guard_batcher_restarts",
 }
+# What `guard serve` measures before it starts; given here so the stub's row counts stay exact.
+STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)
 
 
 def _app(make_settings, stub: StubBackend, **overrides):
-    return create_app(make_settings(**overrides), backend=stub)
+    return create_app(make_settings(**overrides), backend=stub, capacity=STUB_CAPACITY)
 
 
 async def _metrics(client: httpx.AsyncClient) -> str:
@@ -71,7 +76,7 @@ def _assert_error(response: httpx.Response, status: int, error_type: str) -> dic
 
 
 async def test_check_one_text(make_settings, stub: StubBackend) -> None:
-    async with asgi_client(_app(make_settings, stub)) as client:
+    async with asgi_client(_app(make_settings, stub, expose_scores=True)) as client:
         response = await client.post("/v1/check", json={"text": CLEAN}, headers={"X-Request-ID": "req-1"})
     assert response.status_code == 200
     body = response.json()
@@ -84,7 +89,7 @@ async def test_check_one_text(make_settings, stub: StubBackend) -> None:
 
 
 async def test_check_several_texts(make_settings, stub: StubBackend) -> None:
-    async with asgi_client(_app(make_settings, stub)) as client:
+    async with asgi_client(_app(make_settings, stub, expose_scores=True)) as client:
         response = await client.post("/v1/check", json={"texts": [CLEAN, TRIGGERED, NEGATIVE]})
     assert response.status_code == 200  # the decision API answers 200 even when something is flagged
     results = response.json()["results"]
@@ -213,13 +218,13 @@ async def test_oip_model_metadata_and_readiness(make_settings, stub: StubBackend
 
 async def test_feedback_scores_earlier_decisions(make_settings, stub: StubBackend) -> None:
     async with asgi_client(_app(make_settings, stub)) as client:
-        await client.post("/v1/check", json={"text": CLEAN}, headers={"X-Request-ID": "allowed"})
-        await client.post("/v1/classify", json={"text": TRIGGERED}, headers={"X-Request-ID": "flagged"})
-        missed = await client.post("/v1/feedback", json={"request_id": "allowed", "poisoned": True})
-        wrongly_flagged = await client.post("/v1/feedback", json={"request_id": "flagged", "poisoned": False})
-        again = await client.post("/v1/feedback", json={"request_id": "allowed", "poisoned": True})
-        unknown = await client.post("/v1/feedback", json={"request_id": "never-seen", "poisoned": False})
-        invalid = await client.post("/v1/feedback", json={"request_id": "", "poisoned": False})
+        allowed = (await client.post("/v1/check", json={"text": CLEAN})).json()["decision_id"]
+        flagged = (await client.post("/v1/classify", json={"text": TRIGGERED})).headers["x-guard-decision-id"]
+        missed = await client.post("/v1/feedback", json={"decision_id": allowed, "poisoned": True})
+        wrongly_flagged = await client.post("/v1/feedback", json={"decision_id": flagged, "poisoned": False})
+        again = await client.post("/v1/feedback", json={"decision_id": allowed, "poisoned": True})
+        unknown = await client.post("/v1/feedback", json={"decision_id": "never-seen", "poisoned": False})
+        invalid = await client.post("/v1/feedback", json={"decision_id": "", "poisoned": False})
         exposition = await _metrics(client)
     assert missed.json() == {"recorded": True, "outcome": "false_accept"}
     assert wrongly_flagged.json() == {"recorded": True, "outcome": "false_reject"}
@@ -230,20 +235,38 @@ async def test_feedback_scores_earlier_decisions(make_settings, stub: StubBacken
     assert metric_value(exposition, "guard_false_reject_ratio", source="feedback") == 1.0
 
 
-async def test_feedback_takes_the_oip_request_id(make_settings, stub: StubBackend) -> None:
+async def test_feedback_takes_the_oip_decision_id(make_settings, stub: StubBackend) -> None:
     async with asgi_client(_app(make_settings, stub)) as client:
         infer = await client.post("/v2/models/guard/infer", json=_oip(CLEAN) | {"id": "oip-7"})
-        feedback = await client.post("/v1/feedback", json={"request_id": infer.json()["id"], "poisoned": False})
+        by_client_id = await client.post("/v1/feedback", json={"decision_id": "oip-7", "poisoned": False})
+        decision = infer.json()["parameters"]["decision_id"]
+        feedback = await client.post("/v1/feedback", json={"decision_id": decision, "poisoned": False})
+    _assert_error(by_client_id, 404, "not_found")  # the client's own id is never a decision id
     assert feedback.status_code == 200 and feedback.json()["outcome"] == "true_accept"
+
+
+async def test_a_reused_request_id_cannot_overwrite_an_earlier_decision(make_settings, stub: StubBackend) -> None:
+    async with asgi_client(_app(make_settings, stub)) as client:
+        first = await client.post("/v1/check", json={"text": TRIGGERED}, headers={"X-Request-ID": "same"})
+        second = await client.post("/v1/check", json={"text": CLEAN}, headers={"X-Request-ID": "same"})
+        by_request_id = await client.post("/v1/feedback", json={"decision_id": "same", "poisoned": True})
+        outcome = await client.post(
+            "/v1/feedback", json={"decision_id": first.json()["decision_id"], "poisoned": True}
+        )
+    assert first.json()["decision_id"] != second.json()["decision_id"]
+    _assert_error(by_request_id, 404, "not_found")
+    assert outcome.json()["outcome"] == "true_reject"  # still the first request's decision: flagged
 
 
 async def test_feedback_true_outcomes_lower_the_live_rates(make_settings, stub: StubBackend) -> None:
     async with asgi_client(_app(make_settings, stub)) as client:
-        for rid, text in (("a", CLEAN), ("b", TRIGGERED), ("c", TRIGGERED)):
-            await client.post("/v1/check", json={"text": text}, headers={"X-Request-ID": rid})
+        ids = [
+            (await client.post("/v1/check", json={"text": text})).json()["decision_id"]
+            for text in (CLEAN, TRIGGERED, TRIGGERED)
+        ]
         outcomes = [
-            (await client.post("/v1/feedback", json={"request_id": rid, "poisoned": poisoned})).json()["outcome"]
-            for rid, poisoned in (("a", False), ("b", True), ("c", False))
+            (await client.post("/v1/feedback", json={"decision_id": d, "poisoned": poisoned})).json()["outcome"]
+            for d, poisoned in zip(ids, (False, True, False), strict=True)
         ]
         exposition = await _metrics(client)
     assert outcomes == ["true_accept", "true_reject", "false_reject"]
@@ -413,7 +436,7 @@ async def test_timeout_in_pass2_fails_open_with_the_prediction(make_settings, st
 
 
 async def test_queue_full_is_429_with_retry_after(make_settings, stub: StubBackend) -> None:
-    app = _app(make_settings, stub, max_queue=2, max_wait_ms=0)
+    app = _app(make_settings, stub, max_queue=2, max_texts_per_request=2, max_wait_ms=0)
     async with asgi_client(app) as client:
         stub.gate, stub.entered = threading.Event(), threading.Event()
         first = asyncio.create_task(client.post("/v1/check", json={"text": NEGATIVE}))

@@ -39,13 +39,13 @@ def test_environment(stub_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None
 def test_precedence_flags_then_env_then_yaml(
     stub_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _yaml(tmp_path, f"bundle: {stub_bundle}\nport: 9001\nmode: shadow\nschedule: fused\nmax_queue: 7\n")
+    config = _yaml(tmp_path, f"bundle: {stub_bundle}\nport: 9001\nmode: shadow\nschedule: fused\nmax_queue: 70\n")
     monkeypatch.setenv("GUARD_PORT", "9002")
     monkeypatch.setenv("GUARD_SCHEDULE", "lazy")
     from_file_and_env = build_settings({"config": config})
     assert from_file_and_env.bundle == stub_bundle  # only the file sets it
     assert (from_file_and_env.port, from_file_and_env.schedule) == (9002, "lazy")  # env beats the file
-    assert (from_file_and_env.mode, from_file_and_env.max_queue) == ("shadow", 7)
+    assert (from_file_and_env.mode, from_file_and_env.max_queue) == ("shadow", 70)
     with_flags = build_settings({"config": str(config), "port": "9003", "mode": "enforce"})
     assert (with_flags.port, with_flags.mode, with_flags.schedule) == (9003, "enforce", "lazy")  # flags beat both
 

@@ -53,14 +53,22 @@ def test_truncation_keeps_cls_rap_and_sep(tokenizer_path: Path) -> None:
     short = RapTokenizer.from_file(tokenizer_path, rap_token_id=RAP_ID, max_length=8)
     pass1 = short.encode([LONG_TEXT, "hi"])
     pass2 = short.encode_perturbed([LONG_TEXT, "hi"])
-    assert pass1.input_ids.shape == (2, 8)
+    assert pass1.input_ids.shape == (2, 7)
     assert pass2.input_ids.shape == (2, 8)
     long1, long2 = pass1.input_ids[0].tolist(), pass2.input_ids[0].tolist()
     assert long1[0] == CLS and long1[-1] == SEP
     assert long2[0] == CLS and long2[RAP_POSITION] == RAP_ID and long2[-1] == SEP
-    # pass 2 keeps one text token fewer, so the RAP token and [SEP] both survive
-    assert long2[2:-1] == long1[1:-2]
     assert pass1.attention_mask[0].all() and pass2.attention_mask[0].all()
+
+
+def test_both_passes_read_the_same_text_tokens_at_the_truncation_boundary(tok: RapTokenizer) -> None:
+    """The bypass: a trigger as the last token pass 1 reads must be in pass 2 too."""
+    words = LONG_TEXT.split()
+    for cut in range(tok.text_window - 3, tok.text_window + 3):
+        text = " ".join([*words[:cut], "mb"])
+        (row1,), (row2,) = tok.ids([text]), tok.perturbed_ids([text])
+        assert row2 == row1[:RAP_POSITION] + [RAP_ID] + row1[RAP_POSITION:]
+        assert row1[1:-1] == row2[2:-1]
 
 
 @pytest.mark.parametrize("max_length", [4, 5, 16])
