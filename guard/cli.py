@@ -69,6 +69,11 @@ def _add_serve(sub) -> None:
             serve.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=field.description
             )
+        elif field.annotation == list[str]:
+            default = f" (default: {' | '.join(field.default_factory())})"
+            serve.add_argument(
+                flag, nargs="*", default=argparse.SUPPRESS, metavar="ENTRY", help=f"{field.description}{default}"
+            )
         else:
             default = "" if field.is_required() else f" (default: {field.default})"
             serve.add_argument(

@@ -119,6 +119,8 @@ class StubBackend:
     delay_s: float = 0.0  # sleep on every call
     delay_pass2_s: float = 0.0  # sleep on calls that contain a RAP row
     gate: threading.Event | None = None
+    nonfinite: bool = False  # answer NaN logits
+    wrong_shape: bool = False  # answer one row too few
     entered: threading.Event = field(default_factory=threading.Event)  # set when a call starts
     calls: list[EncodedBatch] = field(default_factory=list)
     pass1_rows: int = 0
@@ -141,7 +143,10 @@ class StubBackend:
         self.pass2_rows += int(perturbed.sum())
         self.pass1_rows += int((~perturbed).sum())
         rows = [set(ids[mask == 1].tolist()) for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
-        return np.array([logits_for(ids) for ids in rows], dtype=np.float32)
+        logits = np.array([logits_for(ids) for ids in rows], dtype=np.float32)
+        if self.nonfinite:
+            logits[:] = np.nan
+        return logits[1:] if self.wrong_shape else logits
 
     def reset(self) -> None:
         self.calls.clear()
@@ -189,7 +194,12 @@ def uvicorn_thread(app) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5))
+    from guard.server import connection_limits
+
+    limits = connection_limits(app.state.settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5, **limits)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     try:

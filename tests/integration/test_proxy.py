@@ -156,7 +156,7 @@ def test_the_default_pointer_finds_hf_and_oip_texts(guard: httpx.Client, echo_up
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"inputs=good+movie", "JSON request body"),
+        (b"inputs=good+movie", "not JSON"),
         (b'{"text": "good movie"}', "no text at JSON pointer"),
         (b'{"inputs": 3}', "not a text"),
     ],

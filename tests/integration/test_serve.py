@@ -31,7 +31,7 @@ def served(onnx_bundle: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.
     log = tmp_path / "guard.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [GUARD, "serve", "--bundle", str(onnx_bundle), "--port", str(port), "--schedule", "fused"],
+            [GUARD, "serve", "--bundle", str(onnx_bundle), "--port", str(port), "--schedule", "fused", "--expose-scores"],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=_env(),
