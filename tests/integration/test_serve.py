@@ -31,7 +31,17 @@ def served(onnx_bundle: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.
     log = tmp_path / "guard.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [GUARD, "serve", "--bundle", str(onnx_bundle), "--port", str(port), "--schedule", "fused", "--expose-scores"],
+            [
+                GUARD,
+                "serve",
+                "--bundle",
+                str(onnx_bundle),
+                "--port",
+                str(port),
+                "--schedule",
+                "fused",
+                "--expose-scores",
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=_env(),
@@ -84,3 +94,19 @@ def test_guard_serve_refuses_a_tampered_bundle_before_binding(onnx_bundle: Path,
     assert done.stderr.strip().splitlines() == [
         f"guard: error: {bundle}: canaries.jsonl does not match its recorded sha256 (modified or corrupted)"
     ]
+
+
+def test_guard_serve_refuses_a_timeout_this_machine_cannot_meet(onnx_bundle: Path) -> None:
+    """Settings are checked against each other and the measured capacity before the port is bound."""
+    port = free_port()
+    result = subprocess.run(
+        [GUARD, "serve", "--bundle", str(onnx_bundle), "--port", str(port), "--request-timeout-s", "0.000001"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert result.returncode != 0
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line.startswith("guard: error: request_timeout_s 1e-06 is shorter than one full request takes here")
+    assert "Traceback" not in result.stderr

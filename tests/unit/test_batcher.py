@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -191,3 +192,111 @@ async def test_stop_drains_queued_work_then_refuses_new_submits() -> None:
     results = [logits.tolist() for logits, _ in await asyncio.gather(*submits)]
     assert results == [[[i, 1]] for i in range(1, 6)]
     assert [r for batch in backend.batches for r in batch] == [[i] for i in range(1, 6)]
+
+
+# ---------------------------------------------------------------- supervision (issue 13)
+
+
+async def test_a_wrong_shaped_answer_fails_only_its_own_batch() -> None:
+    backend = Recorder()
+    calls = {"n": 0}
+
+    def short_once(batch: EncodedBatch) -> np.ndarray:
+        calls["n"] += 1
+        out = backend(batch)
+        return out[:-1] if calls["n"] == 1 else out
+
+    async with Running(backend) as batcher:
+        batcher._infer = short_once
+        with pytest.raises(Exception, match="shape"):
+            await batcher.submit([[1], [2]])
+        logits, _ = await batcher.submit([[3], [4]])
+        assert logits[:, 0].tolist() == [3, 4]
+        assert batcher.healthy
+
+
+async def test_a_failing_statistics_callback_costs_no_answer() -> None:
+    backend = Recorder()
+
+    def broken(stats: BatchStats) -> None:
+        raise RuntimeError("metrics broke")
+
+    batcher = Batcher(backend, pad, on_batch=broken)
+    batcher.start()
+    try:
+        for i in range(3):
+            logits, _ = await batcher.submit([[i + 1]])
+            assert logits[0, 0] == i + 1
+    finally:
+        await batcher.stop()
+
+
+async def test_a_dead_worker_is_restarted_and_unhealthy_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = Recorder()
+    async with Running(backend) as batcher:
+        original = batcher._take
+        failures = {"left": 1}
+
+        def take_failing_once():
+            if failures["left"]:
+                failures["left"] -= 1
+                batch = original()
+                batcher._running = batch  # the worker dies holding this batch
+                raise RuntimeError("worker bug")
+            return original()
+
+        monkeypatch.setattr(batcher, "_take", take_failing_once)
+        with pytest.raises(Exception, match="batcher failed"):
+            await batcher.submit([[1]])
+        assert batcher.restarts == 1
+        await wait_until(lambda: batcher.healthy)
+        logits, _ = await batcher.submit([[5]])
+        assert logits[0, 0] == 5
+
+
+async def test_a_stuck_backend_makes_the_batcher_unhealthy() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, stall_after_s=0.05) as batcher:
+        task = asyncio.create_task(batcher.submit([[1]]))
+        await wait_until(backend.entered.is_set)
+        await asyncio.sleep(0.1)
+        assert not batcher.healthy
+        backend.gate.set()
+        await task
+        assert batcher.healthy
+
+
+# ---------------------------------------------------------------- deadline-aware admission (issue 13)
+
+
+async def test_work_that_cannot_meet_its_deadline_is_refused_at_once() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_queue=10_000) as batcher:
+        batcher.seconds_per_row = 0.01
+        held = asyncio.create_task(batcher.submit([[1]] * 50))  # 0.5 s of work queued
+        await wait_until(backend.entered.is_set)
+        now = asyncio.get_running_loop().time()
+        batcher.admit(10, time.perf_counter() + 5.0)  # fits
+        with pytest.raises(QueueFullError, match="capacity") as refused:
+            batcher.admit(10, time.perf_counter() + 0.1, passes=2)
+        assert refused.value.retry_after_s >= 1
+        assert asyncio.get_running_loop().time() - now < 0.05  # refused now, not after the deadline
+        backend.gate.set()
+        await held
+
+
+async def test_priority_rows_go_first_and_are_not_refused_for_a_full_queue() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_queue=2, max_batch_size=1) as batcher:
+        first = asyncio.create_task(batcher.submit([[1]]))
+        await wait_until(backend.entered.is_set)
+        queued = asyncio.create_task(batcher.submit([[2], [3]]))
+        await wait_until(lambda: batcher.pending == 2)
+        second_pass = asyncio.create_task(batcher.submit([[9]], priority=True))
+        await wait_until(lambda: batcher.pending == 3)
+        backend.gate.set()
+        await asyncio.gather(first, queued, second_pass)
+    assert [b[0][0] for b in backend.batches] == [1, 9, 2, 3]

@@ -250,9 +250,7 @@ async def test_a_reused_request_id_cannot_overwrite_an_earlier_decision(make_set
         first = await client.post("/v1/check", json={"text": TRIGGERED}, headers={"X-Request-ID": "same"})
         second = await client.post("/v1/check", json={"text": CLEAN}, headers={"X-Request-ID": "same"})
         by_request_id = await client.post("/v1/feedback", json={"decision_id": "same", "poisoned": True})
-        outcome = await client.post(
-            "/v1/feedback", json={"decision_id": first.json()["decision_id"], "poisoned": True}
-        )
+        outcome = await client.post("/v1/feedback", json={"decision_id": first.json()["decision_id"], "poisoned": True})
     assert first.json()["decision_id"] != second.json()["decision_id"]
     _assert_error(by_request_id, 404, "not_found")
     assert outcome.json()["outcome"] == "true_reject"  # still the first request's decision: flagged
