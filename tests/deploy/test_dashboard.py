@@ -134,10 +134,10 @@ def _send_traffic(url: str, backend: StubBackend) -> None:
     with httpx.Client(base_url=url, timeout=30) as http:
         checked = http.post("/v1/check", json={"texts": [CLEAN, TRIGGERED, NEGATIVE]})
         assert checked.status_code == 200, checked.text
-        rid = checked.json()["request_id"]
-        poisoned = http.post("/v1/check", json={"text": TRIGGERED}).json()["request_id"]
-        assert http.post("/v1/feedback", json={"request_id": rid, "poisoned": False}).status_code == 200
-        assert http.post("/v1/feedback", json={"request_id": poisoned, "poisoned": True}).status_code == 200
+        decision = checked.json()["decision_id"]
+        poisoned = http.post("/v1/check", json={"text": TRIGGERED}).json()["decision_id"]
+        assert http.post("/v1/feedback", json={"decision_id": decision, "poisoned": False}).status_code == 200
+        assert http.post("/v1/feedback", json={"decision_id": poisoned, "poisoned": True}).status_code == 200
         proxied = http.post("/classify", json={"inputs": CLEAN})
         assert proxied.status_code == 200, proxied.text
         backend.fail_pass2 = RuntimeError("pass 2 is down")

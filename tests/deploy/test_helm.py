@@ -29,7 +29,7 @@ CASES = chart.ci_values()
 KUBE_VERSIONS = ("1.28.0", "1.31.0")  # without and with native sidecars (1.29+)
 CAPABILITIES = {"no-crd": (), "servicemonitor-crd": (SERVICE_MONITOR_API,)}
 # Settings the chart sets itself (environment), so `settings:` may not carry them.
-CHART_OWNED = {"bundle", "host", "port", "upstream", "api_key", "config"}
+CHART_OWNED = {"bundle", "host", "port", "upstream", "api_key", "config", "feedback_api_key"}
 MATRIX = [
     pytest.param(case, kube, api, id=f"{case}-k{kube[:4]}-{api}")
     for case in CASES
@@ -295,7 +295,9 @@ def test_values_schema_lists_exactly_the_guards_own_settings() -> None:
     assert set(properties) == set(Settings.model_fields) - CHART_OWNED
     for name, rule in properties.items():
         if "enum" in rule:
-            assert set(rule["enum"]) == set(typing.get_args(Settings.model_fields[name].annotation)), name
+            annotation = Settings.model_fields[name].annotation
+            literals = {a for arg in typing.get_args(annotation) for a in (typing.get_args(arg) or [arg])}
+            assert set(rule["enum"]) - {None} == literals - {type(None)}, name
 
 
 def test_api_key_from_a_value_or_an_existing_secret() -> None:
