@@ -37,8 +37,8 @@ from bench.matrix_report import write_matrix
 from bench.models import build_model
 from calibrate.data import load_examples
 from calibrate.model import quiet_transformers
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.rap import RapOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.options import CalibrateOptions, RapOptions
 from guard.core.types import Example
 
 log = logging.getLogger("bench.detection_matrix")

@@ -44,12 +44,13 @@ from bench.inversion_report import write_inversion
 from bench.machine import machine_info
 from bench.stages import ZOO, Case, HelpFormatter, cached, measure, recipe_cases, settings_of, weights_sha256
 from calibrate.data import load_examples
-from calibrate.harden import HardenOptions, harden_model
-from calibrate.inversion import InversionOptions, Subject, load_subject
+from calibrate.inversion.harden import harden_model
+from calibrate.inversion.options import HardenOptions, InversionOptions, ScanOptions, UnlearnOptions
+from calibrate.inversion.scan import scan_model
+from calibrate.inversion.subject import Subject, load_subject, save_model
+from calibrate.inversion.unlearn import Trigger, unlearn_record, unlearn_rescanning
 from calibrate.model import quiet_transformers
-from calibrate.repair import REPAIR_RECORD, prepare_out_dir
-from calibrate.scan import ScanOptions, scan_model
-from calibrate.unlearn import Trigger, UnlearnOptions, save_model, unlearn_record, unlearn_rescanning
+from calibrate.record import REPAIR_RECORD, prepare_out_dir
 from guard.core.types import Example
 
 log = logging.getLogger("bench.inversion")

@@ -58,15 +58,17 @@ from bench.models import TRAIN_OPTIONS
 from bench.repair_report import HEADLINE_FRR, write_repair
 from bench.stages import MODELS, Case, HelpFormatter, cached, measure, recipe_cases, settings_of, weights_sha256
 from calibrate.data import load_examples
-from calibrate.evaluate import evaluate_bundle
-from calibrate.inversion import load_subject
-from calibrate.maxent import MaxEntOptions, maxent_repair
+from calibrate.inversion.subject import load_subject
 from calibrate.model import quiet_transformers
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.prune import PruneOptions, pure_repair
-from calibrate.rap import RapOptions
-from calibrate.repair import REPAIR_RECORD, ft, fth
-from calibrate.train import TrainOptions
+from calibrate.options import TrainOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.evaluate import evaluate_bundle
+from calibrate.rap.options import CalibrateOptions, RapOptions
+from calibrate.record import REPAIR_RECORD
+from calibrate.repair.baselines import ft, fth
+from calibrate.repair.meft import maxent_repair
+from calibrate.repair.options import MaxEntOptions, PruneOptions
+from calibrate.repair.pure import pure_repair
 from guard.core.types import Example
 
 log = logging.getLogger("bench.repair")

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from calibrate.data import load_examples
-from calibrate.inversion import Inversion, InversionOptions, LabelRows, load_subject
-from calibrate.scan import PairResult, ScanOptions, insert_words, is_flagged, scan_model, verdict, write_probes
+from calibrate.inversion.dbs import Inversion
+from calibrate.inversion.options import InversionOptions, ScanOptions
+from calibrate.inversion.scan import PairResult, insert_words, is_flagged, scan_model, verdict, write_probes
+from calibrate.inversion.subject import LabelRows, load_subject
 from guard.core.errors import InputError
 from guard.core.types import Example
 from tests.toy_backdoor import Toy

@@ -17,7 +17,8 @@ import torch
 from transformers import BertForSequenceClassification
 
 from calibrate.demo import make_corpus
-from calibrate.rap import FRR_TARGETS, Attempt, RapOptions, _append_row, learn_rap
+from calibrate.rap.options import FRR_TARGETS, Attempt, RapOptions
+from calibrate.rap.perturbation import _append_row, learn_rap
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
