@@ -30,8 +30,7 @@ from bench.detectors import strip
 from bench.detectors.classifier import Classifier
 from bench.detectors.cost import detector_costs
 from bench.detectors.ngram import TrigramLM, normalize
-from bench.detectors.runs import Inputs, run_onion, run_rap, run_strip
-from bench.detectors.scoring import DetectorRun
+from bench.detectors.runs import DetectorRun, Inputs, run_onion, run_rap, run_strip
 from bench.machine import machine_info
 from bench.matrix_report import write_matrix
 from bench.models import build_model
