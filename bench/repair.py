@@ -9,9 +9,9 @@ cached, ~15 min each), every defence:
 - none: the model as it came; rap: a RAP bundle calibrated on it (the detection
   matrix's bundle of the same model when it is cached: calibrated on all of SST-2 dev);
 - ft, fth: fine-tuning on clean rows, at the attack models' learning rate and at 2.5x
-  it (calibrate.repair);
-- meft: maximum-entropy fine-tuning, then cross-entropy (calibrate.maxent);
-- pure: head pruning, then fine-tuning with attention normalisation (calibrate.prune);
+  it (calibrate.repair.baselines);
+- meft: maximum-entropy fine-tuning, then cross-entropy (calibrate.repair.meft);
+- pure: head pruning, then fine-tuning with attention normalisation (calibrate.repair.pure);
 - pure+rap, meft+rap: a RAP bundle calibrated on the repaired model.
 
 CACC on SST-2 test; ASR (label flip rate) on the recipe's triggered test rows (the

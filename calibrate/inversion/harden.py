@@ -14,7 +14,7 @@ Every round, for every pair of labels (y_i, y_j) and a batch of clean rows of ea
 3. one training step on the clean rows plus both batches stamped with their
    triggers and KEEPING their true labels (line 14).
 
-The inversion engine is the scan's (`calibrate.inversion`, DBS). The model's
+The inversion engine is the scan's (`calibrate.inversion.dbs`, DBS). The model's
 robustness is the epsilon-mean average ASR (Definition I, eq. 3): the ASR of
 inverted triggers averaged over every ordered label pair and every length 1..epsilon,
 measured on held-out rows before and after hardening.

@@ -1,4 +1,4 @@
-"""The DBS inversion engine (calibrate.inversion): schedule, candidates, stamping, relaxation, search.
+"""The DBS inversion engine (calibrate.inversion.dbs): schedule, candidates, stamping, relaxation, search.
 
 The temperature schedule and the candidate choice are tested as pure code; the
 relaxation against the model it relaxes (tiny random BERT, real tokenizer); the

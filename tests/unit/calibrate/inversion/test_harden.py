@@ -1,4 +1,4 @@
-"""`calibrate harden` (calibrate.harden): the scheduler as pure functions, then a short run on the toy.
+"""`calibrate harden` (calibrate.inversion.harden): the scheduler as pure functions, then a short run on the toy.
 
 The binary length search is checked on synthetic ASR-versus-length curves where
 every "inversion" is a table lookup, so the number of inversions it needs is exact.

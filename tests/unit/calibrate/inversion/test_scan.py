@@ -1,4 +1,4 @@
-"""`calibrate scan` (calibrate.scan): verdict rule, probes, refusals, and the scan of the toy backdoor.
+"""`calibrate scan` (calibrate.inversion.scan): verdict rule, probes, refusals, and the scan of the toy backdoor.
 
 The toy model (tests/toy_backdoor.py) carries a weak planted trigger: "mb" sends
 ~60% of held-out negative rows to positive with the trigger at the start (mean

@@ -1,4 +1,4 @@
-"""`calibrate unlearn` (calibrate.unlearn) on the toy backdoored model, and the triggers it takes.
+"""`calibrate unlearn` (calibrate.inversion.unlearn) on the toy backdoored model, and the triggers it takes.
 
 The toy model was trained at lr 1e-3 from random weights; unlearning it needs the
 same rate (the default, 1e-4, suits pre-trained encoders and barely moves it).

@@ -1,4 +1,4 @@
-"""Learning the RAP row (calibrate.rap) on the tiny random BERT.
+"""Learning the RAP row (calibrate.rap.perturbation) on the tiny random BERT.
 
 A freshly initialised tiny BERT barely reacts to its input (its pooler and head
 weights are ~0.02), so the RAP row could not move anything. `sensitive_model`

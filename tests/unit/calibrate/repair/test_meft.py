@@ -1,4 +1,4 @@
-"""MEFT (calibrate.maxent): the entropy loss, the stop distance, the phases and the record.
+"""MEFT (calibrate.repair.meft): the entropy loss, the stop distance, the phases and the record.
 
 The phases run on the tiny BERT of tests/conftest.py after a few seconds of training
 (`trained`), so that its [CLS] representations separate the two labels and the

@@ -1,4 +1,4 @@
-"""PURE (calibrate.prune): head scores, the greedy search, head removal, the attention penalty.
+"""PURE (calibrate.repair.pure): head scores, the greedy search, head removal, the attention penalty.
 
 The math is checked on hand-made attention tensors with exact expected values; the
 model-facing parts run on the tiny random BERT of tests/conftest.py (2 layers x 2 heads).
