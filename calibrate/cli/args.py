@@ -37,6 +37,12 @@ def defaults(cls: type) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
+def options_from(cls: type, args: argparse.Namespace, **overrides):
+    """`cls` built from the parsed arguments whose names are its fields (dests match field names)."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if f.init and hasattr(args, f.name)}
+    return cls(**{**given, **overrides})
+
+
 def positive_int(text: str) -> int:
     value = _number(text, int, "a whole number")
     if value <= 0:

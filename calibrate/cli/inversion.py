@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibrate.cli.args import command, defaults, fraction, non_negative_int, positive_float, positive_int, weight
+from calibrate.cli.args import (
+    command,
+    defaults,
+    fraction,
+    non_negative_int,
+    options_from,
+    positive_float,
+    positive_int,
+    weight,
+)
 from calibrate.inversion.options import (
     CRITERIA,
     POSITIONS,
@@ -81,7 +90,14 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean", type=Path, required=True, help="clean rows (.tsv/.csv/.jsonl)")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--probes-out", type=Path, help="write the found triggers as guard probes (JSONL) here")
-    p.add_argument("--length", type=positive_int, default=d.trigger_length, help="trigger length in tokens")
+    p.add_argument(
+        "--length",
+        dest="trigger_length",
+        metavar="LENGTH",
+        type=positive_int,
+        default=d.trigger_length,
+        help="trigger length in tokens",
+    )
     p.add_argument("--position", choices=POSITIONS, default=inv.position, help="where the trigger goes")
     p.add_argument("--steps", type=positive_int, default=inv.steps, help="optimisation steps per label pair")
     p.add_argument("--rows-per-label", type=positive_int, default=d.rows_per_label, help="rows to invert on per label")
@@ -105,7 +121,9 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory for the repaired model")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--scan", type=Path, help="a `calibrate scan --out` report: unlearn its flagged triggers")
-    source.add_argument("--trigger", action="append", metavar="TEXT", help="a trigger to unlearn (repeatable)")
+    source.add_argument(
+        "--trigger", dest="triggers", action="append", metavar="TEXT", help="a trigger to unlearn (repeatable)"
+    )
     p.add_argument("--target", type=int, help="with --trigger: the label the trigger flips rows to")
     p.add_argument("--position", choices=POSITIONS, default=d.position, help="where triggers are stamped")
     p.add_argument("--stamp-fraction", type=fraction, default=d.stamp_fraction, help="share of rows stamped")
@@ -127,7 +145,9 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rescans", type=non_negative_int, default=job.rescans, help=rescans)
     p.add_argument("--holdout-fraction", type=fraction, default=d.holdout_fraction, help="rows kept out to measure on")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="fine-tuning epochs")
-    p.add_argument("--lr", type=positive_float, default=d.learning_rate, help="learning rate")
+    p.add_argument(
+        "--lr", dest="learning_rate", metavar="LR", type=positive_float, default=d.learning_rate, help="learning rate"
+    )
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows per training step")
     p.add_argument("--max-length", type=positive_int, default=job.max_length, help="tokens per input")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
@@ -148,12 +168,19 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--asr-bound", type=fraction, default=d.asr_bound, help="phi, ASR a trigger must reach")
     p.add_argument("--sync-gap", type=positive_int, default=d.sync_gap, help="delta, length gap that syncs directions")
     p.add_argument(
-        "--exhaustive-p", type=fraction, default=d.exhaustive_probability, help="probability of the exhaustive search"
+        "--exhaustive-p",
+        dest="exhaustive_probability",
+        metavar="P",
+        type=fraction,
+        default=d.exhaustive_probability,
+        help="probability of the exhaustive search",
     )
     p.add_argument("--position", choices=POSITIONS, default=d.inversion.position, help="where triggers go")
     p.add_argument("--steps", type=positive_int, default=d.inversion.steps, help="optimisation steps per inversion")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training rows")
-    p.add_argument("--lr", type=positive_float, default=d.learning_rate, help="learning rate")
+    p.add_argument(
+        "--lr", dest="learning_rate", metavar="LR", type=positive_float, default=d.learning_rate, help="learning rate"
+    )
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows of each label per round")
     p.add_argument("--holdout-fraction", type=fraction, default=d.holdout_fraction, help="rows kept out to measure on")
     p.add_argument("--no-measure", action="store_true", help="skip eps-mA^2 before and after")
@@ -166,67 +193,23 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
 def _scan(args: argparse.Namespace) -> int:
     from calibrate.inversion.scan import run_scan
 
-    inversion = InversionOptions(
-        steps=args.steps, position=args.position, allow_subwords=args.allow_subwords, seed=args.seed
-    )
-    options = ScanOptions(
-        trigger_length=args.length,
-        rows_per_label=args.rows_per_label,
-        heldout_per_label=args.heldout_per_label,
-        criterion=args.criterion,
-        loss_threshold=args.loss_threshold,
-        asr_threshold=args.asr_threshold,
-        inversion=inversion,
-    )
-    result = run_scan(ScanJob(args.model, args.clean, options, args.max_length, args.out, args.probes_out))
+    options = options_from(ScanOptions, args, inversion=options_from(InversionOptions, args))
+    result = run_scan(options_from(ScanJob, args, options=options))
     return 3 if result.backdoored else 0
 
 
 def _unlearn(args: argparse.Namespace) -> int:
     from calibrate.inversion.unlearn import run_unlearn
 
-    options = UnlearnOptions(
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        stamp_fraction=args.stamp_fraction,
-        position=args.position,
-        teacher_weight=args.teacher_weight,
-        reset_embeddings=args.reset_embeddings,
-        holdout_fraction=args.holdout_fraction,
-        seed=args.seed,
-    )
-    job = UnlearnJob(
-        model=args.model,
-        clean=args.clean,
-        out=args.out,
-        options=options,
-        scan=args.scan,
-        triggers=tuple(args.trigger or ()),
-        target=args.target,
-        rescans=args.rescans,
-        max_length=args.max_length,
-        force=args.force,
-    )
-    run_unlearn(job)
+    triggers = tuple(args.triggers or ())
+    run_unlearn(options_from(UnlearnJob, args, options=options_from(UnlearnOptions, args), triggers=triggers))
     return 0
 
 
 def _harden(args: argparse.Namespace) -> int:
     from calibrate.inversion.harden import run_harden
 
-    options = HardenOptions(
-        max_trigger_length=args.max_trigger_length,
-        asr_bound=args.asr_bound,
-        sync_gap=args.sync_gap,
-        exhaustive_probability=args.exhaustive_p,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        holdout_fraction=args.holdout_fraction,
-        measure=not args.no_measure,
-        inversion=InversionOptions(steps=args.steps, position=args.position, seed=args.seed),
-        seed=args.seed,
-    )
-    run_harden(HardenJob(args.model, args.clean, args.out, options, args.max_length, args.force))
+    inversion = InversionOptions(steps=args.steps, position=args.position, seed=args.seed)
+    options = options_from(HardenOptions, args, measure=not args.no_measure, inversion=inversion)
+    run_harden(options_from(HardenJob, args, options=options))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibrate.cli.args import command, defaults, fraction, positive_float, positive_int
+from calibrate.cli.args import command, defaults, fraction, options_from, positive_float, positive_int
 from calibrate.rap.options import CalibrateOptions, EvaluateJob, RapJob, RapOptions
 from guard.core.backends.base import BACKENDS
 
@@ -47,7 +47,14 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-word", default=d.init_word, help="rare word whose embedding initialises the RAP row")
     p.add_argument("--c-low", type=fraction, default=d.c_low, help="wanted minimum probability drop on clean rows")
     p.add_argument("--c-up", type=fraction, default=d.c_up, help="wanted maximum probability drop on clean rows")
-    p.add_argument("--lr", type=positive_float, default=d.learning_rate, help="RAP row learning rate")
+    p.add_argument(
+        "--lr",
+        dest="learning_rate",
+        metavar="LR",
+        type=positive_float,
+        default=d.learning_rate,
+        help="RAP row learning rate",
+    )
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="RAP training epochs per attempt")
     p.add_argument("--max-length", type=positive_int, default=c.max_length, help="tokens per input at serving time")
     p.add_argument("--default-frr", type=fraction, default=c.default_frr, help="FRR target the guard uses by default")
@@ -93,26 +100,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _rap(args: argparse.Namespace) -> int:
     from calibrate.rap.build import run_rap
 
-    rap = RapOptions(
-        protect_labels=tuple(args.protect or ()),
-        init_word=args.init_word,
-        c_low=args.c_low,
-        c_up=args.c_up,
-        learning_rate=args.lr,
-        epochs=args.epochs,
-        calibration_fraction=args.calibration_fraction,
-        select_frr=args.default_frr,
-        seed=args.seed,
-    )
-    options = CalibrateOptions(
-        rap=rap, max_length=args.max_length, default_frr=args.default_frr, int8=args.int8, force=args.force
-    )
-    run_rap(RapJob(args.model, args.clean, args.out, options, args.probes))
+    protect = tuple(args.protect or ())
+    rap = options_from(RapOptions, args, protect_labels=protect, select_frr=args.default_frr)
+    options = options_from(CalibrateOptions, args, rap=rap, probes=())  # run_rap loads --probes into probes
+    run_rap(options_from(RapJob, args, options=options))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from calibrate.rap.evaluate import run_evaluate
 
-    run_evaluate(EvaluateJob(args.bundle, args.clean, tuple(args.poisoned), args.target, args.backend, args.out))
+    run_evaluate(options_from(EvaluateJob, args, poisoned=tuple(args.poisoned)))
     return 0

@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibrate.cli.args import command, defaults, fraction, non_negative_float, positive_float, positive_int
-from calibrate.cli.train import add_training, train_options
+from calibrate.cli.args import (
+    command,
+    defaults,
+    fraction,
+    non_negative_float,
+    options_from,
+    positive_float,
+    positive_int,
+)
+from calibrate.cli.train import add_training
+from calibrate.options import TrainOptions
 from calibrate.repair.options import MaxEntJob, MaxEntOptions, PruneJob, PruneOptions
 
 PRUNE = (
@@ -44,6 +53,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dev", type=Path, required=True, help="clean rows that score heads and stop the pruning")
     p.add_argument(
         "--max-drop",
+        dest="max_accuracy_drop",
+        metavar="MAX_DROP",
         type=fraction,
         default=d.max_accuracy_drop,
         help="stop pruning when dev accuracy falls below the unpruned accuracy minus this",
@@ -77,27 +88,17 @@ def _repair_arguments(p: argparse.ArgumentParser) -> None:
 def _prune(args: argparse.Namespace) -> int:
     from calibrate.repair.pure import run_pure
 
-    options = PruneOptions(
-        max_accuracy_drop=args.max_drop,
-        heads_per_step=args.heads_per_step,
-        mu=args.mu,
-        finetune=train_options(args),
-    )
-    run_pure(PruneJob(args.model, args.data, args.dev, args.out, options, args.force))
+    options = options_from(PruneOptions, args, finetune=options_from(TrainOptions, args))
+    run_pure(options_from(PruneJob, args, options=options))
     return 0
 
 
 def _maxent(args: argparse.Namespace) -> int:
     from calibrate.repair.meft import run_meft
 
-    options = MaxEntOptions(
-        stop_distance=args.stop_distance,
-        max_steps=args.max_steps,
-        learning_rate=args.maxent_lr,
-        batch_size=args.batch_size,
-        check_every=args.check_every,
-        fresh_head=not args.keep_head,
-        finetune=train_options(args),
+    finetune = options_from(TrainOptions, args)
+    options = options_from(
+        MaxEntOptions, args, learning_rate=args.maxent_lr, fresh_head=not args.keep_head, finetune=finetune
     )
-    run_meft(MaxEntJob(args.model, args.data, args.out, options, args.dev, args.force))
+    run_meft(options_from(MaxEntJob, args, options=options))
     return 0

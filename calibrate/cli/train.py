@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibrate.cli.args import command, defaults, positive_float, positive_int
+from calibrate.cli.args import command, defaults, options_from, positive_float, positive_int
 from calibrate.options import TrainJob, TrainOptions
 
 DESCRIPTION = (
@@ -43,26 +43,21 @@ def add_training(p: argparse.ArgumentParser, of: str) -> None:
     """--epochs, --lr, --batch-size, --max-length, --seed, with TrainOptions' defaults."""
     d = defaults(TrainOptions)
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"training epochs{of}")
-    p.add_argument("--lr", type=positive_float, default=d.learning_rate, help=f"learning rate{of}")
+    p.add_argument(
+        "--lr",
+        dest="learning_rate",
+        metavar="LR",
+        type=positive_float,
+        default=d.learning_rate,
+        help=f"learning rate{of}",
+    )
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows per training step")
     p.add_argument("--max-length", type=positive_int, default=d.max_length, help="tokens per input")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
 
 
-def train_options(args: argparse.Namespace, **extra) -> TrainOptions:
-    return TrainOptions(
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        **extra,
-    )
-
-
 def _train(args: argparse.Namespace) -> int:
     from calibrate.repair.baselines import run_train
 
-    options = train_options(args, label_names=args.label_names)
-    run_train(TrainJob(args.data, args.out, options, args.dev, args.base, args.init, args.high_lr, args.force))
+    run_train(options_from(TrainJob, args, options=options_from(TrainOptions, args)))
     return 0

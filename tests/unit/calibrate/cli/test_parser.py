@@ -45,7 +45,7 @@ def test_train_help_shows_epochs_batch_size_and_seed(capsys) -> None:
 def test_defaults_are_the_options_dataclasses() -> None:
     train = _parse("train", "--data", "d.tsv", "--out", "o")
     t = TrainOptions()
-    assert (train.epochs, train.lr, train.batch_size, train.max_length, train.seed) == (
+    assert (train.epochs, train.learning_rate, train.batch_size, train.max_length, train.seed) == (
         t.epochs,
         t.learning_rate,
         t.batch_size,
@@ -53,15 +53,19 @@ def test_defaults_are_the_options_dataclasses() -> None:
         t.seed,
     )
     prune = _parse("prune", "--model", "m", "--data", "d", "--dev", "v", "--out", "o")
-    assert (prune.max_drop, prune.mu, prune.heads_per_step) == (0.05, PruneOptions().mu, PruneOptions().heads_per_step)
+    assert (prune.max_accuracy_drop, prune.mu, prune.heads_per_step) == (
+        0.05,
+        PruneOptions().mu,
+        PruneOptions().heads_per_step,
+    )
     maxent = _parse("maxent", "--model", "m", "--data", "d", "--out", "o")
     assert (maxent.max_steps, maxent.maxent_lr) == (MaxEntOptions().max_steps, MaxEntOptions().learning_rate)
     scan = _parse("scan", "--model", "m", "--clean", "c")
-    assert (scan.steps, scan.length) == (ScanOptions().inversion.steps, ScanOptions().trigger_length)
+    assert (scan.steps, scan.trigger_length) == (ScanOptions().inversion.steps, ScanOptions().trigger_length)
     unlearn = _parse("unlearn", "--model", "m", "--clean", "c", "--out", "o", "--scan", "s")
     assert (unlearn.epochs, unlearn.rescans) == (UnlearnOptions().epochs, UnlearnJob(None, None, None).rescans)
     harden = _parse("harden", "--model", "m", "--clean", "c", "--out", "o")
-    assert (harden.steps, harden.lr) == (HardenOptions().inversion.steps, HardenOptions().learning_rate)
+    assert (harden.steps, harden.learning_rate) == (HardenOptions().inversion.steps, HardenOptions().learning_rate)
     rap = _parse("rap", "--model", "m", "--clean", "c", "--out", "o")
     assert (rap.epochs, rap.init_word) == (RapOptions(()).epochs, RapOptions(()).init_word)
     assert rap.max_length == CalibrateOptions(RapOptions(())).max_length
@@ -82,3 +86,12 @@ def test_a_bad_protect_label_points_at_the_rap_help(capsys) -> None:
     with pytest.raises(SystemExit):
         _parse("rap", "--model", "m", "--clean", "c", "--out", "o", "--protect", "0", "x")
     assert capsys.readouterr().err.startswith("calibrate rap: error: argument --protect: invalid int value: 'x'")
+
+
+def test_options_are_built_from_the_arguments_named_after_their_fields() -> None:
+    from calibrate.cli.args import options_from
+
+    args = _parse("harden", "--model", "m", "--clean", "c", "--out", "o", "--lr", "3e-5", "--exhaustive-p", "0.2")
+    options = options_from(HardenOptions, args, measure=not args.no_measure)
+    assert (options.learning_rate, options.exhaustive_probability, options.measure) == (3e-5, 0.2, True)
+    assert options.inversion == HardenOptions().inversion  # not an argument: the dataclass default
