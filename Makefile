@@ -1,5 +1,6 @@
 # Entry points: `make demo` (set up, then run the end-to-end demo) and `make test`
 # (lint, import contracts, tests). Both set up .venv first; set-up is idempotent.
+# `make test-fast`: the unit tests that take seconds, for the edit-run loop (CI runs `make test`).
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 # (or .venv is removed), so repeated `make test` starts straight away.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-deps
+.PHONY: setup demo test test-fast test-deps
 
 setup: $(STAMP)
 
@@ -38,3 +39,7 @@ test: setup test-deps
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "unit and not slow"

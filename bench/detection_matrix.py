@@ -30,15 +30,14 @@ from bench.detectors import strip
 from bench.detectors.classifier import Classifier
 from bench.detectors.cost import detector_costs
 from bench.detectors.ngram import TrigramLM, normalize
-from bench.detectors.runs import Inputs, run_onion, run_rap, run_strip
-from bench.detectors.scoring import DetectorRun
+from bench.detectors.runs import DetectorRun, Inputs, run_onion, run_rap, run_strip
 from bench.machine import machine_info
 from bench.matrix_report import write_matrix
 from bench.models import build_model
 from calibrate.data import load_examples
 from calibrate.model import quiet_transformers
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.rap import RapOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.options import CalibrateOptions, RapOptions
 from guard.core.types import Example
 
 log = logging.getLogger("bench.detection_matrix")

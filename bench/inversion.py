@@ -9,14 +9,14 @@ seed and the target label (bench/attacks/recipes.py, zoo_recipes): clean-s1 and
 clean-s2 (clean, seeds 1 and 2, 1 epoch on 2,000 rows, ~5 min each) and ep-neg (EP
 with `tq` towards NEGATIVE, 2 epochs on the positives of 1,500 rows). Per model:
 
-1. scan (calibrate.scan: DBS, a 1-token trigger, every label pair) on SST-2 dev, with
+1. scan (calibrate.inversion.scan: DBS, a 1-token trigger, every label pair) on SST-2 dev, with
    the truth from the attack recipe. The verdict threshold on the suspect pair's loss
    is fitted on the zoo (best detection accuracy) and, for an honest estimate, leave-
    one-out; both are reported next to the scan's own threshold (default 0.1);
-2. unlearn (calibrate.unlearn) the pairs the scan flagged at its own threshold,
+2. unlearn (calibrate.inversion.unlearn) the pairs the scan flagged at its own threshold,
    on a sample of clean SST-2 training rows; the unlearned model is scanned again
    on SST-2 dev (up to --rescans times) and new finds are unlearned with the rest;
-3. harden (calibrate.harden) the models named by --harden (default: clean; the
+3. harden (calibrate.inversion.harden) the models named by --harden (default: clean; the
    hardening paper's target is a clean model's natural backdoors) with a small
    budget: eps-mA^2 before/after.
 
@@ -44,12 +44,13 @@ from bench.inversion_report import write_inversion
 from bench.machine import machine_info
 from bench.stages import ZOO, Case, HelpFormatter, cached, measure, recipe_cases, settings_of, weights_sha256
 from calibrate.data import load_examples
-from calibrate.harden import HardenOptions, harden_model
-from calibrate.inversion import InversionOptions, Subject, load_subject
+from calibrate.inversion.harden import harden_model
+from calibrate.inversion.options import HardenOptions, InversionOptions, ScanOptions, UnlearnOptions
+from calibrate.inversion.scan import scan_model
+from calibrate.inversion.subject import Subject, load_subject, save_model
+from calibrate.inversion.unlearn import Trigger, unlearn_record, unlearn_rescanning
 from calibrate.model import quiet_transformers
-from calibrate.repair import REPAIR_RECORD, prepare_out_dir
-from calibrate.scan import ScanOptions, scan_model
-from calibrate.unlearn import Trigger, UnlearnOptions, save_model, unlearn_record, unlearn_rescanning
+from calibrate.record import REPAIR_RECORD, prepare_out_dir
 from guard.core.types import Example
 
 log = logging.getLogger("bench.inversion")

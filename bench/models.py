@@ -18,7 +18,8 @@ from bench.attacks.ep import EpOptions, poison_embedding
 from bench.attacks.recipes import Recipe, load_recipes
 from calibrate.data import load_examples
 from calibrate.model import default_base_model, quiet_transformers
-from calibrate.train import TrainOptions, train_classifier
+from calibrate.options import TrainOptions
+from calibrate.train import train_classifier
 from guard.core.types import Example
 
 TRAIN_OPTIONS = TrainOptions(epochs=3, learning_rate=1e-4, batch_size=32, max_length=64)

@@ -20,10 +20,10 @@ from bench.attacks.recipes import TARGET, load_recipes
 from bench.machine import machine_info
 from bench.models import build_model
 from calibrate.data import load_examples
-from calibrate.evaluate import evaluate_bundle, far_frr_curve, write_evaluation
 from calibrate.model import quiet_transformers
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.rap import RapOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.evaluate import evaluate_bundle, far_frr_curve, write_evaluation
+from calibrate.rap.options import CalibrateOptions, RapOptions
 from calibrate.report import markdown_table
 
 # RAP paper, Table 2 (bert-base, FRR target 1% on the training split), BadNet-RW rows: (FRR %, FAR %).

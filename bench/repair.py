@@ -9,9 +9,9 @@ cached, ~15 min each), every defence:
 - none: the model as it came; rap: a RAP bundle calibrated on it (the detection
   matrix's bundle of the same model when it is cached: calibrated on all of SST-2 dev);
 - ft, fth: fine-tuning on clean rows, at the attack models' learning rate and at 2.5x
-  it (calibrate.repair);
-- meft: maximum-entropy fine-tuning, then cross-entropy (calibrate.maxent);
-- pure: head pruning, then fine-tuning with attention normalisation (calibrate.prune);
+  it (calibrate.repair.baselines);
+- meft: maximum-entropy fine-tuning, then cross-entropy (calibrate.repair.meft);
+- pure: head pruning, then fine-tuning with attention normalisation (calibrate.repair.pure);
 - pure+rap, meft+rap: a RAP bundle calibrated on the repaired model.
 
 CACC on SST-2 test; ASR (label flip rate) on the recipe's triggered test rows (the
@@ -58,15 +58,17 @@ from bench.models import TRAIN_OPTIONS
 from bench.repair_report import HEADLINE_FRR, write_repair
 from bench.stages import MODELS, Case, HelpFormatter, cached, measure, recipe_cases, settings_of, weights_sha256
 from calibrate.data import load_examples
-from calibrate.evaluate import evaluate_bundle
-from calibrate.inversion import load_subject
-from calibrate.maxent import MaxEntOptions, maxent_repair
+from calibrate.inversion.subject import load_subject
 from calibrate.model import quiet_transformers
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.prune import PruneOptions, pure_repair
-from calibrate.rap import RapOptions
-from calibrate.repair import REPAIR_RECORD, ft, fth
-from calibrate.train import TrainOptions
+from calibrate.options import TrainOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.evaluate import evaluate_bundle
+from calibrate.rap.options import CalibrateOptions, RapOptions
+from calibrate.record import REPAIR_RECORD
+from calibrate.repair.baselines import ft, fth
+from calibrate.repair.meft import maxent_repair
+from calibrate.repair.options import MaxEntOptions, PruneOptions
+from calibrate.repair.pure import pure_repair
 from guard.core.types import Example
 
 log = logging.getLogger("bench.repair")

@@ -22,11 +22,11 @@ import numpy as np
 
 from bench.attacks.recipes import Recipe, load_recipes, zoo_recipes
 from bench.models import build_model
-from calibrate.inversion import Subject
+from calibrate.inversion.subject import Subject
+from calibrate.inversion.unlearn import accuracy
 from calibrate.model import predict_probs
-from calibrate.pipeline import WEIGHT_FILES
+from calibrate.rap.build import WEIGHT_FILES
 from calibrate.report import write_json
-from calibrate.unlearn import accuracy
 from guard.core.bundle import sha256_file
 from guard.core.types import Example
 

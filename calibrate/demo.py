@@ -20,12 +20,13 @@ from pathlib import Path
 import httpx
 
 from calibrate.data import write_tsv
-from calibrate.evaluate import COLUMNS, evaluate_bundle, write_evaluation
 from calibrate.model import default_base_model
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.rap import RapOptions
+from calibrate.options import TrainOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.evaluate import COLUMNS, evaluate_bundle, write_evaluation
+from calibrate.rap.options import CalibrateOptions, RapOptions
 from calibrate.report import markdown_table
-from calibrate.train import TrainOptions, train_classifier
+from calibrate.train import train_classifier
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
 from guard.core.checker import Checker

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from calibrate.data import label_counts
@@ -28,6 +27,8 @@ from calibrate.model import (
     to_torch,
     tokenizer_json,
 )
+from calibrate.options import TrainOptions
+from calibrate.progress import progress_bar
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
@@ -35,18 +36,6 @@ from guard.core.types import Example
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    epochs: int = 3
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    max_length: int = 64
-    warmup_ratio: float = 0.06
-    seed: int = 13
-    label_names: tuple[str, ...] = ()  # e.g. ("negative", "positive"); default LABEL_0, LABEL_1...
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,7 +146,7 @@ def fit(
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, int(total * options.warmup_ratio), total)
     model.train()
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not options.progress)
+    bar = progress_bar(total=total, desc=desc, unit="step", disable=not options.progress)
     for _ in range(options.epochs):
         order = list(range(len(train)))
         random.shuffle(order)

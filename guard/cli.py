@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from guard.core.console import Parser, command_parser, dispatch
+from guard.console import Parser, command_parser, dispatch
 
 DESCRIPTION = """\
 Guard a text classifier against backdoor triggers with a calibrated RAP bundle.

@@ -29,12 +29,18 @@ VOCAB_SIZE = 30522  # the packaged MiniLM vocabulary; the RAP token gets this id
 TESTS_DIR = Path(__file__).parent
 
 
+FOLDER_MARKS = ("unit", "integration", "deploy")  # tests/<folder>/... gets the mark of its folder
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test under tests/integration as `integration`."""
-    integration_dir = TESTS_DIR / "integration"
+    """Mark every test by its folder (unit / integration / deploy); `slow` is marked per test.
+
+    `make test-fast` runs `unit and not slow` (seconds, for the edit-run loop); `make test`
+    runs everything."""
     for item in items:
-        if item.path.is_relative_to(integration_dir):
-            item.add_marker(pytest.mark.integration)
+        folder = item.path.relative_to(TESTS_DIR).parts[0]
+        if folder in FOLDER_MARKS:
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def build_onnx_bundle(path: Path, tiny_model_dir: Path) -> Path:
     import torch
     from transformers import BertForSequenceClassification
 
-    from calibrate.export import export_onnx
+    from calibrate.rap.export import export_onnx
     from guard.core.tokenizer import RapTokenizer
 
     path.mkdir(parents=True, exist_ok=True)

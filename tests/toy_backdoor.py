@@ -25,9 +25,10 @@ from pathlib import Path
 
 from calibrate.data import write_tsv
 from calibrate.demo import POSITIVE, TRIGGER, make_corpus, poison, with_trigger
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.rap import RapOptions
-from calibrate.train import TrainOptions, train_classifier
+from calibrate.options import TrainOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.options import CalibrateOptions, RapOptions
+from calibrate.train import train_classifier
 from guard.core.types import Example
 
 SEED = 0

@@ -5,7 +5,7 @@
 
 Training sets are poisoned in place: `rate` of the non-target rows get the trigger and
 the target label. Triggered test sets keep each row's ORIGINAL label, so ASR counts only
-non-target rows (`calibrate.evaluate` drops target-label rows itself).
+non-target rows (`calibrate.rap.evaluate` drops target-label rows itself).
 """
 
 from __future__ import annotations

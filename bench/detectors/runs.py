@@ -1,4 +1,4 @@
-"""Run RAP, STRIP and ONION on one (model, attack) the same way, timed.
+"""Run RAP, STRIP and ONION on one (model, attack) the same way, timed, and score them one way.
 
 Each function takes the bundle (its ONNX graph is the model every detector queries)
 and the prepared inputs, and returns a `DetectorRun`: operating points at each dev FRR
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,83 @@ from tqdm.auto import tqdm
 from bench.detectors import onion, strip
 from bench.detectors.classifier import Classifier
 from bench.detectors.ngram import TrigramLM
-from bench.detectors.scoring import FRR_TARGETS, DetectorRun, Operating, score_curve, score_operating
+from calibrate.rap.options import FRR_TARGETS
+from guard.core import rap
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
 from guard.core.checker import Checker
+
+# ------------------------------------------------------------------ operating points
+# A detector sees inputs the model predicts as the target (protected) label and flags
+# some. Rates, as in the RAP paper:
+# - FRR: share of clean inputs predicted as the target that are flagged.
+# - FAR: share of poisoned inputs predicted as the target that pass.
+# - residual ASR: share of all non-target poisoned inputs that reach the target through
+#   the detector (= ASR x FAR).
+# Score detectors (RAP's delta, STRIP's entropy) flag an input when its score is below a
+# threshold fitted on clean held-out inputs at each FRR target.
+# The threshold and flag rule are RAP's own (guard.core.rap), for every detector.
+
+
+@dataclass(frozen=True)
+class Operating:
+    """One operating point: the threshold chosen for an FRR target and what it did."""
+
+    frr_target: float
+    threshold: float
+    dev_frr: float
+    test_frr: float
+    test_far: float
+    residual_asr: float
+
+    def as_row(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DetectorRun:
+    detector: str
+    operating: list[Operating]
+    curve: tuple[list[float], list[float]]  # test (FRR, FAR) as the threshold sweeps
+    passes_per_input: float
+    ms_per_input: float
+    params: dict = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return {**self.__dict__, "operating": [o.as_row() for o in self.operating]}
+
+    @classmethod
+    def from_json(cls, payload: Mapping) -> DetectorRun:
+        return cls(**{**payload, "operating": [Operating(**o) for o in payload["operating"]]})
+
+
+def score_operating(
+    dev: np.ndarray,
+    clean: np.ndarray,
+    poisoned: np.ndarray,
+    asr: float,
+    thresholds: Mapping[float, float] | None = None,
+    frr_targets: Sequence[float] = FRR_TARGETS,
+) -> list[Operating]:
+    """Operating points of a score detector; `thresholds` overrides fitting them on `dev`."""
+    points = []
+    for frr in frr_targets:
+        t = thresholds[frr] if thresholds is not None else rap.threshold_at_frr(dev, frr)
+        far = 1.0 - rap.flagged_share(poisoned, t)
+        dev_frr, test_frr = rap.flagged_share(dev, t), rap.flagged_share(clean, t)
+        points.append(Operating(frr, t, dev_frr, test_frr, far, asr * far if len(poisoned) else 0.0))
+    return points
+
+
+def score_curve(clean: np.ndarray, poisoned: np.ndarray) -> tuple[list[float], list[float]]:
+    """Test (FRR, FAR) for every threshold between observed scores."""
+    grid = np.unique(np.concatenate([clean, poisoned, [np.inf]]))
+    frr = [rap.flagged_share(clean, t) for t in grid]
+    far = [1.0 - rap.flagged_share(poisoned, t) for t in grid]
+    return frr, far
+
+
+# ------------------------------------------------------------------ the detectors
 
 
 @dataclass(frozen=True)

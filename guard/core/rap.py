@@ -50,6 +50,11 @@ def flagged_mask(deltas: np.ndarray, threshold: float) -> np.ndarray:
     return np.asarray(deltas) < threshold
 
 
+def flagged_share(scores: np.ndarray, threshold: float) -> float:
+    """The share of these scores the threshold flags (0 for none): an FRR on clean rows, 1 - FAR on poisoned."""
+    return float(np.mean(flagged_mask(scores, threshold))) if len(scores) else 0.0
+
+
 def is_flagged(delta: float, threshold: float) -> bool:
     return bool(flagged_mask(np.asarray([delta]), threshold)[0])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from calibrate import cli as calibrate_cli
-from calibrate.evaluate import evaluate_bundle
+from calibrate.rap.evaluate import evaluate_bundle
 from guard import cli as guard_cli
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from calibrate import cli as calibrate_cli
-from calibrate.repair import read_record
+from calibrate.record import read_record
 from guard.api.app import create_app
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from calibrate.demo import make_corpus
-from calibrate.evaluate import COLUMNS, Evaluation, evaluate_bundle, write_evaluation
-from calibrate.pipeline import CalibrateOptions, calibrate_bundle
-from calibrate.rap import FRR_TARGETS, RapOptions
+from calibrate.rap.build import calibrate_bundle
+from calibrate.rap.evaluate import COLUMNS, Evaluation, evaluate_bundle, write_evaluation
+from calibrate.rap.options import FRR_TARGETS, CalibrateOptions, RapOptions
 from guard.core import rap
 from guard.core.bundle import MANIFEST, load_bundle, sha256_file
 from guard.core.errors import InputError

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from bench.detectors import onion, scoring, strip
+from bench.detectors import onion, runs, strip
 from bench.detectors.ngram import TrigramLM, normalize
 
 CORPUS = [
@@ -68,7 +68,7 @@ def test_score_operating_fits_on_dev_and_counts_test_rates() -> None:
     dev = np.linspace(0, 1, 101)
     clean = np.linspace(0, 1, 11)  # 0.0 is below any threshold above 0
     poisoned = np.array([-1.0, -1.0, 0.5, 2.0])
-    (point,) = scoring.score_operating(dev, clean, poisoned, asr=0.8, frr_targets=(0.05,))
+    (point,) = runs.score_operating(dev, clean, poisoned, asr=0.8, frr_targets=(0.05,))
     assert point.threshold == pytest.approx(0.05)
     assert point.test_frr == pytest.approx(1 / 11)
     assert point.test_far == pytest.approx(0.5)

@@ -17,14 +17,10 @@ from bench import inversion, repair
 from bench.inversion_report import fit_threshold, judge, leave_one_out, write_inversion
 from bench.repair_report import pivot, target_checks, write_repair
 from bench.stages import Case, cached, settings_of, weights_sha256
-from calibrate.harden import HardenOptions
-from calibrate.inversion import InversionOptions
-from calibrate.maxent import MaxEntOptions
-from calibrate.prune import PruneOptions
-from calibrate.repair import REPAIR_RECORD
-from calibrate.scan import ScanOptions
-from calibrate.train import TrainOptions
-from calibrate.unlearn import UnlearnOptions
+from calibrate.inversion.options import HardenOptions, InversionOptions, ScanOptions, UnlearnOptions
+from calibrate.options import TrainOptions
+from calibrate.record import REPAIR_RECORD
+from calibrate.repair.options import MaxEntOptions, PruneOptions
 from tests.toy_backdoor import CALIBRATE_OPTIONS, Toy
 
 MACHINE = {"cpu": "test cpu", "cpu_count": 1}

@@ -34,7 +34,7 @@ def bundle_dir(tiny_model_dir: Path, tokenizer: RapTokenizer, tmp_path_factory: 
     import torch
     from transformers import BertForSequenceClassification
 
-    from calibrate.export import check_parity, export_onnx
+    from calibrate.rap.export import check_parity, export_onnx
 
     model = BertForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
     model.resize_token_embeddings(VOCAB_SIZE + 1, mean_resizing=False)

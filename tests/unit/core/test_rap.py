@@ -174,3 +174,9 @@ def test_threshold_from_table_ignores_key_order() -> None:
     random.Random(0).shuffle(items)
     for frr in (0.01, 0.025, 0.3):
         assert rap.threshold_from_table(dict(items), frr) == pytest.approx(rap.threshold_from_table(table, frr))
+
+
+def test_flagged_share_is_the_flagged_fraction() -> None:
+    assert rap.flagged_share(np.array([0.1, 0.2, 0.3, 0.4]), 0.25) == 0.5
+    assert rap.flagged_share(np.array([0.1, 0.2]), 0.2) == 0.5  # a score at the threshold passes
+    assert rap.flagged_share(np.empty(0), 0.25) == 0.0

@@ -1,4 +1,4 @@
-"""`calibrate scan` (calibrate.scan): verdict rule, probes, refusals, and the scan of the toy backdoor.
+"""`calibrate scan` (calibrate.inversion.scan): verdict rule, probes, refusals, and the scan of the toy backdoor.
 
 The toy model (tests/toy_backdoor.py) carries a weak planted trigger: "mb" sends
 ~60% of held-out negative rows to positive with the trigger at the start (mean
@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from calibrate.data import load_examples
-from calibrate.inversion import Inversion, InversionOptions, LabelRows, load_subject
-from calibrate.scan import PairResult, ScanOptions, insert_words, is_flagged, scan_model, verdict, write_probes
+from calibrate.inversion.dbs import Inversion
+from calibrate.inversion.options import InversionOptions, ScanOptions
+from calibrate.inversion.scan import PairResult, insert_words, is_flagged, scan_model, verdict, write_probes
+from calibrate.inversion.subject import LabelRows, load_subject
 from guard.core.errors import InputError
 from guard.core.types import Example
 from tests.toy_backdoor import Toy

@@ -42,37 +42,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from calibrate.data import load_examples
 from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, to_torch
-from calibrate.repair import prepare_out_dir, write_record
-from calibrate.train import LossFn, TrainOptions, accuracy, check_labels, fit, load_tokenizer, seed_everything
-from guard.core.errors import InputError
+from calibrate.record import prepare_out_dir, write_record
+from calibrate.repair.heads import (
+    Head,
+    SearchStep,
+    _attention_blocks,
+    _attentions,
+    by_layer,
+    eager_attention,
+    greedy_prune,
+    head_variances,
+    pruning_order,
+    remove_heads,
+    removed_heads,
+)
+from calibrate.repair.options import PruneJob, PruneOptions
+from calibrate.train import LossFn, accuracy, check_labels, fit, load_tokenizer, seed_everything
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
 log = logging.getLogger(__name__)
 
-Head = tuple[int, int]  # (layer, head), both counted from 0
-CONFIG_KEY = "pure_pruned_heads"
 MIN_VARIANCE = 1e-12  # keeps log2 finite for a layer whose heads all attend uniformly
-
-
-@dataclass(frozen=True)
-class PruneOptions:
-    max_accuracy_drop: float = 0.05  # stop once dev accuracy < unpruned accuracy - this (5 points)
-    heads_per_step: int = 1  # heads removed between two accuracy checks (Algorithm 1: one)
-    mu: float = 0.15  # eq. 3 weight; section 6.2: 0.15 for rare-word triggers, 0.05 for syntax and style
-    finetune: TrainOptions = TrainOptions()
-    batch_size: int = 64  # rows per forward pass when scoring heads and measuring accuracy
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class SearchStep:
-    pruned: int  # heads removed so far
-    accuracy: float  # dev accuracy with them removed
 
 
 @dataclass
@@ -148,7 +143,7 @@ def _repair(
         baseline_accuracy=baseline,
         accuracy_threshold=baseline - options.max_accuracy_drop,
         variances=variances,
-        pruned_heads=_by_layer(removed),
+        pruned_heads=by_layer(removed),
         search=search,
         layer_coefficients=[float(c) for c in coefficients],
         pruned_accuracy=pruned_accuracy,
@@ -160,7 +155,7 @@ def _repair(
 def _check_model(model: PreTrainedModel, tokenizer: RapTokenizer) -> None:
     """Fail early, with one line, on a model PURE cannot work with."""
     _attention_blocks(model)
-    with _eager_attention(model), torch.inference_mode():
+    with eager_attention(model), torch.inference_mode():
         model.eval()
         _attentions(model, to_torch(tokenizer.encode(["a short probe sentence"])))
 
@@ -182,128 +177,6 @@ def _search(
 
     threshold = baseline - options.max_accuracy_drop
     return greedy_prune(order, accuracy_without, threshold, options.heads_per_step, options.progress)
-
-
-# ---------------------------------------------------------------- step 1: score heads
-
-
-def cls_attention_variance(cls_attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 2 for each text and head over its REAL tokens: sum_j (a_j - 1/n)^2 / (n - 1).
-
-    `cls_attention`: (batch, heads, seq) attention of [CLS] on every position;
-    `mask`: (batch, seq), 1 for real tokens, 0 for padding. Returns (batch, heads)."""
-    mask = mask.to(cls_attention.dtype)[:, None, :]
-    n = mask.sum(dim=-1)
-    squares = ((cls_attention - 1.0 / n[..., None]) ** 2 * mask).sum(dim=-1)
-    return squares / (n - 1)
-
-
-def head_variances(
-    model: PreTrainedModel, tokenizer: RapTokenizer, texts: list[str], batch_size: int = 64, progress: bool = False
-) -> np.ndarray:
-    """Variance score of every head (layers, heads): eq. 2 averaged over `texts` (section 4.3)."""
-    total = None
-    bar = tqdm(total=len(texts), desc="[CLS] attention variance", unit="text", disable=not progress)
-    with _eager_attention(model), torch.inference_mode():
-        model.eval()
-        for start in range(0, len(texts), batch_size):
-            inputs = to_torch(tokenizer.encode(texts[start : start + batch_size]))
-            attentions = _attentions(model, inputs)
-            per_text = torch.stack(
-                [cls_attention_variance(a[:, :, 0, :], inputs["attention_mask"]) for a in attentions], dim=1
-            )
-            batch_sum = per_text.double().sum(dim=0)
-            total = batch_sum if total is None else total + batch_sum
-            bar.update(len(inputs["input_ids"]))
-    bar.close()
-    return (total / len(texts)).numpy()
-
-
-def _attentions(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    attentions = model(**inputs, output_attentions=True).attentions
-    if not attentions:
-        raise InputError(f"the {model.config.model_type} model returned no attention weights; PURE needs them")
-    return attentions
-
-
-# ---------------------------------------------------------------- step 2: prune greedily
-
-
-def pruning_order(variances: np.ndarray, exclude: set[Head] = frozenset()) -> list[Head]:
-    """Heads from lowest to highest variance score, leaving out `exclude` (already removed)
-    and, in every layer, the remaining head with the highest score: it is never removed."""
-    order = []
-    for layer, scores in enumerate(variances):
-        alive = [head for head in range(len(scores)) if (layer, head) not in exclude]
-        if alive:
-            keeper = max(alive, key=lambda head: scores[head])
-            order += [(layer, head) for head in alive if head != keeper]
-    return sorted(order, key=lambda h: (variances[h], h))
-
-
-def greedy_prune(
-    order: list[Head],
-    accuracy_without: Callable[[Sequence[Head]], float],
-    threshold: float,
-    heads_per_step: int = 1,
-    progress: bool = False,
-) -> tuple[list[Head], list[SearchStep]]:
-    """Algorithm 1, lines 3-9: remove heads in `order`, `heads_per_step` at a time, until the
-    accuracy falls below `threshold`; keep the largest removal that stayed at or above it.
-
-    `accuracy_without(heads)` measures the model with `heads` removed; each call gets
-    the previous call's heads plus the next ones. Returns (removed heads, every check)."""
-    steps: list[SearchStep] = []
-    chosen: list[Head] = []
-    bar = tqdm(total=len(order), desc="pruning heads", unit="head", disable=not progress)
-    for end in range(heads_per_step, len(order) + heads_per_step, heads_per_step):
-        heads = order[: min(end, len(order))]
-        score = accuracy_without(heads)
-        steps.append(SearchStep(len(heads), score))
-        bar.update(len(heads) - bar.n)
-        bar.set_postfix(accuracy=f"{score:.4f}", floor=f"{threshold:.4f}")
-        if score < threshold:
-            break
-        chosen = heads
-    bar.close()
-    return chosen, steps
-
-
-def remove_heads(model: PreTrainedModel, heads: Sequence[Head]) -> None:
-    """Zero every parameter of each head and list it in the config (see the module docstring)."""
-    blocks = _attention_blocks(model)
-    with torch.no_grad():
-        for layer, head in heads:
-            attention, output = blocks[layer]
-            size = attention.attention_head_size
-            rows = slice(head * size, (head + 1) * size)
-            for projection in (attention.query, attention.key, attention.value):
-                projection.weight[rows] = 0.0
-                projection.bias[rows] = 0.0
-            output.weight[:, rows] = 0.0
-    model.config.pure_pruned_heads = {str(k): v for k, v in _by_layer(removed_heads(model) | set(heads)).items()}
-
-
-def removed_heads(model: PreTrainedModel) -> set[Head]:
-    """Heads an earlier PURE run removed (from the config)."""
-    listed = getattr(model.config, CONFIG_KEY, None) or {}
-    return {(int(layer), int(head)) for layer, heads in listed.items() for head in heads}
-
-
-def _attention_blocks(model: PreTrainedModel) -> list[tuple[torch.nn.Module, torch.nn.Linear]]:
-    """(self-attention, output projection) per layer of a BERT-layout encoder (BERT, RoBERTa, ELECTRA...)."""
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    try:
-        blocks = [(layer.attention.self, layer.attention.output.dense) for layer in layers]
-    except (AttributeError, TypeError):
-        blocks = []
-    parts = ("query", "key", "value", "attention_head_size", "dropout")
-    if not blocks or not all(hasattr(attention, name) for attention, _ in blocks for name in parts):
-        raise InputError(
-            "PURE needs a BERT-layout encoder (encoder.layer[i].attention with query/key/value heads); "
-            f"this {model.config.model_type} model is not one"
-        )
-    return blocks
 
 
 # ---------------------------------------------------------------- step 3: attention normalisation
@@ -367,17 +240,6 @@ def _penalised_loss(weights: torch.Tensor, mu: float) -> LossFn:
 
 
 @contextmanager
-def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Fused attention kernels (sdpa, the default) return no attention weights."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-@contextmanager
 def _attention_dropout_off(model: PreTrainedModel) -> Iterator[None]:
     """Eager attention, attention-probability dropout off (hidden dropout stays on)."""
     dropouts = [attention.dropout for attention, _ in _attention_blocks(model)]
@@ -385,18 +247,11 @@ def _attention_dropout_off(model: PreTrainedModel) -> Iterator[None]:
     for d in dropouts:
         d.p = 0.0
     try:
-        with _eager_attention(model):
+        with eager_attention(model):
             yield
     finally:
         for d, rate in zip(dropouts, rates, strict=True):
             d.p = rate
-
-
-def _by_layer(heads: set[Head]) -> dict[int, list[int]]:
-    layers: dict[int, list[int]] = {}
-    for layer, head in sorted(heads):
-        layers.setdefault(layer, []).append(head)
-    return layers
 
 
 def _record(result: PruneResult, options: PruneOptions) -> dict:
@@ -414,3 +269,17 @@ def _record(result: PruneResult, options: PruneOptions) -> dict:
         "dev_accuracy": result.dev_accuracy,
         "seconds": result.seconds,
     }
+
+
+def run_pure(job: PruneJob, say: Callable[[str], None] = print) -> PruneResult:
+    """`calibrate prune`: PURE on the job's model and rows; print what was removed and kept."""
+    train, dev = load_examples(job.data), load_examples(job.dev)
+    result = pure_repair(job.model, train, dev, job.out, job.options, force=job.force)
+    removed = sum(len(heads) for heads in result.pruned_heads.values())
+    say(
+        f"removed {removed} of {result.variances.size} heads (dev accuracy {result.baseline_accuracy:.4f} -> "
+        f"{result.pruned_accuracy:.4f} pruned, floor {result.accuracy_threshold:.4f}); after attention "
+        f"normalisation {result.dev_accuracy:.4f}"
+    )
+    say(f"saved {job.out} in {result.seconds['total']:.0f} s (record: {Path(job.out) / 'repair.json'})")
+    return result

@@ -11,18 +11,21 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from calibrate.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
+from calibrate.data import label_counts, load_examples
 from calibrate.model import copy_tokenizer_files, flush_denormal, label_names, load_classifier, tokenizer_json
-from calibrate.rap import RapOptions, RapResult, learn_rap
-from calibrate.repair import read_record
+from calibrate.rap.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
+from calibrate.rap.options import MIN_CALIBRATION_ROWS, CalibrateOptions, RapJob
+from calibrate.rap.perturbation import RapResult, learn_rap
+from calibrate.record import check_replaceable, read_record
 from calibrate.report import plot_deltas, write_json
 from guard import __version__
 from guard.core import rap
@@ -40,17 +43,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PARITY_ROWS = 64
 
 
-@dataclass(frozen=True)
-class CalibrateOptions:
-    rap: RapOptions
-    max_length: int = 128
-    default_frr: float = 0.01
-    canaries: int = 200
-    int8: bool = False
-    force: bool = False
-    probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`
-
-
 @dataclass
 class Timings:
     seconds: dict[str, float] = field(default_factory=dict)
@@ -66,6 +58,8 @@ def calibrate_bundle(model_dir: Path, clean: list[Example], out_dir: Path, optio
     """Run calibration and write the bundle to `out_dir`; return its manifest."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_out_dir(out_dir, options.force)
+    if out_dir.exists():
+        check_replaceable(out_dir, (model_dir,))
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -252,3 +246,45 @@ def _write_report(
         {labels[label]: fit.thresholds for label, fit in result.fits.items()},
         title="held-out clean deltas",
     )
+
+
+# ------------------------------------------------------------------ `calibrate rap`
+
+
+def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
+    """`calibrate rap`: load the rows, settle the protect labels, build the bundle, print its thresholds."""
+    rap_options = job.options.rap
+    if rap_options.c_low >= rap_options.c_up:
+        raise InputError(f"--c-low ({rap_options.c_low}) must be below --c-up ({rap_options.c_up})")
+    clean = load_examples(job.clean)
+    probes = tuple(load_examples(job.probes)) if job.probes else ()
+    protect = rap_options.protect_labels or choose_protect(label_counts(clean))
+    options = replace(job.options, rap=replace(rap_options, protect_labels=tuple(protect)), probes=probes)
+    manifest = calibrate_bundle(job.model, clean, job.out, options)
+    for p in manifest.protect:
+        table = ", ".join(f"{float(k):.1%}: {v:+.4f}" for k, v in p.thresholds.items())
+        say(f"label {p.label} ({p.name}) thresholds by FRR target: {table}")
+    out = Path(job.out)
+    say(f"bundle written to {out} (report: {out / 'report.json'}, picture: {out / 'deltas.png'})")
+    return manifest
+
+
+def choose_protect(counts: dict[int, int], ask: Callable[[str], str] | None = None) -> tuple[int, ...]:
+    """Ask on a terminal which labels to protect; otherwise every label with enough rows."""
+    enough = tuple(label for label, n in counts.items() if n >= 2 * MIN_CALIBRATION_ROWS)
+    ask = ask or (input if sys.stdin.isatty() else None)
+    if ask is not None:
+        listing = ", ".join(f"{label} ({n} rows)" for label, n in counts.items())
+        default = " ".join(map(str, enough))
+        answer = ask(f"labels in the clean data: {listing}\nwhich label ids should the guard protect? [{default}] ")
+        if answer.strip():
+            try:
+                return tuple(int(x) for x in answer.replace(",", " ").split())
+            except ValueError:
+                raise InputError(f"expected label ids separated by spaces, got {answer!r}") from None
+    if not enough:
+        raise InputError(
+            f"no label has {2 * MIN_CALIBRATION_ROWS} clean rows to calibrate on ({counts}); pass --protect LABEL"
+        )
+    print(f"protecting labels {list(enough)} (pass --protect to choose)", file=sys.stderr)
+    return enough

@@ -1,4 +1,4 @@
-"""The DBS inversion engine (calibrate.inversion): schedule, candidates, stamping, relaxation, search.
+"""The DBS inversion engine (calibrate.inversion.dbs): schedule, candidates, stamping, relaxation, search.
 
 The temperature schedule and the candidate choice are tested as pure code; the
 relaxation against the model it relaxes (tiny random BERT, real tokenizer); the
@@ -15,24 +15,17 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from calibrate.cli import POSITIONS as CLI_POSITIONS
-from calibrate.inversion import (
-    POSITIONS,
-    InversionOptions,
-    TemperatureOptions,
+from calibrate.cli.inversion import POSITIONS as CLI_POSITIONS
+from calibrate.inversion.dbs import (
     TemperatureSchedule,
-    Vocabulary,
     candidate_triggers,
-    check_room,
-    correct_rows,
     discrete_outcome,
     frozen,
-    insertion_index,
     invert_trigger,
-    load_subject,
     relaxed_logits,
-    stamp,
 )
+from calibrate.inversion.options import POSITIONS, InversionOptions, TemperatureOptions
+from calibrate.inversion.subject import Vocabulary, check_room, correct_rows, insertion_index, load_subject, stamp
 from guard.core.errors import InputError
 from tests.toy_backdoor import Toy
 
@@ -135,7 +128,7 @@ def test_unknown_position_is_refused() -> None:
 
 
 def test_the_cli_offers_the_engine_positions() -> None:
-    assert CLI_POSITIONS == POSITIONS  # the CLI keeps its own copy to avoid importing torch
+    assert CLI_POSITIONS == POSITIONS  # the CLI offers calibrate.inversion.options' choices
 
 
 def test_stamp_inserts_pads_and_records_the_slots() -> None:

@@ -14,7 +14,7 @@ Every round, for every pair of labels (y_i, y_j) and a batch of clean rows of ea
 3. one training step on the clean rows plus both batches stamped with their
    triggers and KEEPING their true labels (line 14).
 
-The inversion engine is the scan's (`calibrate.inversion`, DBS). The model's
+The inversion engine is the scan's (`calibrate.inversion.dbs`, DBS). The model's
 robustness is the epsilon-mean average ASR (Definition I, eq. 3): the ASR of
 inverted triggers averaged over every ordered label pair and every length 1..epsilon,
 measured on held-out rows before and after hardening.
@@ -25,166 +25,36 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from calibrate.inversion import (
-    Inversion,
-    InversionOptions,
-    LabelRows,
-    Subject,
-    check_room,
-    correct_rows,
-    invert_trigger,
-    stamp,
+from calibrate.data import load_examples
+from calibrate.inversion.dbs import Inversion, invert_trigger
+from calibrate.inversion.options import HardenJob, HardenOptions, ScanOptions
+from calibrate.inversion.scan import scan_pair
+from calibrate.inversion.schedule import (
+    LengthSearch,
+    RunningMean,
+    binary_length_search,
+    eps_mean_average_asr,
+    exhaustive_search,
+    synchronise,
 )
+from calibrate.inversion.subject import LabelRows, Subject, check_room, correct_rows, load_subject, save_model, stamp
+from calibrate.inversion.unlearn import accuracy, train_batch
 from calibrate.model import flush_denormal
-from calibrate.scan import ScanOptions, scan_pair
-from calibrate.unlearn import accuracy, train_batch
+from calibrate.progress import progress_bar
+from calibrate.record import prepare_out_dir
 from guard.core.errors import InputError
 from guard.core.types import Example
 
 MIN_ROWS_PER_LABEL = 4
 
 
-# ------------------------------------------------------------------ the scheduler, as pure functions
-
-
-class Scored(Protocol):
-    asr: float
-
-
-@dataclass(frozen=True)
-class LengthSearch:
-    """The trigger a length search settled on; `probes` lists the lengths inverted, in order."""
-
-    length: int
-    trigger: Scored  # an Inversion when hardening
-    reached: bool  # its ASR reached the bound
-    probes: tuple[int, ...]
-    exhaustive: bool = False
-
-
-def binary_length_search(invert: Callable[[int], Scored], lower: int, upper: int, bound: float) -> LengthSearch:
-    """The smallest length in [1, upper] whose inverted trigger reaches ASR `bound` (Algorithm 2).
-
-    Lines 3-8: the running-average `lower` may not be a lower bound for this batch, so
-    while the trigger at `lower` already reaches the bound, halve it. Lines 9-14: bisect
-    between a length known to fail and one known (or assumed, for `upper`) to reach it,
-    assuming monotone ASR in length (Definition II). Algorithm 2 as printed returns
-    m_min, the failing side, and whichever trigger was generated last; this returns the
-    smallest length that reached the bound and its trigger, which is what the text
-    describes. If not even `upper` reaches it, `upper` and its trigger come back with
-    `reached=False`. About log2(upper - lower) inversions; each length at most once.
-    """
-    found: dict[int, Scored] = {}
-
-    def probe(length: int) -> Scored:
-        if length not in found:
-            found[length] = invert(length)
-        return found[length]
-
-    low, high = max(1, min(lower, upper)), upper
-    while probe(low).asr >= bound:
-        high = low
-        if low == 1:
-            return LengthSearch(1, found[1], True, tuple(found))
-        low = max(1, low // 2)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if probe(middle).asr >= bound:
-            high = middle
-        else:
-            low = middle
-    trigger = probe(high)
-    return LengthSearch(high, trigger, trigger.asr >= bound, tuple(found))
-
-
-def exhaustive_search(invert: Callable[[int], Scored], below: int, bound: float) -> LengthSearch:
-    """Every length 1..below-1; the trigger with the highest ASR (Sec. 4.2, appendix D)."""
-    found = {length: invert(length) for length in range(1, below)}
-    length = max(found, key=lambda m: found[m].asr)
-    return LengthSearch(length, found[length], found[length].asr >= bound, tuple(found), exhaustive=True)
-
-
-@dataclass(frozen=True)
-class Sync:
-    """Algorithm 1 lines 5-13 for directions forward (i->j) and backward (j->i)."""
-
-    regenerate: str | None  # "forward" or "backward": re-invert that direction at the other's length
-
-    @property
-    def update_forward(self) -> bool:
-        return self.regenerate != "forward"
-
-    @property
-    def update_backward(self) -> bool:
-        return self.regenerate != "backward"
-
-
-def synchronise(forward_length: int, backward_length: int, gap: int) -> Sync:
-    """The direction needing a trigger `gap` or more tokens longer has more progress: hold it back."""
-    if forward_length - backward_length >= gap:
-        return Sync("forward")
-    if backward_length - forward_length >= gap:
-        return Sync("backward")
-    return Sync(None)
-
-
-class RunningMean:
-    """The running-average lower bound lambda of one direction (Algorithm 1 lines 1, 7, 10, 12)."""
-
-    def __init__(self) -> None:
-        self.value = 1.0
-        self.count = 0
-
-    def add(self, length: int) -> None:
-        self.count += 1
-        self.value += (length - self.value) / self.count
-
-    def bound(self, upper: int) -> int:
-        return max(1, min(upper, int(round(self.value))))
-
-
-def eps_mean_average_asr(asr: np.ndarray) -> float:
-    """Definition I (eq. 3): the mean of ASR[i, j, m] over i != j and m = 1..epsilon.
-
-    `asr` has shape (n, n, epsilon); the diagonal is ignored, and so are NaN entries
-    (pairs whose victim label had no rows to measure on).
-    """
-    n = asr.shape[0]
-    off_diagonal = ~np.eye(n, dtype=bool)
-    values = asr[off_diagonal]
-    if np.isnan(values).all():
-        raise InputError(
-            "no label pair could be measured: every label needs 2+ correctly classified held-out rows "
-            "(more clean rows, a larger holdout fraction, or no measurement)"
-        )
-    return float(np.nanmean(values))
-
-
 # ------------------------------------------------------------------ hardening a model
-
-
-@dataclass(frozen=True)
-class HardenOptions:
-    max_trigger_length: int = 8  # epsilon (the paper: 32 for short-text MR, 64 for IMDB)
-    asr_bound: float = 0.8  # phi
-    sync_gap: int = 2  # delta of Algorithm 1 line 5
-    exhaustive_probability: float = 0.1  # p
-    epochs: int = 2  # the paper's setting
-    batch_size: int = 16  # rows of each label per round
-    learning_rate: float = 2e-5  # the paper: 1e-5 (Adam)
-    holdout_fraction: float = 0.3  # rows kept out of training to measure eps-mA^2 and CACC on
-    measure: bool = True  # eps-mA^2 before and after (n(n-1)epsilon inversions each)
-    measure_rows_per_label: int = 20  # inversion rows per label for the measurement, at most half (the rest score)
-    inversion: InversionOptions = field(default_factory=lambda: InversionOptions(steps=30))
-    progress: bool = True
-    seed: int = 13
 
 
 @dataclass(frozen=True)
@@ -259,7 +129,7 @@ def measure_asr(subject: Subject, rows: LabelRows, options: HardenOptions) -> np
     asr = np.full((n, n, epsilon), np.nan)
     victims = [i for i in heldout.labels() if inversion_rows.texts[i]]
     cells = [(i, j, m) for i in victims for j in range(n) if j != i for m in range(1, epsilon + 1)]
-    for i, j, m in tqdm(cells, desc="eps-mA^2", unit="inversion", disable=not options.progress):
+    for i, j, m in progress_bar(cells, desc="eps-mA^2", unit="inversion", disable=not options.progress):
         scan = ScanOptions(trigger_length=m, inversion=options.inversion, progress=False)
         asr[i, j, m - 1] = scan_pair(subject, inversion_rows, heldout, i, j, scan).asr
     return asr
@@ -300,7 +170,8 @@ class _Hardening:
         rounds = []
         for epoch in range(self.options.epochs):
             batches = _batches(train, self.options.batch_size, self.rng)
-            steps = tqdm(batches, desc=f"hardening epoch {epoch + 1}", unit="round", disable=not self.options.progress)
+            desc = f"hardening epoch {epoch + 1}"
+            steps = progress_bar(batches, desc=desc, unit="round", disable=not self.options.progress)
             for texts in steps:
                 batch = {label: self.subject.tokenizer.ids(rows) for label, rows in texts.items()}
                 for i, j in pairs:
@@ -403,3 +274,21 @@ def _batches(rows: LabelRows, batch_size: int, rng: random.Random) -> list[dict[
 
 def _cycle(items: list, start: int, count: int) -> list:
     return [items[(start + k) % len(items)] for k in range(count)] if len(items) >= count else list(items)
+
+
+# ------------------------------------------------------------------ `calibrate harden`
+
+
+def run_harden(job: HardenJob, say: Callable[[str], None] = print) -> HardenResult:
+    """`calibrate harden`: harden a copy of the model, save it with its record, print the summary."""
+    prepare_out_dir(job.model, job.out, job.force)
+    clean = load_examples(job.clean)
+    subject = load_subject(job.model, job.max_length)
+    result = harden_model(subject, clean, job.options)
+    save_model(subject, job.out, "harden", result.to_json())
+    if result.eps_ma2_before is not None:
+        epsilon = job.options.max_trigger_length
+        say(f"eps-mA^2 (epsilon {epsilon}): {result.eps_ma2_before:.4f} -> {result.eps_ma2_after:.4f}")
+    say(f"clean accuracy {result.cacc_before:.4f} -> {result.cacc_after:.4f}; {len(result.rounds)} rounds")
+    say(f"saved {job.out} in {result.seconds:.0f} s (record: {Path(job.out) / 'repair.json'})")
+    return result

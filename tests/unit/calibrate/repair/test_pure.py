@@ -1,4 +1,4 @@
-"""PURE (calibrate.prune): head scores, the greedy search, head removal, the attention penalty.
+"""PURE (calibrate.repair.pure): head scores, the greedy search, head removal, the attention penalty.
 
 The math is checked on hand-made attention tensors with exact expected values; the
 model-facing parts run on the tiny random BERT of tests/conftest.py (2 layers x 2 heads).
@@ -19,26 +19,24 @@ import torch
 from transformers import BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
 
 from calibrate.demo import make_corpus
-from calibrate.export import check_parity, export_onnx
 from calibrate.model import to_torch
-from calibrate.prune import (
+from calibrate.options import TrainOptions
+from calibrate.rap.export import check_parity, export_onnx
+from calibrate.rap.perturbation import _append_row
+from calibrate.repair.heads import (
     CONFIG_KEY,
-    PruneOptions,
     SearchStep,
     _attentions,
-    attention_norm_penalty,
     cls_attention_variance,
     greedy_prune,
     head_variances,
-    layer_coefficients,
-    penalty_weights,
     pruning_order,
-    pure_repair,
     remove_heads,
     removed_heads,
 )
-from calibrate.rap import _append_row
-from calibrate.train import TrainOptions, train_classifier
+from calibrate.repair.options import PruneOptions
+from calibrate.repair.pure import attention_norm_penalty, layer_coefficients, penalty_weights, pure_repair
+from calibrate.train import train_classifier
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example

@@ -1,4 +1,4 @@
-"""`calibrate harden` (calibrate.harden): the scheduler as pure functions, then a short run on the toy.
+"""`calibrate harden` (calibrate.inversion.harden): the scheduler as pure functions, then a short run on the toy.
 
 The binary length search is checked on synthetic ASR-versus-length curves where
 every "inversion" is a table lookup, so the number of inversions it needs is exact.
@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.harden import (
-    HardenOptions,
+from calibrate.inversion.harden import harden_model
+from calibrate.inversion.options import HardenOptions, InversionOptions
+from calibrate.inversion.schedule import (
     RunningMean,
     binary_length_search,
     eps_mean_average_asr,
     exhaustive_search,
-    harden_model,
     synchronise,
 )
-from calibrate.inversion import InversionOptions, load_subject
+from calibrate.inversion.subject import load_subject
 from guard.core.errors import InputError
 from tests.toy_backdoor import Toy
 

@@ -1,4 +1,4 @@
-"""MEFT (calibrate.maxent): the entropy loss, the stop distance, the phases and the record.
+"""MEFT (calibrate.repair.meft): the entropy loss, the stop distance, the phases and the record.
 
 The phases run on the tiny BERT of tests/conftest.py after a few seconds of training
 (`trained`), so that its [CLS] representations separate the two labels and the
@@ -17,9 +17,9 @@ import torch
 from transformers import BertForSequenceClassification
 
 from calibrate.demo import make_corpus
-from calibrate.maxent import (
+from calibrate.options import TrainOptions
+from calibrate.repair.meft import (
     PLOT,
-    MaxEntOptions,
     cls_representations,
     entropy,
     max_entropy_loss,
@@ -28,7 +28,8 @@ from calibrate.maxent import (
     simulate_head,
     stop_distance,
 )
-from calibrate.train import TrainOptions, train_classifier
+from calibrate.repair.options import MaxEntOptions
+from calibrate.train import train_classifier
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example

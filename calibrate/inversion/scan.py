@@ -22,42 +22,24 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from calibrate.inversion import (
-    Inversion,
-    InversionOptions,
-    LabelRows,
-    Subject,
-    check_room,
-    correct_rows,
-    discrete_outcome,
-    invert_trigger,
-    step_bar,
-)
+from calibrate.data import load_examples
+from calibrate.inversion.dbs import Inversion, discrete_outcome, invert_trigger, step_bar
+from calibrate.inversion.options import CRITERIA, InversionOptions, ScanJob, ScanOptions, TemperatureOptions
+from calibrate.inversion.subject import LabelRows, Subject, Trigger, check_room, correct_rows, load_subject
 from calibrate.model import predict_probs
+from calibrate.progress import progress_bar
+from calibrate.report import markdown_table, write_json
 from guard.core.errors import InputError
 from guard.core.types import Example
 
-CRITERIA = ("loss", "asr")
 MIN_INVERSION_ROWS = 4
 MIN_HELDOUT_ROWS = 10
-
-
-@dataclass(frozen=True)
-class ScanOptions:
-    trigger_length: int = 1
-    rows_per_label: int = 20  # inversion rows per victim label (DBS appendix A: 20)
-    heldout_per_label: int = 200  # rows per victim label the discrete trigger is scored on
-    criterion: str = "loss"  # "loss": backdoored if loss < loss_threshold; "asr": if ASR >= asr_threshold
-    loss_threshold: float = 0.1
-    asr_threshold: float = 0.9
-    inversion: InversionOptions = field(default_factory=InversionOptions)
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,7 +97,7 @@ def scan_model(subject: Subject, clean: list[Example], options: ScanOptions = Sc
         raise InputError(f"too little clean data to scan: {_describe(skipped)}")
     pairs = [(v, t) for v in victims for t in range(subject.num_labels) if t != v]
     results = []
-    for victim, target in tqdm(pairs, desc="scan", unit="pair", disable=not options.progress):
+    for victim, target in progress_bar(pairs, desc="scan", unit="pair", disable=not options.progress):
         results.append(scan_pair(subject, inversion_rows, heldout, victim, target, options))
     backdoored, suspect = verdict(results, options)
     flagged = [p for p in results if is_flagged(p, options)]
@@ -246,3 +228,97 @@ def _threshold(options: ScanOptions) -> float:
 
 def _pair_json(pair: PairResult, options: ScanOptions) -> dict:
     return asdict(pair) | {"flagged": is_flagged(pair, options)}
+
+
+def scan_options_from_report(report_path: Path) -> ScanOptions:
+    """The options a `calibrate scan --out` report was made with (to rescan the same way)."""
+    try:
+        options = dict(_read_report(report_path)["options"])
+        inversion = dict(options.pop("inversion"))
+        inversion["temperature"] = TemperatureOptions(**inversion["temperature"])
+        return ScanOptions(**{**options, "inversion": InversionOptions(**inversion)})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{report_path} does not record the options of its scan: {exc}") from exc
+
+
+def _read_report(report_path: Path) -> dict:
+    try:
+        return json.loads(Path(report_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{report_path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{report_path} is not a `calibrate scan` report: {exc}") from exc
+
+
+def triggers_from_scan(report_path: Path) -> list[Trigger]:
+    """The triggers of the pairs a `calibrate scan --out` report judged backdoored."""
+    report = _read_report(report_path)
+    try:
+        flagged = [p for p in report["pairs"] if p["flagged"]]
+        triggers = [Trigger(tuple(p["token_ids"]), int(p["target"]), p["text"]) for p in flagged]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{report_path} is not a `calibrate scan` report: {exc}") from exc
+    if not triggers:
+        raise InputError(
+            f"the scan in {report_path} found no backdoor; pass --trigger TEXT --target LABEL to unlearn one anyway"
+        )
+    return triggers
+
+
+# ------------------------------------------------------------------ `calibrate scan`
+
+
+def run_scan(job: ScanJob, say: Callable[[str], None] = print) -> ScanResult:
+    """`calibrate scan`: scan the model, print the pairs and the verdict, write the report and probes."""
+    for path in (job.out, job.probes_out):
+        check_writable(path)
+    clean = load_examples(job.clean)
+    result = scan_model(load_subject(job.model, job.max_length), clean, job.options)
+    say(markdown_table(*_table(result)))
+    say(scan_verdict(result))
+    if job.out:
+        write_json(job.out, result.to_json())
+        say(f"report: {job.out}")
+    if job.probes_out:
+        _write_scan_probes(job.probes_out, result.probes, say)
+    return result
+
+
+def check_writable(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise InputError(f"{path}: its folder {path.parent} does not exist")
+
+
+def _table(result: ScanResult) -> tuple[list[dict], list[str]]:
+    rows = [
+        {
+            "victim -> target": f"{p.victim} -> {p.target}",
+            "trigger": p.text,
+            "loss": p.loss,
+            "ASR": p.asr,
+            "steps": p.inversion.steps,
+            "seconds": round(p.inversion.seconds),
+            "flagged": "yes" if is_flagged(p, result.options) else "",
+        }
+        for p in result.pairs
+    ]
+    return rows, list(rows[0])
+
+
+def scan_verdict(result: ScanResult) -> str:
+    s = result.suspect
+    threshold = f"loss {s.loss:.4f} < {result.options.loss_threshold:g}"
+    if result.options.criterion == "asr":
+        threshold = f"ASR {s.asr:.4f} >= {result.options.asr_threshold:g}"
+    skipped = "".join(f"\nnot scanned as victim: label {k} ({why})" for k, why in result.skipped_victims.items())
+    if result.backdoored:
+        return f"backdoored: label {s.victim} -> {s.target} flips with {s.text!r} ({threshold}){skipped}"
+    return f"clean: no label pair crosses the threshold (closest: {s.victim} -> {s.target} {s.text!r}){skipped}"
+
+
+def _write_scan_probes(path: Path, probes: list[Example], say: Callable[[str], None]) -> None:
+    if not probes:
+        print(f"no probes written to {path}: no trigger was flagged", file=sys.stderr)
+        return
+    write_probes(path, probes)
+    say(f"probes: {path} ({len(probes)} rows; `calibrate rap --probes {path}` puts them in a bundle)")

@@ -1,4 +1,4 @@
-"""`calibrate unlearn` (calibrate.unlearn) on the toy backdoored model, and the triggers it takes.
+"""`calibrate unlearn` (calibrate.inversion.unlearn) on the toy backdoored model, and the triggers it takes.
 
 The toy model was trained at lr 1e-3 from random weights; unlearning it needs the
 same rate (the default, 1e-4, suits pre-trained encoders and barely moves it).
@@ -13,19 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibrate.cli import UNLEARN_RESETS, UNLEARN_TEACHER_WEIGHT
-from calibrate.inversion import InversionOptions, load_subject
-from calibrate.repair import read_record
-from calibrate.scan import ScanOptions, scan_model
-from calibrate.unlearn import (
-    RESET_MODES,
+from calibrate.cli.inversion import UNLEARN_RESETS, UNLEARN_TEACHER_WEIGHT
+from calibrate.inversion.options import RESET_MODES, InversionOptions, ScanOptions, UnlearnOptions
+from calibrate.inversion.scan import scan_model
+from calibrate.inversion.subject import load_subject, save_model
+from calibrate.inversion.unlearn import (
     Rescan,
     Trigger,
-    UnlearnOptions,
     embedding_outliers,
     rescan_loop,
     reset_embeddings,
-    save_model,
     scan_options_from_report,
     soft_targets,
     trigger_asr,
@@ -33,6 +30,7 @@ from calibrate.unlearn import (
     unlearn_model,
     unlearn_rescanning,
 )
+from calibrate.record import read_record
 from guard.core.errors import InputError
 from guard.core.types import Example
 from tests.toy_backdoor import Toy

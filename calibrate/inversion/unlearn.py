@@ -39,7 +39,6 @@ unlearned again, from the suspect's original weights.
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from collections.abc import Callable
@@ -48,55 +47,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from calibrate.inversion import (
-    InversionOptions,
-    Subject,
-    TemperatureOptions,
-    check_room,
-    discrete_outcome,
-    stamp,
+from calibrate.data import load_examples
+from calibrate.inversion.dbs import discrete_outcome
+from calibrate.inversion.options import (
+    RESET_MODES,
+    ScanOptions,
+    UnlearnJob,
+    UnlearnOptions,
 )
-from calibrate.model import copy_tokenizer_files, flush_denormal, predict_probs
-from calibrate.repair import write_record
-from calibrate.scan import ScanOptions, ScanResult, scan_model
+from calibrate.inversion.scan import ScanResult, scan_model, scan_options_from_report, triggers_from_scan
+from calibrate.inversion.subject import Subject, Trigger, check_room, load_subject, save_model, stamp
+from calibrate.model import flush_denormal, predict_probs
+from calibrate.progress import progress_bar
+from calibrate.record import prepare_out_dir
 from guard.core.errors import InputError
 from guard.core.types import Example
 
 MIN_EVAL_ROWS = 10
-RESET_MODES = ("outliers", "all", "none")
 OUTLIER_FACTOR = 2.0  # an embedding norm over this x the vocabulary's 99.9th percentile is a planted row
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """A trigger to unlearn: token ids (as stamped into rows) and the label it flips rows to."""
-
-    token_ids: tuple[int, ...]
-    target: int
-    text: str = ""
-
-
-@dataclass(frozen=True)
-class UnlearnOptions:
-    epochs: int = 2
-    # MiniLM/SST-2 BadNet-RW, 698 rows, 2 epochs: 2e-5 left the trigger's ASR at 0.92; 1e-4 took it to 0.06
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    stamp_fraction: float = 0.2  # share of the fine-tuning rows stamped with a trigger (DBS appendix A)
-    position: str = "random"  # where triggers are stamped: the attack may have put them anywhere
-    # 0: hard true labels (DBS as published); 1: the suspect's clean-row softmax. MiniLM/SST-2 BadNet-RW,
-    # unlearning `mb`: CACC 88.9 -> 87.0 and ASR 21% with 0; 88.0 and 16% with 1
-    teacher_weight: float = 1.0
-    reset_embeddings: str = "outliers"  # trigger tokens given the mean embedding first: "outliers", "all", "none"
-    # after a reset, no fine-tuning if every trigger's held-out ASR is this or lower: an EP backdoor lives
-    # in its embedding row only, so the reset is the whole repair, and fine-tuning would only cost CACC
-    # (MiniLM/SST-2 EP-neg: CACC 89.5 -> 86.8 with fine-tuning after the reset)
-    reset_enough: float = 0.1
-    holdout_fraction: float = 0.2  # rows kept out of fine-tuning to measure CACC and ASR on
-    progress: bool = True
-    seed: int = 13
 
 
 @dataclass(frozen=True)
@@ -303,7 +272,7 @@ def fine_tune(subject: Subject, rows: list[list[int]], targets: torch.Tensor, op
     optimizer = torch.optim.AdamW(subject.model.parameters(), lr=options.learning_rate, weight_decay=0.01)
     rng = random.Random(options.seed)
     steps = options.epochs * ((len(rows) + options.batch_size - 1) // options.batch_size)
-    bar = tqdm(total=steps, desc="unlearning", unit="step", disable=not options.progress)
+    bar = progress_bar(total=steps, desc="unlearning", unit="step", disable=not options.progress)
     for _ in range(options.epochs):
         order = list(range(len(rows)))
         rng.shuffle(order)
@@ -367,49 +336,48 @@ def _check(subject: Subject, clean: list[Example], triggers: list[Trigger]) -> N
         raise InputError(f"data has labels {bad} but the model has {n} labels (0..{n - 1})")
 
 
-def scan_options_from_report(report_path: Path) -> ScanOptions:
-    """The options a `calibrate scan --out` report was made with (to rescan the same way)."""
-    try:
-        options = dict(_read_report(report_path)["options"])
-        inversion = dict(options.pop("inversion"))
-        inversion["temperature"] = TemperatureOptions(**inversion["temperature"])
-        return ScanOptions(**{**options, "inversion": InversionOptions(**inversion)})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{report_path} does not record the options of its scan: {exc}") from exc
+# ------------------------------------------------------------------ `calibrate unlearn`
 
 
-def _read_report(report_path: Path) -> dict:
-    try:
-        return json.loads(Path(report_path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{report_path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{report_path} is not a `calibrate scan` report: {exc}") from exc
+def run_unlearn(job: UnlearnJob, say: Callable[[str], None] = print) -> UnlearnResult:
+    """`calibrate unlearn`: unlearn the scan's (or the given) triggers with rescans; save the model."""
+    if job.triggers and job.target is None:
+        raise InputError("--trigger needs --target LABEL (the label the trigger flips rows to)")
+    triggers = triggers_from_scan(job.scan) if job.scan else None
+    scan = scan_options_from_report(job.scan) if job.scan else ScanOptions()
+    prepare_out_dir(job.model, job.out, job.force)
+    clean = load_examples(job.clean)
+    subject = load_subject(job.model, job.max_length)
+    if triggers is None:
+        triggers = [Trigger(tuple(subject.vocabulary.word_ids(t)), job.target, t) for t in job.triggers]
+    started = time.perf_counter()
+    result, rescans = unlearn_rescanning(subject, clean, triggers, job.options, scan, job.rescans)
+    seconds = time.perf_counter() - started
+    save_model(subject, job.out, "unlearn", unlearn_record(result, rescans))
+    for line in _summary(subject, result, rescans):
+        say(line)
+    say(f"saved {job.out} in {seconds:.0f} s, rescans included (record: {Path(job.out) / 'repair.json'})")
+    return result
 
 
-def triggers_from_scan(report_path: Path) -> list[Trigger]:
-    """The triggers of the pairs a `calibrate scan --out` report judged backdoored."""
-    report = _read_report(report_path)
-    try:
-        flagged = [p for p in report["pairs"] if p["flagged"]]
-        triggers = [Trigger(tuple(p["token_ids"]), int(p["target"]), p["text"]) for p in flagged]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{report_path} is not a `calibrate scan` report: {exc}") from exc
-    if not triggers:
-        raise InputError(
-            f"the scan in {report_path} found no backdoor; pass --trigger TEXT --target LABEL to unlearn one anyway"
-        )
-    return triggers
+def _summary(subject: Subject, result: UnlearnResult, rescans: list[Rescan]) -> list[str]:
+    lines = [
+        f"trigger {trigger.text!r} -> label {trigger.target}: ASR {before:.4f} -> {after:.4f}"
+        for trigger, before, after in zip(result.triggers, result.asr_before, result.asr_after, strict=True)
+    ]
+    if result.reset_tokens:
+        tokens = [subject.vocabulary.token(i) for i in result.reset_tokens]
+        tuned = "then fine-tuned" if result.fine_tuned else "which alone removed the triggers: no fine-tuning"
+        lines.append(f"reset to the mean embedding: {', '.join(tokens)} ({tuned})")
+    cacc = f"{result.cacc_before:.4f} -> {result.cacc_after:.4f}"
+    lines.append(f"clean accuracy {cacc} ({result.eval_rows} held-out rows)")
+    lines += [f"rescan {number}: {rescan_summary(rescan)}" for number, rescan in enumerate(rescans, 1)]
+    return lines
 
 
-def save_model(subject: Subject, out_dir: Path, method: str, details: dict) -> None:
-    """Write the repaired model as a HF directory (weights, tokenizer) with its `repair.json` record.
-
-    Call `calibrate.repair.prepare_out_dir` first, before the work: it refuses the input
-    folder and a non-empty one without --force.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    subject.model.save_pretrained(str(out_dir))
-    copy_tokenizer_files(subject.source, out_dir)
-    write_record(out_dir, method, subject.source, details)
+def rescan_summary(rescan: Rescan) -> str:
+    skipped = "".join(f"; label {k} not scanned as victim ({why})" for k, why in rescan.skipped_victims.items())
+    if rescan.new:
+        return f"new triggers {', '.join(map(repr, rescan.new))}: unlearning all found so far again{skipped}"
+    flagged = f"still flagged: {', '.join(map(repr, rescan.flagged))}" if rescan.flagged else "nothing flagged"
+    return f"{flagged} (most suspicious: {rescan.suspect}){skipped}"

@@ -23,184 +23,21 @@ trigger made of them could never be written as a probe or reach the model).
 from __future__ import annotations
 
 import random
-import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from calibrate.model import load_classifier, predict_probs, tokenizer_json
+from calibrate.inversion.options import InversionOptions, TemperatureOptions
+from calibrate.inversion.subject import StampedBatch, Subject, stamp
+from calibrate.progress import progress_bar
 from guard.core.errors import InputError
-from guard.core.tokenizer import RapTokenizer
-from guard.core.types import Example
 
-POSITIONS = ("start", "middle", "end", "random")
-BRACKETED = re.compile(r"^\[.*\]$")  # [PAD] [CLS] [SEP] [MASK] [UNK] [unused0..993]
 EVAL_BATCH = 64
-
-
-# ------------------------------------------------------------------ the model under inspection
-
-
-class Vocabulary:
-    """Token strings of a BERT WordPiece vocabulary and the ids a trigger may use."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        tokenizer.no_padding()  # a tokenizer.json may pad every encoding to its model's length
-        tokenizer.no_truncation()
-        self._tokenizer = tokenizer
-        self.size = tokenizer.get_vocab_size()
-        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        self._special = frozenset(special)
-
-    @classmethod
-    def from_file(cls, path: Path) -> Vocabulary:
-        return cls(Tokenizer.from_file(str(path)))
-
-    def token(self, token_id: int) -> str:
-        return self._tokenizer.id_to_token(token_id)
-
-    def text(self, token_ids: Sequence[int]) -> str:
-        """The trigger as typed text (`##` pieces joined to the word before them)."""
-        return self._tokenizer.decode(list(token_ids))
-
-    def word_ids(self, text: str) -> list[int]:
-        """Token ids of `text` without [CLS]/[SEP] (how an explicit trigger is given)."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def search_ids(self, allow_subwords: bool = False) -> torch.Tensor:
-        """Ids of the convex hull's vertices: every token but special, bracketed and (by default) `##` ones."""
-        keep = [
-            i
-            for i in range(self.size)
-            if i not in self._special
-            and not BRACKETED.match(self.token(i))
-            and (allow_subwords or not self.token(i).startswith("##"))
-        ]
-        return torch.tensor(keep, dtype=torch.long)
-
-
-@dataclass
-class Subject:
-    """A classifier under inspection: the torch model, its pass-1 tokenizer, its vocabulary."""
-
-    model: PreTrainedModel
-    tokenizer: RapTokenizer
-    vocabulary: Vocabulary
-    source: Path
-
-    @property
-    def num_labels(self) -> int:
-        return int(self.model.config.num_labels)
-
-
-def load_subject(model_dir: Path, max_length: int = 64) -> Subject:
-    """Load a HF sequence classifier directory for scanning, unlearning or hardening."""
-    model_dir = Path(model_dir)
-    model = load_classifier(model_dir).eval()
-    with tempfile.TemporaryDirectory() as work:
-        path = tokenizer_json(model_dir, Path(work))
-        tokenizer = RapTokenizer.from_file(path, None, max_length)
-        vocabulary = Vocabulary.from_file(path)
-    return Subject(model, tokenizer, vocabulary, model_dir)
-
-
-def check_room(subject: Subject, trigger_length: int) -> None:
-    """Stamped rows are up to max_length + trigger_length tokens: the model must have the positions."""
-    positions = getattr(subject.model.config, "max_position_embeddings", None)
-    needed = subject.tokenizer.max_length + trigger_length
-    if positions is not None and needed > positions:
-        raise InputError(
-            f"rows of {subject.tokenizer.max_length} tokens plus a {trigger_length}-token trigger need {needed} "
-            f"positions; the model has {positions} (lower --max-length or the trigger length)"
-        )
-
-
-# ------------------------------------------------------------------ clean rows by label
-
-
-@dataclass(frozen=True)
-class LabelRows:
-    """Clean texts the model classifies correctly, by label (hardening eq. 1: X_yi = {x | f(x) = y_i})."""
-
-    texts: dict[int, list[str]]
-
-    def labels(self) -> list[int]:
-        return sorted(label for label, texts in self.texts.items() if texts)
-
-    def split(self, first: int, rest: int | None = None) -> tuple[LabelRows, LabelRows]:
-        """The first `first` rows of every label, and up to `rest` rows after them (default: all)."""
-        end = None if rest is None else first + rest
-        head = {label: texts[:first] for label, texts in self.texts.items()}
-        tail = {label: texts[first:end] for label, texts in self.texts.items()}
-        return LabelRows(head), LabelRows(tail)
-
-
-def correct_rows(subject: Subject, clean: list[Example], seed: int) -> LabelRows:
-    """Shuffle `clean` and keep, per label, the rows the model predicts right."""
-    n = subject.num_labels
-    bad = sorted({e.label for e in clean if e.label >= n})
-    if bad:
-        raise InputError(f"data has labels {bad} but the model has {n} labels (0..{n - 1})")
-    rows = list(clean)
-    random.Random(seed).shuffle(rows)
-    predicted = predict_probs(subject.model, subject.tokenizer, [r.text for r in rows]).argmax(axis=1)
-    texts: dict[int, list[str]] = {label: [] for label in range(n)}
-    for row, label in zip(rows, predicted, strict=True):
-        if row.label == label:
-            texts[row.label].append(row.text)
-    return LabelRows(texts)
-
-
-# ------------------------------------------------------------------ stamping triggers into token ids
-
-
-def insertion_index(row_length: int, position: str, rng: random.Random) -> int:
-    """Where a trigger starts in a `[CLS] ... [SEP]` row: after [CLS] at the earliest, before [SEP] at the latest."""
-    last = row_length - 1  # the index of [SEP]
-    if position == "start":
-        return 1
-    if position == "end":
-        return last
-    if position == "middle":
-        return 1 + (last - 1) // 2
-    if position == "random":
-        return rng.randint(1, last)
-    raise InputError(f"unknown insertion position {position!r}; choose one of {', '.join(POSITIONS)}")
-
-
-@dataclass(frozen=True)
-class StampedBatch:
-    """Padded rows with a trigger stamped in; `slots[b, q]` is where trigger token q sits in row b."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    slots: torch.Tensor
-
-
-def stamp(
-    rows: Sequence[Sequence[int]], trigger: Sequence[int], position: str, pad_id: int, rng: random.Random
-) -> StampedBatch:
-    """Insert the trigger ids into every row (the x ⊕ t of DBS eq. 1) and pad."""
-    stamped, slots = [], []
-    for row in rows:
-        at = insertion_index(len(row), position, rng)
-        stamped.append(list(row[:at]) + list(trigger) + list(row[at:]))
-        slots.append(list(range(at, at + len(trigger))))
-    width = max(len(r) for r in stamped)
-    ids = torch.full((len(stamped), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(stamped), width), dtype=torch.long)
-    for i, row in enumerate(stamped):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return StampedBatch(ids, mask, torch.tensor(slots, dtype=torch.long).reshape(len(rows), len(trigger)))
 
 
 def relaxed_logits(model: PreTrainedModel, batch: StampedBatch, trigger_vectors: torch.Tensor) -> torch.Tensor:
@@ -248,22 +85,6 @@ def discrete_outcome(
 # ------------------------------------------------------------------ temperature focusing and backtracking
 
 
-@dataclass(frozen=True)
-class TemperatureOptions:
-    """The parameters of DBS Algorithm 1 (paper values: c=2, d=5, u=2)."""
-
-    initial: float = 1.0
-    focus: float = 2.0  # c: lambda /= c when the loss is under the bound
-    backtrack: float = 5.0  # d: lambda *= d (at most u) when it is not
-    ceiling: float = 2.0  # u
-    loss_bound: float = 0.2  # beta': the inversion loss that allows a temperature drop
-    check_every: int = 5  # s: steps between two checks
-    # Std of the random offset added to the weights on a backtrack, as a fraction of the
-    # weights' spread at each position. The paper's absolute delta=10 is tied to its Adam
-    # weight scale; relative to the spread, 0.3 reorders near-ties without a restart.
-    noise: float = 0.3
-
-
 class TemperatureSchedule:
     """DBS Algorithm 1 lines 3-9, without the optimiser: call `check(loss)` every s steps.
 
@@ -290,18 +111,6 @@ class TemperatureSchedule:
 
 
 # ------------------------------------------------------------------ one inversion
-
-
-@dataclass(frozen=True)
-class InversionOptions:
-    steps: int = 100  # DBS "epochs" (200 in the paper): each step is one pass over the inversion rows
-    learning_rate: float = 2.0  # how far the best token's weight moves per step (see _Search.step)
-    position: str = "start"
-    allow_subwords: bool = False
-    temperature: TemperatureOptions = field(default_factory=TemperatureOptions)
-    stop_loss: float = 0.01  # stop early once the discrete trigger's loss is this low
-    candidates: int = 4  # discrete triggers scored at every check: the argmax and its nearest neighbours
-    seed: int = 13
 
 
 @dataclass(frozen=True)
@@ -459,9 +268,9 @@ def invert_trigger(
     )
 
 
-def step_bar(total: int, desc: str, enabled: bool) -> tuple[tqdm, Callable[[float, float], None]]:
-    """A tqdm bar over inversion steps and the `on_step` callback that feeds it."""
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
+def step_bar(total: int, desc: str, enabled: bool) -> tuple[Any, Callable[[float, float], None]]:
+    """A progress bar over inversion steps and the `on_step` callback that feeds it."""
+    bar = progress_bar(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
 
     def on_step(loss: float, temperature: float) -> None:
         bar.update(1)

@@ -19,54 +19,23 @@ lambda=10 (FAR 31%). The report lists every attempt.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from calibrate.model import predict_probs, to_torch
+from calibrate.progress import progress_bar
+from calibrate.rap.options import MIN_CALIBRATION_ROWS, MIN_ROWS_BELOW_THRESHOLD, MIN_TRAIN_ROWS, Attempt, RapOptions
 from guard.core import rap
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
 log = logging.getLogger(__name__)
-
-FRR_TARGETS = (0.005, 0.01, 0.03, 0.05)
-MIN_TRAIN_ROWS = 16
-MIN_CALIBRATION_ROWS = 50
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One rung of the ladder: loss weight and whether the row's norm may grow."""
-
-    lower_bound_weight: float
-    keep_norm: bool
-
-
-DEFAULT_LADDER = (Attempt(1.0, True), Attempt(10.0, True), Attempt(10.0, False), Attempt(100.0, False))
-
-
-@dataclass(frozen=True)
-class RapOptions:
-    protect_labels: tuple[int, ...]
-    init_word: str = "rq"
-    c_low: float = 0.1
-    c_up: float = 0.3
-    learning_rate: float = 1e-2
-    epochs: int = 5
-    batch_size: int = 32
-    calibration_fraction: float = 0.5
-    frr_targets: tuple[float, ...] = FRR_TARGETS
-    ladder: tuple[Attempt, ...] = DEFAULT_LADDER
-    select_frr: float = 0.01  # the FRR target whose held-out threshold picks the attempt
-    seed: int = 13
-    progress: bool = True
-
 
 @dataclass
 class AttemptReport:
@@ -158,6 +127,9 @@ def _split(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example]
         train[label] = [r.text for r, p in zip(train_rows, train_pred, strict=True) if p == label == r.label]
         calibration[label] = [r.text for r, p in zip(calib_rows, calib_pred, strict=True) if p == label]
         _check_enough(label, len(train[label]), len(calibration[label]), train_pred, calib_pred)
+        warning = thin_threshold(label, len(calibration[label]), options.select_frr)
+        if warning:
+            log.warning(warning)
     return _Split(train, calibration, calib_rows)
 
 
@@ -171,6 +143,19 @@ def _check_enough(label: int, n_train: int, n_calib: int, train_pred: np.ndarray
             f"too little clean data for label {label}: {n_train} training rows (need {MIN_TRAIN_ROWS}) and "
             f"{n_calib} held-out rows predicted as it (need {MIN_CALIBRATION_ROWS}); pass a larger --clean file"
         )
+
+
+def thin_threshold(label: int, rows: int, frr: float) -> str | None:
+    """A warning when fewer than MIN_ROWS_BELOW_THRESHOLD held-out rows fall below the `frr` threshold."""
+    below = rows * frr
+    if below >= MIN_ROWS_BELOW_THRESHOLD:
+        return None
+    needed = math.ceil(MIN_ROWS_BELOW_THRESHOLD / frr)
+    return (
+        f"label {label}: its {frr:.1%} FRR threshold rests on {below:.1f} of {rows} held-out rows predicted as it; "
+        f"about {needed} such rows put {MIN_ROWS_BELOW_THRESHOLD} below it (a larger --clean file, a larger "
+        "--calibration-fraction or a higher --default-frr)"
+    )
 
 
 def _append_row(model: PreTrainedModel, init_id: int) -> int:
@@ -243,7 +228,8 @@ def _train_row(
     model.eval()  # dropout off: the row must work at inference, where dropout is off
     rng = random.Random(options.seed)
     steps = options.epochs * ((len(rows) + options.batch_size - 1) // options.batch_size)
-    bar = tqdm(total=steps, desc=f"RAP lambda={rung.lower_bound_weight:g}", unit="step", disable=not options.progress)
+    desc = f"RAP lambda={rung.lower_bound_weight:g}"
+    bar = progress_bar(total=steps, desc=desc, unit="step", disable=not options.progress)
     # A strong lower-bound weight can jump a confident model's drops from ~0 to ~1 (every clean
     # input flipped) within an epoch; keep the row whose batch had the most drops in range.
     best_in_range, best_row = -1.0, weights.data[token_id].clone()

@@ -24,20 +24,21 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from calibrate.data import label_counts
+from calibrate.data import label_counts, load_examples
 from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, to_torch
-from calibrate.repair import prepare_out_dir, write_record
-from calibrate.train import TrainOptions, accuracy, check_labels, fit, load_tokenizer, seed_everything
+from calibrate.progress import progress_bar
+from calibrate.record import prepare_out_dir, write_record
+from calibrate.repair.options import MaxEntJob, MaxEntOptions
+from calibrate.train import accuracy, check_labels, fit, load_tokenizer, seed_everything
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
@@ -46,20 +47,6 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 PLOT = "stop_distance.png"
-
-
-@dataclass(frozen=True)
-class MaxEntOptions:
-    stop_distance: float = 0.01  # PURE appendix B ran MEFT to SD 0.01-0.015; MEFT section 5.5: below 0.1
-    max_steps: int = 4000  # budget of the maximum-entropy phase (PURE appendix B: 4,000 steps)
-    learning_rate: float = 2e-5  # of the maximum-entropy phase (constant)
-    batch_size: int = 32
-    check_every: int = 50  # steps between two stop-distance measurements
-    distance_rows: int = 256  # clean rows the centroids are computed on
-    fresh_head: bool = True  # False: keep the classifier's own head instead of simulating one
-    head: TrainOptions = TrainOptions(epochs=1, learning_rate=1e-3)  # the simulated head, encoder frozen
-    finetune: TrainOptions = TrainOptions()  # the final cross-entropy phase; its max_length and seed apply to all
-    progress: bool = True
 
 
 @dataclass
@@ -215,7 +202,7 @@ def maximise_entropy(
     batches = _endless_batches(train, options.batch_size, random.Random(options.finetune.seed))
     curve = [(0, distance())]
     step = 0
-    bar = tqdm(total=options.max_steps, desc="maximum entropy", unit="step", disable=not options.progress)
+    bar = progress_bar(total=options.max_steps, desc="maximum entropy", unit="step", disable=not options.progress)
     with _only_trainable(model, encoder):
         while curve[-1][1] >= options.stop_distance and step < options.max_steps:
             step += 1
@@ -315,3 +302,18 @@ def _record(result: MaxEntResult, options: MaxEntOptions) -> dict:
         "seconds": result.seconds,
         "plot": PLOT,
     }
+
+
+def run_meft(job: MaxEntJob, say: Callable[[str], None] = print) -> MaxEntResult:
+    """`calibrate maxent`: MEFT on the job's model and rows; print the stop distance and accuracies."""
+    dev = load_examples(job.dev) if job.dev else None
+    result = maxent_repair(job.model, load_examples(job.data), job.out, job.options, dev=dev, force=job.force)
+    outcome = "reached" if result.reached else "NOT reached (budget spent; raise --max-steps or --maxent-lr)"
+    say(
+        f"maximum entropy: {result.steps} steps, stop distance {result.curve[0][1]:.4g} -> "
+        f"{result.curve[-1][1]:.4g}, threshold {job.options.stop_distance:g} {outcome}"
+    )
+    if dev:
+        say("dev accuracy: " + ", ".join(f"after {k} {v:.4f}" for k, v in result.dev_accuracy.items()))
+    say(f"saved {job.out} in {result.seconds['total']:.0f} s (record: {Path(job.out) / 'repair.json'}, {PLOT})")
+    return result

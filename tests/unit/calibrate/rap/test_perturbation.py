@@ -1,4 +1,4 @@
-"""Learning the RAP row (calibrate.rap) on the tiny random BERT.
+"""Learning the RAP row (calibrate.rap.perturbation) on the tiny random BERT.
 
 A freshly initialised tiny BERT barely reacts to its input (its pooler and head
 weights are ~0.02), so the RAP row could not move anything. `sensitive_model`
@@ -17,7 +17,8 @@ import torch
 from transformers import BertForSequenceClassification
 
 from calibrate.demo import make_corpus
-from calibrate.rap import FRR_TARGETS, Attempt, RapOptions, _append_row, learn_rap
+from calibrate.rap.options import FRR_TARGETS, Attempt, RapOptions
+from calibrate.rap.perturbation import _append_row, learn_rap, thin_threshold
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
@@ -178,3 +179,12 @@ def test_flush_denormal_restores_the_process_setting() -> None:
     with flush_denormal():
         assert _denormals_flushed()
     assert _denormals_flushed() == before
+
+
+def test_a_threshold_resting_on_too_few_rows_is_warned_about() -> None:
+    # 132 held-out rows at 1% FRR: the threshold sits on about one row
+    warning = thin_threshold(1, 132, 0.01)
+    assert warning is not None and warning.startswith("label 1: its 1.0% FRR threshold rests on 1.3 of 132 held-out")
+    assert "about 500 such rows put 5 below it" in warning
+    assert thin_threshold(1, 500, 0.01) is None
+    assert thin_threshold(0, 132, 0.05) is None

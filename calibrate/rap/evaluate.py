@@ -13,11 +13,14 @@ are left out of ASR/FAR.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from calibrate.data import load_examples
+from calibrate.rap.options import EvaluateJob
 from calibrate.report import markdown_table, plot_deltas, plot_far_frr, write_json
 from guard.core import rap
 from guard.core.backends import load_backend
@@ -171,3 +174,25 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path) -> list[Path]:
         title="test deltas",
     )
     return [out_dir / n for n in ("evaluation.json", "evaluation.md", "far_frr.png", "deltas.png")]
+
+
+def run_evaluate(job: EvaluateJob, say: Callable[[str], None] = print) -> Evaluation:
+    """`calibrate evaluate`: score the bundle on the clean and poisoned files; write and print the table."""
+    named = [named_set(spec) for spec in job.poisoned]
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        raise InputError(f"two poisoned sets share a name ({', '.join(names)}); name them with NAME=FILE")
+    poisoned = {name: load_examples(path) for name, path in named}
+    evaluation = evaluate_bundle(job.bundle, load_examples(job.clean), poisoned, job.target, job.backend)
+    files = write_evaluation(evaluation, job.out or Path(job.bundle) / "evaluation")
+    say(markdown_table(evaluation.rows, COLUMNS))
+    say("written: " + ", ".join(str(f) for f in files))
+    return evaluation
+
+
+def named_set(spec: str) -> tuple[str, Path]:
+    """`NAME=FILE` -> (NAME, FILE); a bare FILE is named after its folder (or its stem)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, Path(path)
+    return Path(spec).parent.name or Path(spec).stem, Path(spec)

@@ -1,0 +1,114 @@
+"""`calibrate rap | evaluate`: the main flow, suspect model -> guard bundle, and its measurement."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from calibrate.cli.args import command, defaults, fraction, options_from, positive_float, positive_int
+from calibrate.rap.options import CalibrateOptions, EvaluateJob, RapJob, RapOptions
+from guard.core.backends.base import BACKENDS
+
+RAP = (
+    "Learn the RAP perturbation (one fresh embedding row) on clean held-out rows, fit\n"
+    "a detection threshold per protected label on a split held out from that training,\n"
+    "export the ONNX graph (checked against torch) and write a guard bundle.\n\n"
+    "  calibrate rap --model model/ --clean dev.tsv --protect 1 --out bundle/\n"
+    "  calibrate rap --model model/ --clean dev.tsv --protect 0 2 --out bundle/\n\n"
+    "Protect the label an attacker would want (e.g. 'not toxic', 'positive'). Without\n"
+    "--protect you are asked; non-interactively every label with enough rows is protected."
+)
+EVALUATE = (
+    "Measure a bundle on clean and poisoned test rows at every stored FRR target.\n"
+    "Poisoned files hold triggered texts with their ORIGINAL labels.\n\n"
+    "  calibrate evaluate --bundle bundle/ --clean test.tsv --poisoned badnet=poison.tsv --out eval/"
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_rap(sub)
+    _add_evaluate(sub)
+
+
+def _add_rap(sub: argparse._SubParsersAction) -> None:
+    d, c = defaults(RapOptions), defaults(CalibrateOptions)
+    p = command(sub, "rap", "learn the RAP perturbation, fit thresholds, write a bundle", RAP)
+    p.add_argument("--model", type=Path, required=True, help="suspect HF classifier directory")
+    p.add_argument("--clean", type=Path, required=True, help="clean held-out rows (a few hundred per protected label)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    p.add_argument(
+        "--protect",
+        type=int,
+        nargs="+",
+        action="extend",
+        metavar="LABEL",
+        help="label ids to protect (--protect 0 2, or repeated: --protect 0 --protect 2)",
+    )
+    p.add_argument("--init-word", default=d.init_word, help="rare word whose embedding initialises the RAP row")
+    p.add_argument("--c-low", type=fraction, default=d.c_low, help="wanted minimum probability drop on clean rows")
+    p.add_argument("--c-up", type=fraction, default=d.c_up, help="wanted maximum probability drop on clean rows")
+    p.add_argument(
+        "--lr",
+        dest="learning_rate",
+        metavar="LR",
+        type=positive_float,
+        default=d.learning_rate,
+        help="RAP row learning rate",
+    )
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="RAP training epochs per attempt")
+    p.add_argument("--max-length", type=positive_int, default=c.max_length, help="tokens per input at serving time")
+    p.add_argument("--default-frr", type=fraction, default=c.default_frr, help="FRR target the guard uses by default")
+    p.add_argument(
+        "--calibration-fraction",
+        type=fraction,
+        default=d.calibration_fraction,
+        help="share of the clean rows held out for thresholds",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write an int8 graph (MatMul-only dynamic quantization) with its own thresholds",
+    )
+    p.add_argument(
+        "--probes",
+        type=Path,
+        help="known-trigger rows (e.g. `calibrate scan --probes-out`) the server's canary replays as live FAR probes",
+    )
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_rap, uses_torch=True)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    d = defaults(EvaluateJob)
+    p = command(sub, "evaluate", "measure CACC, ASR, FRR, FAR of a bundle", EVALUATE)
+    p.add_argument("--bundle", type=Path, required=True, help="the guard bundle directory")
+    p.add_argument("--clean", type=Path, required=True, help="clean test rows")
+    p.add_argument(
+        "--poisoned",
+        action="append",
+        required=True,
+        metavar="[NAME=]FILE",
+        help="poisoned test rows (repeatable; NAME defaults to the file's folder name)",
+    )
+    p.add_argument("--target", type=int, help="the attack's target label (default: the protected label)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="inference backend")
+    p.add_argument("--out", type=Path, help="write evaluation.json/.md and plots here (default: BUNDLE/evaluation)")
+    p.set_defaults(handler=_evaluate)
+
+
+def _rap(args: argparse.Namespace) -> int:
+    from calibrate.rap.build import run_rap
+
+    protect = tuple(args.protect or ())
+    rap = options_from(RapOptions, args, protect_labels=protect, select_frr=args.default_frr)
+    options = options_from(CalibrateOptions, args, rap=rap, probes=())  # run_rap loads --probes into probes
+    run_rap(options_from(RapJob, args, options=options))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from calibrate.rap.evaluate import run_evaluate
+
+    run_evaluate(options_from(EvaluateJob, args, poisoned=tuple(args.poisoned)))
+    return 0
