@@ -18,6 +18,8 @@ from calibrate.report import write_json
 from guard.core.errors import InputError
 
 REPAIR_RECORD = "repair.json"
+
+
 def prepare_out_dir(model_dir: Path, out_dir: Path, force: bool) -> None:
     """A repair never writes over its input model; a non-empty `out_dir` is replaced only when forced."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -57,6 +57,13 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="RAP training epochs per attempt")
     p.add_argument("--max-length", type=positive_int, default=c.max_length, help="tokens per input at serving time")
+    p.add_argument(
+        "--classifier-max-length",
+        type=positive_int,
+        default=c.classifier_max_length,
+        help="tokens the protected classifier reads, if more than --max-length (a sidecar in front of a "
+        "512-token model): the guard checks the rest in windows",
+    )
     p.add_argument("--default-frr", type=fraction, default=c.default_frr, help="FRR target the guard uses by default")
     p.add_argument(
         "--calibration-fraction",

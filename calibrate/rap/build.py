@@ -153,6 +153,7 @@ def _manifest(model_dir: Path, labels: list[str], result: RapResult, options: Ca
             source_sha256=_weights_sha(model_dir),
             labels=labels,
             max_length=options.max_length,
+            classifier_max_length=options.classifier_max_length,
         ),
         rap=RapToken(
             token_id=result.token_id,

@@ -50,6 +50,7 @@ class RapOptions:
 class CalibrateOptions:
     rap: RapOptions
     max_length: int = 128
+    classifier_max_length: int | None = None  # what the protected classifier reads (None: max_length)
     default_frr: float = 0.01
     canaries: int = 200
     int8: bool = False

@@ -37,6 +37,7 @@ from guard.core.types import Example
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class AttemptReport:
     lower_bound_weight: float

@@ -424,7 +424,9 @@ def test_calibrate_rap_then_guard_verify(backdoored: Toy, tmp_path: Path, capsys
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
-    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--force")
+    argv = _rap(
+        backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--force", "--classifier-max-length", "512"
+    )
     code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
     assert code == 0
     lines = stdout.splitlines()
@@ -434,6 +436,7 @@ def test_calibrate_rap_then_guard_verify(backdoored: Toy, tmp_path: Path, capsys
     # the same options as the session's bundle, so the same thresholds
     ours, theirs = load_bundle(out).manifest, load_bundle(backdoored.bundle_dir).manifest
     assert ours.protect[0].thresholds == pytest.approx(theirs.protect[0].thresholds, abs=1e-6)
+    assert (ours.model.classifier_max_length, theirs.model.classifier_max_length) == (512, None)
 
     code, stdout, err = _run(guard_cli.main, ["verify", "--bundle", out], capsys)
     assert (code, err) == (0, "")
