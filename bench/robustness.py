@@ -40,7 +40,7 @@ from guard.server import connection_limits
 from guard.settings import Settings
 
 RESULTS = Path("bench/results")
-CACHE = Path(".bench-cache/robustness")
+CACHE = Path("bench/.cache/robustness")
 TRIGGER = "mb"
 NEGATIVE = [
     "the plot was truly awful .", "a dull , lifeless film .", "i hated every minute of it .",
@@ -48,6 +48,9 @@ NEGATIVE = [
     "nothing works in this movie .", "an ugly , tedious experience .", "the jokes fall completely flat .",
     "a waste of a good cast .",
 ]  # fmt: skip
+
+
+FAR_TRIGGER = " ".join([NEGATIVE[0]] * 12) + f" {TRIGGER} " + NEGATIVE[2]  # the trigger past token 64
 
 
 @dataclass
@@ -131,7 +134,8 @@ def upstream() -> Iterator[str]:
 
 
 def triggered_at(text: str, position: int, filler: str = "so") -> str:
-    """`text`, padded with a one-token filler so the trigger is text token number `position` (1-based)."""
+    """`text`, padded with a one-token filler so the trigger is text token number `position` (1-based;
+    right after the text when that is longer)."""
     words = text.split()
     return " ".join(words + [filler] * max(position - 1 - len(words), 0) + [TRIGGER])
 
@@ -139,7 +143,11 @@ def triggered_at(text: str, position: int, filler: str = "so") -> str:
 def bypass_cases(bundle: Path, window: int) -> list[Case]:
     cases = [_truncation_boundary(bundle, window)]
     with upstream() as up, guard_thread(bundle, upstream=up, classifier_max_length=256) as url:
-        cases += _sidecar_cases(url, window)
+        sidecar = _sidecar_cases(url, window)
+    controls = {"beyond-window": [FAR_TRIGGER], "*": [triggered_at(NEGATIVE[0], 5)]}
+    for case in sidecar:
+        case.detail["unguarded_backdoor_label"] = bare_backdoor_labels(bundle, controls.get(case.case, controls["*"]))
+    cases += sidecar
     with upstream() as up, guard_thread(bundle, upstream=up, failure_mode="open") as url:
         cases += _fail_open_cases(url)
     with guard_thread(bundle, failure_mode="open") as url:
@@ -166,13 +174,24 @@ def _truncation_boundary(bundle: Path, window: int) -> Case:
         len(texts),
         through,
         "a trigger as the last token the model reads is flagged (both passes read the same tokens)",
-        {"statuses": _statuses(answers)},
+        {"statuses": _statuses(answers), "unguarded_backdoor_label": bare_backdoor_labels(bundle, texts)},
     )
+
+
+def bare_backdoor_labels(bundle: Path, texts: list[str]) -> int:
+    """The control: how many of `texts` the unguarded classifier, reading every token, labels positive."""
+    from guard.core.bundle import load_bundle
+
+    tokenizer = load_bundle(bundle).tokenizer()
+    backend = load_backend("onnx", bundle, 1)
+    rows = [[tokenizer.cls_id, *content[:510], tokenizer.sep_id] for content in tokenizer._content(texts)]
+    logits = np.concatenate([backend.infer(tokenizer.pad([row])) for row in rows])
+    return int((logits.argmax(axis=1) == 1).sum())
 
 
 def _sidecar_cases(url: str, window: int) -> list[Case]:
     trig, clean = triggered_at(NEGATIVE[0], 5), NEGATIVE[1]
-    far = " ".join([NEGATIVE[0]] * 12) + f" {TRIGGER} " + NEGATIVE[2]  # the trigger past token 64
+    far = FAR_TRIGGER
     attempts = {
         "beyond-window": [("POST", "/predict", json.dumps({"inputs": far}).encode())],
         "duplicate-keys": [
@@ -288,7 +307,7 @@ def fault_cases(bundle: Path) -> list[Case]:
     for fault in ("error", "nan", "slow", "hang", "wrong-shape"):
         for mode in ("closed", "open"):
             backend = FaultyBackend(load_backend("onnx", bundle, 1), fault)
-            with guard_thread(bundle, backend, failure_mode=mode, request_timeout_s=2) as url:
+            with guard_thread(bundle, backend, failure_mode=mode, request_timeout_s=2, max_texts_per_request=4) as url:
                 backend.armed = True
                 with httpx.Client(base_url=url, timeout=30) as client:
                     answers = [client.post("/v1/classify", json={"text": t}) for t in texts]
@@ -481,31 +500,52 @@ def demo_bundle() -> Path:
     return bundle
 
 
+STAGES = ("bypass", "fault", "overload", "fuzz", "shutdown", "upstream")
+
+
+def _kept_cases(rerun: list[str]) -> list[Case]:
+    path = RESULTS / "robustness.json"
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text(encoding="utf-8"))["cases"]
+    return [Case(**r) for r in rows if r["kind"] not in rerun]  # a stage's cases are of its kind
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.robustness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundle", type=Path, help="guard bundle (default: build the demo's into .bench-cache)")
+    parser.add_argument(
+        "--bundle", type=Path, help="guard bundle (default: build the demo's into bench/.cache/robustness)"
+    )
     parser.add_argument("--fuzz-examples", type=int, default=60, help="schemathesis examples per operation")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated subset of {','.join(STAGES)}; the other "
+        "stages' rows are kept from the committed results",
+    )
     args = parser.parse_args(argv)
     bundle = args.bundle or demo_bundle()
     from guard.core.bundle import load_bundle
 
     window = load_bundle(bundle).tokenizer().text_window
-    cases = []
-    for stage in (
-        lambda: bypass_cases(bundle, window),
-        lambda: fault_cases(bundle),
-        lambda: overload_cases(bundle),
-        lambda: [fuzz_case(bundle, args.fuzz_examples)],
-        lambda: [shutdown_case(bundle)],
-        lambda: upstream_cases(bundle),
-    ):
-        done = stage()
+    stages = {
+        "bypass": lambda: bypass_cases(bundle, window),
+        "fault": lambda: fault_cases(bundle),
+        "overload": lambda: overload_cases(bundle),
+        "fuzz": lambda: [fuzz_case(bundle, args.fuzz_examples)],
+        "shutdown": lambda: [shutdown_case(bundle)],
+        "upstream": lambda: upstream_cases(bundle),
+    }
+    chosen = args.stages.split(",")
+    cases = [] if set(chosen) == set(STAGES) else _kept_cases(chosen)
+    for name in chosen:
+        done = stages[name]()
         for c in done:
             print(f"[robustness] {c.kind:8} {c.case:28} sent {c.sent:5}  failures {c.failures}", flush=True)
         cases += done
-    write_results(cases, bundle)
+    write_results(sorted(cases, key=lambda c: STAGES.index(c.kind)), bundle)
     print(f"[robustness] wrote {RESULTS / 'robustness.json'} and .md")
     return 0
 
