@@ -76,7 +76,9 @@ class HeadTimeoutProtocol(H11Protocol):
     h11 (unlike httptools) also bounds their size (h11_max_incomplete_event_size)."""
 
     head_timeout_s = 10.0
+    drain_wait_s = 1.0  # on shutdown, how long a fresh connection may still send its request
     _head_timer: asyncio.TimerHandle | None = None
+    _draining = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -84,6 +86,8 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answer the request that was on the wire, then close
         if self._awaiting_head():
             self._arm()  # bytes of a head arrived, the head is not complete yet
         else:
@@ -92,6 +96,20 @@ class HeadTimeoutProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn closes every connection without a request in progress at once, including one
+        accepted a moment ago whose request is still on the wire: that client gets no answer.
+        Such a fresh connection gets `drain_wait_s` to send it; it is answered, then closed."""
+        if self.cycle is None and not self._draining:
+            self._draining = True
+            self.loop.call_later(self.drain_wait_s, self._close_unused)
+            return
+        super().shutdown()
+
+    def _close_unused(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            super().shutdown()
 
     def _awaiting_head(self) -> bool:
         return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)

@@ -28,6 +28,7 @@ def test_the_trigger_lands_on_the_asked_token(tokenizer_path: Path, position: in
         (200, {}, "open", True),
         (500, {}, "open", True),
         (403, {}, "open", False),
+        (429, {"retry-after": "1"}, "closed", False),
     ],
 )
 def test_a_silent_pass_is_an_unmarked_answer(status: int, headers: dict, mode: str, silent: bool) -> None:
