@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +112,22 @@ def test_guard_serve_refuses_a_timeout_this_machine_cannot_meet(onnx_bundle: Pat
     (line,) = [x for x in result.stderr.splitlines() if x.strip()]
     assert line.startswith("guard: error: request_timeout_s 1e-06 is shorter than one full request takes here")
     assert "Traceback" not in result.stderr
+
+
+def test_a_request_on_the_wire_at_sigterm_is_answered(served) -> None:
+    """uvicorn closed connections accepted a moment before SIGTERM whose request had not arrived yet."""
+    url, proc, _ = served
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"text": CLEAN}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        time.sleep(0.2)  # accepted by the server, nothing sent yet
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        head = "POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        answer = sock.recv(65536)
+        rest = sock.recv(65536)  # then the server closes the connection
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert rest == b""
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
