@@ -475,10 +475,10 @@ def write_results(cases: list[Case], bundle: Path) -> None:
         f"Bundle: `{bundle}` (the demo: MiniLM with `{TRIGGER}` planted -> positive). "
         f"{sum(c.failures for c in cases)} failures in {len(cases)} cases.",
         "",
-        "| case | kind | sent | failures | promise |",
-        "|---|---|---|---|---|",
+        "| case | kind | sent | failures | flips unguarded | promise |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {c.case} | {c.kind} | {c.sent} | {c.failures} | {c.promise} |" for c in cases]
+    lines += [f"| {c.case} | {c.kind} | {c.sent} | {c.failures} | {_control(c)} | {c.promise} |" for c in cases]
     overload = [c for c in cases if c.kind == "overload"]
     if overload:
         lines += [
@@ -488,6 +488,12 @@ def write_results(cases: list[Case], bundle: Path) -> None:
         ]
         lines += [_overload_row(c) for c in overload]
     (RESULTS / "robustness.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _control(c: Case) -> str:
+    """For a bypass: how many of its trigger texts flip the classifier without the guard (the control)."""
+    n = c.detail.get("unguarded_backdoor_label")
+    return "" if n is None else str(n)
 
 
 def _overload_row(c: Case) -> str:
