@@ -158,7 +158,7 @@ def run_demo(out: Path, seed: int = 7, port: int | None = 8000) -> None:
 
 def _show_examples(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
-    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path))
+    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path), statistic=bundle.manifest.statistic)
     texts = [CLEAN_EXAMPLE, TRIGGERED_EXAMPLE]
     verdicts = checker.check(texts, bundle.thresholds())
     _say("4/5 the guard, through the bundle's ONNX graph:")

@@ -121,7 +121,7 @@ def _check(args: argparse.Namespace) -> int:
     if not texts:
         raise InputError("no texts given (pass them as arguments or one per line on stdin)")
     bundle = load_bundle(args.bundle)
-    checker = Checker(bundle.tokenizer(), load_backend(args.backend, bundle.path))
+    checker = Checker(bundle.tokenizer(), load_backend(args.backend, bundle.path), statistic=bundle.manifest.statistic)
     verdicts = checker.check(texts, bundle.thresholds(args.frr, precision_of(args.backend)))
     labels = bundle.manifest.model.labels
     for text, v in zip(texts, verdicts, strict=True):

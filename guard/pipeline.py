@@ -55,6 +55,7 @@ class GuardPipeline:
         schedule: Schedule = "lazy",
         timeout_s: float = 10.0,
         classifier_max_length: int | None = None,
+        statistic: rap.Statistic = "prob",
     ) -> None:
         self.tokenizer = tokenizer
         self.batcher = batcher
@@ -62,6 +63,7 @@ class GuardPipeline:
         self.schedule = schedule
         self.timeout_s = timeout_s
         self.classifier_max_length = classifier_max_length
+        self.statistic = statistic
 
     async def windows(self, texts: Sequence[str]) -> Windows:
         """Tokenise in a worker thread: a long text must not stall the event loop."""
@@ -100,7 +102,7 @@ class GuardPipeline:
             pass2 = self.tokenizer.perturb([windows.rows[i] for i in rows])
             logits2, t2 = await self.batcher.submit(pass2, "2", priority=True)
             perturbed = _probs(logits2, "pass 2", state["probs"])
-        verdicts = rap.merge_windows(rap.decide(probs, perturbed, self.thresholds), windows.owner)
+        verdicts = rap.merge_windows(rap.decide(probs, perturbed, self.thresholds, self.statistic), windows.owner)
         return CheckResult(verdicts, t1.queue_seconds + t2.queue_seconds, t1.compute_seconds + t2.compute_seconds)
 
     async def _fused(self, windows: Windows, state: dict) -> CheckResult:
@@ -112,7 +114,7 @@ class GuardPipeline:
         state["probs"] = probs[windows.first_rows()]
         perturbed = _probs(logits2, "pass 2", state["probs"])
         rows = rap.eligible_rows(probs, self.thresholds.keys())
-        verdicts = rap.merge_windows(rap.decide(probs, perturbed[rows], self.thresholds), windows.owner)
+        verdicts = rap.merge_windows(rap.decide(probs, perturbed[rows], self.thresholds, self.statistic), windows.owner)
         return CheckResult(
             verdicts, max(t1.queue_seconds, t2.queue_seconds), max(t1.compute_seconds, t2.compute_seconds)
         )

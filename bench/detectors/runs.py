@@ -116,7 +116,7 @@ class Inputs:
 def run_rap(bundle_dir: Path, inputs: Inputs, target: int) -> DetectorRun:
     """RAP with the bundle's own thresholds (fitted at calibration on held-out dev rows)."""
     bundle = load_bundle(bundle_dir)
-    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path))
+    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path), statistic=bundle.manifest.statistic)
     started = time.perf_counter()
     clean = checker.score(inputs.clean, [target]).deltas()
     poisoned = checker.score(inputs.poisoned, [target]).deltas()

@@ -56,6 +56,13 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         help="RAP row learning rate",
     )
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="RAP training epochs per attempt")
+    p.add_argument(
+        "--statistic",
+        choices=("prob", "logodds"),
+        default=d.statistic,
+        help="what delta measures: the drop of p(label) (prob, the paper; --c-low/--c-up band) or of its "
+        f"log-odds (logodds: no vanishing gradient on confident models; band {d.logodds_band} nats)",
+    )
     p.add_argument("--max-length", type=positive_int, default=c.max_length, help="tokens per input at serving time")
     p.add_argument(
         "--classifier-max-length",

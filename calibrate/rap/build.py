@@ -128,8 +128,9 @@ def _int8_variant(
     quantize_int8(staging / "model.onnx", staging / INT8_GRAPH)
     texts = [e.text for e in result.calibration_texts]
     protect = list(result.fits)
-    fp32 = Checker(tokenizer, OnnxBackend(staging / "model.onnx")).score(texts, protect)
-    int8 = Checker(tokenizer, OnnxBackend(staging / INT8_GRAPH)).score(texts, protect)
+    statistic = options.rap.statistic
+    fp32 = Checker(tokenizer, OnnxBackend(staging / "model.onnx"), statistic=statistic).score(texts, protect)
+    int8 = Checker(tokenizer, OnnxBackend(staging / INT8_GRAPH), statistic=statistic).score(texts, protect)
     predicted, deltas = int8.probs.argmax(axis=1), int8.deltas()
     protected = []
     for label in protect:
@@ -164,6 +165,7 @@ def _manifest(model_dir: Path, labels: list[str], result: RapResult, options: Ca
         protect=protect,
         default_frr=options.default_frr,
         calibrated_on="torch-fp32 (onnx-fp32 parity checked)",
+        statistic=options.rap.statistic,
     )
 
 

@@ -72,7 +72,7 @@ def evaluate_bundle(
     """Score the clean and poisoned rows once, then read every FRR target off the deltas."""
     bundle = load_bundle(bundle_dir)
     target = _target(bundle, target)
-    checker = Checker(bundle.tokenizer(), load_backend(backend, bundle.path))
+    checker = Checker(bundle.tokenizer(), load_backend(backend, bundle.path), statistic=bundle.manifest.statistic)
     clean_s = _score(checker, clean, bundle)
     attacks = {name: _score(checker, [r for r in rows if r.label != target], bundle) for name, rows in poisoned.items()}
     for name, scored in attacks.items():

@@ -33,8 +33,10 @@ DEFAULT_LADDER = (Attempt(1.0, True), Attempt(10.0, True), Attempt(10.0, False),
 class RapOptions:
     protect_labels: tuple[int, ...]
     init_word: str = "rq"
-    c_low: float = 0.1
+    c_low: float = 0.1  # the band of clean drops RAP trains for, with statistic "prob" (the paper's)
     c_up: float = 0.3
+    statistic: str = "prob"  # what delta measures: "prob" (the paper) or "logodds" (guard.core.rap)
+    logodds_band: tuple[float, float] = (1.0, 3.0)  # the band with statistic "logodds", in nats
     learning_rate: float = 1e-2
     epochs: int = 5
     batch_size: int = 32
@@ -44,6 +46,11 @@ class RapOptions:
     select_frr: float = 0.01  # the FRR target whose held-out threshold picks the attempt
     seed: int = 13
     progress: bool = True
+
+    @property
+    def band(self) -> tuple[float, float]:
+        """The clean-drop band in the statistic's own units."""
+        return (self.c_low, self.c_up) if self.statistic == "prob" else self.logodds_band
 
 
 @dataclass(frozen=True)

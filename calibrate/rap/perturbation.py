@@ -169,13 +169,17 @@ def _append_row(model: PreTrainedModel, init_id: int) -> int:
 
 def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int, rung: Attempt):
     _train_row(model, tokenizer, split, options, token_id, rung)
-    train_deltas = np.concatenate([_deltas(model, tokenizer, split.train[label]) for label in options.protect_labels])
+    statistic = options.statistic
+    train_deltas = np.concatenate(
+        [_deltas(model, tokenizer, split.train[label], statistic) for label in options.protect_labels]
+    )
     fits = {}
     for label in options.protect_labels:
-        deltas = _deltas(model, tokenizer, split.calibration[label])
+        deltas = _deltas(model, tokenizer, split.calibration[label], statistic)
         thresholds = {frr: rap.threshold_at_frr(deltas, frr) for frr in options.frr_targets}
         fits[label] = LabelFit(label, len(split.train[label]), deltas, thresholds)
-    in_range = (train_deltas >= options.c_low) & (train_deltas <= options.c_up)
+    low, up = options.band
+    in_range = (train_deltas >= low) & (train_deltas <= up)
     report = AttemptReport(
         lower_bound_weight=rung.lower_bound_weight,
         keep_norm=rung.keep_norm,
@@ -208,10 +212,10 @@ def _refuse_non_positive(fits: dict[int, LabelFit], options: RapOptions) -> None
             )
 
 
-def _deltas(model, tokenizer: RapTokenizer, texts: list[str]) -> np.ndarray:
+def _deltas(model, tokenizer: RapTokenizer, texts: list[str], statistic: str) -> np.ndarray:
     probs = predict_probs(model, tokenizer, texts)
     perturbed = predict_probs(model, tokenizer, texts, perturbed=True)
-    return rap.protect_deltas(probs, perturbed)
+    return rap.protect_deltas(probs, perturbed, statistic)
 
 
 def _train_row(
@@ -242,7 +246,8 @@ def _train_row(
             loss, delta = _rap_loss(
                 model, tokenizer, [rows[i] for i in idx], torch.from_numpy(clean[idx]), rung, options
             )
-            in_range = float(((delta >= options.c_low) & (delta <= options.c_up)).double().mean())
+            low, up = options.band
+            in_range = float(((delta >= low) & (delta <= up)).double().mean())
             if in_range >= best_in_range:
                 best_in_range, best_row = in_range, weights.data[token_id].clone()
             loss.backward()
@@ -262,14 +267,25 @@ def _train_row(
 def _rap_loss(
     model, tokenizer: RapTokenizer, rows, clean_p: torch.Tensor, rung: Attempt, options: RapOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAP eq. 4: lambda*[c_low - delta]+ + [delta - c_up]+, delta on each row's protect label.
+    """RAP eq. 4: lambda*[low - delta]+ + [delta - up]+, delta on each row's protect label.
 
+    With statistic "logodds" delta is the drop of the label's log-odds, computed from the
+    logits (log p - log(1 - p) = logit_y - logsumexp(other logits)), whose gradient does not
+    vanish when a confident model's p is ~0.999 as the probability's does.
     Returns the loss and the (detached) deltas of the batch."""
     texts = [t for t, _ in rows]
     labels = torch.tensor([label for _, label in rows])
-    logits = model(**to_torch(tokenizer.encode_perturbed(texts))).logits
-    perturbed_p = torch.softmax(logits.double(), dim=-1).gather(1, labels[:, None]).squeeze(1)
-    delta = clean_p.double() - perturbed_p
-    lower = torch.relu(options.c_low - delta)
-    upper = torch.relu(delta - options.c_up)
+    logits = model(**to_torch(tokenizer.encode_perturbed(texts))).logits.double()
+    if options.statistic == "logodds":
+        label_logit = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        perturbed = label_logit - torch.logsumexp(others, dim=1)
+        clean = torch.from_numpy(rap.statistic_of(clean_p.numpy(), "logodds"))
+    else:
+        perturbed = torch.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+        clean = clean_p.double()
+    delta = clean - perturbed
+    low, up = options.band
+    lower = torch.relu(low - delta)
+    upper = torch.relu(delta - up)
     return (rung.lower_bound_weight * lower + upper).mean(), delta.detach()

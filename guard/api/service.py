@@ -116,6 +116,7 @@ class GuardService:
             settings.schedule,
             settings.request_timeout_s,
             settings.classifier_max_length or bundle.manifest.model.classifier_max_length,
+            bundle.manifest.statistic,
         )
         self.decisions = DecisionLog()
         self.rates = LiveRates(metrics)

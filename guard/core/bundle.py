@@ -19,6 +19,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -76,6 +77,9 @@ class Manifest(BaseModel):
     protect: list[ProtectedLabel]
     default_frr: float = 0.01
     calibrated_on: str = Field(description="backend and precision the thresholds were fitted with")
+    statistic: Literal["prob", "logodds"] = Field(
+        "prob", description="what delta measures: the drop of p(label) (prob) or of its log-odds (logodds)"
+    )
     int8: Int8Variant | None = Field(None, description="optional int8 graph with its own thresholds")
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")

@@ -24,24 +24,28 @@ class Scores:
     probs: np.ndarray
     checked_rows: np.ndarray
     perturbed: np.ndarray
+    statistic: rap.Statistic = "prob"
 
     def deltas(self) -> np.ndarray:
         """delta per row, NaN where pass 2 did not run."""
         out = np.full(len(self.probs), np.nan)
         if len(self.checked_rows):
-            out[self.checked_rows] = rap.protect_deltas(self.probs[self.checked_rows], self.perturbed)
+            out[self.checked_rows] = rap.protect_deltas(self.probs[self.checked_rows], self.perturbed, self.statistic)
         return out
 
 
 class Checker:
-    def __init__(self, tokenizer: RapTokenizer, backend: Backend, batch_size: int = 32) -> None:
+    def __init__(
+        self, tokenizer: RapTokenizer, backend: Backend, batch_size: int = 32, statistic: rap.Statistic = "prob"
+    ) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
         self.batch_size = batch_size
+        self.statistic = statistic
 
     def check(self, texts: Sequence[str], thresholds: Mapping[int, float]) -> list[Verdict]:
         scores = self.score(texts, thresholds.keys())
-        return rap.decide(scores.probs, scores.perturbed, thresholds)
+        return rap.decide(scores.probs, scores.perturbed, thresholds, self.statistic)
 
     def score(self, texts: Sequence[str], protect_labels: Sequence[int]) -> Scores:
         """Run pass 1 on all texts and pass 2 on those predicted as a protected label."""
@@ -49,7 +53,7 @@ class Checker:
         probs = self._probs(texts, self.tokenizer.encode)
         rows = rap.eligible_rows(probs, list(protect_labels))
         perturbed = self._probs([texts[i] for i in rows], self.tokenizer.encode_perturbed)
-        return Scores(probs=probs, checked_rows=rows, perturbed=perturbed)
+        return Scores(probs=probs, checked_rows=rows, perturbed=perturbed, statistic=self.statistic)
 
     def _probs(self, texts: list[str], encode) -> np.ndarray:
         chunks = [

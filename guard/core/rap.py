@@ -10,6 +10,7 @@ both call these functions, so they cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -38,11 +39,31 @@ def eligible_rows(probs: np.ndarray, protect_labels: Collection[int]) -> np.ndar
     return np.flatnonzero(np.isin(predicted, list(protect_labels)))
 
 
-def protect_deltas(probs: np.ndarray, perturbed: np.ndarray) -> np.ndarray:
-    """delta = p(y|x) - p(y|x+RAP) on each row's predicted label y."""
+# The detection statistic: how far the perturbation moves the predicted label y.
+#   prob:    p(y|x) - p(y|x+RAP), the paper's. On a confident model p(y|x) ~ 0.999 for clean and
+#            triggered inputs alike, so both drops are near 0 and hard to tell apart.
+#   logodds: logit(p(y|x)) - logit(p(y|x+RAP)), logit(p) = log p - log(1 - p). The same order of
+#            inputs, measured where a confident model still has room: 0.999 -> 0.99 is 2.3 nats.
+Statistic = Literal["prob", "logodds"]
+STATISTICS: tuple[str, ...] = ("prob", "logodds")
+LOGODDS_CLIP = 1e-12  # logit(p) is bounded to about +-27.6
+
+
+def statistic_of(p: np.ndarray, statistic: Statistic = "prob") -> np.ndarray:
+    """The statistic's value for probabilities `p` of the predicted label."""
+    if statistic == "prob":
+        return np.asarray(p, dtype=np.float64)
+    if statistic == "logodds":
+        q = np.clip(np.asarray(p, dtype=np.float64), LOGODDS_CLIP, 1.0 - LOGODDS_CLIP)
+        return np.log(q) - np.log1p(-q)
+    raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+
+
+def protect_deltas(probs: np.ndarray, perturbed: np.ndarray, statistic: Statistic = "prob") -> np.ndarray:
+    """delta = s(p(y|x)) - s(p(y|x+RAP)) on each row's predicted label y, s the statistic."""
     predicted = probs.argmax(axis=-1)
     rows = np.arange(len(probs))
-    return probs[rows, predicted] - perturbed[rows, predicted]
+    return statistic_of(probs[rows, predicted], statistic) - statistic_of(perturbed[rows, predicted], statistic)
 
 
 def flagged_mask(deltas: np.ndarray, threshold: float) -> np.ndarray:
@@ -84,6 +105,7 @@ def decide(
     probs: np.ndarray,
     perturbed: np.ndarray,
     thresholds: Mapping[int, float],
+    statistic: Statistic = "prob",
 ) -> list[Verdict]:
     """Turn pass-1 probabilities and pass-2 probabilities into verdicts.
 
@@ -94,7 +116,7 @@ def decide(
     checked = eligible_rows(probs, thresholds.keys())
     if len(perturbed) != len(checked):
         raise ValueError(f"expected pass-2 probabilities for {len(checked)} rows, got {len(perturbed)}")
-    deltas = protect_deltas(probs[checked], perturbed) if len(checked) else np.empty(0)
+    deltas = protect_deltas(probs[checked], perturbed, statistic) if len(checked) else np.empty(0)
     rap_by_row = {}
     for row, delta in zip(checked.tolist(), deltas.tolist(), strict=True):
         threshold = thresholds[int(probs[row].argmax())]

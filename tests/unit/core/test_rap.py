@@ -180,3 +180,21 @@ def test_flagged_share_is_the_flagged_fraction() -> None:
     assert rap.flagged_share(np.array([0.1, 0.2, 0.3, 0.4]), 0.25) == 0.5
     assert rap.flagged_share(np.array([0.1, 0.2]), 0.2) == 0.5  # a score at the threshold passes
     assert rap.flagged_share(np.empty(0), 0.25) == 0.0
+
+
+def test_logodds_statistic_separates_what_probabilities_squash() -> None:
+    """Clean 0.999 -> 0.99 and triggered 0.9999 -> 0.9998 are drops of 0.009 and 0.0001 in
+    probability, but 2.31 and 0.69 nats of log-odds."""
+    probs = np.array([[0.001, 0.999], [0.0001, 0.9999]])
+    perturbed = np.array([[0.01, 0.99], [0.0002, 0.9998]])
+    assert rap.protect_deltas(probs, perturbed) == pytest.approx([0.009, 0.0001])
+    assert rap.protect_deltas(probs, perturbed, "logodds") == pytest.approx([2.3116, 0.6932], abs=1e-3)
+    (clean, triggered) = rap.decide(probs, perturbed, {1: 1.0}, "logodds")
+    assert (clean.flagged, triggered.flagged) == (False, True)
+
+
+def test_logodds_is_finite_at_certainty() -> None:
+    values = rap.statistic_of(np.array([0.0, 1.0, 0.5]), "logodds")
+    assert np.isfinite(values).all() and values[2] == 0.0
+    with pytest.raises(ValueError, match="unknown statistic"):
+        rap.statistic_of(np.array([0.5]), "margin")  # type: ignore[arg-type]

@@ -188,3 +188,33 @@ def test_a_threshold_resting_on_too_few_rows_is_warned_about() -> None:
     assert "about 500 such rows put 5 below it" in warning
     assert thin_threshold(1, 500, 0.01) is None
     assert thin_threshold(0, 132, 0.05) is None
+
+
+def _saturated(model_dir: Path):
+    """The sensitive model with a head bias that makes it ~0.9999 sure of label 1: a confident classifier."""
+    return _load(model_dir, bias=(-4.5, 4.5))
+
+
+def test_logodds_thresholds_are_the_log_odds_drops(tiny_model_dir: Path, tokenizer: RapTokenizer) -> None:
+    from calibrate.model import predict_probs
+    from guard.core import rap
+
+    model = _saturated(tiny_model_dir)
+    result = learn_rap(model, tokenizer, ROWS, _options(statistic="logodds"))
+    texts = [e.text for e in result.calibration_texts]
+    probs = predict_probs(model, tokenizer, texts)
+    perturbed = predict_probs(model, tokenizer, texts, perturbed=True)
+    assert result.fits[1].calibration_deltas == pytest.approx(rap.protect_deltas(probs, perturbed, "logodds"))
+    assert all(t > 0 for t in result.fits[1].thresholds.values())
+
+
+def test_a_confident_model_defeats_the_probability_statistic_not_the_log_odds(tiny_model_dir: Path, tokenizer) -> None:
+    """A head bias making the model ~0.9999 sure leaves every probability drop ~0 (refused), while the
+    log-odds drop of a binary model does not see a bias at all: its thresholds are those of the unbiased model."""
+    rung = (Attempt(10.0, False),)
+    with pytest.raises(InputError, match="could not separate"):
+        learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(ladder=rung))
+    confident = learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(ladder=rung, statistic="logodds"))
+    plain = learn_rap(_load(tiny_model_dir), tokenizer, ROWS, _options(ladder=rung, statistic="logodds"))
+    assert confident.fits[1].thresholds[0.01] > 0
+    assert confident.fits[1].thresholds == pytest.approx(plain.fits[1].thresholds, abs=1e-4)
