@@ -89,7 +89,9 @@ def test_refuses_a_missing_archive_and_one_without_a_manifest(site: tuple[str, P
         info = tarfile.TarInfo("bundle/manifest.json")
         info.size = 2
         tar.addfile(info, io.BytesIO(b"{}"))
-    nested = fetch("--url", f"{url}/nested.tar.gz", "--sha256", _sha(root / "nested.tar.gz"), "--into", str(tmp_path / "b"))
+    nested = fetch(
+        "--url", f"{url}/nested.tar.gz", "--sha256", _sha(root / "nested.tar.gz"), "--into", str(tmp_path / "b")
+    )
     assert nested.returncode == 1 and "no manifest.json at its top level" in nested.stderr
 
 
@@ -99,7 +101,9 @@ def test_refuses_members_that_escape_the_directory(site: tuple[str, Path], tmp_p
         info = tarfile.TarInfo("../escaped.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"pwn"))
-    done = fetch("--url", f"{url}/evil.tar.gz", "--sha256", _sha(root / "evil.tar.gz"), "--into", str(tmp_path / "into"))
+    done = fetch(
+        "--url", f"{url}/evil.tar.gz", "--sha256", _sha(root / "evil.tar.gz"), "--into", str(tmp_path / "into")
+    )
     assert done.returncode == 1 and "outside the destination" in done.stderr
     assert not (tmp_path / "escaped.txt").exists()
 

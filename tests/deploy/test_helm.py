@@ -333,8 +333,14 @@ def test_api_key_from_a_value_or_an_existing_secret() -> None:
         ({"settings": {"mode": "block"}}, "/settings/mode"),
         ({"settings": {"frr": 1.5}}, "/settings/frr"),
         ({"bundle": {"source": "pvc", "pvc": {"claimName": ""}}}, "/bundle/pvc/claimName"),
-        ({"bundle": {"source": "url", "url": {"location": "ftp://x/b.tgz", "sha256": "a" * 64}}}, "/bundle/url/location"),
-        ({"bundle": {"source": "url", "url": {"location": "http://x/b.tgz", "sha256": "a" * 64}}}, "/bundle/url/location"),
+        (
+            {"bundle": {"source": "url", "url": {"location": "ftp://x/b.tgz", "sha256": "a" * 64}}},
+            "/bundle/url/location",
+        ),
+        (
+            {"bundle": {"source": "url", "url": {"location": "http://x/b.tgz", "sha256": "a" * 64}}},
+            "/bundle/url/location",
+        ),
         ({"bundle": {"source": "url", "url": {"location": "https://x/b.tgz"}}}, "/bundle/url/sha256"),
         ({"settings": {"backend": "torch"}}, "/settings/backend"),
         ({"image": {"repository": "r", "digest": "latest"}}, "/image/digest"),

@@ -136,6 +136,13 @@ time), hashed into a pod annotation: rotating the key rolls the pods. */}}
 {{- toYaml .Values.initContainers.resources }}
 {{- end }}
 
+{{/* The fetch/copy container also requests the ephemeral storage of the volume it fills. */}}
+{{- define "backdoor-guard.writerResources" -}}
+{{- $resources := deepCopy .Values.initContainers.resources }}
+{{- $requests := merge (dict "ephemeral-storage" .Values.bundle.sizeLimit) ($resources.requests | default dict) }}
+{{- toYaml (set $resources "requests" $requests) }}
+{{- end }}
+
 {{/* The API key's Secret, or "" when there is no key. */}}
 {{- define "backdoor-guard.apiKeySecret" -}}
 {{- if .Values.apiKey.existingSecret }}
