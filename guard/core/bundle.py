@@ -5,7 +5,7 @@ Layout::
     manifest.json   this schema: provenance, RAP token, thresholds, file hashes
     model.onnx      inference graph (pass 1 and pass 2 share it)
     tokenizer.json  fast tokenizer
-    hf/             HF model dir with the RAP row appended (torch backend)
+    hf/             optional: HF model dir with the RAP row appended (torch backend; `calibrate rap --keep-hf`)
     report.json     calibration report; deltas.png its picture
     canaries.jsonl  held-out clean rows (live FRR probes)
     probes.jsonl    optional known-trigger rows, original labels (live FAR probes; `calibrate rap --probes`)

@@ -178,7 +178,7 @@ def test_every_query_returns_data_from_a_real_guard(dashboard: dict, upstream: s
         while "unknown" in {health for health, _ in evaluated.values()} and time.monotonic() < deadline:
             time.sleep(0.5)  # not evaluated yet
             evaluated = _rule_health(prometheus)
-    assert len(evaluated) == 9 and set(evaluated.values()) == {("ok", "")}, evaluated
+    assert len(evaluated) == 13 and set(evaluated.values()) == {("ok", "")}, evaluated
 
 
 def _rule_health(prometheus: str) -> dict[str, tuple[str, str]]:
