@@ -252,3 +252,51 @@ def test_images_can_be_pinned_by_digest() -> None:
     bundle = CASES["sidecar-image"]["bundle"]["image"]
     copy = chart.containers(render("sidecar-image"))["copy-bundle"]
     assert copy["image"] == f"{bundle['repository']}@{bundle['digest']}"
+
+
+# ---------------------------------------------------------------- what operators expect
+
+
+OPERATOR_VALUES = {
+    "extraVolumes": [{"name": "certs", "secret": {"secretName": "guard-certs"}}],
+    "extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/certs", "readOnly": True}],
+    "envFrom": [{"configMapRef": {"name": "guard-env"}}],
+    "extraArgs": ["--verbose"],
+    "priorityClassName": "ml-serving",
+    "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+    "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
+    "autoscaling": {"enabled": True, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}},
+    "lifecycle": {"preStop": {"exec": {"command": ["sleep", "20"]}}},
+    "shutdown": {"preStopSleepSeconds": 20},
+    "serviceMonitor": {"enabled": True, "relabelings": [{"targetLabel": "team", "replacement": "ml"}]},
+    "ingress": {"enabled": True, "className": "nginx", "hosts": [{"host": "guard.example.com"}]},
+    "httpRoute": {"enabled": True, "parentRefs": [{"name": "public", "namespace": "gateways"}]},
+}
+
+
+@pytest.mark.parametrize("kube", ["1.28.0", "1.31.0"])
+def test_the_values_operators_expect_land_where_they_should(kube: str) -> None:
+    values = {**CASES["sidecar-url"], **OPERATOR_VALUES}
+    manifests = chart.render(values, f"v{kube}", (chart.SERVICE_MONITOR_API,))
+    for obj in manifests.objects:
+        if obj["kind"] not in ("ServiceMonitor", "HTTPRoute"):  # CRDs: no schema in kubernetes-validate
+            kubernetes_validate.validate(obj, kube, strict=True)
+    spec = chart.pod_spec(manifests)
+    guard = chart.containers(manifests)["guard"]
+    assert {"name": "certs", "secret": {"secretName": "guard-certs"}} in spec["volumes"]
+    assert OPERATOR_VALUES["extraVolumeMounts"][0] in guard["volumeMounts"]
+    assert guard["envFrom"] == OPERATOR_VALUES["envFrom"] and guard["args"] == ["serve", "--verbose"]
+    assert guard["lifecycle"] == OPERATOR_VALUES["lifecycle"]
+    assert spec["priorityClassName"] == "ml-serving"
+    assert manifests.one("Deployment")["spec"]["strategy"] == OPERATOR_VALUES["strategy"]
+    assert manifests.one("PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert "maxUnavailable" not in manifests.one("PodDisruptionBudget")["spec"]
+    assert manifests.one("HorizontalPodAutoscaler")["spec"]["behavior"] == OPERATOR_VALUES["autoscaling"]["behavior"]
+    (endpoint,) = manifests.one("ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["relabelings"] == OPERATOR_VALUES["serviceMonitor"]["relabelings"]
+    service = manifests.one("Service")["metadata"]["name"]
+    (rule,) = manifests.one("Ingress")["spec"]["rules"]
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": service, "port": {"name": "http"}}
+    route = manifests.one("HTTPRoute")["spec"]
+    assert route["parentRefs"] == OPERATOR_VALUES["httpRoute"]["parentRefs"]
+    assert route["rules"][0]["backendRefs"] == [{"name": service, "port": chart.chart().values["port"]}]
