@@ -114,3 +114,9 @@ def in_pod(container: dict, volumes: dict[str, Path], image_root: Path) -> list[
     """The container's command and args, every absolute path argument mapped by `pod_path`."""
     argv = container.get("command", []) + container.get("args", [])
     return argv[:1] + [pod_path(container, volumes, image_root, a) if a.startswith("/") else a for a in argv[1:]]
+
+
+def settings_config_map(manifests: Manifests) -> dict:
+    """The ConfigMap of guard.yaml and fetch_bundle.py (not the dashboard's)."""
+    (found,) = [c for c in manifests.of_kind("ConfigMap") if "guard.yaml" in c["data"]]
+    return found

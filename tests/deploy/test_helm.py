@@ -158,7 +158,7 @@ def test_the_fetch_container_runs_the_script_with_the_pinned_checksum() -> None:
     url = CASES["standalone-url"]["bundle"]["url"]
     assert fetch["command"] == ["python", "/etc/backdoor-guard/fetch_bundle.py"]
     assert fetch["args"] == ["--url", url["location"], "--sha256", url["sha256"], "--into", "/guard-bundle-out"]
-    script = manifests.one("ConfigMap")["data"]["fetch_bundle.py"]
+    script = chart.settings_config_map(manifests)["data"]["fetch_bundle.py"]
     assert script == (chart.CHART / "files" / "fetch_bundle.py").read_text(encoding="utf-8")
 
 
@@ -282,7 +282,7 @@ def test_service_selects_the_pods_on_the_guards_port() -> None:
 def test_the_settings_config_map_is_accepted_by_the_guard(case: str, tmp_path: Path, clean_env: None) -> None:
     manifests = render(case)
     config = tmp_path / "guard.yaml"
-    config.write_text(manifests.one("ConfigMap")["data"]["guard.yaml"], encoding="utf-8")
+    config.write_text(chart.settings_config_map(manifests)["data"]["guard.yaml"], encoding="utf-8")
     environment = chart.env(chart.containers(manifests)["guard"])
     settings = Settings(bundle=build_stub_bundle(tmp_path / "bundle"), config=config)
     for name, value in CASES[case].get("settings", {}).items():
@@ -360,7 +360,7 @@ def test_default_values_need_a_bundle() -> None:
     with pytest.raises(helm.HelmValuesError, match="claimName"):
         render({})
     rendered = render({"bundle": {"pvc": {"claimName": "bundles"}}})
-    assert yaml.safe_load(rendered.one("ConfigMap")["data"]["guard.yaml"]) == chart.chart().values["settings"]
+    assert yaml.safe_load(chart.settings_config_map(rendered)["data"]["guard.yaml"]) == chart.chart().values["settings"]
 
 
 def test_the_readmes_sidecar_example_renders_and_validates() -> None:
