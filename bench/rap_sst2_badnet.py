@@ -53,7 +53,9 @@ def main() -> None:
     for name in ("badnet-rw", "clean"):
         info = build_model(recipes[name], args.data, args.cache / "models")
         bundle = args.cache / "bundles" / name
-        options = CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=128, int8=True, force=True)
+        options = CalibrateOptions(
+            rap=RapOptions(protect_labels=(TARGET,)), max_length=128, int8=True, keep_hf=True, force=True
+        )
         started = time.perf_counter()
         if not (args.reuse_bundles and (bundle / "manifest.json").is_file()):
             calibrate_bundle(args.cache / "models" / name, dev, bundle, options)

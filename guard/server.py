@@ -22,6 +22,7 @@ from guard.core.bundle import load_bundle
 from guard.core.errors import InputError
 from guard.logs import configure_server_logging
 from guard.settings import Settings
+from guard.tracing import traced
 
 GRACEFUL_SHUTDOWN_S = 30
 
@@ -45,7 +46,7 @@ def serve(overrides: dict, verbose: bool = False) -> None:
     backend = load_backend(settings.backend, bundle.path, settings.threads)
     capacity = measure_capacity(backend, bundle.tokenizer(special_tokens_mode(settings)), settings)
     capacity.validate(settings)
-    app = create_app(settings, backend=backend, capacity=capacity)
+    app = traced(create_app(settings, backend=backend, capacity=capacity), settings)
     uvicorn.run(
         app,
         host=settings.host,

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     canary_interval_s: float = Field(
         0.0, ge=0, description="Replay one bundle canary (held-out clean row) every N seconds for live FRR; 0 = off."
     )
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP endpoint for OpenTelemetry traces (e.g. http://otel-collector:4318/v1/traces): "
+        "a span per request and per upstream call. Unset: no tracing.",
+    )
     log_json: bool = Field(True, description="JSON log lines (false: plain text).")
     access_log: bool = Field(True, description="One log line per request: method, path, status, milliseconds.")
     # FilePath, not Path: the YAML source skips a missing file silently, so a typo would go unnoticed.

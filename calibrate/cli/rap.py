@@ -85,6 +85,12 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         help="also write an int8 graph (MatMul-only dynamic quantization) with its own thresholds",
     )
     p.add_argument(
+        "--keep-hf",
+        action="store_true",
+        help="also write hf/, the HF weights with the RAP row, for the torch backend (`guard check --backend "
+        "torch`); serving (ONNX) does not need them and they double the bundle",
+    )
+    p.add_argument(
         "--probes",
         type=Path,
         help="known-trigger rows (e.g. `calibrate scan --probes-out`) the server's canary replays as live FAR probes",

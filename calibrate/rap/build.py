@@ -3,6 +3,8 @@
 model -> rap (train row, fit thresholds) -> export (ONNX + parity) -> report
 -> guard.core.bundle.save_bundle. The bundle is assembled in a staging folder
 and moved into place only when complete, so a failure never leaves half a bundle.
+It holds what serving needs; the HF weights (hf/, as large as the graph again) only
+with `keep_hf`, for the torch backend (`guard check --backend torch`, parity checks).
 """
 
 from __future__ import annotations
@@ -89,9 +91,10 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     with timings.step("rap"):
         result = learn_rap(model, tokenizer, clean, options.rap)
     with timings.step("export"):
-        (staging / "hf").mkdir()
-        model.save_pretrained(str(staging / "hf"))
-        copy_tokenizer_files(model_dir, staging / "hf")
+        if options.keep_hf:
+            (staging / "hf").mkdir()
+            model.save_pretrained(str(staging / "hf"))
+            copy_tokenizer_files(model_dir, staging / "hf")
         shutil.copy2(tokenizer_json(model_dir, staging / "converted"), staging / "tokenizer.json")
         shutil.rmtree(staging / "converted", ignore_errors=True)
         export_onnx(model, tokenizer, staging / "model.onnx")

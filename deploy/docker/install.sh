@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the guard's serving environment into a fresh virtualenv: the project with
-# its [serve] extra (ONNX Runtime, FastAPI, uvicorn; NO torch).
+# its [serve] extra (ONNX Runtime, FastAPI, uvicorn; NO torch) and [otel] (traces, off
+# unless GUARD_OTEL_ENDPOINT is set).
 #
 # The Dockerfile's build stage runs this script, and tests/deploy/test_image.py runs
 # the same RUN line outside Docker, so the image's install cannot drift from what CI
@@ -25,7 +26,7 @@ python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check --no-input "$@"; }
 
 # A regular, not editable, install: the runtime stage copies the virtualenv only.
-pip install "$src[serve]"
+pip install "$src[serve,otel]"
 
 if [ "$variant" = gpu ]; then
 	# onnxruntime (a core dependency) and onnxruntime-gpu (the [gpu] extra) install

@@ -5,12 +5,14 @@ Layout::
     manifest.json   this schema: provenance, RAP token, thresholds, file hashes
     model.onnx      inference graph (pass 1 and pass 2 share it)
     tokenizer.json  fast tokenizer
-    hf/             HF model dir with the RAP row appended (torch backend)
+    hf/             optional: HF model dir with the RAP row appended (torch backend; `calibrate rap --keep-hf`)
     report.json     calibration report; deltas.png its picture
     canaries.jsonl  held-out clean rows (live FRR probes)
     probes.jsonl    optional known-trigger rows, original labels (live FAR probes; `calibrate rap --probes`)
 
 `load_bundle` refuses a bundle whose files do not match their recorded sha256.
+`save_bundle` leaves every file world-readable: the serving image runs as uid 10001,
+whoever wrote the bundle (safetensors writes its weights 0600).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from guard.core.tokenizer import RapTokenizer, SpecialTokens
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("model.onnx", "tokenizer.json")
+READABLE_FILE, READABLE_DIR = 0o644, 0o755
 
 
 class ModelInfo(BaseModel):
@@ -136,7 +139,8 @@ def sha256_file(path: Path) -> str:
 
 
 def save_bundle(path: Path, manifest: Manifest) -> Manifest:
-    """Hash every file already written under `path` and write the manifest last."""
+    """Hash every file already written under `path`, make it world-readable, write the manifest last."""
+    _make_readable(path)
     files = {
         p.relative_to(path).as_posix(): sha256_file(p)
         for p in sorted(path.rglob("*"))
@@ -147,7 +151,16 @@ def save_bundle(path: Path, manifest: Manifest) -> Manifest:
         raise BundleError(f"cannot save bundle {path}: missing {', '.join(missing)}")
     manifest = manifest.model_copy(update={"files": files})
     (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    (path / MANIFEST).chmod(READABLE_FILE)
     return manifest
+
+
+def _make_readable(path: Path) -> None:
+    """Files 0644, folders 0755 (the bundle folder included): any uid that mounts it can read it."""
+    path.chmod(READABLE_DIR)
+    for p in path.rglob("*"):
+        if not p.is_symlink():
+            p.chmod(READABLE_DIR if p.is_dir() else READABLE_FILE)
 
 
 def read_manifest(path: Path) -> Manifest:

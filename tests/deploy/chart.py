@@ -95,3 +95,28 @@ def containers(manifests: Manifests) -> dict[str, dict]:
 
 def env(container: dict) -> dict[str, object]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def pod_path(container: dict, volumes: dict[str, Path], image_root: Path, path: str) -> str:
+    """Where an absolute path inside `container` lies on this machine: in the volume mounted
+    there (the longest mount path wins; a mount hides what the image has below it), else
+    in the image's own filesystem under `image_root`."""
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: len(m["mountPath"]), reverse=True)
+    for mount in mounts:
+        prefix = mount["mountPath"].rstrip("/")
+        if path == prefix or path.startswith(prefix + "/"):
+            volume = volumes[mount["name"]] / mount.get("subPath", "")
+            return str(volume) + path[len(prefix) :]
+    return str(image_root) + path
+
+
+def in_pod(container: dict, volumes: dict[str, Path], image_root: Path) -> list[str]:
+    """The container's command and args, every absolute path argument mapped by `pod_path`."""
+    argv = container.get("command", []) + container.get("args", [])
+    return argv[:1] + [pod_path(container, volumes, image_root, a) if a.startswith("/") else a for a in argv[1:]]
+
+
+def settings_config_map(manifests: Manifests) -> dict:
+    """The ConfigMap of guard.yaml and fetch_bundle.py (not the dashboard's)."""
+    (found,) = [c for c in manifests.of_kind("ConfigMap") if "guard.yaml" in c["data"]]
+    return found

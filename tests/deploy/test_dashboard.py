@@ -98,6 +98,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for(dashboard: dict) -> None:
     assert panel_using(r"histogram_quantile\(0\.5, sum by \(le, pass\) \(rate\(guard_inference_duration")
     assert panel_using(r"histogram_quantile\(0\.99, sum by \(le, pass\) \(rate\(guard_inference_duration")
     assert panel_using(r"guard_batch_size_") and panel_using(r"guard_pending_requests")
+    assert panel_using(r"sum by \(reason\) \(rate\(guard_rejections_total")  # 429s, fail-closed 503s, ...
     for live, calibrated in (("false_reject_ratio", "calibrated_frr"), ("false_accept_ratio", "calibrated_far")):
         (title,) = set(panel_using(f"guard_{live}"))
         assert panel_using(f"guard_{calibrated}") == [title]  # live and calibrated on one panel
@@ -140,6 +141,7 @@ def _send_traffic(url: str, backend: StubBackend) -> None:
         assert http.post("/v1/feedback", json={"decision_id": poisoned, "poisoned": True}).status_code == 200
         proxied = http.post("/classify", json={"inputs": CLEAN})
         assert proxied.status_code == 200, proxied.text
+        assert http.post("/v1/check", json={"texts": []}).status_code == 422  # an error answer, counted by reason
         backend.fail_pass2 = RuntimeError("pass 2 is down")
         try:
             unchecked = http.post("/v1/check", json={"text": CLEAN})
@@ -178,7 +180,7 @@ def test_every_query_returns_data_from_a_real_guard(dashboard: dict, upstream: s
         while "unknown" in {health for health, _ in evaluated.values()} and time.monotonic() < deadline:
             time.sleep(0.5)  # not evaluated yet
             evaluated = _rule_health(prometheus)
-    assert len(evaluated) == 9 and set(evaluated.values()) == {("ok", "")}, evaluated
+    assert len(evaluated) == 13 and set(evaluated.values()) == {("ok", "")}, evaluated
 
 
 def _rule_health(prometheus: str) -> dict[str, tuple[str, str]]:

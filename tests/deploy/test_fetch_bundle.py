@@ -6,10 +6,12 @@ import contextlib
 import functools
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -52,8 +54,12 @@ def site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield url, root
 
 
-def fetch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+def fetch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_fetches_a_bundle_that_then_verifies(site: tuple[str, Path], tmp_path: Path) -> None:
@@ -72,18 +78,20 @@ def test_refuses_an_archive_with_the_wrong_checksum(site: tuple[str, Path], tmp_
     url, _ = site
     done = fetch("--url", f"{url}/bundle.tar.gz", "--sha256", "0" * 64, "--into", str(tmp_path / "b"))
     assert done.returncode == 1 and "sha256 of" in done.stderr and "expected 000" in done.stderr
-    assert not (tmp_path / "b").exists()  # nothing unpacked from an archive that failed its checksum
+    assert list((tmp_path / "b").iterdir()) == []  # nothing unpacked from an archive that failed its checksum
 
 
 def test_refuses_a_missing_archive_and_one_without_a_manifest(site: tuple[str, Path], tmp_path: Path) -> None:
     url, root = site
-    missing = fetch("--url", f"{url}/nope.tar.gz", "--into", str(tmp_path / "a"))
+    missing = fetch("--url", f"{url}/nope.tar.gz", "--sha256", "0" * 64, "--into", str(tmp_path / "a"))
     assert missing.returncode == 1 and "404" in missing.stderr
     with tarfile.open(root / "nested.tar.gz", "w:gz") as tar:  # the bundle one directory down
         info = tarfile.TarInfo("bundle/manifest.json")
         info.size = 2
         tar.addfile(info, io.BytesIO(b"{}"))
-    nested = fetch("--url", f"{url}/nested.tar.gz", "--into", str(tmp_path / "b"))
+    nested = fetch(
+        "--url", f"{url}/nested.tar.gz", "--sha256", _sha(root / "nested.tar.gz"), "--into", str(tmp_path / "b")
+    )
     assert nested.returncode == 1 and "no manifest.json at its top level" in nested.stderr
 
 
@@ -93,6 +101,58 @@ def test_refuses_members_that_escape_the_directory(site: tuple[str, Path], tmp_p
         info = tarfile.TarInfo("../escaped.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"pwn"))
-    done = fetch("--url", f"{url}/evil.tar.gz", "--into", str(tmp_path / "into"))
+    done = fetch(
+        "--url", f"{url}/evil.tar.gz", "--sha256", _sha(root / "evil.tar.gz"), "--into", str(tmp_path / "into")
+    )
     assert done.returncode == 1 and "outside the destination" in done.stderr
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_refuses_plain_http_and_a_missing_checksum(tmp_path: Path) -> None:
+    """A bundle decides what gets through: it comes over https, pinned by its sha256."""
+    http = fetch("--url", "http://models.example.com/b.tar.gz", "--sha256", "0" * 64, "--into", str(tmp_path / "a"))
+    assert http.returncode == 1 and "only https URLs are accepted" in http.stderr
+    unpinned = fetch("--url", "https://models.example.com/b.tar.gz", "--into", str(tmp_path / "b"))
+    assert unpinned.returncode == 2 and "--sha256" in unpinned.stderr
+
+
+class PausingHandler(QuietHandler):
+    """Sends half of the file, then waits for the test to look at the disk."""
+
+    halfway = threading.Event()
+    resume = threading.Event()
+
+    def copyfile(self, source, outputfile) -> None:
+        data = source.read()
+        outputfile.write(data[: len(data) // 2])
+        outputfile.flush()
+        type(self).halfway.set()
+        type(self).resume.wait(timeout=30)
+        outputfile.write(data[len(data) // 2 :])
+
+
+def test_downloads_into_the_bundle_volume_not_tmp(site: tuple[str, Path], tmp_path: Path) -> None:
+    """/tmp in the pod is a 64 Mi emptyDir: the archive must go where the bundle goes."""
+    _, root = site
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(PausingHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    into, tmp = tmp_path / "volume", tmp_path / "tmp"
+    tmp.mkdir()
+    url = f"http://127.0.0.1:{server.server_address[1]}/bundle.tar.gz"
+    args = [sys.executable, str(SCRIPT), "--url", url, "--sha256", _sha(root / "bundle.tar.gz"), "--into", str(into)]
+    proc = subprocess.Popen(args, env={**os.environ, "TMPDIR": str(tmp)}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert PausingHandler.halfway.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not any(p.stat().st_size for p in into.glob("*") if p.is_file()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first half reaches the volume
+        during = {p.name: p.stat().st_size for p in into.iterdir()}
+        assert list(during) == [".bundle.tar.gz.partial"] and during[".bundle.tar.gz.partial"] > 0, during
+        assert list(tmp.iterdir()) == []
+    finally:
+        PausingHandler.resume.set()
+        _, stderr = proc.communicate(timeout=60)
+        server.shutdown()
+    assert proc.returncode == 0, stderr
+    assert ".bundle.tar.gz.partial" not in {p.name for p in into.iterdir()}  # deleted once unpacked
+    assert load_bundle(into).manifest.model.labels == ["negative", "positive"]

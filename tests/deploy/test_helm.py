@@ -30,6 +30,8 @@ KUBE_VERSIONS = ("1.28.0", "1.31.0")  # without and with native sidecars (1.29+)
 CAPABILITIES = {"no-crd": (), "servicemonitor-crd": (SERVICE_MONITOR_API,)}
 # Settings the chart sets itself (environment), so `settings:` may not carry them.
 CHART_OWNED = {"bundle", "host", "port", "upstream", "api_key", "config", "feedback_api_key"}
+# Setting values the serving image cannot honour: it has no torch (tests/deploy/test_image.py).
+IMAGE_LACKS = {"backend": {"torch"}}
 MATRIX = [
     pytest.param(case, kube, api, id=f"{case}-k{kube[:4]}-{api}")
     for case in CASES
@@ -114,10 +116,16 @@ def test_sidecar_is_native_from_kubernetes_1_29(case: str) -> None:
     assert chart.env(older["containers"][0])["GUARD_UPSTREAM"] == f"http://127.0.0.1:{port}"
 
 
-def test_sidecar_keeps_the_classifier_container_as_given() -> None:
+def test_sidecar_keeps_the_classifier_container_as_given_plus_a_pre_stop_delay() -> None:
+    """Only a preStop delay is added (so it outlives the guard's drain), and only if it has none."""
     given = CASES["sidecar-url"]["sidecar"]["classifier"]
     (classifier,) = [c for c in chart.pod_spec(render("sidecar-url"))["containers"] if c["name"] == given["name"]]
-    assert classifier == given
+    assert {k: v for k, v in classifier.items() if k != "lifecycle"} == given
+    assert set(classifier["lifecycle"]) == {"preStop"}
+    own = {**given, "lifecycle": {"preStop": {"httpGet": {"path": "/drain", "port": 8080}}}}
+    values = {**CASES["sidecar-url"], "sidecar": {**CASES["sidecar-url"]["sidecar"], "classifier": own}}
+    (kept,) = [c for c in chart.pod_spec(render(values))["containers"] if c["name"] == given["name"]]
+    assert kept == own
 
 
 # ---------------------------------------------------------------- bundle delivery
@@ -140,7 +148,8 @@ def test_fetched_bundles_land_in_an_empty_dir_before_verification(case: str, fir
     assert "emptyDir" in volume
     assert [c["name"] for c in spec["initContainers"]] == [first, "verify-bundle"]
     writer = spec["initContainers"][0]
-    assert {"name": "bundle", "mountPath": "/bundle"} in writer["volumeMounts"]
+    # Not at the image's bundle path (/bundle): an emptyDir there would hide the image's files.
+    assert {"name": "bundle", "mountPath": "/guard-bundle-out"} in writer["volumeMounts"]
 
 
 def test_the_fetch_container_runs_the_script_with_the_pinned_checksum() -> None:
@@ -148,8 +157,8 @@ def test_the_fetch_container_runs_the_script_with_the_pinned_checksum() -> None:
     fetch = chart.containers(manifests)["fetch-bundle"]
     url = CASES["standalone-url"]["bundle"]["url"]
     assert fetch["command"] == ["python", "/etc/backdoor-guard/fetch_bundle.py"]
-    assert fetch["args"] == ["--url", url["location"], "--sha256", url["sha256"], "--into", "/bundle"]
-    script = manifests.one("ConfigMap")["data"]["fetch_bundle.py"]
+    assert fetch["args"] == ["--url", url["location"], "--sha256", url["sha256"], "--into", "/guard-bundle-out"]
+    script = chart.settings_config_map(manifests)["data"]["fetch_bundle.py"]
     assert script == (chart.CHART / "files" / "fetch_bundle.py").read_text(encoding="utf-8")
 
 
@@ -176,13 +185,13 @@ def test_every_chart_container_is_locked_down(case: str, kube: str) -> None:
     classifier = CASES[case].get("sidecar", {}).get("classifier", {}).get("name", "classifier")
     pods = [chart.pod_spec(manifests), manifests.one("Pod")["spec"]]
     for spec in pods:
-        assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert spec["automountServiceAccountToken"] is False
         for container in spec.get("initContainers", []) + spec["containers"]:
             if container["name"] == classifier and CASES[case]["topology"] == "sidecar":
                 continue  # the user's container, left as given
-            context = container["securityContext"]
+            context = container["securityContext"]  # the container's own: true in either topology
+            assert context["runAsNonRoot"] is True and context["runAsUser"] == 10001, container["name"]
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, container["name"]
             assert context["readOnlyRootFilesystem"] is True, container["name"]
             assert context["allowPrivilegeEscalation"] is False, container["name"]
             assert context["capabilities"] == {"drop": ["ALL"]}, container["name"]
@@ -273,7 +282,7 @@ def test_service_selects_the_pods_on_the_guards_port() -> None:
 def test_the_settings_config_map_is_accepted_by_the_guard(case: str, tmp_path: Path, clean_env: None) -> None:
     manifests = render(case)
     config = tmp_path / "guard.yaml"
-    config.write_text(manifests.one("ConfigMap")["data"]["guard.yaml"], encoding="utf-8")
+    config.write_text(chart.settings_config_map(manifests)["data"]["guard.yaml"], encoding="utf-8")
     environment = chart.env(chart.containers(manifests)["guard"])
     settings = Settings(bundle=build_stub_bundle(tmp_path / "bundle"), config=config)
     for name, value in CASES[case].get("settings", {}).items():
@@ -297,6 +306,7 @@ def test_values_schema_lists_exactly_the_guards_own_settings() -> None:
         if "enum" in rule:
             annotation = Settings.model_fields[name].annotation
             literals = {a for arg in typing.get_args(annotation) for a in (typing.get_args(arg) or [arg])}
+            literals -= IMAGE_LACKS.get(name, set())
             assert set(rule["enum"]) - {None} == literals - {type(None)}, name
 
 
@@ -323,7 +333,17 @@ def test_api_key_from_a_value_or_an_existing_secret() -> None:
         ({"settings": {"mode": "block"}}, "/settings/mode"),
         ({"settings": {"frr": 1.5}}, "/settings/frr"),
         ({"bundle": {"source": "pvc", "pvc": {"claimName": ""}}}, "/bundle/pvc/claimName"),
-        ({"bundle": {"source": "url", "url": {"location": "ftp://x/b.tgz"}}}, "/bundle/url/location"),
+        (
+            {"bundle": {"source": "url", "url": {"location": "ftp://x/b.tgz", "sha256": "a" * 64}}},
+            "/bundle/url/location",
+        ),
+        (
+            {"bundle": {"source": "url", "url": {"location": "http://x/b.tgz", "sha256": "a" * 64}}},
+            "/bundle/url/location",
+        ),
+        ({"bundle": {"source": "url", "url": {"location": "https://x/b.tgz"}}}, "/bundle/url/sha256"),
+        ({"settings": {"backend": "torch"}}, "/settings/backend"),
+        ({"image": {"repository": "r", "digest": "latest"}}, "/image/digest"),
         ({"bundle": {"source": "url", "url": {"location": "https://x/b.tgz", "sha256": "abc"}}}, "sha256"),
         ({"topology": "sidecar", "sidecar": {"classifier": {"name": "c"}}}, "missing property 'image'"),
         ({"autoscaling": {"metric": "memory"}}, "/autoscaling/metric"),
@@ -340,7 +360,7 @@ def test_default_values_need_a_bundle() -> None:
     with pytest.raises(helm.HelmValuesError, match="claimName"):
         render({})
     rendered = render({"bundle": {"pvc": {"claimName": "bundles"}}})
-    assert yaml.safe_load(rendered.one("ConfigMap")["data"]["guard.yaml"]) == chart.chart().values["settings"]
+    assert yaml.safe_load(chart.settings_config_map(rendered)["data"]["guard.yaml"]) == chart.chart().values["settings"]
 
 
 def test_the_readmes_sidecar_example_renders_and_validates() -> None:

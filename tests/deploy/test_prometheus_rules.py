@@ -6,6 +6,7 @@ Needs `promtool` (Debian package `prometheus`; `make test-deps`). Missing, it FA
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy import promql
+from tests.deploy import chart, promql
 from tests.deploy.conftest import ROOT, tool
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -26,6 +27,10 @@ EXPECTED_ALERTS = {
     "GuardNotReady",
     "GuardDown",
     "GuardLatencyP99OverBudget",
+    "GuardFailClosedRefusals",
+    "GuardFalseAcceptRateAboveCalibrated",
+    "GuardQueueSaturated",
+    "GuardUpstreamErrors",
 }
 
 
@@ -81,3 +86,39 @@ def test_rule_test_inputs_are_series_the_guard_really_exposes(case: dict) -> Non
         assert name in known, f"{name} is not a guard metric"
         assert labels <= known[name], f"{name}: no label(s) {sorted(labels - known[name])}"
         assert labels >= promql.TARGET_LABELS
+
+
+PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
+
+
+def test_the_charts_prometheus_rule_selects_the_releases_own_job(tmp_path: Path) -> None:
+    """Before: the rules hard-coded job="backdoor-guard", which a nameOverride (the job the
+    ServiceMonitor gives the targets) silently left without data. The chart's PrometheusRule
+    is rules.yml with the release's job."""
+    values = {**chart.ci_values()["standalone-url"], "nameOverride": "sentiment-guard"}
+    manifests = chart.render(values, "v1.31.0", (PROMETHEUS_RULE_API, chart.SERVICE_MONITOR_API))
+    groups = manifests.one("PrometheusRule")["spec"]["groups"]
+    exprs = [rule["expr"] for group in groups for rule in group["rules"]]
+    assert len(exprs) == len(_rules()) and all('job="backdoor-guard"' not in e for e in exprs)
+    assert sum('job="sentiment-guard"' in e for e in exprs) == sum(
+        'job="backdoor-guard"' in r["expr"] for r in _rules()
+    )
+    monitor = manifests.one("ServiceMonitor")["spec"]
+    assert manifests.one("Service")["metadata"]["labels"][monitor["jobLabel"]] == "sentiment-guard"
+    rendered = tmp_path / "rendered-rules.yml"
+    rendered.write_text(yaml.safe_dump({"groups": groups}), encoding="utf-8")
+    checked = promtool("check", "rules", str(rendered))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    default = chart.render(chart.ci_values()["standalone-url"], "v1.31.0", (PROMETHEUS_RULE_API,))
+    assert default.one("PrometheusRule")["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    assert "PrometheusRule" not in chart.render(chart.ci_values()["standalone-url"], "v1.31.0").kinds()  # no CRD
+
+
+def test_the_dashboard_config_map_holds_the_dashboard() -> None:
+    values = {**chart.ci_values()["standalone-url"], "grafanaDashboard": {"enabled": True}}
+    config_maps = {c["metadata"]["name"]: c for c in chart.render(values, "v1.31.0").of_kind("ConfigMap")}
+    dashboard = config_maps[f"{chart.RELEASE}-backdoor-guard-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    on_disk = ROOT / "deploy" / "grafana" / "dashboards" / "backdoor-guard.json"
+    assert json.loads(dashboard["data"]["backdoor-guard.json"]) == json.loads(on_disk.read_text())

@@ -7,6 +7,7 @@ for every seed that calibrates (see test_the_guard_catches_part_of_the_attack).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -20,6 +21,8 @@ from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.evaluate import COLUMNS, Evaluation, evaluate_bundle, write_evaluation
 from calibrate.rap.options import FRR_TARGETS, CalibrateOptions, RapOptions
 from guard.core import rap
+from guard.core.backends import load_backend
+from guard.core.backends.base import PARITY_TOLERANCE
 from guard.core.bundle import MANIFEST, load_bundle, sha256_file
 from guard.core.errors import InputError
 from tests.toy_backdoor import CALIBRATE_OPTIONS, RAP_OPTIONS, Toy
@@ -31,10 +34,8 @@ BUNDLE_FILES = (
     "report.json",
     "deltas.png",
     "canaries.jsonl",
-    "hf/config.json",
-    "hf/model.safetensors",
-    "hf/tokenizer.json",
 )
+HF_FILES = ("hf/config.json", "hf/model.safetensors", "hf/tokenizer.json")  # only with keep_hf
 CLEAN = make_corpus(100, random.Random(1))
 
 
@@ -59,6 +60,9 @@ def test_bundle_loads_with_every_file_verified(backdoored: Toy) -> None:
         assert files[name] == sha256_file(backdoored.bundle_dir / name), name
     on_disk = {p.relative_to(backdoored.bundle_dir).as_posix() for p in backdoored.bundle_dir.rglob("*") if p.is_file()}
     assert set(files) == on_disk - {MANIFEST}
+    assert not (backdoored.bundle_dir / "hf").exists()  # a serving bundle: no HF weights by default
+    # world-readable: the serving image runs as uid 10001, whoever calibrated
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in [backdoored.bundle_dir, *backdoored.bundle_dir.rglob("*")])
     # staged next to the bundle and renamed into place: nothing left behind
     assert [p.name for p in backdoored.bundle_dir.parent.iterdir() if "partial" in p.name] == []
 
@@ -241,6 +245,23 @@ def test_failed_forced_calibration_keeps_the_old_bundle(tiny_model_dir: Path, tm
         calibrate_bundle(tiny_model_dir, CLEAN, out, _bad_label_options(force=True))
     assert _tree(out) == before  # replaced only once the new bundle is complete
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_keep_hf_adds_the_torch_backends_weights(backdoored: Toy, tmp_path: Path) -> None:
+    options = dataclasses.replace(CALIBRATE_OPTIONS, keep_hf=True)
+    manifest = calibrate_bundle(backdoored.model_dir, backdoored.dev, tmp_path / "bundle", options)
+    for name in HF_FILES:
+        assert manifest.files[name] == sha256_file(tmp_path / "bundle" / name), name
+        assert (tmp_path / "bundle" / name).stat().st_mode & 0o444 == 0o444, name  # safetensors writes 0600
+    bundle = load_bundle(tmp_path / "bundle")
+    batch = bundle.tokenizer().encode([r.text for r in backdoored.test[:8]])
+    onnx, torch_ = load_backend("onnx", bundle.path, threads=1), load_backend("torch", bundle.path)
+    try:
+        assert np.abs(rap.softmax(onnx.infer(batch)) - rap.softmax(torch_.infer(batch))).max() <= PARITY_TOLERANCE
+    finally:
+        onnx.close()
+        torch_.close()
 
 
 @pytest.mark.slow

@@ -48,5 +48,9 @@ def load_backend(kind: str, bundle_dir: Path, threads: int | None = None) -> Bac
     if kind == "torch":
         from guard.core.backends.torch import TorchBackend
 
+        if not (bundle_dir / "hf").is_dir():
+            raise BackendError(
+                f"{bundle_dir} has no hf/ (the torch backend's weights); recalibrate with `calibrate rap --keep-hf`"
+            )
         return TorchBackend(bundle_dir / "hf", threads=threads)
     raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

@@ -2,30 +2,35 @@
 
     python fetch_bundle.py --url https://models.example.com/bundle.tar.gz --sha256 HEX --into /bundle
 
-Standard library only: it runs in the guard image with a read-only root filesystem
-(the download goes to /tmp). The archive holds the bundle directory's files at its top
-level (`tar -C bundle -czf bundle.tar.gz .`). The archive's sha256 is checked here when
-given; each file's own hash is checked next by `guard verify`.
+Standard library only: it runs in the guard image with a read-only root filesystem.
+The archive is downloaded INTO the directory it fills (the bundle volume, sized for
+it), never into /tmp (a small volume), checked against its sha256, unpacked, deleted.
+The archive holds the bundle directory's files at its top level
+(`tar -C bundle -czf bundle.tar.gz .`); each file's own hash is checked next by
+`guard verify`. Only https is accepted, except from a loopback address (tests, a mirror
+in the pod); a redirect may not leave https either.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import shutil
 import sys
 import tarfile
-import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 CHUNK = 1 << 20
+PARTIAL = ".bundle.tar.gz.partial"  # the download, inside --into until it is unpacked
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="http(s) URL of the .tar.gz")
-    parser.add_argument("--sha256", default="", help="expected sha256 of the archive (hex)")
+    parser.add_argument("--url", required=True, help="https URL of the .tar.gz")
+    parser.add_argument("--sha256", required=True, help="expected sha256 of the archive (hex)")
     parser.add_argument("--into", type=Path, required=True, help="directory to fill (emptied first)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds without data before giving up")
     args = parser.parse_args(argv)
@@ -39,20 +44,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fetch(url: str, into: Path, sha256: str, timeout: float) -> None:
-    with tempfile.TemporaryFile() as archive:
+    _check_url(url)
+    _empty(into)  # a restarted init container finds the previous attempt's files
+    archive = into / PARTIAL
+    try:
         digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(CHUNK):
+        with urllib.request.urlopen(url, timeout=timeout) as response, archive.open("wb") as out:
+            _check_url(response.geturl())  # where the redirects ended
+            while chunk := response.read1(CHUNK):  # what has arrived, not a full CHUNK
                 digest.update(chunk)
-                archive.write(chunk)
-        if sha256 and digest.hexdigest() != sha256.strip().lower():
+                out.write(chunk)
+        if digest.hexdigest() != sha256.strip().lower():
             raise ValueError(f"sha256 of {url} is {digest.hexdigest()}, expected {sha256}")
-        archive.seek(0)
-        _empty(into)  # a restarted init container finds the previous attempt's files
-        with tarfile.open(fileobj=archive, mode="r:gz") as tar:
-            tar.extractall(into, filter="data")  # refuses absolute paths, links out of `into`, devices
+        with tarfile.open(archive, mode="r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.name.lstrip("./") != PARTIAL]
+            tar.extractall(into, members=members, filter="data")  # refuses absolute paths, links out, devices
+    except BaseException:
+        _empty(into)  # nothing is left of an archive that failed
+        raise
+    finally:
+        archive.unlink(missing_ok=True)
     if not (into / "manifest.json").is_file():
         raise ValueError(f"{url} has no manifest.json at its top level (make it with: tar -C bundle -czf FILE .)")
+
+
+def _check_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname or "")):
+        return
+    raise ValueError(f"{url}: only https URLs are accepted (http only from a loopback address)")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _empty(directory: Path) -> None:

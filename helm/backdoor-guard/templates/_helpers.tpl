@@ -37,8 +37,110 @@ app.kubernetes.io/component: {{ .Values.topology }}
 {{- end }}
 {{- end }}
 
+{{/* repository:tag, or repository@digest when image.digest is set (a tag can be moved, a digest cannot). */}}
 {{- define "backdoor-guard.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- if .Values.image.digest }}
+{{- .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else }}
+{{- .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+{{- end }}
+
+{{- define "backdoor-guard.bundleImage" -}}
+{{- $image := .Values.bundle.image }}
+{{- $repository := required "bundle.image.repository is required with bundle.source=image" $image.repository }}
+{{- if $image.digest }}
+{{- $repository }}@{{ $image.digest }}
+{{- else }}
+{{- $repository }}:{{ required "bundle.image.tag (or .digest) is required with bundle.source=image" $image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* Where the url and image writers mount the bundle volume: NOT the image's own bundle path,
+which an emptyDir mounted on top of it would hide. */}}
+{{- define "backdoor-guard.bundleOut" -}}
+/guard-bundle-out
+{{- end }}
+
+{{/* Seconds the guard takes to drain after SIGTERM: GRACEFUL_SHUTDOWN_S in guard/server.py. */}}
+{{- define "backdoor-guard.drainSeconds" -}}
+30
+{{- end }}
+
+{{/* Sidecar: how long your classifier keeps serving after the pod starts terminating; it must
+outlive the guard's preStop delay and drain, or requests the guard already accepted find it gone. */}}
+{{- define "backdoor-guard.classifierPreStopSeconds" -}}
+{{- $given := .Values.shutdown.classifierPreStopSleepSeconds }}
+{{- if kindIs "invalid" $given }}
+{{- add .Values.shutdown.preStopSleepSeconds (include "backdoor-guard.drainSeconds" .) }}
+{{- else }}
+{{- $given }}
+{{- end }}
+{{- end }}
+
+{{/* The shortest grace period that lets every container finish: standalone, the guard's preStop
+delay + its drain; sidecar, the classifier's delay + its own drain (bounded by the guard's
+upstream timeout) + the guard's delay (a native sidecar stops after the classifier). */}}
+{{- define "backdoor-guard.minGracePeriod" -}}
+{{- $preStop := int .Values.shutdown.preStopSleepSeconds }}
+{{- if eq .Values.topology "sidecar" }}
+{{- $upstream := int (ceil (.Values.settings.upstream_timeout_s | default 30)) }}
+{{- add (include "backdoor-guard.classifierPreStopSeconds" . | int) $upstream $preStop 5 }}
+{{- else }}
+{{- add $preStop (include "backdoor-guard.drainSeconds" . | int) 5 }}
+{{- end }}
+{{- end }}
+
+{{- define "backdoor-guard.gracePeriod" -}}
+{{- $min := include "backdoor-guard.minGracePeriod" . | int }}
+{{- $given := .Values.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $given }}
+{{- $min }}
+{{- else if lt (int $given) $min }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) is shorter than the preStop delay + drain + upstream timeout (%d): in-flight requests would be killed" (int $given) $min) }}
+{{- else }}
+{{- $given }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicy: on by default in the sidecar topology (the classifier's port must not be
+reachable around the guard), off by default in standalone. */}}
+{{- define "backdoor-guard.networkPolicy" -}}
+{{- $enabled := .Values.networkPolicy.enabled }}
+{{- if kindIs "invalid" $enabled }}{{ if eq .Values.topology "sidecar" }}true{{ end }}
+{{- else if $enabled }}true{{ end }}
+{{- end }}
+
+{{/* Pod-level securityContext: applies to every container of the pod, so in the sidecar
+topology it is only what you set (sidecar.podSecurityContext), never imposed on your classifier. */}}
+{{- define "backdoor-guard.podSecurityContext" -}}
+{{- if eq .Values.topology "sidecar" }}
+{{- toYaml .Values.sidecar.podSecurityContext }}
+{{- else }}
+{{- toYaml .Values.podSecurityContext }}
+{{- end }}
+{{- end }}
+
+{{/* The API key's content (or, for an existing Secret, what the cluster holds at install/upgrade
+time), hashed into a pod annotation: rotating the key rolls the pods. */}}
+{{- define "backdoor-guard.apiKeyChecksum" -}}
+{{- if .Values.apiKey.existingSecret }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace .Values.apiKey.existingSecret }}
+{{- printf "%s/%v" .Values.apiKey.existingSecret (dig "data" .Values.apiKey.existingSecretKey "" $secret) | sha256sum }}
+{{- else }}
+{{- .Values.apiKey.value | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{- define "backdoor-guard.initResources" -}}
+{{- toYaml .Values.initContainers.resources }}
+{{- end }}
+
+{{/* The fetch/copy container also requests the ephemeral storage of the volume it fills. */}}
+{{- define "backdoor-guard.writerResources" -}}
+{{- $resources := deepCopy .Values.initContainers.resources }}
+{{- $requests := merge (dict "ephemeral-storage" .Values.bundle.sizeLimit) ($resources.requests | default dict) }}
+{{- toYaml (set $resources "requests" $requests) }}
 {{- end }}
 
 {{/* The API key's Secret, or "" when there is no key. */}}
@@ -67,7 +169,15 @@ app.kubernetes.io/component: {{ .Values.topology }}
   {{- if include "backdoor-guard.nativeSidecar" . }}
   restartPolicy: Always
   {{- end }}
-  args: [serve]
+  args:
+    - serve
+    {{- with .Values.extraArgs }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.envFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   env:
     - name: GUARD_CONFIG
       value: {{ include "backdoor-guard.configPath" . }}/guard.yaml
@@ -104,6 +214,16 @@ app.kubernetes.io/component: {{ .Values.topology }}
   readinessProbe:
     httpGet: {path: /readyz, port: http}
     {{- toYaml .Values.probes.readiness | nindent 4 }}
+  lifecycle:
+    {{- if .Values.lifecycle }}
+    {{- toYaml .Values.lifecycle | nindent 4 }}
+    {{- else }}
+    # Keep serving while the endpoints controller and load balancers stop routing here;
+    # SIGTERM (and the drain) comes after. The image has coreutils' sleep.
+    preStop:
+      exec:
+        command: [sleep, {{ .Values.shutdown.preStopSleepSeconds | quote }}]
+    {{- end }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   securityContext:
@@ -120,4 +240,26 @@ app.kubernetes.io/component: {{ .Values.topology }}
       readOnly: true
     - name: tmp
       mountPath: /tmp
+    {{- with .Values.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/* Your classifier container as given; only a preStop delay is added when it has no preStop of
+its own, so it outlives the guard's drain (the sleep action needs Kubernetes 1.30+; before,
+an exec of `sleep`, which your image must have). */}}
+{{- define "backdoor-guard.classifierContainer" -}}
+{{- $classifier := deepCopy .Values.sidecar.classifier }}
+{{- $_ := required "sidecar.classifier (a container spec with at least an image) is required with topology=sidecar" $classifier.image }}
+{{- $_ := set $classifier "name" ($classifier.name | default "classifier") }}
+{{- $seconds := include "backdoor-guard.classifierPreStopSeconds" . | int }}
+{{- if and (gt $seconds 0) (not (dig "lifecycle" "preStop" "" $classifier)) }}
+{{- $preStop := dict "exec" (dict "command" (list "sleep" (toString $seconds))) }}
+{{- if semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version }}
+{{- $preStop = dict "sleep" (dict "seconds" $seconds) }}
+{{- end }}
+{{- $lifecycle := merge (dict "preStop" $preStop) ($classifier.lifecycle | default dict) }}
+{{- $_ := set $classifier "lifecycle" $lifecycle }}
+{{- end }}
+- {{- toYaml $classifier | nindent 2 }}
 {{- end }}

@@ -98,6 +98,9 @@ def test_onnx_backend_refuses_a_garbage_file(tmp_path: Path) -> None:
 
 
 def test_torch_backend_refuses_a_missing_model_dir(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"has no hf/ .*calibrate rap --keep-hf"):
+        load_backend("torch", tmp_path)  # a serving bundle: calibrated without --keep-hf
+    (tmp_path / "hf").mkdir()
     with pytest.raises(BackendError, match="cannot load torch model"):
         load_backend("torch", tmp_path)
 
