@@ -77,6 +77,12 @@ class GuardMetrics:
             ["reason"],
             registry=registry,
         )
+        self.http_responses = Counter(
+            "guard_http_responses_total",
+            "Responses by HTTP status code, the guard's own and forwarded ones (probes and scrapes left out).",
+            ["status"],
+            registry=registry,
+        )
         self.batcher_restarts = Gauge(
             "guard_batcher_restarts", "Times the batcher worker died and was restarted.", registry=registry
         )

@@ -141,6 +141,7 @@ class RequestContext:
         path = scope.get("path", "")
         if path in self.QUIET_PATHS:
             return
+        self.state.metrics.http_responses.labels(str(status)).inc()
         svc = getattr(self.state, "service", None)
         if svc is not None:
             route = scope.get("route")

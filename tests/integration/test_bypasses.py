@@ -379,3 +379,5 @@ def test_every_rejection_is_counted_and_pending_is_live(stub_bundle: Path) -> No
     assert metric_value(exposition, "guard_rejections_total", reason="payload_too_large") == 1
     assert metric_value(exposition, "guard_rejections_total", reason="invalid_input") == 2
     assert metric_value(exposition, "guard_pending_requests") == 0
+    assert metric_value(exposition, "guard_http_responses_total", status="413") == 1
+    assert metric_value(exposition, "guard_http_responses_total", status="422") == 2

@@ -48,6 +48,7 @@ ARCHITECTURE_METRICS = {
     "guard_upstream_request_duration_seconds",
     "guard_model_info",
     "guard_rejections_total",
+    "guard_http_responses_total",
     "guard_batcher_restarts",
 }
 # What `guard serve` measures before it starts; given here so the stub's row counts stay exact.
