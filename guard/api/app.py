@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard import __version__
 from guard.api import proxy, routes
+from guard.api.docs import install_docs
 from guard.api.errors import error_response, install_error_handlers
 from guard.api.limits import RequestLimits
 from guard.api.service import Capacity, GuardService
@@ -71,7 +72,15 @@ def create_app(
             finally:
                 await svc.stop()  # in-flight requests have drained: uvicorn waits for them first
 
-    app = FastAPI(title="backdoor-guard", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="backdoor-guard",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served by guard.api.docs from local assets, not a CDN
+        redoc_url=None,
+    )
+    install_docs(app)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics

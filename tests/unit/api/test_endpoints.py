@@ -463,3 +463,14 @@ async def test_canaries_feed_the_live_frr_gauge(make_settings, stub: StubBackend
             if value is not None:
                 break
     assert value == 0.0  # the bundle's clean canary is predicted positive and passes
+
+
+async def test_docs_need_no_cdn(make_settings, stub: StubBackend) -> None:
+    async with asgi_client(_app(make_settings, stub, api_key="k")) as client:
+        page = await client.get("/docs")
+        script = await client.get("/docs/assets/swagger-ui-bundle.js")
+        schema = await client.get("/openapi.json")
+    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower()
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert schema.status_code == 200 and "/v1/check" in schema.json()["paths"]
