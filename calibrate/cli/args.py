@@ -43,6 +43,11 @@ def options_from(cls: type, args: argparse.Namespace, **overrides):
     return cls(**{**given, **overrides})
 
 
+def add_learning_rate(p: argparse.ArgumentParser, default: float, help: str = "learning rate") -> None:
+    """--lr, stored as `learning_rate` (the options' field name)."""
+    p.add_argument("--lr", dest="learning_rate", metavar="LR", type=positive_float, default=default, help=help)
+
+
 def positive_int(text: str) -> int:
     value = _number(text, int, "a whole number")
     if value <= 0:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from calibrate.cli.args import (
+    add_learning_rate,
     command,
     defaults,
     fraction,
@@ -145,9 +146,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rescans", type=non_negative_int, default=job.rescans, help=rescans)
     p.add_argument("--holdout-fraction", type=fraction, default=d.holdout_fraction, help="rows kept out to measure on")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="fine-tuning epochs")
-    p.add_argument(
-        "--lr", dest="learning_rate", metavar="LR", type=positive_float, default=d.learning_rate, help="learning rate"
-    )
+    add_learning_rate(p, d.learning_rate)
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows per training step")
     p.add_argument("--max-length", type=positive_int, default=job.max_length, help="tokens per input")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
@@ -178,9 +177,7 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--position", choices=POSITIONS, default=d.inversion.position, help="where triggers go")
     p.add_argument("--steps", type=positive_int, default=d.inversion.steps, help="optimisation steps per inversion")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training rows")
-    p.add_argument(
-        "--lr", dest="learning_rate", metavar="LR", type=positive_float, default=d.learning_rate, help="learning rate"
-    )
+    add_learning_rate(p, d.learning_rate)
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows of each label per round")
     p.add_argument("--holdout-fraction", type=fraction, default=d.holdout_fraction, help="rows kept out to measure on")
     p.add_argument("--no-measure", action="store_true", help="skip eps-mA^2 before and after")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibrate.cli.args import command, defaults, fraction, options_from, positive_float, positive_int
+from calibrate.cli.args import (
+    add_learning_rate,
+    command,
+    defaults,
+    fraction,
+    options_from,
+    positive_int,
+)
 from calibrate.rap.options import CalibrateOptions, EvaluateJob, RapJob, RapOptions
 from guard.core.backends.base import BACKENDS
 
@@ -47,14 +54,7 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-word", default=d.init_word, help="rare word whose embedding initialises the RAP row")
     p.add_argument("--c-low", type=fraction, default=d.c_low, help="wanted minimum probability drop on clean rows")
     p.add_argument("--c-up", type=fraction, default=d.c_up, help="wanted maximum probability drop on clean rows")
-    p.add_argument(
-        "--lr",
-        dest="learning_rate",
-        metavar="LR",
-        type=positive_float,
-        default=d.learning_rate,
-        help="RAP row learning rate",
-    )
+    add_learning_rate(p, d.learning_rate, "RAP row learning rate")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="RAP training epochs per attempt")
     p.add_argument(
         "--statistic",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibrate.cli.args import command, defaults, options_from, positive_float, positive_int
+from calibrate.cli.args import add_learning_rate, command, defaults, options_from, positive_int
 from calibrate.options import TrainJob, TrainOptions
 
 DESCRIPTION = (
@@ -43,14 +43,7 @@ def add_training(p: argparse.ArgumentParser, of: str) -> None:
     """--epochs, --lr, --batch-size, --max-length, --seed, with TrainOptions' defaults."""
     d = defaults(TrainOptions)
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"training epochs{of}")
-    p.add_argument(
-        "--lr",
-        dest="learning_rate",
-        metavar="LR",
-        type=positive_float,
-        default=d.learning_rate,
-        help=f"learning rate{of}",
-    )
+    add_learning_rate(p, d.learning_rate, f"learning rate{of}")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows per training step")
     p.add_argument("--max-length", type=positive_int, default=d.max_length, help="tokens per input")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
