@@ -10,6 +10,7 @@ Two schedules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class GuardPipeline:
         timeout_s: float = 10.0,
         classifier_max_length: int | None = None,
         statistic: rap.Statistic = "prob",
+        tracer=None,
     ) -> None:
         self.tokenizer = tokenizer
         self.batcher = batcher
@@ -64,6 +66,7 @@ class GuardPipeline:
         self.timeout_s = timeout_s
         self.classifier_max_length = classifier_max_length
         self.statistic = statistic
+        self.tracer = tracer  # an OpenTelemetry tracer when tracing is on (guard.tracing)
 
     async def windows(self, texts: Sequence[str]) -> Windows:
         """Tokenise in a worker thread: a long text must not stall the event loop."""
@@ -92,24 +95,32 @@ class GuardPipeline:
         self.batcher.admit(len(windows.rows), deadline, passes=2)  # both passes, at worst
         return await run(windows, state)
 
+    def _span(self, name: str, rows: int):
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.start_as_current_span(name, attributes={"guard.rows": rows})
+
     async def _lazy(self, windows: Windows, state: dict) -> CheckResult:
-        logits, t1 = await self.batcher.submit(windows.rows, "1")
+        with self._span("guard.pass1", len(windows.rows)):
+            logits, t1 = await self.batcher.submit(windows.rows, "1")
         probs = _probs(logits, "pass 1")
         state["probs"] = probs[windows.first_rows()]
         rows = rap.eligible_rows(probs, self.thresholds.keys())
         perturbed, t2 = np.empty((0, probs.shape[1])), Timing(0.0, 0.0)
         if len(rows):
             pass2 = self.tokenizer.perturb([windows.rows[i] for i in rows])
-            logits2, t2 = await self.batcher.submit(pass2, "2", priority=True)
+            with self._span("guard.pass2", len(pass2)):
+                logits2, t2 = await self.batcher.submit(pass2, "2", priority=True)
             perturbed = _probs(logits2, "pass 2", state["probs"])
         verdicts = rap.merge_windows(rap.decide(probs, perturbed, self.thresholds, self.statistic), windows.owner)
         return CheckResult(verdicts, t1.queue_seconds + t2.queue_seconds, t1.compute_seconds + t2.compute_seconds)
 
     async def _fused(self, windows: Windows, state: dict) -> CheckResult:
-        (logits, t1), (logits2, t2) = await asyncio.gather(
-            self.batcher.submit(windows.rows, "1"),
-            self.batcher.submit(self.tokenizer.perturb(windows.rows), "2"),
-        )
+        with self._span("guard.fused", 2 * len(windows.rows)):
+            (logits, t1), (logits2, t2) = await asyncio.gather(
+                self.batcher.submit(windows.rows, "1"),
+                self.batcher.submit(self.tokenizer.perturb(windows.rows), "2"),
+            )
         probs = _probs(logits, "pass 1")
         state["probs"] = probs[windows.first_rows()]
         perturbed = _probs(logits2, "pass 2", state["probs"])

@@ -1,6 +1,7 @@
 """OpenTelemetry traces, off unless `otel_endpoint` is set: a server span per HTTP request
 (the ASGI middleware around the app) and a client span per upstream call (httpx), sent
-over OTLP/HTTP. The packages are the `otel` extra (the image has them); asked for
+over OTLP/HTTP, and inside each request a span per RAP pass
+(`guard.pass1`, `guard.pass2`). The packages are the `otel` extra (the image has them); asked for
 without them, `guard serve` refuses to start rather than run untraced.
 """
 
@@ -38,6 +39,7 @@ def instrument(app: FastAPI, exporter: SpanExporter, service_name: str, batch: b
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
     provider = tracer_provider(exporter, service_name, batch)
+    app.state.tracer = provider.get_tracer("guard")  # the pipeline's span per pass (guard.pipeline)
     HTTPXClientInstrumentor().instrument(tracer_provider=provider)
     app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider, excluded_urls=UNTRACED_PATHS)
     return app

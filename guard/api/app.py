@@ -53,7 +53,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bundle = load_bundle(settings.bundle)
         engine = backend or load_backend(settings.backend, bundle.path, settings.threads)
-        svc = GuardService(settings, bundle, engine, metrics, capacity)
+        svc = GuardService(settings, bundle, engine, metrics, capacity, getattr(app.state, "tracer", None))
         app.state.service = svc
         async with httpx.AsyncClient(
             base_url=settings.upstream or "http://upstream.invalid", timeout=settings.upstream_timeout_s

@@ -93,6 +93,7 @@ class GuardService:
         backend: Backend,
         metrics: GuardMetrics,
         capacity: Capacity | None = None,
+        tracer=None,
     ) -> None:
         self.settings, self.bundle, self.backend, self.metrics = settings, bundle, backend, metrics
         self.labels = bundle.manifest.model.labels
@@ -117,6 +118,7 @@ class GuardService:
             settings.request_timeout_s,
             settings.classifier_max_length or bundle.manifest.model.classifier_max_length,
             bundle.manifest.statistic,
+            tracer,
         )
         self.decisions = DecisionLog()
         self.rates = LiveRates(metrics)

@@ -50,6 +50,11 @@ def test_a_proxied_request_is_one_trace_with_the_upstream_call(tmp_path: Path, e
     assert server.resource.attributes["service.name"] == "sentiment"
     assert "/classify" in server.name or server.attributes.get("http.target") == "/classify"
     assert upstream_call.context.trace_id == server.context.trace_id  # the upstream call belongs to the request
+    in_request = [s for s in spans if s.context.trace_id == server.context.trace_id]  # not the warm-up's
+    (pass1,) = [s for s in in_request if s.name == "guard.pass1"]
+    (pass2,) = [s for s in in_request if s.name == "guard.pass2"]  # CLEAN is predicted positive: checked
+    assert pass1.parent is not None and pass2.parent is not None
+    assert pass1.attributes["guard.rows"] == 1
 
 
 def test_tracing_asked_for_without_the_packages_refuses_to_start(
