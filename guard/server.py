@@ -8,6 +8,9 @@ this machine cannot meet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import h11
 import uvicorn
@@ -47,14 +50,37 @@ def serve(overrides: dict, verbose: bool = False) -> None:
     capacity = measure_capacity(backend, bundle.tokenizer(special_tokens_mode(settings)), settings)
     capacity.validate(settings)
     app = traced(create_app(settings, backend=backend, capacity=capacity), settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        **connection_limits(settings),
-    )
+    with metrics_server(app, settings):
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            **connection_limits(settings),
+        )
+
+
+@contextlib.contextmanager
+def metrics_server(app, settings: Settings) -> Iterator[None]:
+    """With `metrics_port`, a second uvicorn serving only /metrics, in a thread, for as long as the guard runs."""
+    if settings.metrics_port is None:
+        yield
+        return
+    from prometheus_client import make_asgi_app
+
+    config = uvicorn.Config(
+        make_asgi_app(app.state.registry), host=settings.host, port=settings.metrics_port, log_config=None,
+        lifespan="off", access_log=False,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="guard-metrics", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
 
 
 def connection_limits(settings: Settings) -> dict:

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     bundle: Path = Field(description="Guard bundle directory written by `calibrate rap`.")
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this port instead of the service port (so the service port can stay "
+        "closed to the scraper, and the scraper's port to clients).",
+    )
     backend: Literal["onnx", "onnx-int8", "torch"] = Field(
         "onnx",
         description="Inference backend: ONNX Runtime fp32 (default), its int8 graph if the bundle has one, or torch.",
@@ -177,6 +184,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if not self.bundle.is_dir():
             raise ValueError(f"bundle {self.bundle} is not a directory")
+        if self.metrics_port == self.port:
+            raise ValueError(f"metrics_port {self.metrics_port} is the service port; leave it unset or pick another")
         if self.max_queue is not None and self.max_queue < self.max_texts_per_request:
             raise ValueError(
                 f"max_queue {self.max_queue} cannot hold one full request (max_texts_per_request "

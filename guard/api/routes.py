@@ -167,6 +167,9 @@ async def ready(request: Request):
 
 @health.get("/metrics", tags=["health"], response_class=Response)
 async def metrics(request: Request) -> Response:
+    port = request.app.state.settings.metrics_port
+    if port is not None:
+        raise NotFound(f"metrics are served on port {port} (metrics_port)")
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 

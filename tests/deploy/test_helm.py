@@ -29,7 +29,7 @@ CASES = chart.ci_values()
 KUBE_VERSIONS = ("1.28.0", "1.31.0")  # without and with native sidecars (1.29+)
 CAPABILITIES = {"no-crd": (), "servicemonitor-crd": (SERVICE_MONITOR_API,)}
 # Settings the chart sets itself (environment), so `settings:` may not carry them.
-CHART_OWNED = {"bundle", "host", "port", "upstream", "api_key", "config", "feedback_api_key"}
+CHART_OWNED = {"bundle", "host", "port", "metrics_port", "upstream", "api_key", "config", "feedback_api_key"}
 # Setting values the serving image cannot honour: it has no torch (tests/deploy/test_image.py).
 IMAGE_LACKS = {"backend": {"torch"}}
 MATRIX = [

@@ -165,6 +165,24 @@ def test_the_sidecar_classifier_is_reachable_only_through_the_guard() -> None:
     assert "NetworkPolicy" not in off.kinds()
 
 
+def test_a_separate_metrics_port_is_wired_through() -> None:
+    prometheus = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    values = {**CASES["sidecar-url"], "metricsPort": 9090, "networkPolicy": {"metricsFrom": prometheus}}
+    manifests = chart.render(values, "v1.31.0", ["monitoring.coreos.com/v1/ServiceMonitor"])
+    guard = chart.containers(manifests)["guard"]
+    assert {"name": "GUARD_METRICS_PORT", "value": "9090"} in guard["env"]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in guard["ports"]
+    service_ports = {p["name"]: p["port"] for p in manifests.one("Service")["spec"]["ports"]}
+    assert service_ports == {"http": chart.chart().values["port"], "metrics": 9090}
+    assert manifests.one("ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
+    rules = manifests.one("NetworkPolicy")["spec"]["ingress"]
+    assert [r["ports"][0]["port"] for r in rules] == [chart.chart().values["port"], 9090]
+    assert rules[1]["from"] == prometheus
+    unset = chart.render(CASES["sidecar-url"], "v1.31.0", ["monitoring.coreos.com/v1/ServiceMonitor"])
+    assert unset.one("ServiceMonitor")["spec"]["endpoints"][0]["port"] == "http"
+    assert "GUARD_METRICS_PORT" not in chart.env(chart.containers(unset)["guard"])
+
+
 @pytest.mark.parametrize("kube", ["1.28.0", "1.31.0"])
 def test_nothing_is_imposed_on_the_classifier_container(kube: str) -> None:
     """Before: the pod securityContext (uid 10001, fsGroup) applied to the user's classifier too."""

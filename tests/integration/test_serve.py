@@ -131,3 +131,18 @@ def test_a_request_on_the_wire_at_sigterm_is_answered(served) -> None:
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+def test_metrics_on_their_own_port(onnx_bundle: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    argv = [GUARD, "serve", "--bundle", str(onnx_bundle), "--port", str(port), "--metrics-port", str(metrics_port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout_s=60)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/check", json={"text": CLEAN}).status_code == 200
+        on_service_port = httpx.get(f"http://127.0.0.1:{port}/metrics")
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        stop_process(proc)
+    assert on_service_port.status_code == 404 and "metrics_port" in on_service_port.json()["error"]
+    assert scraped.status_code == 200 and "guard_requests_total{decision=" in scraped.text

@@ -187,6 +187,10 @@ time), hashed into a pod annotation: rotating the key rolls the pods. */}}
       value: 0.0.0.0
     - name: GUARD_PORT
       value: {{ .Values.port | quote }}
+    {{- with .Values.metricsPort }}
+    - name: GUARD_METRICS_PORT
+      value: {{ . | quote }}
+    {{- end }}
     {{- if eq .Values.topology "sidecar" }}
     - name: GUARD_UPSTREAM
       value: http://127.0.0.1:{{ .Values.sidecar.upstreamPort }}
@@ -205,6 +209,11 @@ time), hashed into a pod annotation: rotating the key rolls the pods. */}}
     - name: http
       containerPort: {{ .Values.port }}
       protocol: TCP
+    {{- with .Values.metricsPort }}
+    - name: metrics
+      containerPort: {{ . }}
+      protocol: TCP
+    {{- end }}
   startupProbe:
     httpGet: {path: /healthz, port: http}
     {{- toYaml .Values.probes.startup | nindent 4 }}
