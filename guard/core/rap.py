@@ -135,6 +135,8 @@ def merge_windows(row_verdicts: Sequence[Verdict], owner: Sequence[int]) -> list
     first window's. The RAP check reported is the flagged window's, else the first
     checked one's.
     """
+    if len(row_verdicts) == len(set(owner)):  # one window per text: the common case
+        return list(row_verdicts)
     by_text: dict[int, list[Verdict]] = {}
     for verdict, text in zip(row_verdicts, owner, strict=True):
         by_text.setdefault(text, []).append(verdict)

@@ -36,10 +36,12 @@ SpecialTokens = Literal["text", "special"]
 
 @dataclass(frozen=True)
 class Windows:
-    """Pass-1 rows for a batch of texts: `owner[i]` is the text row `i` belongs to."""
+    """Pass-1 rows for a batch of texts: `owner[i]` is the text row `i` belongs to;
+    `lengths[t]` is how many text tokens text `t` has (before any window)."""
 
     rows: list[list[int]]
     owner: list[int]
+    lengths: list[int]
 
     def first_rows(self) -> list[int]:
         """Index of each text's first window (texts are in order, each has one or more)."""
@@ -123,18 +125,15 @@ class RapTokenizer:
         whole inside one of them. A text with no token the model reads is an InputError.
         """
         reads = self.text_window if classifier_max_length is None else max(classifier_max_length - 2, 1)
-        rows, owner = [], []
+        rows, owner, lengths = [], [], []
         for i, content in enumerate(self._content(texts)):
             if not any(t not in self._special_ids for t in content):
                 raise InputError(f"text {i} is empty: it has no token the model reads")
             for start in window_starts(min(len(content), reads), self.text_window):
                 rows.append(self._row(content[start : start + self.text_window]))
                 owner.append(i)
-        return Windows(rows, owner)
-
-    def text_tokens(self, texts: Sequence[str]) -> list[int]:
-        """How many text tokens each text has (no window applied)."""
-        return [len(content) for content in self._content(texts)]
+            lengths.append(len(content))
+        return Windows(rows, owner, lengths)
 
     def pad(self, rows: Sequence[Sequence[int]]) -> EncodedBatch:
         """Pad rows to the longest one; attention mask marks real tokens."""
@@ -149,7 +148,7 @@ class RapTokenizer:
         try:
             encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         except Exception as exc:  # tokenizers raises TypeError/Exception on text it cannot read
-            raise InputError(f"cannot tokenise the text: {exc}") from None
+            raise InputError(_unreadable(texts, exc)) from None
         return [list(enc.ids) for enc in encodings]
 
 
@@ -176,10 +175,16 @@ def _check_texts(texts: Sequence[str]) -> None:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"text {i} is {type(text).__name__}, expected str")
+
+
+def _unreadable(texts: Sequence[str], exc: Exception) -> str:
+    """Why the tokenizer refused: found only on this error path, so readable text pays nothing."""
+    for i, text in enumerate(texts):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise InputError(f"text {i} is not valid Unicode (it holds a lone surrogate)") from None
+            return f"text {i} is not valid Unicode (it holds a lone surrogate)"
+    return f"cannot tokenise the text: {exc}"
 
 
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
