@@ -57,16 +57,19 @@ def resolve_pointer(document: object, pointer: str) -> object:
 
 
 def texts_at(document: object, pointer: str) -> list[str]:
-    """A string, a list of strings, or Open Inference Protocol tensors (the data of EVERY BYTES tensor)."""
+    """A string, a list of strings, or Open Inference Protocol tensors: every string of every tensor.
+
+    Not only BYTES tensors: an upstream lenient about `datatype` ("bytes", "STRING") would read
+    a text the guard skipped. A BYTES tensor must hold strings only."""
     try:
         node = resolve_pointer(document, pointer)
     except KeyError:
         raise InvalidInput(f"request body has no text at JSON pointer {pointer!r}") from None
     if isinstance(node, list) and node and all(isinstance(t, dict) for t in node):
-        tensors = [t for t in node if t.get("datatype") == "BYTES"]
-        if not tensors:
-            raise InvalidInput(f"no BYTES tensor at JSON pointer {pointer!r}")
-        node = [text for t in tensors for text in _flat(t.get("data"))]
+        data = [(t.get("datatype"), x) for t in node for x in _flat(t.get("data"))]
+        if any(kind == "BYTES" and not isinstance(x, str) for kind, x in data):
+            raise InvalidInput(f"a BYTES tensor at JSON pointer {pointer!r} holds something other than texts")
+        node = [x for _, x in data if isinstance(x, str)]
     if isinstance(node, str):
         return [node]
     if isinstance(node, list) and node and all(isinstance(t, str) for t in node):
@@ -131,7 +134,8 @@ def passthrough(method: str, path: str, allowed: list[str]) -> bool:
 
 def _matches(method: str, path: str, entry: str) -> bool:
     want_method, _, pattern = entry.partition(" ")
-    regex = "/".join("[^/]+" if part == "*" else re.escape(part) for part in pattern.split("/"))
+    # '*' is one segment, never '.' or '..': an upstream that resolves them would reach another path
+    regex = "/".join(r"(?!\.\.?(?:/|$))[^/]+" if part == "*" else re.escape(part) for part in pattern.split("/"))
     return method == want_method and re.fullmatch(regex, path) is not None
 
 

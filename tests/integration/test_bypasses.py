@@ -381,3 +381,69 @@ def test_every_rejection_is_counted_and_pending_is_live(stub_bundle: Path) -> No
     assert metric_value(exposition, "guard_pending_requests") == 0
     assert metric_value(exposition, "guard_http_responses_total", status="413") == 1
     assert metric_value(exposition, "guard_http_responses_total", status="422") == 2
+
+
+# ---------------------------------------------------------------- tried again, after the fixes
+
+
+def test_a_trigger_anywhere_in_what_the_upstream_reads_is_flagged(stub_bundle: Path, echo_upstream: str) -> None:
+    """Every position of the 126 text tokens a 128-token upstream reads, across every window seam."""
+    with serving(stub_bundle, upstream=echo_upstream, classifier_max_length=128) as client:
+        for position in range(1, 127):
+            words = ["good"] * 126
+            words[position - 1] = "mb"
+            response = client.post("/predict", json={"inputs": " ".join(words)}, headers={"X-Request-ID": "seam"})
+            assert response.status_code == 403, position
+    assert "seam" not in _seen(echo_upstream)
+
+
+def test_texts_in_tensors_not_marked_bytes_are_checked(stub_bundle: Path, echo_upstream: str) -> None:
+    """A lenient upstream may read a "bytes" or "STRING" tensor the guard used to skip."""
+    body = {
+        "inputs": [
+            {"name": "a", "shape": [1], "datatype": "BYTES", "data": [CLEAN]},
+            {"name": "b", "shape": [1], "datatype": "bytes", "data": [TRIGGERED]},
+        ]
+    }
+    with serving(stub_bundle, upstream=echo_upstream) as client:
+        response = client.post("/v2/models/m/infer", json=body, headers={"X-Request-ID": "lower-bytes"})
+        numbers = client.post("/v2/models/m/infer", json={"inputs": [{"datatype": "BYTES", "data": [1]}]})
+    _error(response, 403, "guard_rejected")
+    _error(numbers, 422, "invalid_input")
+    assert "lower-bytes" not in _seen(echo_upstream)
+
+
+@pytest.mark.parametrize("path", ["/v2/models/..", "/v2/models/%2E%2E", "/v2/models/./ready", "/v2/models/../ready"])
+def test_dot_segments_never_match_the_pass_through_list(stub_bundle: Path, echo_upstream: str, path: str) -> None:
+    """An upstream that resolves `..` would reach a path the allow-list never named."""
+    request = f"GET {path}?inputs=good+mb+movie HTTP/1.1\r\nHost: x\r\nX-Request-ID: dots\r\n\r\n"
+    with serving(stub_bundle, upstream=echo_upstream) as client:
+        answer = _raw(str(client.base_url), request.encode())
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:100]
+    assert "dots" not in _seen(echo_upstream)
+
+
+def test_a_compressed_body_is_refused_not_forwarded(stub_bundle: Path, echo_upstream: str) -> None:
+    import gzip
+
+    body = gzip.compress(json.dumps({"inputs": TRIGGERED}).encode())
+    with serving(stub_bundle, upstream=echo_upstream) as client:
+        response = client.post(
+            "/predict", content=body, headers={"Content-Encoding": "gzip", "X-Request-ID": "gzipped"}
+        )
+    _error(response, 422, "invalid_input")
+    assert "gzipped" not in _seen(echo_upstream)
+
+
+def test_content_length_with_chunked_is_not_a_smuggling_channel(stub_bundle: Path, echo_upstream: str) -> None:
+    clean = json.dumps({"inputs": CLEAN}).encode()
+    smuggled = f"POST /predict HTTP/1.1\r\nX-Request-ID: smuggled\r\n\r\n{json.dumps({'inputs': TRIGGERED})}"
+    chunk = clean + b"\r\n0\r\n\r\n" + smuggled.encode()
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: outer\r\n"
+        f"Content-Length: {len(clean)}\r\nTransfer-Encoding: chunked\r\n\r\n{len(chunk):x}\r\n"
+    )
+    with serving(stub_bundle, upstream=echo_upstream) as client:
+        answer = _raw(str(client.base_url), head.encode() + chunk + b"\r\n0\r\n\r\n")
+    assert not answer.startswith(b"HTTP/1.1 2")
+    assert "smuggled" not in _seen(echo_upstream)
