@@ -36,6 +36,9 @@ from guard.core.types import EncodedBatch
 
 log = logging.getLogger(__name__)
 RATE_SMOOTHING = 0.2  # weight of the newest batch in the seconds-per-row estimate
+# Admit work only if its estimate fits in this share of the time left: the estimate counts backend
+# compute, not a CPU shared with other work or the event loop's lag, which can double it.
+ADMISSION_HEADROOM = 0.5
 
 
 class QueueFullError(GuardError):
@@ -147,10 +150,10 @@ class Batcher:
             )
         wait = self.estimated_wait_s(rows * passes)
         budget = deadline - time.perf_counter()
-        if wait > budget:
+        if wait > ADMISSION_HEADROOM * budget:
             raise QueueFullError(
                 f"the guard is at capacity: this request would finish in about {wait:.2f} s, "
-                f"past its {budget:.2f} s deadline",
+                f"too close to its {budget:.2f} s deadline",
                 self._retry_after(rows),
             )
 
