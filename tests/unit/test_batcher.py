@@ -300,3 +300,18 @@ async def test_priority_rows_go_first_and_are_not_refused_for_a_full_queue() -> 
         backend.gate.set()
         await asyncio.gather(first, queued, second_pass)
     assert [b[0][0] for b in backend.batches] == [1, 9, 2, 3]
+
+
+async def test_admission_keeps_headroom_for_an_estimate_that_runs_late() -> None:
+    """The estimate counts backend compute only; work estimated to need most of its time is refused."""
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_queue=10_000) as batcher:
+        batcher.seconds_per_row = 0.01
+        held = asyncio.create_task(batcher.submit([[1]] * 60))  # ~0.6 s queued
+        await wait_until(backend.entered.is_set)
+        batcher.admit(5, time.perf_counter() + 2.0)  # ~0.65 s of a 2 s budget: admitted
+        with pytest.raises(QueueFullError, match="too close"):
+            batcher.admit(5, time.perf_counter() + 1.0)  # ~0.65 s of a 1 s budget: refused
+        backend.gate.set()
+        await held
