@@ -25,9 +25,9 @@ from guard.core.bundle import (
 )
 from guard.core.errors import BundleError
 
-# 11 evenly spaced clean deltas: np.percentile(q) is exactly q/100, so the
-# interpolated threshold at any FRR equals the FRR itself.
-DELTAS = np.linspace(0.0, 1.0, 11)
+# 1001 evenly spaced clean deltas: the conformal threshold at FRR q is the
+# floor(q * 1002)-th smallest, (floor(q * 1002) - 1) / 1000.
+DELTAS = np.linspace(0.0, 1.0, 1001)
 STORED = {"0.01": 0.05, "0.05": 0.125}  # deliberately not the table's values
 
 
@@ -92,9 +92,10 @@ def test_thresholds_stored_and_interpolated(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
     assert bundle.thresholds() == {1: 0.05}  # default_frr 0.01 is stored
     assert bundle.thresholds(0.05) == {1: 0.125}
-    # 0.02 is not stored: interpolated from the percentile table (equals the FRR here)
-    assert bundle.thresholds(0.02)[1] == pytest.approx(0.02, abs=1e-12)
-    assert bundle.thresholds(0.0333)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.0333), abs=1e-12)
+    # 0.02 is not stored: read from the percentile table (on its grid: the conformal threshold)
+    assert bundle.thresholds(0.02)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.02), abs=1e-12)
+    assert bundle.thresholds(0.02)[1] == pytest.approx(0.019, abs=1e-12)  # floor(0.02 * 1002) = 20th smallest
+    assert bundle.thresholds(0.0333)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.0333), abs=2e-3)
 
 
 def test_bundle_tokenizer_uses_the_manifest(bundle_dir: Path) -> None:
