@@ -302,6 +302,10 @@ def _write_report(
                 "standardised per layer, largest over layers; flagged above the threshold",
                 "fit_rows": detector.fit_rows,
                 "shrinkage": options.shrinkage,
+                "suspicious_tokens": detector.suspicious,
+                "suspicious_note": f"input tokens whose embedding norm is over {features.SUSPICIOUS_Z:g} robust "
+                "standard deviations above the vocabulary's median (embedding poisoning trains such a row); "
+                "an input with one scores +inf",
                 "thresholds": {
                     labels[label]: {f"{frr:g}": features.threshold_at_frr(s, frr) for frr in options.rap.frr_targets}
                     for label, s in detector.scores.items()
@@ -380,6 +384,12 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
         )
     if manifest.features is not None:
         say(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
+        suspicious = json.loads((Path(job.out) / "report.json").read_text())["features"]["suspicious_tokens"]
+        if suspicious:
+            say(
+                f"WARNING: {len(suspicious)} token(s) have an outlier embedding norm, the mark of embedding "
+                f"poisoning: {', '.join(map(repr, suspicious[:10]))}; inputs with them are flagged"
+            )
     out = Path(job.out)
     say(f"bundle written to {out} (report: {out / 'report.json'}, picture: {out / 'deltas.png'})")
     return manifest

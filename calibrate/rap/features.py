@@ -1,9 +1,10 @@
 """Fit the feature detector (guard.core.features) on the clean rows calibration already holds.
 
-The means and the shared covariance come from the rows the RAP row trained on (every
-label); the score scale and the thresholds from the held-out rows, the same rows, in
-the same order, as RAP's held-out deltas, so the two detectors' thresholds can be
-chosen together (guard.core.thresholds.joint).
+The suspicious tokens come from the model's own embedding matrix. The means and the
+shared covariance come from the rows the RAP row trained on (every label); the score
+scale and the thresholds from the held-out rows, the same rows, in the same order, as
+RAP's held-out deltas, so the two detectors' thresholds can be chosen together
+(guard.core.thresholds.joint).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class FeatureFit:
     stats: features.FeatureStats
     scores: dict[int, np.ndarray]  # protect label -> held-out scores, aligned with its RAP deltas
     fit_rows: int
+    suspicious: list[str]  # tokens whose embedding norm is an outlier (an EP-style trigger?)
 
 
 def fit_feature_detector(
@@ -42,5 +44,11 @@ def fit_feature_detector(
     rows = np.concatenate(list(held_out.values()))
     predicted = np.concatenate([np.full(len(f), label) for label, f in held_out.items()])
     stats = features.standardise(stats, rows, predicted)
-    scores = {label: features.scores(stats, f, np.full(len(f), label)) for label, f in held_out.items()}
-    return FeatureFit(stats, scores, len(result.train_texts))
+    embeddings = model.get_input_embeddings().weight.detach().numpy()[: result.token_id]  # not the RAP row
+    stats = features.with_suspicious_tokens(stats, features.suspicious_tokens(embeddings))
+    scores = {
+        label: features.scores(stats, f, np.full(len(f), label), tokenizer.ids(result.fits[label].texts))
+        for label, f in held_out.items()
+    }
+    suspicious = [tokenizer.token_text(int(t)) for t in stats.suspicious_tokens]
+    return FeatureFit(stats, scores, len(result.train_texts), suspicious)

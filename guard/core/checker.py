@@ -58,6 +58,14 @@ class Checker:
         self.statistic = statistic
         self.features = features
 
+    @classmethod
+    def for_bundle(cls, bundle, backend: Backend, detectors=None) -> Checker:
+        """A checker with the bundle's statistic and, when `detectors` (default: the bundle's) include
+        it, its feature detector."""
+        detectors = bundle.detectors if detectors is None else tuple(detectors)
+        stats = bundle.feature_stats() if "features" in detectors else None
+        return cls(bundle.tokenizer(), backend, statistic=bundle.manifest.statistic, features=stats)
+
     def check(self, texts: Sequence[str], thresholds: Mapping[int, LabelThresholds | float]) -> list[Verdict]:
         labels = {label: _as_label_thresholds(t) for label, t in thresholds.items()}
         scores = self.score(texts, labels.keys())
@@ -71,7 +79,8 @@ class Checker:
         perturbed = self._probs([texts[i] for i in rows], self.tokenizer.encode_perturbed)
         checked = np.empty(0)
         if self.features is not None and len(rows):
-            checked = features.scores(self.features, feats[rows], probs[rows].argmax(axis=1))
+            tokens = self.tokenizer.ids([texts[i] for i in rows])
+            checked = features.scores(self.features, feats[rows], probs[rows].argmax(axis=1), tokens)
         return Scores(probs, rows, perturbed, self.statistic, checked)
 
     def _pass1(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:

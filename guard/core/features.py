@@ -11,14 +11,20 @@ standardised by the clean rows' mean and spread on that layer; its score is the
 largest over layers. Triggered inputs reach the target label by another route
 than clean ones, so some layer places them far from the label's clean rows.
 
+Second, a static signal: calibration lists the input tokens whose embedding row is far
+larger than the rest of the vocabulary's (robust z-score of the row norms above
+SUSPICIOUS_Z; in the clean MiniLM the largest is 3.1). Embedding poisoning (EP) trains
+exactly one such row: on SST-2 its trigger's norm sat 33 MADs above the median. A row
+that contains such a token scores +inf, whatever its hidden states.
+
 A row is flagged when its score is ABOVE the threshold (RAP flags deltas below).
 Calibration, evaluation and serving all score here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,7 @@ from guard.core.errors import BundleError
 FEATURES_OUTPUT = "features"
 FEATURES_FILE = "features.npz"
 DEFAULT_SHRINKAGE = 0.5
+SUSPICIOUS_Z = 8.0  # robust z-score of an embedding row's norm above which its token is suspicious
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class FeatureStats:
     whiteners: np.ndarray  # (L, H, H): |W_l^T (x - mu)|^2 is the squared Mahalanobis distance
     score_mean: np.ndarray  # (L,) clean rows' mean distance per layer
     score_std: np.ndarray  # (L,)
+    suspicious_tokens: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # token ids
 
     @property
     def layers(self) -> int:
@@ -50,13 +58,14 @@ class FeatureStats:
         return int(self.whiteners.shape[1])
 
     def save(self, path: Path) -> None:
-        np.savez(path, **{name: getattr(self, name) for name in _FIELDS})
+        np.savez(path, **{name: getattr(self, name) for name in (*_FIELDS, *_OPTIONAL)})
 
     @classmethod
     def load(cls, path: Path) -> FeatureStats:
         try:
             with np.load(path, allow_pickle=False) as data:
-                stats = cls(**{name: np.asarray(data[name]) for name in _FIELDS})
+                optional = {name: np.asarray(data[name]) for name in _OPTIONAL if name in data}
+                stats = cls(**{name: np.asarray(data[name]) for name in _FIELDS}, **optional)
         except (OSError, KeyError, ValueError) as exc:
             raise BundleError(f"cannot read feature statistics {path}: {exc}") from exc
         stats.check()
@@ -76,6 +85,21 @@ class FeatureStats:
 
 
 _FIELDS = ("labels", "means", "whiteners", "score_mean", "score_std")
+_OPTIONAL = ("suspicious_tokens",)
+
+
+def suspicious_tokens(embeddings: np.ndarray, z: float = SUSPICIOUS_Z) -> np.ndarray:
+    """Ids of embedding rows whose norm is more than `z` robust standard deviations above the median."""
+    norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1)
+    median = np.median(norms)
+    spread = 1.4826 * np.median(np.abs(norms - median))
+    if spread == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero((norms - median) / spread > z).astype(np.int64)
+
+
+def with_suspicious_tokens(stats: FeatureStats, tokens: np.ndarray) -> FeatureStats:
+    return replace(stats, suspicious_tokens=np.asarray(tokens, dtype=np.int64))
 
 
 def fit(
@@ -139,15 +163,22 @@ def standardise(stats: FeatureStats, clean_features: np.ndarray, clean_predicted
     if len(distances) < 2:
         raise ValueError("need at least 2 held-out clean rows to standardise the feature score")
     std = distances.std(axis=0)
-    return FeatureStats(stats.labels, stats.means, stats.whiteners, distances.mean(axis=0), np.where(std > 0, std, 1.0))
+    return replace(stats, score_mean=distances.mean(axis=0), score_std=np.where(std > 0, std, 1.0))
 
 
-def scores(stats: FeatureStats, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Each row's feature score: its largest standardised layer distance. Flag above the threshold."""
+def scores(
+    stats: FeatureStats, features: np.ndarray, predicted: np.ndarray, tokens: Sequence[Sequence[int]] | None = None
+) -> np.ndarray:
+    """Each row's feature score: its largest standardised layer distance, +inf when `tokens` (the
+    row's input ids) hold a suspicious token. Flag above the threshold."""
     distances = layer_distances(stats, features, predicted)
     if len(distances) == 0:
         return np.empty(0)
-    return ((distances - stats.score_mean) / stats.score_std).max(axis=1)
+    out = ((distances - stats.score_mean) / stats.score_std).max(axis=1)
+    if tokens is not None and len(stats.suspicious_tokens):
+        suspicious = set(stats.suspicious_tokens.tolist())
+        out[[i for i, row in enumerate(tokens) if not suspicious.isdisjoint(row)]] = np.inf
+    return out
 
 
 def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:

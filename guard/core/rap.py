@@ -143,7 +143,7 @@ def decide_all(
         raise ValueError(f"expected pass-2 probabilities for {len(checked)} rows, got {len(perturbed)}")
     if not uses_features:
         feature_scores = None
-    elif (feature_scores is None or len(feature_scores) != len(checked)):
+    elif feature_scores is None or len(feature_scores) != len(checked):
         got = None if feature_scores is None else len(feature_scores)
         raise ValueError(f"expected feature scores for {len(checked)} rows, got {got}")
     deltas = protect_deltas(probs[checked], perturbed, statistic) if uses_rap and len(checked) else None

@@ -50,6 +50,7 @@ ARCHITECTURE_METRICS = {
     "guard_rejections_total",
     "guard_http_responses_total",
     "guard_batcher_restarts",
+    "guard_flags_total",
 }
 # What `guard serve` measures before it starts; given here so the stub's row counts stay exact.
 STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)

@@ -209,7 +209,9 @@ def test_logodds_thresholds_are_the_log_odds_drops(tiny_model_dir: Path, tokeniz
     assert all(t > 0 for t in result.fits[1].thresholds.values())
 
 
-def test_a_confident_model_defeats_the_papers_construction_not_the_log_odds_one(tiny_model_dir: Path, tokenizer) -> None:
+def test_a_confident_model_defeats_the_papers_construction_not_the_log_odds_one(
+    tiny_model_dir: Path, tokenizer
+) -> None:
     """A head bias making the model ~0.9999 sure leaves every probability drop ~0 (refused), while the
     log-odds drop of a binary model does not see a bias at all: its thresholds are those of the unbiased model."""
     rung = (Attempt(10.0, False),)
