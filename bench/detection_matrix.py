@@ -14,7 +14,8 @@ draws the dev split and the RAP row's training order), then runs each detector o
 
 Every stage is cached under --cache (models, bundles, one JSON per attack x detector x seed),
 so an interrupted run resumes where it stopped; delete a file to redo that stage.
-Writes bench/results/detection_matrix.{json,md,png}; rows of other datasets already there are kept.
+Writes bench/results/detection_matrix.{json,md,png}; rows already there for other (dataset, attack,
+detector, seed) are kept.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main() -> None:
             for key, run in runs.items():
                 for point in run["operating"]:
                     rows.append(_row(dataset, name, key, seed, cacc, inputs.asr, run, point))
-    write_rows(args.out, dataset, rows, details, machine_info())
+    write_rows(args.out, rows, details, machine_info())
 
 
 def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model):

@@ -21,20 +21,26 @@ COLORS = {"rap-paper": "tab:gray", "rap": "tab:red", "features": "tab:blue", "ra
           "onion": "tab:green"}  # fmt: skip
 
 
-def write_rows(out: Path, dataset: str, rows: list[dict], details: dict, machine: dict) -> None:
-    """Replace `dataset`'s rows in bench/results/detection_matrix.json (other datasets' stay), then redraw."""
+def write_rows(out: Path, rows: list[dict], details: dict, machine: dict) -> None:
+    """Merge `rows` into bench/results/detection_matrix.json: they replace the rows of the same
+    (dataset, attack, detector, seed); the others stay (rows of the old format, without a dataset, go)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "detection_matrix.json"
     kept, kept_details = [], {}
     if path.is_file():
         old = json.loads(path.read_text())
-        kept = [r for r in old.get("rows", []) if r.get("dataset") not in (dataset, None)]
-        kept_details = {k: v for k, v in old.get("details", {}).items() if not k.startswith(f"{dataset}/")}
+        new = {_key(r) for r in rows}
+        kept = [r for r in old.get("rows", []) if "dataset" in r and _key(r) not in new]
+        kept_details = {k: v for k, v in old.get("details", {}).items() if k not in details}
     rows = kept + rows
     details = kept_details | details
     path.write_text(json.dumps({"machine": machine, "rows": rows, "details": details}, indent=2) + "\n")
     plot_matrix(out / "detection_matrix.png", rows)
     (out / "detection_matrix.md").write_text(_markdown(rows, machine))
+
+
+def _key(row: dict) -> tuple:
+    return (row["dataset"], row["attack"], row["detector"], row["seed"])
 
 
 def summary_rows(rows: list[dict], frr: float = HEADLINE_FRR) -> list[dict]:

@@ -113,6 +113,13 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         help="also write an int8 graph (MatMul-only dynamic quantization) with its own thresholds",
     )
     p.add_argument(
+        "--no-features",
+        dest="features",
+        action="store_false",
+        help="leave out the feature detector (per-layer distance of [CLS] to the label's clean rows, and "
+        "outlier-norm tokens): the bundle then detects with RAP alone",
+    )
+    p.add_argument(
         "--keep-hf",
         action="store_true",
         help="also write hf/, the HF weights with the RAP row, for the torch backend (`guard check --backend "

@@ -66,9 +66,13 @@ def frr_upper_bound(frr: float, n: int, confidence: float = DEFAULT_CONFIDENCE) 
 
 
 def rows_needed(frr: float, slack: float = 1.5, confidence: float = DEFAULT_CONFIDENCE) -> int:
-    """Fewest held-out rows for which the bound at `confidence` is within `slack` x frr."""
+    """Fewest held-out rows from which on (up to 4x as many) the bound at `confidence` stays
+    within `slack` x frr. The bound is a saw-tooth in n: it jumps up each time k grows by one."""
     n = max(int(1 / frr), 1)
-    while frr_upper_bound(frr, n, confidence) > slack * frr and n < 10_000_000:
+    while n < 10_000_000:
+        jumps = [math.ceil(m / frr) - 1 for m in range(rank_at(frr, n) + 1, rank_at(frr, 4 * n) + 2)]
+        if all(frr_upper_bound(frr, j, confidence) <= slack * frr for j in [n, *jumps]):
+            return n
         n = int(n * 1.1) + 1
     return n
 
