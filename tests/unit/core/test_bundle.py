@@ -180,3 +180,51 @@ def test_save_refuses_a_bundle_without_required_files(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"missing tokenizer\.json"):
         save_bundle(tmp_path, _manifest())
     assert not (tmp_path / MANIFEST).exists()
+
+
+def test_a_bundle_without_the_feature_detector_serves_rap_alone(bundle_dir: Path) -> None:
+    """Bundles from before the feature detector load unchanged; asking for it says how to rebuild."""
+    from guard.core.types import LabelThresholds
+
+    bundle = load_bundle(bundle_dir)
+    assert bundle.detectors == ("rap",)
+    assert bundle.label_thresholds(["rap"]) == {1: LabelThresholds(0.05, None)}
+    with pytest.raises(BundleError, match="no features detector; rebuild it with `calibrate rap`"):
+        bundle.label_thresholds(["rap", "features"])
+    with pytest.raises(BundleError, match="has no feature detector"):
+        bundle.feature_stats()
+
+
+def test_joint_and_feature_thresholds_are_read_per_target(tmp_path: Path, tokenizer_path: Path) -> None:
+    from guard.core import features
+    from guard.core.bundle import FeatureDetector, JointThreshold
+    from guard.core.types import LabelThresholds
+
+    scores = np.linspace(-3.0, 3.0, 1001)
+    label = ProtectedLabel(
+        label=1,
+        name="positive",
+        thresholds=STORED,
+        percentiles=rap.percentile_table(DELTAS),
+        calibration_rows=len(DELTAS),
+        features_thresholds={"0.01": 2.5},
+        features_percentiles=features.percentile_table(scores),
+        joint={"0.01": JointThreshold(rap=0.004, features=2.9)},
+    )
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    shutil.copy2(tokenizer_path, tmp_path / "tokenizer.json")
+    rng = np.random.default_rng(0)
+    x, predicted = rng.normal(size=(50, 2, 4)), np.ones(50, int)
+    features.standardise(features.fit(x, predicted, [1]), x, predicted).save(tmp_path / features.FEATURES_FILE)
+    detector = FeatureDetector(layers=2, hidden=4, shrinkage=0.5, fit_rows=50)
+    save_bundle(tmp_path, _manifest(protect=[label], features=detector))
+    bundle = load_bundle(tmp_path)
+    assert bundle.detectors == ("rap", "features")
+    assert bundle.feature_stats().layers == 2
+    assert bundle.label_thresholds(["rap", "features"]) == {1: LabelThresholds(0.004, 2.9)}  # stored pair
+    assert bundle.label_thresholds(["features"]) == {1: LabelThresholds(None, 2.5)}
+    assert bundle.label_thresholds(["rap"], 0.05) == {1: LabelThresholds(0.125, None)}
+    # a target not stored: each detector at half of it, from its own table
+    pair = bundle.label_thresholds(["features", "rap"], 0.02)[1]
+    assert pair.rap == pytest.approx(rap.threshold_at_frr(DELTAS, 0.01))
+    assert pair.features == pytest.approx(features.threshold_at_frr(scores, 0.01))
