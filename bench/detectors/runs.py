@@ -131,11 +131,7 @@ def run_rap(bundle_dir: Path, inputs: Inputs, target: int) -> DetectorRun:
 def run_guard(bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[str, ...]) -> DetectorRun:
     """The guard's detectors ("rap", "features" or both) with the bundle's own thresholds."""
     bundle = load_bundle(bundle_dir)
-    checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path), detectors)
-    started = time.perf_counter()
-    clean = checker.score(inputs.clean, [target])
-    poisoned = checker.score(inputs.poisoned, [target])
-    ms = 1000 * (time.perf_counter() - started) / inputs.test_count
+    clean, poisoned, ms = _guard_scores(bundle, inputs, target)
     points = []
     for frr in FRR_TARGETS:
         limits = bundle.label_thresholds(detectors, frr)[target]
@@ -150,6 +146,20 @@ def run_guard(bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[st
         curve = score_curve(score(clean), score(poisoned))
     passes = 2.0 if "rap" in detectors else 1.0
     return DetectorRun("+".join(detectors), points, curve, passes, ms)
+
+
+_SCORED: dict[tuple, tuple] = {}  # one scoring per bundle and inputs, shared by its detectors
+
+
+def _guard_scores(bundle, inputs: Inputs, target: int):
+    """Both detectors' scores of the clean and poisoned inputs (computed once per bundle and inputs)."""
+    key = (str(bundle.path), target, len(inputs.clean), len(inputs.poisoned), hash(tuple(inputs.clean[:50])))
+    if key not in _SCORED:
+        checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path))
+        started = time.perf_counter()
+        clean, poisoned = checker.score(inputs.clean, [target]), checker.score(inputs.poisoned, [target])
+        _SCORED[key] = (clean, poisoned, 1000 * (time.perf_counter() - started) / inputs.test_count)
+    return _SCORED[key]
 
 
 def _flags(scores, limits) -> np.ndarray:
