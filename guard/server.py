@@ -46,7 +46,7 @@ def serve(overrides: dict, verbose: bool = False) -> None:
     settings = build_settings(overrides)
     bundle = load_bundle(settings.bundle)  # fail before binding the port, with the bundle's own message
     configure_server_logging(settings.log_json, verbose)
-    backend = load_backend(settings.backend, bundle.path, settings.threads)
+    backend = load_backend(settings.backend, bundle.path, settings.threads, settings.optimized_graphs)
     capacity = measure_capacity(backend, bundle.tokenizer(special_tokens_mode(settings)), settings)
     capacity.validate(settings)
     app = traced(create_app(settings, backend=backend, capacity=capacity), settings)

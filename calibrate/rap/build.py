@@ -25,6 +25,7 @@ import numpy as np
 from calibrate.data import label_counts, load_examples
 from calibrate.model import copy_tokenizer_files, flush_denormal, label_names, load_classifier, tokenizer_json
 from calibrate.rap.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
+from calibrate.rap.optimize import ThresholdFit, add_optimized_graphs, eager_attention, report_entry
 from calibrate.rap.options import MIN_CALIBRATION_ROWS, CalibrateOptions, RapJob
 from calibrate.rap.perturbation import RapResult, learn_rap
 from calibrate.record import check_replaceable, read_record
@@ -33,7 +34,16 @@ from guard import __version__
 from guard.core import rap
 from guard.core.backends.base import INT8_GRAPH
 from guard.core.backends.onnx import OnnxBackend
-from guard.core.bundle import Int8Variant, Manifest, ModelInfo, ProtectedLabel, RapToken, save_bundle, sha256_file
+from guard.core.bundle import (
+    Int8Variant,
+    Manifest,
+    ModelInfo,
+    OptimizedGraphs,
+    ProtectedLabel,
+    RapToken,
+    save_bundle,
+    sha256_file,
+)
 from guard.core.checker import Checker
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
@@ -97,20 +107,27 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
             copy_tokenizer_files(model_dir, staging / "hf")
         shutil.copy2(tokenizer_json(model_dir, staging / "converted"), staging / "tokenizer.json")
         shutil.rmtree(staging / "converted", ignore_errors=True)
-        export_onnx(model, tokenizer, staging / "model.onnx")
-        parity = check_parity(
-            model, tokenizer, staging / "model.onnx", [e.text for e in result.calibration_texts[:PARITY_ROWS]]
-        )
+        with eager_attention(model):  # the pattern ONNX Runtime's fusions recognise (calibrate.rap.optimize)
+            export_onnx(model, tokenizer, staging / "model.onnx")
+        parity_texts = [e.text for e in result.calibration_texts[:PARITY_ROWS]]
+        parity = check_parity(model, tokenizer, staging / "model.onnx", parity_texts)
     labels = label_names(model)
-    int8 = None
+    int8 = optimized = None
     if options.int8:
         with timings.step("int8"):
             int8 = _int8_variant(staging, tokenizer, result, labels, options)
+    if options.optimize:
+        with timings.step("optimize"):
+            fit = ThresholdFit(
+                tokenizer, [e.text for e in result.calibration_texts], list(result.fits), labels,
+                options.rap.statistic, options.rap.frr_targets,
+            ) if options.int8 else None  # fmt: skip
+            optimized = add_optimized_graphs(staging, staging / "model.onnx", model, tokenizer, parity_texts, fit)
     _write_rows(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
     if options.probes:
         _write_rows(staging / "probes.jsonl", options.probes)
-    manifest = _manifest(model_dir, labels, result, options).model_copy(update={"int8": int8})
-    _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir))
+    manifest = _manifest(model_dir, labels, result, options).model_copy(update={"int8": int8, "optimized": optimized})
+    _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir), optimized)
     return save_bundle(staging, manifest)
 
 
@@ -199,6 +216,7 @@ def _write_report(
     options: CalibrateOptions,
     int8: Int8Variant | None = None,
     repair: dict | None = None,
+    optimized: OptimizedGraphs | None = None,
 ) -> None:
     chosen = next(i for i, a in enumerate(result.attempts) if a.chosen)
     warnings = [
@@ -240,6 +258,7 @@ def _write_report(
                 "agreement_with_fp32": int8.agreement,
                 "thresholds": {p.name: p.thresholds for p in int8.protect},
             },
+            "optimized": report_entry(optimized),
             "repair": repair,  # the repair record (repair.json) of the model, if a repair produced it
             "probes": len(options.probes),  # known-trigger rows in probes.jsonl (the live FAR canary)
             "seconds": timings.seconds,

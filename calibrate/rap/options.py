@@ -61,6 +61,7 @@ class CalibrateOptions:
     default_frr: float = 0.01
     canaries: int = 200
     int8: bool = False
+    optimize: bool = True  # also write model.opt.onnx (+ model.int8.opt.onnx with --int8): calibrate.rap.optimize
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
     probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`

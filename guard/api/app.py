@@ -52,7 +52,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bundle = load_bundle(settings.bundle)
-        engine = backend or load_backend(settings.backend, bundle.path, settings.threads)
+        engine = backend or load_backend(settings.backend, bundle.path, settings.threads, settings.optimized_graphs)
+        metrics.backend = engine.name  # onnx-opt when the bundle's optimised graph was loaded
         svc = GuardService(settings, bundle, engine, metrics, capacity, getattr(app.state, "tracer", None))
         app.state.service = svc
         async with httpx.AsyncClient(
@@ -61,9 +62,10 @@ def create_app(
             app.state.http = client
             await svc.start()
             log.info(
-                "guard ready: bundle %s, backend %s, schedule %s, mode %s",
+                "guard ready: bundle %s, backend %s, detectors %s, schedule %s, mode %s",
                 bundle.path,
                 metrics.backend,
+                ",".join(settings.detectors),
                 settings.schedule,
                 settings.mode,
             )

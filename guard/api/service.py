@@ -108,17 +108,19 @@ class GuardService:
             max_queue=settings.max_queue or settings.max_texts_per_request,  # set from capacity at start
             on_batch=metrics.observe_batch,
             stall_after_s=3 * settings.request_timeout_s,
+            max_padding_share=settings.max_padding_share,
         )
         metrics.watch_batcher(lambda: self.batcher.pending, lambda: self.batcher.restarts)
         self.pipeline = GuardPipeline(
             self.tokenizer,
             self.batcher,
-            bundle.thresholds(settings.frr, precision_of(settings.backend)),
+            bundle.thresholds(settings.frr, precision_of(backend.name)),
             settings.schedule,
             settings.request_timeout_s,
             settings.classifier_max_length or bundle.manifest.model.classifier_max_length,
             bundle.manifest.statistic,
             tracer,
+            settings.detectors,
         )
         self.decisions = DecisionLog()
         self.rates = LiveRates(metrics)
@@ -141,7 +143,12 @@ class GuardService:
         await self.pipeline.check([WARMUP_TEXT])  # first run allocates; keep it off the first user's clock
         self.batcher.seconds_per_row = capacity.seconds_per_row  # the warm-up's first run is no measure
         self._publish_static_metrics()
-        if self.settings.canary_interval_s > 0:
+        if self.pipeline.bare:
+            log.warning(
+                "BARE MODE (detectors=none): inputs are classified but NOT checked for backdoor triggers; "
+                "nothing is flagged. Use it as a baseline only."
+            )
+        if self.settings.canary_interval_s > 0 and not self.pipeline.bare:  # no check: no live FRR to measure
             self._canaries = asyncio.create_task(self._replay())
         self._started = True
 
@@ -230,6 +237,7 @@ class GuardService:
             self.metrics.calibrated_far.labels(attack).set(far)
         sha = m.files.get("model.onnx", "")[:12]
         self.metrics.model_info.labels(self.settings.model_name, sha).set(1)
+        self.metrics.detectors.labels(",".join(self.pipeline.detectors)).set(1)
 
     async def _replay(self) -> None:
         canaries = load_probe_rows(self.bundle.path / "canaries.jsonl")
