@@ -19,8 +19,7 @@ from guard.api import proxy, routes
 from guard.api.docs import install_docs
 from guard.api.errors import error_response, install_error_handlers
 from guard.api.limits import RequestLimits
-from guard.api.service import Capacity, GuardService
-from guard.core.backends import load_backend
+from guard.api.service import Capacity, GuardService, serving_backend
 from guard.core.backends.base import Backend
 from guard.core.bundle import load_bundle
 from guard.logs import request_id_var
@@ -52,7 +51,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bundle = load_bundle(settings.bundle)
-        engine = backend or load_backend(settings.backend, bundle.path, settings.threads, settings.optimized_graphs)
+        engine = backend or serving_backend(settings, bundle.path)
         metrics.backend = engine.name  # onnx-opt when the bundle's optimised graph was loaded
         svc = GuardService(settings, bundle, engine, metrics, capacity, getattr(app.state, "tracer", None))
         app.state.service = svc

@@ -13,12 +13,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from guard.api.errors import GuardUnavailable, InvalidInput, PayloadTooLarge
 from guard.batcher import Batcher
-from guard.core.backends.base import Backend, precision_of
+from guard.core.backends.base import Backend, load_backend, precision_of
 from guard.core.bundle import Bundle
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer, Windows
@@ -78,6 +79,13 @@ def measure_capacity(backend: Backend, tokenizer: RapTokenizer, settings: Settin
     backend.infer(batch)
     per_row = max((time.perf_counter() - started) / rows, 1e-6)
     return Capacity(per_row, per_row * 2 * settings.max_texts_per_request)
+
+
+def serving_backend(settings: Settings, bundle_dir: Path) -> Backend:
+    """The backend the settings ask for: graph (optimised when the bundle has it), threads, spinning."""
+    return load_backend(
+        settings.backend, bundle_dir, settings.threads, optimized=settings.optimized_graphs, spinning=settings.spinning
+    )
 
 
 def special_tokens_mode(settings: Settings) -> str:

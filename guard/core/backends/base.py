@@ -42,11 +42,14 @@ def precision_of(name: str) -> str:
     return {"onnx-int8": "int8", "onnx-int8-opt": "int8-opt"}.get(name, "fp32")
 
 
-def load_backend(kind: str, bundle_dir: Path, threads: int | None = None, optimized: bool = False) -> Backend:
+def load_backend(
+    kind: str, bundle_dir: Path, threads: int | None = None, optimized: bool = False, spinning: bool = True
+) -> Backend:
     """Load `onnx` (serving default), `onnx-int8`, `onnx-opt`, `onnx-int8-opt` or `torch` (debugging, parity).
 
     With `optimized`, `onnx` and `onnx-int8` load the bundle's optimised graph when it has
     one; the backend's name then ends in `-opt`, and that name picks the thresholds.
+    `spinning=False` stops ONNX Runtime's threads from spin-waiting (less CPU per request).
     """
     if kind in GRAPHS:
         from guard.core.backends.onnx import OnnxBackend
@@ -56,7 +59,7 @@ def load_backend(kind: str, bundle_dir: Path, threads: int | None = None, optimi
         graph = GRAPHS[kind]
         if kind != "onnx" and not (bundle_dir / graph).is_file():
             raise BackendError(f"{bundle_dir} has no {graph}; recalibrate with `calibrate rap` (--int8 for int8)")
-        return OnnxBackend(bundle_dir / graph, threads=threads, name=kind)
+        return OnnxBackend(bundle_dir / graph, threads=threads, name=kind, spinning=spinning)
     if kind == "torch":
         from guard.core.backends.torch import TorchBackend
 
