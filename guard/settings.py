@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         8192, ge=16, description="Most padded tokens (rows x longest row) in one backend call."
     )
     max_padding_share: float = Field(
-        0.25,
+        0.1,
         ge=0,
         le=1,
         description=(
