@@ -51,7 +51,10 @@ from guard.core.bundle import load_bundle
 CONCURRENCY = (1, 8, 32)
 GRAPH_BACKENDS = ("onnx", "onnx-opt", "onnx-int8", "onnx-int8-opt")
 GUARD_SERVERS = ("bare", "guarded-lazy", "guarded-fused")
-CONFIGS = tuple((server, backend) for backend in GRAPH_BACKENDS for server in GUARD_SERVERS) + (("naive", "torch"),)
+# naive on torch's default pool (the backend threads) and on one thread: on these shared cores torch's
+# OpenMP pool of 2 ran a forward 3x slower than one thread did; ratios take the better naive row.
+NAIVE = (("naive", "torch"), ("naive", "torch-1t"))
+CONFIGS = tuple((server, backend) for backend in GRAPH_BACKENDS for server in GUARD_SERVERS) + NAIVE
 FAR_MARGIN = 0.005  # the target's "keeps FAR within 0.5 points of fp32"
 COLUMNS = [
     "server",
@@ -101,7 +104,7 @@ def server_command(server: str, backend: str, bundle: Path, port: int, threads: 
             "--port",
             str(port),
             "--threads",
-            str(threads),
+            str(1 if backend == "torch-1t" else threads),
         ]
     command = [
         sys.executable,
@@ -325,12 +328,23 @@ def ratios(rows: list[dict]) -> list[dict]:
             # the cost target: guarded CPU per request <= 1.05 x (1 + p) x bare's
             "cpu_vs_bare_1p": round(r["cpu_ms_per_request"] / ((1 + p) * bare["cpu_ms_per_request"]), 3),
         }
-        naive = by.get(("naive", "torch", c))
+        naive = _best_naive(rows, c)
         if naive:
             entry["throughput_vs_naive"] = round(r["throughput_rps"] / naive["throughput_rps"], 2)
             entry["cpu_vs_naive"] = round(r["cpu_ms_per_request"] / naive["cpu_ms_per_request"], 3)
         out.append(entry)
     return out
+
+
+def _best_naive(rows: list[dict], concurrency: int) -> dict | None:
+    """The stronger naive baseline at this concurrency: the higher throughput and the lower CPU per request."""
+    naive = [r for r in rows if r["server"] == "naive" and r["concurrency"] == concurrency]
+    if not naive:
+        return None
+    return {
+        "throughput_rps": max(r["throughput_rps"] for r in naive),
+        "cpu_ms_per_request": min(r["cpu_ms_per_request"] for r in naive),
+    }
 
 
 def raw_backends(bundle_dir: Path, texts: list[str], threads: int, config: dict) -> list[dict]:
@@ -398,24 +412,16 @@ def targets(rows: list[dict], ratio_rows: list[dict], variants: dict | None) -> 
     lazy8 = {b: by[("guarded-lazy", b, 8)] for b in keeps_far if ("guarded-lazy", b, 8) in by}
     best = max(lazy8, key=lambda b: lazy8[b]["throughput_vs_naive"]) if lazy8 else None
     out = []
-    if best:
-        r = lazy8[best]
+    for backend, r in lazy8.items():  # vs the better naive row; the best graph keeping FAR is marked
+        mark = " (best keeping FAR within 0.5 pt)" if backend == best else ""
         out.append(
-            _target(
-                f"guarded-lazy {best} (best graph keeping FAR within 0.5 pt) vs naive throughput, c=8",
-                r["throughput_vs_naive"],
-                ">= 3",
-                r["throughput_vs_naive"] >= 3,
-            )
-        )
+            _target(f"guarded-lazy {backend}{mark} throughput / naive's, c=8", r["throughput_vs_naive"], ">= 3",
+                    r["throughput_vs_naive"] >= 3)
+        )  # fmt: skip
         out.append(
-            _target(
-                f"guarded-lazy {best} CPU-ms per request / naive's, c=8",
-                r["cpu_vs_naive"],
-                "<= 0.333",
-                r["cpu_vs_naive"] <= 1 / 3,
-            )
-        )
+            _target(f"guarded-lazy {backend}{mark} CPU-ms per request / naive's, c=8", r["cpu_vs_naive"], "<= 0.333",
+                    r["cpu_vs_naive"] <= 1 / 3)
+        )  # fmt: skip
     for r in ratio_rows:
         if r["server"] == "guarded-lazy" and r["concurrency"] == 8:
             out.append(
@@ -486,7 +492,7 @@ def main() -> None:
 
 
 def _has_graph(bundle, backend: str) -> bool:
-    if backend == "torch":
+    if backend.startswith("torch"):
         return (bundle.path / "hf").is_dir()
     from guard.core.backends.base import GRAPHS
 
@@ -512,7 +518,9 @@ def _markdown(result: dict, args) -> str:
         f"Closed-loop clients on loopback (one process, separate from every server); all servers up at once and "
         f"measured interleaved, {args.rounds} rounds x {args.seconds:g} s per point (after {args.warmup:g} s "
         f"warm-up each), backend threads {args.threads}, SST-2 test sentences, POST /v1/classify. bare = `guard "
-        "serve --detectors none` on the same graph. cpu_ms_per_request = the server process's utime + stime over "
+        "serve --detectors none` on the same graph; naive = a transformers pipeline in FastAPI on torch's pool of "
+        f"{args.threads} threads (torch) or on one (torch-1t); every ratio to naive takes the better naive row. "
+        "cpu_ms_per_request = the server process's utime + stime over "
         "the measured windows / requests answered. padded_token_share = padding / tokens sent to the backend. "
         f"Whole run {settings['wall_seconds']:g} s; the client used {settings['client_cpu_seconds']:g} CPU-s.\n\n",
         "## Targets\n\n",
