@@ -60,7 +60,7 @@ def build(src: Path, model_dir: Path, data: Path, attack: str, out: Path) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         with eager_attention(model):
             export_onnx(model, bundle_tokenizer, Path(tmp) / "eager.onnx")
-        optimized = add_optimized_graphs(out, Path(tmp) / "eager.onnx", model, bundle_tokenizer, texts[:64], fit)
+        optimized = add_optimized_graphs(out, Path(tmp) / "eager.onnx", model, bundle_tokenizer, texts[:64], fit.fit)
     (out / "hf").mkdir(exist_ok=True)
     model.save_pretrained(str(out / "hf"))
     copy_tokenizer_files(model_dir, out / "hf")

@@ -121,7 +121,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
             fit = ThresholdFit(
                 tokenizer, [e.text for e in result.calibration_texts], list(result.fits), labels,
                 options.rap.statistic, options.rap.frr_targets,
-            ) if options.int8 else None  # fmt: skip
+            ).fit if options.int8 else None  # fmt: skip
             optimized = add_optimized_graphs(staging, staging / "model.onnx", model, tokenizer, parity_texts, fit)
     _write_rows(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
     if options.probes:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +113,13 @@ def add_optimized_graphs(
     model: PreTrainedModel,
     tokenizer: RapTokenizer,
     parity_texts: Sequence[str],
-    int8_fit: ThresholdFit | None = None,
+    int8_fit: Refit | None = None,
 ) -> OptimizedGraphs:
     """Write model.opt.onnx (+ model.int8.opt.onnx with its own thresholds when `int8_fit`) into `folder`.
 
     `source` is the exported graph to optimise (eager attention for the full set of fusions).
+    `int8_fit(graph, reference)` fits the int8 graph's thresholds and its agreement with the fp32
+    reference (`ThresholdFit(...).fit`, or the caller's own when it fits more than RAP's).
     """
     config = model.config
     fused = optimize_graph(source, folder / OPT_GRAPH, config.num_attention_heads, config.hidden_size)
@@ -129,11 +131,14 @@ def add_optimized_graphs(
     if int8_fit is None:
         return graphs
     quantize_int8_fused(folder / OPT_GRAPH, folder / INT8_OPT_GRAPH)
-    protect, agreement = int8_fit.fit(folder / INT8_OPT_GRAPH, folder / OPT_GRAPH)
+    protect, agreement = int8_fit(folder / INT8_OPT_GRAPH, folder / OPT_GRAPH)
     return graphs.model_copy(
         update={"int8_graph": INT8_OPT_GRAPH, "int8_recipe": INT8_OPT_RECIPE, "int8_protect": protect,
                 "int8_agreement": agreement}
     )  # fmt: skip
+
+
+Refit = Callable[[Path, Path], tuple[list[ProtectedLabel], float]]
 
 
 class ThresholdFit:

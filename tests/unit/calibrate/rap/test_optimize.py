@@ -137,7 +137,7 @@ def test_int8_optimised_graph_has_its_own_thresholds_and_serves(
     logits = OnnxBackend(exported / "model.onnx").infer(tokenizer.encode(TEXTS))
     protect = int(np.bincount(logits.argmax(axis=1)).argmax())  # the label the random model predicts most
     fit = ThresholdFit(tokenizer, TEXTS, [protect], ["negative", "positive"], "prob", (0.01, 0.05))
-    graphs = add_optimized_graphs(tmp_path, exported / "model.onnx", model, tokenizer, TEXTS[:8], fit)
+    graphs = add_optimized_graphs(tmp_path, exported / "model.onnx", model, tokenizer, TEXTS[:8], fit.fit)
     assert graphs.int8_graph == INT8_OPT_GRAPH and (tmp_path / INT8_OPT_GRAPH).is_file()
     ops = _ops(tmp_path / INT8_OPT_GRAPH)
     assert "MultiHeadAttention" in ops and ops & {"MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
