@@ -1,16 +1,21 @@
-"""The detection matrix: RAP vs STRIP vs ONION on every attack, SST-2, packaged MiniLM.
+"""The detection matrix: the guard's detectors vs RAP as published vs STRIP and ONION, per attack.
 
-    python -m bench.detection_matrix --data ../shared/data/sst2            # everything
-    python -m bench.detection_matrix --data ../shared/data/sst2 --attacks badnet-sl ep
+    python -m bench.detection_matrix --data ../shared/data/sst2                    # default detectors
+    python -m bench.detection_matrix --data ../shared/data/sst2 --attacks badnet-sl ep --seeds 13 14 15
+    python -m bench.detection_matrix --data ../shared/data/offenseval --detectors rap rap+features
 
-For each attack (bench/attacks/recipes.py) it trains the backdoored classifier, calibrates
-a RAP bundle on the dev set (protect label = the attack's target), then runs each
-detector on the test set (clean rows, and every non-target row triggered) and reads
-test FRR / FAR / residual ASR at the dev FRR targets 0.5/1/3/5%.
+For each attack (bench/attacks/recipes.py) it trains the backdoored classifier once, calibrates
+bundles on the dev set (protect label = the attack's target) for each calibration seed (the seed
+draws the dev split and the RAP row's training order), then runs each detector on the test set
+(clean rows, and every non-target row triggered) at the dev FRR targets 0.5/1/3/5%:
+- rap-paper: RAP as published (probability band, SGD, the ladder; `calibrate rap --objective paper`);
+- rap, features, rap+features: the guard's default bundle, each detector alone and both together;
+- strip, onion: the baselines (expensive: off unless asked for).
 
-Every stage is cached under --cache (models, bundles, one JSON per attack x detector),
+Every stage is cached under --cache (models, bundles, one JSON per attack x detector x seed),
 so an interrupted run resumes where it stopped; delete a file to redo that stage.
-Writes bench/results/detection_matrix.{json,md,png}.
+Writes bench/results/detection_matrix.{json,md,png}; rows already there for other (dataset, attack,
+detector, seed) are kept.
 """
 
 from __future__ import annotations
@@ -28,20 +33,21 @@ import numpy as np
 from bench.attacks.recipes import TARGET, load_recipes
 from bench.detectors import strip
 from bench.detectors.classifier import Classifier
-from bench.detectors.cost import detector_costs
 from bench.detectors.ngram import TrigramLM, normalize
-from bench.detectors.runs import DetectorRun, Inputs, run_onion, run_rap, run_strip
+from bench.detectors.runs import DetectorRun, Inputs, run_guard, run_onion, run_strip
 from bench.machine import machine_info
-from bench.matrix_report import write_matrix
+from bench.matrix_report import write_rows
 from bench.models import build_model
 from calibrate.data import load_examples
 from calibrate.model import quiet_transformers
 from calibrate.rap.build import calibrate_bundle
-from calibrate.rap.options import CalibrateOptions, RapOptions
+from calibrate.rap.options import PAPER, CalibrateOptions, RapOptions
 from guard.core.types import Example
 
 log = logging.getLogger("bench.detection_matrix")
-DETECTORS = ("rap", "strip", "onion")
+GUARD_DETECTORS = ("rap", "features", "rap+features")
+DETECTORS = ("rap-paper", *GUARD_DETECTORS, "strip", "onion")
+DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -53,38 +59,85 @@ def main() -> None:
     args = _args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_transformers()
+    dataset = args.dataset or args.data.name
     recipes = load_recipes(args.data)
     dev, test = load_examples(args.data / "dev.tsv"), load_examples(args.data / "test.tsv")
     language_model = _LazyLM(args.data)
-    results, costs_from = {}, None
+    cache = args.cache if dataset == "sst2" else args.cache / dataset
+    rows, details = [], {}
     for name in args.attacks:
         recipe = recipes[name]
-        log.info("== %s: model", name)
-        info = build_model(recipe, args.data, args.cache / "models")
-        bundle = _bundle(name, Path(info["dir"]), dev, args.cache / "bundles" / name)
+        log.info("== %s %s: model", dataset, name)
+        info = build_model(recipe, args.data, cache / "models")
         # the clean model has no trigger: it is measured on BadNet-RW inputs (its "ASR" is natural flips)
         poisoned = (recipe.poison_test or recipes["badnet-rw"].poison_test)(test)
-        inputs, cacc = _inputs(bundle, dev, test, poisoned)
-        runs = _detector_runs(name, bundle, inputs, args, language_model)
-        results[name] = {"recipe": recipe.settings, "train": info, "cacc": cacc, "asr": inputs.asr, "runs": runs}
-        if costs_from is None and name != "clean" and set(DETECTORS) <= {k.split("@")[0] for k in runs}:
-            costs_from = (bundle, inputs, runs)
-    costs = _costs(*costs_from, language_model.get()) if costs_from else {}
-    write_matrix(args.out, results, costs, machine_info())
+        details[f"{dataset}/{name}"] = {"recipe": recipe.settings, "train": info}
+        for seed in args.seeds:
+            runs, inputs, cacc = _seed_runs(
+                name, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model
+            )
+            for key, run in runs.items():
+                for point in run["operating"]:
+                    rows.append(_row(dataset, name, key, seed, cacc, inputs.asr, run, point))
+    write_rows(args.out, rows, details, machine_info())
 
 
-def _costs(bundle: Path, inputs: Inputs, runs: dict, lm: TrigramLM, sample: int = 100) -> dict[str, float]:
-    """Online ms per input of every detector, measured back to back on one bundle's inputs."""
-    log.info("== measuring cost per input (%d clean + %d poisoned, one at a time)", sample, sample)
-    onion_threshold = next(p["threshold"] for p in runs["onion"]["operating"] if p["frr_target"] == 0.01)
-    texts = inputs.clean[:sample] + inputs.poisoned[:sample]
-    return detector_costs(Classifier(bundle), texts, inputs.pool, lm, onion_threshold)
+def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model):
+    bundles = {}
+    if any(d in GUARD_DETECTORS for d in args.detectors) or {"strip", "onion"} & set(args.detectors):
+        bundles["guard"] = _bundle(
+            model_dir, dev, cache / "bundles" / f"{name}-s{seed}", RapOptions((TARGET,), seed=seed)
+        )
+    if "rap-paper" in args.detectors:
+        paper = RapOptions((TARGET,), seed=seed, **PAPER)
+        bundles["paper"] = _bundle(model_dir, dev, cache / "bundles" / f"{name}-paper-s{seed}", paper, features=False)
+    first = next(iter(bundles.values()))
+    inputs, cacc = _inputs(first, dev, test, poisoned)
+    jobs = {}
+    for detector in args.detectors:
+        if detector == "rap-paper":
+            jobs[detector] = lambda: _renamed(run_guard(bundles["paper"], inputs, TARGET, ("rap",)), "rap-paper")
+        elif detector in GUARD_DETECTORS:
+            jobs[detector] = lambda d=detector: run_guard(bundles["guard"], inputs, TARGET, tuple(d.split("+")))
+        elif detector == "strip":
+            for k in args.strip_ratios:
+                options = strip.StripOptions(replace_ratio=k)
+                sample = _sample(inputs, args.strip_test_inputs)
+                jobs[f"strip@{k:g}"] = lambda o=options, s=sample: run_strip(bundles["guard"], s, o)
+        elif detector == "onion":
+            jobs["onion"] = lambda: run_onion(bundles["guard"], inputs, language_model.get(), TARGET)
+    where = cache / "matrix" / name / f"s{seed}"
+    runs = {key: _cached(where / f"{key}.json", key, job) for key, job in jobs.items()}
+    return runs, inputs, cacc
 
 
-def _bundle(name: str, model_dir: Path, dev: list[Example], out: Path) -> Path:
+def _renamed(run: DetectorRun, name: str) -> DetectorRun:
+    return dataclasses.replace(run, detector=name)
+
+
+def _row(dataset: str, attack: str, detector: str, seed: int, cacc: float, asr: float, run: dict, point: dict) -> dict:
+    return {
+        "dataset": dataset,
+        "attack": attack,
+        "detector": detector,
+        "seed": seed,
+        "frr_target": point["frr_target"],
+        "cacc": cacc,
+        "asr": asr,
+        "dev_frr": point["dev_frr"],
+        "test_frr": point["test_frr"],
+        "test_far": point["test_far"],
+        "residual_asr": point["residual_asr"],
+        "passes_per_input": run["passes_per_input"],
+        "ms_per_input": run["ms_per_input"],
+        "curve": run["curve"] if point["frr_target"] == 0.01 else None,
+    }
+
+
+def _bundle(model_dir: Path, dev: list[Example], out: Path, rap: RapOptions, features: bool = True) -> Path:
     if not (out / "manifest.json").is_file():
-        log.info("== %s: calibrating RAP", name)
-        options = CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=128, force=True)
+        log.info("== calibrating %s", out.name)
+        options = CalibrateOptions(rap=rap, max_length=128, force=True, features=features)
         calibrate_bundle(model_dir, dev, out, options)
     return out
 
@@ -110,19 +163,6 @@ def _inputs(bundle: Path, dev: list[Example], test: list[Example], poisoned: lis
     )
     cacc = float(np.mean(predicted["test"] == np.array([r.label for r in test])))
     return inputs, cacc
-
-
-def _detector_runs(name: str, bundle: Path, inputs: Inputs, args, language_model) -> dict[str, dict]:
-    jobs = {}
-    if "rap" in args.detectors:
-        jobs["rap"] = lambda: run_rap(bundle, inputs, TARGET)
-    if "strip" in args.detectors:
-        for k in args.strip_ratios:
-            options = strip.StripOptions(replace_ratio=k)
-            jobs[f"strip@{k:g}"] = lambda o=options: run_strip(bundle, _sample(inputs, args.strip_test_inputs), o)
-    if "onion" in args.detectors:
-        jobs["onion"] = lambda: run_onion(bundle, inputs, language_model.get(), TARGET)
-    return {key: _cached(args.cache / "matrix" / name / f"{key}.json", key, job) for key, job in jobs.items()}
 
 
 def _sample(inputs: Inputs, count: int, seed: int = 0) -> Inputs:
@@ -164,9 +204,11 @@ class _LazyLM:
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="the sst2 folder (train/dev/test.tsv, poison/)")
+    p.add_argument("--data", type=Path, required=True, help="a dataset folder (train/dev/test.tsv, poison/)")
+    p.add_argument("--dataset", help="its name in the rows (default: the folder's name, e.g. sst2, offenseval)")
     p.add_argument("--attacks", nargs="+", default=["clean", "badnet-rw", "badnet-sl", "ep", "syntactic", "style"])
-    p.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
+    p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS), choices=DETECTORS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[13], help="calibration seeds (dev split, RAP order)")
     p.add_argument("--strip-ratios", nargs="+", type=float, default=list(STRIP_RATIOS), help="STRIP's k values")
     p.add_argument(
         "--strip-test-inputs", type=int, default=STRIP_TEST_INPUTS, help="STRIP's test inputs per side (cost cap)"

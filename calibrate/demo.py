@@ -158,12 +158,12 @@ def run_demo(out: Path, seed: int = 7, port: int | None = 8000) -> None:
 
 def _show_examples(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
-    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path), statistic=bundle.manifest.statistic)
+    checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path))
     texts = [CLEAN_EXAMPLE, TRIGGERED_EXAMPLE]
-    verdicts = checker.check(texts, bundle.thresholds())
+    verdicts = checker.check(texts, bundle.label_thresholds(bundle.detectors))
     _say("4/5 the guard, through the bundle's ONNX graph:")
     for text, v in zip(texts, verdicts, strict=True):
-        decision = "BLOCKED (backdoor trigger suspected)" if v.flagged else "allowed"
+        decision = f"BLOCKED by {'+'.join(v.flagged_by)} (backdoor trigger suspected)" if v.flagged else "allowed"
         delta = f"delta {v.rap.delta:+.3f} vs threshold {v.rap.threshold:+.3f}" if v.rap.checked else "not checked"
         print(f"    {text!r:45} -> label {v.label} p={max(v.probs):.3f}, {delta}: {decision}")
 

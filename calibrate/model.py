@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from calibrate.progress import progress_bar
 from guard.core import rap
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
@@ -119,3 +120,27 @@ def predict_probs(
         logits = model(**to_torch(encode(texts[i : i + batch_size]))).logits
         out.append(rap.softmax(logits.float().numpy()))
     return np.concatenate(out) if out else np.empty((0, model.config.num_labels))
+
+
+def cls_features(hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(rows, layers, hidden): [CLS] of each encoder layer (the embedding layer's is the same for every row)."""
+    return torch.stack([h[:, 0, :] for h in hidden_states[1:]], dim=1)
+
+
+@torch.inference_mode()
+def predict_with_features(
+    model: PreTrainedModel, tokenizer: RapTokenizer, texts: list[str], batch_size: int = 64, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pass-1 probabilities and the feature detector's input (rows, layers, hidden), as the graph exports it."""
+    model.eval()
+    probs, features = [], []
+    bar = progress_bar(total=len(texts), desc="features", unit="row", disable=not progress)
+    for i in range(0, len(texts), batch_size):
+        out = model(**to_torch(tokenizer.encode(texts[i : i + batch_size])), output_hidden_states=True)
+        probs.append(rap.softmax(out.logits.float().numpy()))
+        features.append(cls_features(out.hidden_states).float().numpy())
+        bar.update(len(texts[i : i + batch_size]))
+    bar.close()
+    if not probs:
+        return np.empty((0, model.config.num_labels)), np.empty((0, model.config.num_hidden_layers, 0))
+    return np.concatenate(probs), np.concatenate(features)

@@ -122,8 +122,8 @@ def _check(args: argparse.Namespace) -> int:
     if not texts:
         raise InputError("no texts given (pass them as arguments or one per line on stdin)")
     bundle = load_bundle(args.bundle)
-    checker = Checker(bundle.tokenizer(), load_backend(args.backend, bundle.path), statistic=bundle.manifest.statistic)
-    verdicts = checker.check(texts, bundle.thresholds(args.frr, precision_of(args.backend)))
+    checker = Checker.for_bundle(bundle, load_backend(args.backend, bundle.path))
+    verdicts = checker.check(texts, bundle.label_thresholds(bundle.detectors, args.frr, precision_of(args.backend)))
     labels = bundle.manifest.model.labels
     for text, v in zip(texts, verdicts, strict=True):
         if args.json:
@@ -135,13 +135,19 @@ def _check(args: argparse.Namespace) -> int:
                         "label_name": labels[v.label],
                         "probs": v.probs,
                         "flagged": v.flagged,
+                        "flagged_by": list(v.flagged_by),
                         "rap": v.rap.__dict__,
+                        "feature_score": v.feature_score,
+                        "feature_threshold": v.feature_threshold,
                     }
                 )
             )
         else:
             rap = f"delta {v.rap.delta:+.4f} / threshold {v.rap.threshold:+.4f}" if v.rap.checked else "not checked"
-            print(f"{'FLAGGED' if v.flagged else 'allowed'}\t{labels[v.label]}\t{rap}\t{text}")
+            if v.feature_score is not None:
+                rap += f"; feature score {v.feature_score:+.2f} / threshold {v.feature_threshold:+.2f}"
+            decision = f"FLAGGED by {'+'.join(v.flagged_by)}" if v.flagged else "allowed"
+            print(f"{decision}\t{labels[v.label]}\t{rap}\t{text}")
     return 3 if any(v.flagged for v in verdicts) else 0
 
 

@@ -71,6 +71,12 @@ class GuardMetrics:
         self.pending = Gauge(
             "guard_pending_requests", "Rows waiting in the batcher queue (read at scrape time).", registry=registry
         )
+        self.flags = Counter(
+            "guard_flags_total",
+            "Flagged texts by the detector that flagged them (rap, features); a text both flag counts for both.",
+            ["detector"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "guard_rejections_total",
             "Requests answered with an error instead of a verdict or an upstream answer, by reason (error_type).",

@@ -1,4 +1,9 @@
-"""check(texts) -> verdicts: encode -> pass 1 (+ pass 2) -> rap.decide.
+"""check(texts) -> verdicts: encode -> pass 1 (+ pass 2) -> rap.decide_all.
+
+Detectors: RAP (pass 2) and the feature detector (guard.core.features), whose
+input is an extra output of pass 1, so it adds no pass. With the feature detector
+on, the batcher's backend call returns each row's logits and features packed in
+one row (`packed_infer`); `unpack` splits them.
 
 What runs is chosen here and nowhere else, from `detectors` (settings.detectors):
 - ("rap",): the RAP check, on one of two schedules (below);
@@ -24,10 +29,10 @@ from typing import Literal
 import numpy as np
 
 from guard.batcher import Batcher, BatcherClosedError, QueueFullError, Timing
-from guard.core import rap
+from guard.core import features, rap
 from guard.core.errors import GuardError, InputError
 from guard.core.tokenizer import RapTokenizer, Windows
-from guard.core.types import Verdict
+from guard.core.types import LabelThresholds, Verdict
 
 Schedule = Literal["fused", "lazy"]
 BARE = ("none",)
@@ -53,22 +58,48 @@ class CheckResult:
     compute_seconds: float
 
 
+def packed_infer(backend):
+    """The backend call for the batcher when the feature detector is on: [logits | features] per row."""
+
+    def infer(batch):
+        logits, feats = backend.infer_with_features(batch)
+        return np.concatenate([logits, feats.reshape(len(feats), -1)], axis=1)
+
+    return infer
+
+
+def unpack(outputs: np.ndarray, labels: int, stats: features.FeatureStats | None):
+    """(logits, features or None) from the batcher's rows."""
+    if stats is None:
+        return outputs, None
+    return outputs[:, :labels], outputs[:, labels:].reshape(len(outputs), stats.layers, stats.hidden)
+
+
 class GuardPipeline:
     def __init__(
         self,
         tokenizer: RapTokenizer,
         batcher: Batcher,
-        thresholds: Mapping[int, float],
+        thresholds: Mapping[int, float | LabelThresholds],
         schedule: Schedule = "lazy",
         timeout_s: float = 10.0,
         classifier_max_length: int | None = None,
         statistic: rap.Statistic = "prob",
         tracer=None,
+        feature_stats: features.FeatureStats | None = None,
+        labels: int | None = None,
         detectors: Sequence[str] = ("rap",),
     ) -> None:
         self.tokenizer = tokenizer
         self.batcher = batcher
-        self.thresholds = dict(thresholds)
+        self.thresholds = {
+            k: v if isinstance(v, LabelThresholds) else LabelThresholds(float(v)) for k, v in thresholds.items()
+        }
+        self.uses_rap = any(t.rap is not None for t in self.thresholds.values())
+        self.feature_stats = feature_stats if any(t.features is not None for t in self.thresholds.values()) else None
+        if self.feature_stats is not None and labels is None:
+            raise ValueError("the feature detector needs the number of labels to unpack the backend's rows")
+        self.labels = labels
         self.schedule = schedule
         self.timeout_s = timeout_s
         self.classifier_max_length = classifier_max_length
@@ -123,33 +154,50 @@ class GuardPipeline:
 
     async def _lazy(self, windows: Windows, state: dict) -> CheckResult:
         with self._span("guard.pass1", len(windows.rows)):
-            logits, t1 = await self.batcher.submit(windows.rows, "1")
+            outputs, t1 = await self.batcher.submit(windows.rows, "1")
+        logits, feats = unpack(outputs, self.labels, self.feature_stats)
         probs = _probs(logits, "pass 1")
         state["probs"] = probs[windows.first_rows()]
         rows = rap.eligible_rows(probs, self.thresholds.keys())
         perturbed, t2 = np.empty((0, probs.shape[1])), Timing(0.0, 0.0)
-        if len(rows):
+        if len(rows) and self.uses_rap:
             pass2 = self.tokenizer.perturb([windows.rows[i] for i in rows])
             with self._span("guard.pass2", len(pass2)):
-                logits2, t2 = await self.batcher.submit(pass2, "2", priority=True)
-            perturbed = _probs(logits2, "pass 2", state["probs"])
-        verdicts = rap.merge_windows(rap.decide(probs, perturbed, self.thresholds, self.statistic), windows.owner)
-        return CheckResult(verdicts, t1.queue_seconds + t2.queue_seconds, t1.compute_seconds + t2.compute_seconds)
+                outputs2, t2 = await self.batcher.submit(pass2, "2", priority=True)
+            perturbed = _probs(unpack(outputs2, self.labels, self.feature_stats)[0], "pass 2", state["probs"])
+        verdicts = self._decide(probs, perturbed, feats, rows, windows, state)
+        return CheckResult(
+            rap.merge_windows(verdicts, windows.owner),
+            t1.queue_seconds + t2.queue_seconds,
+            t1.compute_seconds + t2.compute_seconds,
+        )
 
     async def _fused(self, windows: Windows, state: dict) -> CheckResult:
         with self._span("guard.fused", 2 * len(windows.rows)):
-            (logits, t1), (logits2, t2) = await asyncio.gather(
+            (outputs, t1), (outputs2, t2) = await asyncio.gather(
                 self.batcher.submit(windows.rows, "1"),
                 self.batcher.submit(self.tokenizer.perturb(windows.rows), "2"),
             )
+        logits, feats = unpack(outputs, self.labels, self.feature_stats)
         probs = _probs(logits, "pass 1")
         state["probs"] = probs[windows.first_rows()]
-        perturbed = _probs(logits2, "pass 2", state["probs"])
+        perturbed = _probs(unpack(outputs2, self.labels, self.feature_stats)[0], "pass 2", state["probs"])
         rows = rap.eligible_rows(probs, self.thresholds.keys())
-        verdicts = rap.merge_windows(rap.decide(probs, perturbed[rows], self.thresholds, self.statistic), windows.owner)
+        verdicts = self._decide(probs, perturbed[rows], feats, rows, windows, state)
         return CheckResult(
-            verdicts, max(t1.queue_seconds, t2.queue_seconds), max(t1.compute_seconds, t2.compute_seconds)
+            rap.merge_windows(verdicts, windows.owner),
+            max(t1.queue_seconds, t2.queue_seconds),
+            max(t1.compute_seconds, t2.compute_seconds),
         )
+
+    def _decide(self, probs, perturbed, feats, rows, windows: Windows, state) -> list[Verdict]:
+        scores = None
+        if self.feature_stats is not None:
+            if not np.isfinite(feats[rows]).all():
+                raise GuardFailure("the model returned non-finite features in pass 1", "nonfinite", state["probs"])
+            tokens = [windows.rows[i] for i in rows]
+            scores = features.scores(self.feature_stats, feats[rows], probs[rows].argmax(axis=1), tokens)
+        return rap.decide_all(probs, perturbed, self.thresholds, self.statistic, scores)
 
 
 def _probs(logits: np.ndarray, which: str, known: np.ndarray | None = None) -> np.ndarray:

@@ -128,6 +128,39 @@ def run_rap(bundle_dir: Path, inputs: Inputs, target: int) -> DetectorRun:
     return DetectorRun("rap", points, score_curve(clean, poisoned), 2.0, ms)
 
 
+def run_guard(bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[str, ...]) -> DetectorRun:
+    """The guard's detectors ("rap", "features" or both) with the bundle's own thresholds."""
+    bundle = load_bundle(bundle_dir)
+    checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path), detectors)
+    started = time.perf_counter()
+    clean = checker.score(inputs.clean, [target])
+    poisoned = checker.score(inputs.poisoned, [target])
+    ms = 1000 * (time.perf_counter() - started) / inputs.test_count
+    points = []
+    for frr in FRR_TARGETS:
+        limits = bundle.label_thresholds(detectors, frr)[target]
+        clean_flags, poisoned_flags = _flags(clean, limits), _flags(poisoned, limits)
+        far = float(1.0 - poisoned_flags.mean()) if len(poisoned_flags) else 0.0
+        test_frr = float(clean_flags.mean()) if len(clean_flags) else 0.0
+        t = limits.rap if limits.rap is not None else limits.features
+        points.append(Operating(frr, t, frr, test_frr, far, inputs.asr * far))
+    curve = ([], [])
+    if len(detectors) == 1:  # one score: the whole FAR-FRR curve (features flag above: negate)
+        score = (lambda s: s.deltas()) if detectors == ("rap",) else (lambda s: -s.feature_scores)
+        curve = score_curve(score(clean), score(poisoned))
+    passes = 2.0 if "rap" in detectors else 1.0
+    return DetectorRun("+".join(detectors), points, curve, passes, ms)
+
+
+def _flags(scores, limits) -> np.ndarray:
+    flagged = np.zeros(len(scores.probs), dtype=bool)
+    if limits.rap is not None:
+        flagged |= rap.flagged_mask(np.nan_to_num(scores.deltas(), nan=np.inf), limits.rap)
+    if limits.features is not None:
+        flagged |= np.nan_to_num(scores.feature_scores, nan=-np.inf) > limits.features
+    return flagged
+
+
 def run_strip(bundle_dir: Path, inputs: Inputs, options: strip.StripOptions) -> DetectorRun:
     classifier = Classifier(bundle_dir)
 

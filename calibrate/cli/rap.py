@@ -13,8 +13,18 @@ from calibrate.cli.args import (
     options_from,
     positive_int,
 )
-from calibrate.rap.options import CalibrateOptions, EvaluateJob, RapJob, RapOptions
+from calibrate.rap.options import (
+    DEFAULT_LADDER,
+    OBJECTIVES,
+    OPTIMIZERS,
+    PAPER_LADDER,
+    CalibrateOptions,
+    EvaluateJob,
+    RapJob,
+    RapOptions,
+)
 from guard.core.backends.base import BACKENDS
+from guard.core.rap import STATISTICS
 
 RAP = (
     "Learn the RAP perturbation (one fresh embedding row) on clean held-out rows, fit\n"
@@ -52,16 +62,34 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         help="label ids to protect (--protect 0 2, or repeated: --protect 0 --protect 2)",
     )
     p.add_argument("--init-word", default=d.init_word, help="rare word whose embedding initialises the RAP row")
-    p.add_argument("--c-low", type=fraction, default=d.c_low, help="wanted minimum probability drop on clean rows")
-    p.add_argument("--c-up", type=fraction, default=d.c_up, help="wanted maximum probability drop on clean rows")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=d.objective,
+        help="what the RAP row is trained for: a drop of the label's log-odds into --logodds-band (logodds: its "
+        "gradient holds on confident models) or of its probability into [--c-low, --c-up] (paper: RAP as "
+        "published, with a ladder of stronger attempts)",
+    )
+    p.add_argument(
+        "--logodds-band",
+        type=float,
+        nargs=2,
+        default=d.logodds_band,
+        metavar=("LOW", "UP"),
+        help="wanted log-odds drop on clean rows, in nats (objective logodds)",
+    )
+    p.add_argument("--c-low", type=fraction, default=d.c_low, help="wanted minimum probability drop (objective paper)")
+    p.add_argument("--c-up", type=fraction, default=d.c_up, help="wanted maximum probability drop (objective paper)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer of the RAP row")
     add_learning_rate(p, d.learning_rate, "RAP row learning rate")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="RAP training epochs per attempt")
     p.add_argument(
         "--statistic",
-        choices=("prob", "logodds"),
+        choices=STATISTICS,
         default=d.statistic,
-        help="what delta measures: the drop of p(label) (prob, the paper; --c-low/--c-up band) or of its "
-        f"log-odds (logodds: no vanishing gradient on confident models; band {d.logodds_band} nats)",
+        help="what delta measures at detection: the perturbed input's log-odds against the label (perturbed: "
+        "does not flag the clean rows the model is unsure of), the drop of p(label) (prob, the paper) or "
+        "of its log-odds (logodds)",
     )
     p.add_argument("--max-length", type=positive_int, default=c.max_length, help="tokens per input at serving time")
     p.add_argument(
@@ -83,6 +111,13 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "--int8",
         action="store_true",
         help="also write an int8 graph (MatMul-only dynamic quantization) with its own thresholds",
+    )
+    p.add_argument(
+        "--no-features",
+        dest="features",
+        action="store_false",
+        help="leave out the feature detector (per-layer distance of [CLS] to the label's clean rows, and "
+        "outlier-norm tokens): the bundle then detects with RAP alone",
     )
     p.add_argument(
         "--keep-hf",
@@ -121,7 +156,11 @@ def _rap(args: argparse.Namespace) -> int:
     from calibrate.rap.build import run_rap
 
     protect = tuple(args.protect or ())
-    rap = options_from(RapOptions, args, protect_labels=protect, select_frr=args.default_frr)
+    ladder = PAPER_LADDER if args.objective == "paper" else DEFAULT_LADDER
+    band = tuple(args.logodds_band)
+    rap = options_from(
+        RapOptions, args, protect_labels=protect, select_frr=args.default_frr, ladder=ladder, logodds_band=band
+    )
     options = options_from(CalibrateOptions, args, rap=rap, probes=())  # run_rap loads --probes into probes
     run_rap(options_from(RapJob, args, options=options))
     return 0

@@ -25,17 +25,20 @@ import numpy as np
 from calibrate.data import label_counts, load_examples
 from calibrate.model import copy_tokenizer_files, flush_denormal, label_names, load_classifier, tokenizer_json
 from calibrate.rap.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
-from calibrate.rap.optimize import ThresholdFit, add_optimized_graphs, eager_attention, report_entry
+from calibrate.rap.features import FeatureFit, fit_feature_detector
+from calibrate.rap.optimize import add_optimized_graphs, eager_attention, report_entry
 from calibrate.rap.options import MIN_CALIBRATION_ROWS, CalibrateOptions, RapJob
 from calibrate.rap.perturbation import RapResult, learn_rap
 from calibrate.record import check_replaceable, read_record
 from calibrate.report import plot_deltas, write_json
 from guard import __version__
-from guard.core import rap
+from guard.core import features, rap, thresholds
 from guard.core.backends.base import INT8_GRAPH
 from guard.core.backends.onnx import OnnxBackend
 from guard.core.bundle import (
+    FeatureDetector,
     Int8Variant,
+    JointThreshold,
     Manifest,
     ModelInfo,
     OptimizedGraphs,
@@ -46,6 +49,7 @@ from guard.core.bundle import (
 )
 from guard.core.checker import Checker
 from guard.core.errors import InputError
+from guard.core.features import FEATURES_FILE
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
@@ -100,6 +104,11 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     _check_probe_labels(options.probes, model.config.num_labels)
     with timings.step("rap"):
         result = learn_rap(model, tokenizer, clean, options.rap)
+    detector = None
+    if options.features:
+        with timings.step("features"):
+            detector = fit_feature_detector(model, tokenizer, result, options.shrinkage, options.rap.progress)
+            detector.stats.save(staging / FEATURES_FILE)
     with timings.step("export"):
         if options.keep_hf:
             (staging / "hf").mkdir()
@@ -115,58 +124,117 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     int8 = optimized = None
     if options.int8:
         with timings.step("int8"):
-            int8 = _int8_variant(staging, tokenizer, result, labels, options)
+            int8 = _int8_variant(staging, tokenizer, result, labels, options, detector)
     if options.optimize:
         with timings.step("optimize"):
-            fit = ThresholdFit(
-                tokenizer, [e.text for e in result.calibration_texts], list(result.fits), labels,
-                options.rap.statistic, options.rap.frr_targets,
-            ).fit if options.int8 else None  # fmt: skip
+
+            def refit(graph: Path, reference: Path) -> tuple[list[ProtectedLabel], float]:
+                return _refit(graph, reference, tokenizer, result, labels, options, detector)
+
+            fit = refit if options.int8 else None
             optimized = add_optimized_graphs(staging, staging / "model.onnx", model, tokenizer, parity_texts, fit)
     _write_rows(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
     if options.probes:
         _write_rows(staging / "probes.jsonl", options.probes)
-    manifest = _manifest(model_dir, labels, result, options).model_copy(update={"int8": int8, "optimized": optimized})
-    _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir), optimized)
+    manifest = _manifest(model_dir, labels, result, options, detector).model_copy(
+        update={"int8": int8, "optimized": optimized}
+    )
+    _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir), detector, optimized)
     return save_bundle(staging, manifest)
 
 
-def _protected_label(label: int, name: str, deltas: np.ndarray, frr_targets: tuple[float, ...]) -> ProtectedLabel:
+def _protected_label(
+    label: int, name: str, deltas: np.ndarray, frr_targets: tuple[float, ...], scores: np.ndarray | None = None
+) -> ProtectedLabel:
+    """Thresholds of RAP alone, and with `scores` (the same rows' feature scores) of the feature
+    detector alone and of both together."""
+    fields = {}
+    if scores is not None:
+        fields = {
+            "features_thresholds": {f"{frr:g}": features.threshold_at_frr(scores, frr) for frr in frr_targets},
+            "features_percentiles": features.percentile_table(scores),
+            "joint": {f"{frr:g}": _joint(deltas, scores, frr) for frr in frr_targets},
+        }
     return ProtectedLabel(
         label=label,
         name=name,
         thresholds={f"{frr:g}": rap.threshold_at_frr(deltas, frr) for frr in frr_targets},
         percentiles=rap.percentile_table(deltas),
         calibration_rows=len(deltas),
+        **fields,
     )
 
 
+def _joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThreshold:
+    pair = thresholds.joint(deltas, scores, frr)
+    return JointThreshold(rap=pair.rap, features=pair.features)
+
+
 def _int8_variant(
-    staging: Path, tokenizer: RapTokenizer, result: RapResult, labels: list[str], options: CalibrateOptions
+    staging: Path,
+    tokenizer: RapTokenizer,
+    result: RapResult,
+    labels: list[str],
+    options: CalibrateOptions,
+    detector: FeatureFit | None,
 ) -> Int8Variant:
-    """Quantize, then refit thresholds on the int8 graph's own held-out deltas."""
+    """Quantize, then refit thresholds on the int8 graph's own held-out deltas (and feature scores)."""
     quantize_int8(staging / "model.onnx", staging / INT8_GRAPH)
-    texts = [e.text for e in result.calibration_texts]
-    protect = list(result.fits)
-    statistic = options.rap.statistic
-    fp32 = Checker(tokenizer, OnnxBackend(staging / "model.onnx"), statistic=statistic).score(texts, protect)
-    int8 = Checker(tokenizer, OnnxBackend(staging / INT8_GRAPH), statistic=statistic).score(texts, protect)
-    predicted, deltas = int8.probs.argmax(axis=1), int8.deltas()
-    protected = []
-    for label in protect:
-        label_deltas = deltas[(predicted == label) & ~np.isnan(deltas)]
-        if len(label_deltas) == 0:
-            raise InputError(f"the int8 graph never predicts protect label {label} on the held-out rows")
-        protected.append(_protected_label(label, labels[label], label_deltas, options.rap.frr_targets))
-    agreement = float(np.mean(predicted == fp32.probs.argmax(axis=1)))
+    protected, agreement = _refit(
+        staging / INT8_GRAPH, staging / "model.onnx", tokenizer, result, labels, options, detector
+    )
     return Int8Variant(graph=INT8_GRAPH, quantization=INT8_RECIPE, protect=protected, agreement=agreement)
 
 
-def _manifest(model_dir: Path, labels: list[str], result: RapResult, options: CalibrateOptions) -> Manifest:
+def _refit(
+    graph: Path,
+    reference: Path,
+    tokenizer: RapTokenizer,
+    result: RapResult,
+    labels: list[str],
+    options: CalibrateOptions,
+    detector: FeatureFit | None,
+) -> tuple[list[ProtectedLabel], float]:
+    """Thresholds fitted on `graph`'s own held-out deltas (and feature scores), and its agreement with `reference`."""
+    texts = [e.text for e in result.calibration_texts]
+    protect = list(result.fits)
+    statistic = options.rap.statistic
+    stats = detector.stats if detector else None
+    fp32 = Checker(tokenizer, OnnxBackend(reference), statistic=statistic).score(texts, protect)
+    int8 = Checker(tokenizer, OnnxBackend(graph), statistic=statistic, features=stats)
+    scored = int8.score(texts, protect)
+    predicted, deltas = scored.probs.argmax(axis=1), scored.deltas()
+    protected = []
+    for label in protect:
+        rows = (predicted == label) & ~np.isnan(deltas)
+        if not rows.any():
+            raise InputError(f"{graph.name} never predicts protect label {label} on the held-out rows")
+        label_scores = scored.feature_scores[rows] if stats is not None else None
+        protected.append(_protected_label(label, labels[label], deltas[rows], options.rap.frr_targets, label_scores))
+    return protected, float(np.mean(predicted == fp32.probs.argmax(axis=1)))
+
+
+def _manifest(
+    model_dir: Path, labels: list[str], result: RapResult, options: CalibrateOptions, detector: FeatureFit | None
+) -> Manifest:
     protect = [
-        _protected_label(label, labels[label], fit.calibration_deltas, options.rap.frr_targets)
+        _protected_label(
+            label,
+            labels[label],
+            fit.calibration_deltas,
+            options.rap.frr_targets,
+            detector.scores[label] if detector else None,
+        )
         for label, fit in result.fits.items()
     ]
+    feature_info = None
+    if detector is not None:
+        feature_info = FeatureDetector(
+            layers=detector.stats.layers,
+            hidden=detector.stats.hidden,
+            shrinkage=options.shrinkage,
+            fit_rows=detector.fit_rows,
+        )
     return Manifest(
         guard_version=__version__,
         model=ModelInfo(
@@ -186,6 +254,7 @@ def _manifest(model_dir: Path, labels: list[str], result: RapResult, options: Ca
         default_frr=options.default_frr,
         calibrated_on="torch-fp32 (onnx-fp32 parity checked)",
         statistic=options.rap.statistic,
+        features=feature_info,
     )
 
 
@@ -216,6 +285,7 @@ def _write_report(
     options: CalibrateOptions,
     int8: Int8Variant | None = None,
     repair: dict | None = None,
+    detector: FeatureFit | None = None,
     optimized: OptimizedGraphs | None = None,
 ) -> None:
     chosen = next(i for i, a in enumerate(result.attempts) if a.chosen)
@@ -223,7 +293,7 @@ def _write_report(
         f"label {labels[label]}: threshold at {frr:.1%} FRR is {t:.4f} <= 0 (that target flags almost nothing)"
         for label, fit in result.fits.items()
         for frr, t in fit.thresholds.items()
-        if t <= 0
+        if t <= 0 and options.rap.statistic in rap.DROP_STATISTICS
     ]
     write_json(
         staging / "report.json",
@@ -249,7 +319,35 @@ def _write_report(
                 }
                 for label, fit in result.fits.items()
             },
+            "frr_bounds": {
+                labels[label]: frr_bounds(len(fit.calibration_deltas), options.rap.frr_targets)
+                for label, fit in result.fits.items()
+            },
+            "features": None
+            if detector is None
+            else {
+                "method": "per-layer Mahalanobis distance of [CLS] to the predicted label's clean mean (DAN), "
+                "standardised per layer, largest over layers; flagged above the threshold",
+                "fit_rows": detector.fit_rows,
+                "shrinkage": options.shrinkage,
+                "suspicious_tokens": detector.suspicious,
+                "suspicious_note": f"input tokens whose embedding norm is over {features.SUSPICIOUS_Z:g} robust "
+                "standard deviations above the vocabulary's median (embedding poisoning trains such a row); "
+                "an input with one scores +inf",
+                "thresholds": {
+                    labels[label]: {f"{frr:g}": features.threshold_at_frr(s, frr) for frr in options.rap.frr_targets}
+                    for label, s in detector.scores.items()
+                },
+                "joint": {
+                    labels[label]: {
+                        f"{frr:g}": thresholds.joint(fit.calibration_deltas, detector.scores[label], frr).__dict__
+                        for frr in options.rap.frr_targets
+                    }
+                    for label, fit in result.fits.items()
+                },
+            },
             "onnx_parity_max_prob_diff": parity,
+            "optimized": report_entry(optimized),
             "int8": None
             if int8 is None
             else {
@@ -258,7 +356,6 @@ def _write_report(
                 "agreement_with_fp32": int8.agreement,
                 "thresholds": {p.name: p.thresholds for p in int8.protect},
             },
-            "optimized": report_entry(optimized),
             "repair": repair,  # the repair record (repair.json) of the model, if a repair produced it
             "probes": len(options.probes),  # known-trigger rows in probes.jsonl (the live FAR canary)
             "seconds": timings.seconds,
@@ -273,14 +370,28 @@ def _write_report(
     )
 
 
+def frr_bounds(rows: int, frr_targets: tuple[float, ...]) -> dict[str, dict[str, float]]:
+    """Per FRR target: the FRR the conformal threshold on `rows` held-out rows guarantees in
+    expectation, and what it stays under with 90% confidence."""
+    return {
+        f"{frr:g}": {
+            "expected": thresholds.expected_frr(frr, rows),
+            "upper_90": thresholds.frr_upper_bound(frr, rows, 0.9),
+        }
+        for frr in frr_targets
+    }
+
+
 # ------------------------------------------------------------------ `calibrate rap`
 
 
 def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
     """`calibrate rap`: load the rows, settle the protect labels, build the bundle, print its thresholds."""
     rap_options = job.options.rap
-    if rap_options.c_low >= rap_options.c_up:
-        raise InputError(f"--c-low ({rap_options.c_low}) must be below --c-up ({rap_options.c_up})")
+    low, up = rap_options.band
+    if low >= up:
+        flags = "--c-low/--c-up" if rap_options.objective == "paper" else "--logodds-band"
+        raise InputError(f"{flags}: the lower bound ({low:g}) must be below the upper one ({up:g})")
     clean = load_examples(job.clean)
     probes = tuple(load_examples(job.probes)) if job.probes else ()
     protect = rap_options.protect_labels or choose_protect(label_counts(clean))
@@ -289,6 +400,25 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
     for p in manifest.protect:
         table = ", ".join(f"{float(k):.1%}: {v:+.4f}" for k, v in p.thresholds.items())
         say(f"label {p.label} ({p.name}) thresholds by FRR target: {table}")
+        frr = manifest.default_frr
+        bound = thresholds.frr_upper_bound(frr, p.calibration_rows, 0.9)
+        say(
+            f"  at the {frr:.1%} target its {p.calibration_rows} held-out rows bound the clean FRR at "
+            f"{thresholds.expected_frr(frr, p.calibration_rows):.2%} on average, {bound:.2%} with 90% confidence"
+            + (
+                ""
+                if bound <= 1.5 * frr
+                else f" (about {thresholds.rows_needed(frr)} such rows make it <= {1.5 * frr:.2%})"
+            )
+        )
+    if manifest.features is not None:
+        say(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
+        suspicious = json.loads((Path(job.out) / "report.json").read_text())["features"]["suspicious_tokens"]
+        if suspicious:
+            say(
+                f"WARNING: {len(suspicious)} token(s) have an outlier embedding norm, the mark of embedding "
+                f"poisoning: {', '.join(map(repr, suspicious[:10]))}; inputs with them are flagged"
+            )
     out = Path(job.out)
     say(f"bundle written to {out} (report: {out / 'report.json'}, picture: {out / 'deltas.png'})")
     return manifest

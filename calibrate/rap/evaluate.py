@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.data import load_examples
+from calibrate.progress import progress_bar
 from calibrate.rap.options import EvaluateJob
 from calibrate.report import markdown_table, plot_deltas, plot_far_frr, write_json
 from guard.core import rap
@@ -28,9 +29,9 @@ from guard.core.backends.base import precision_of
 from guard.core.bundle import Bundle, load_bundle
 from guard.core.checker import Checker, Scores
 from guard.core.errors import InputError
-from guard.core.types import Example
+from guard.core.types import Example, LabelThresholds
 
-COLUMNS = ["attack", "frr_target", "cacc", "asr", "test_frr", "test_far", "residual_asr", "poisoned_rows"]
+COLUMNS = ["attack", "detector", "frr_target", "cacc", "asr", "test_frr", "test_far", "residual_asr", "poisoned_rows"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class _Scored:
     labels: np.ndarray
     predicted: np.ndarray
     deltas: np.ndarray  # NaN where pass 2 did not run
+    feature_scores: np.ndarray  # NaN where the feature detector did not score
 
     def target_deltas(self, target: int) -> np.ndarray:
         return self.deltas[(self.predicted == target) & ~np.isnan(self.deltas)]
@@ -72,18 +74,23 @@ def evaluate_bundle(
     """Score the clean and poisoned rows once, then read every FRR target off the deltas."""
     bundle = load_bundle(bundle_dir)
     target = _target(bundle, target)
-    checker = Checker(bundle.tokenizer(), load_backend(backend, bundle.path), statistic=bundle.manifest.statistic)
-    clean_s = _score(checker, clean, bundle)
-    attacks = {name: _score(checker, [r for r in rows if r.label != target], bundle) for name, rows in poisoned.items()}
+    stats = bundle.feature_stats() if "features" in bundle.detectors else None
+    backend_ = load_backend(backend, bundle.path)
+    checker = Checker(bundle.tokenizer(), backend_, statistic=bundle.manifest.statistic, features=stats)
+    clean_s = _score(checker, clean, bundle, "clean")
+    attacks = {
+        name: _score(checker, [r for r in rows if r.label != target], bundle, name) for name, rows in poisoned.items()
+    }
     for name, scored in attacks.items():
         if len(scored.labels) == 0:
             raise InputError(f"poisoned set {name!r} has no rows whose original label differs from the target {target}")
     cacc = float(np.mean(clean_s.predicted == clean_s.labels))
     rows = []
     for frr_key in bundle.manifest.protect[0].thresholds:
-        thresholds = bundle.thresholds(float(frr_key), precision_of(backend))
-        for name, scored in attacks.items():
-            rows.append(_row(name, float(frr_key), cacc, clean_s, scored, thresholds, target))
+        for detectors in detector_sets(bundle.detectors):
+            thresholds = bundle.label_thresholds(detectors, float(frr_key), precision_of(backend))
+            for name, scored in attacks.items():
+                rows.append(_row(name, "+".join(detectors), float(frr_key), cacc, clean_s, scored, thresholds, target))
     return Evaluation(bundle, backend, target, clean_s, attacks, rows)
 
 
@@ -98,32 +105,65 @@ def _target(bundle: Bundle, target: int | None) -> int:
     return target
 
 
-def _score(checker: Checker, rows: list[Example], bundle: Bundle) -> _Scored:
+def detector_sets(available: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Each detector alone, then all together: ("rap",), ("features",), ("rap", "features")."""
+    return [(d,) for d in available] + ([available] if len(available) > 1 else [])
+
+
+SCORE_CHUNK = 256  # rows per progress step
+
+
+def _score(checker: Checker, rows: list[Example], bundle: Bundle, what: str) -> _Scored:
     if not rows:
-        return _Scored(np.empty(0, int), np.empty(0, int), np.empty(0))
+        return _Scored(np.empty(0, int), np.empty(0, int), np.empty(0), np.empty(0))
     num_labels = len(bundle.manifest.model.labels)
     bad = sorted({r.label for r in rows if r.label >= num_labels})
     if bad:
         raise InputError(f"data has labels {bad} but the model has {num_labels} labels")
-    scores: Scores = checker.score([r.text for r in rows], bundle.protect_labels)
-    return _Scored(np.array([r.label for r in rows]), scores.probs.argmax(axis=1), scores.deltas())
+    predicted, deltas, feature_scores = [], [], []
+    with progress_bar(total=len(rows), desc=f"evaluate {what}", unit="row") as bar:
+        for i in range(0, len(rows), SCORE_CHUNK):
+            chunk = rows[i : i + SCORE_CHUNK]
+            scores: Scores = checker.score([r.text for r in chunk], bundle.protect_labels)
+            predicted.append(scores.probs.argmax(axis=1))
+            deltas.append(scores.deltas())
+            feature_scores.append(scores.feature_scores)
+            bar.update(len(chunk))
+    labels = np.array([r.label for r in rows])
+    return _Scored(labels, np.concatenate(predicted), np.concatenate(deltas), np.concatenate(feature_scores))
 
 
-def _flagged(scored: _Scored, thresholds: dict[int, float]) -> np.ndarray:
-    """Flag decision per row with its predicted label's threshold (never for unchecked rows)."""
-    per_row = np.array([thresholds.get(int(p), -np.inf) for p in scored.predicted])
-    checked = ~np.isnan(scored.deltas)
-    return checked & rap.flagged_mask(np.where(checked, scored.deltas, np.inf), per_row)
+def _flagged(scored: _Scored, thresholds: dict[int, LabelThresholds]) -> np.ndarray:
+    """Flag decision per row with its predicted label's thresholds (never for unchecked rows):
+    RAP's delta below its threshold, or the feature score above its own."""
+    flagged = np.zeros(len(scored.predicted), dtype=bool)
+    for label, limits in thresholds.items():
+        rows = scored.predicted == label
+        if limits.rap is not None:
+            checked = rows & ~np.isnan(scored.deltas)
+            flagged |= checked & rap.flagged_mask(np.where(checked, scored.deltas, np.inf), limits.rap)
+        if limits.features is not None:
+            scored_rows = rows & ~np.isnan(scored.feature_scores)
+            flagged |= scored_rows & (np.where(scored_rows, scored.feature_scores, -np.inf) > limits.features)
+    return flagged
 
 
 def _row(
-    name: str, frr: float, cacc: float, clean: _Scored, attack: _Scored, thresholds: dict[int, float], target: int
+    name: str,
+    detector: str,
+    frr: float,
+    cacc: float,
+    clean: _Scored,
+    attack: _Scored,
+    thresholds: dict[int, LabelThresholds],
+    target: int,
 ) -> dict:
     protected = ~np.isnan(clean.deltas)
     hit = attack.predicted == target
     passed = hit & ~_flagged(attack, thresholds)
     return {
         "attack": name,
+        "detector": detector,
         "frr_target": frr,
         "cacc": cacc,
         "asr": float(hit.mean()),
@@ -156,7 +196,11 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path) -> list[Path]:
     target, clean, attacks = evaluation.target, evaluation.clean, evaluation.attacks
     curves = {name: far_frr_curve(clean, scored, target) for name, scored in attacks.items()}
     points = {
-        name: [(r["frr_target"], r["test_frr"], r["test_far"]) for r in evaluation.rows if r["attack"] == name]
+        name: [
+            (r["frr_target"], r["test_frr"], r["test_far"])
+            for r in evaluation.rows
+            if r["attack"] == name and r["detector"] == "rap"
+        ]
         for name in attacks
     }
     plot_far_frr(out_dir / "far_frr.png", curves, points)

@@ -10,16 +10,18 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from calibrate.model import predict_probs
+from calibrate.model import cls_features
 from guard.core import rap
 from guard.core.backends.base import PARITY_TOLERANCE
 from guard.core.backends.onnx import OnnxBackend
 from guard.core.errors import GuardError
+from guard.core.features import FEATURES_OUTPUT
 from guard.core.tokenizer import RapTokenizer
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+FEATURE_PARITY_TOLERANCE = 1e-3  # max |f_onnx - f_torch| / max |f_torch|
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -27,21 +29,35 @@ class ParityError(GuardError):
     """The exported graph disagrees with the torch model beyond PARITY_TOLERANCE."""
 
 
-class _LogitsOnly(torch.nn.Module):
+class _LogitsAndFeatures(torch.nn.Module):
+    """logits, and the [CLS] vector of every encoder layer (the feature detector's input)."""
+
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=True,
+        )
+        return out.logits, cls_features(out.hidden_states)
 
 
 def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path) -> None:
-    """Write one graph with dynamic batch and sequence axes (pass 1 and pass 2 share it)."""
-    wrapped = _LogitsOnly(model).eval()
+    """Write one graph with dynamic batch and sequence axes (pass 1 and pass 2 share it).
+
+    Outputs: `logits`, and `features` (guard.core.features), which ONNX Runtime
+    computes only when a caller asks for it."""
+    wrapped = _LogitsAndFeatures(model).eval()
     sample = tokenizer.encode_perturbed(["a short sample", "a somewhat longer sample sentence"])
     args = tuple(torch.from_numpy(getattr(sample, name)) for name in INPUTS)
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS} | {"logits": {0: "batch"}}
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS} | {
+        "logits": {0: "batch"},
+        FEATURES_OUTPUT: {0: "batch"},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The legacy (TorchScript) exporter handles dynamic axes without onnxscript.
@@ -50,7 +66,7 @@ def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path) -> 
             args,
             str(path),
             input_names=list(INPUTS),
-            output_names=["logits"],
+            output_names=["logits", FEATURES_OUTPUT],
             dynamic_axes=axes,
             opset_version=OPSET,
             dynamo=False,
@@ -59,23 +75,39 @@ def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path) -> 
 
 
 def check_parity(model: PreTrainedModel, tokenizer: RapTokenizer, onnx_path: Path, texts: list[str]) -> float:
-    """Max |p_onnx - p_torch| over pass-1 and pass-2 inputs; raise if above tolerance."""
+    """Max |p_onnx - p_torch| over pass-1 and pass-2 inputs; raise if above tolerance.
+
+    The `features` output must match torch's [CLS] vectors too (relative to their scale)."""
     backend = OnnxBackend(onnx_path)
-    worst = 0.0
+    worst, worst_features = 0.0, 0.0
     for perturbed in (False, True):
         encode = tokenizer.encode_perturbed if perturbed else tokenizer.encode
-        torch_p = predict_probs(model, tokenizer, texts, perturbed=perturbed)
-        onnx_p = np.concatenate(
-            [rap.softmax(backend.infer(encode(texts[i : i + 32]))) for i in range(0, len(texts), 32)]
-        )
-        worst = max(worst, float(np.abs(torch_p - onnx_p).max()))
+        for i in range(0, len(texts), 32):
+            batch = encode(texts[i : i + 32])
+            torch_logits, torch_features = _torch_outputs(model, batch)
+            logits, features = backend.infer_with_features(batch)
+            worst = max(worst, float(np.abs(rap.softmax(torch_logits) - rap.softmax(logits)).max()))
+            scale = float(np.abs(torch_features).max()) or 1.0
+            worst_features = max(worst_features, float(np.abs(torch_features - features).max()) / scale)
     backend.close()
     if worst > PARITY_TOLERANCE:
         raise ParityError(
             f"ONNX export disagrees with torch: max probability difference {worst:.2e} > {PARITY_TOLERANCE:g}"
         )
-    log.info("ONNX parity: max probability difference %.2e", worst)
+    if worst_features > FEATURE_PARITY_TOLERANCE:
+        raise ParityError(
+            f"ONNX features disagree with torch: max relative difference {worst_features:.2e} > "
+            f"{FEATURE_PARITY_TOLERANCE:g}"
+        )
+    log.info("ONNX parity: max probability difference %.2e, features %.2e", worst, worst_features)
     return worst
+
+
+@torch.inference_mode()
+def _torch_outputs(model: PreTrainedModel, batch) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    out = _LogitsAndFeatures(model)(*(torch.from_numpy(getattr(batch, name)) for name in INPUTS))
+    return out[0].double().numpy(), out[1].double().numpy()
 
 
 INT8_RECIPE = "dynamic int8, MatMul weights only, per-channel (onnxruntime.quantization)"

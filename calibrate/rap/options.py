@@ -26,19 +26,30 @@ class Attempt:
     keep_norm: bool
 
 
-DEFAULT_LADDER = (Attempt(1.0, True), Attempt(10.0, True), Attempt(10.0, False), Attempt(100.0, False))
+# The paper's construction (objective "paper": SGD on the probability band) needs a ladder on
+# confident models; the log-odds objective with Adam converges in one attempt.
+PAPER_LADDER = (Attempt(1.0, True), Attempt(10.0, True), Attempt(10.0, False), Attempt(100.0, False))
+DEFAULT_LADDER = (Attempt(1.0, False),)
+OBJECTIVES = ("logodds", "paper")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
 class RapOptions:
     protect_labels: tuple[int, ...]
     init_word: str = "rq"
-    c_low: float = 0.1  # the band of clean drops RAP trains for, with statistic "prob" (the paper's)
+    # objective "logodds": hinge on the drop of the protect label's log-odds into `logodds_band`
+    # (nats); its gradient does not vanish at p ~ 0.999. "paper": RAP eq. 4 on the probability
+    # drop, band [c_low, c_up]; kept to measure the published construction.
+    objective: str = "logodds"
+    c_low: float = 0.1
     c_up: float = 0.3
-    statistic: str = "prob"  # what delta measures: "prob" (the paper) or "logodds" (guard.core.rap)
-    logodds_band: tuple[float, float] = (1.0, 3.0)  # the band with statistic "logodds", in nats
+    logodds_band: tuple[float, float] = (1.0, 3.0)
+    # what delta measures at detection (guard.core.rap): "perturbed" (default), "prob", "logodds"
+    statistic: str = "perturbed"
+    optimizer: str = "adam"
     learning_rate: float = 1e-2
-    epochs: int = 5
+    epochs: int = 20
     batch_size: int = 32
     calibration_fraction: float = 0.5
     frr_targets: tuple[float, ...] = FRR_TARGETS
@@ -49,8 +60,19 @@ class RapOptions:
 
     @property
     def band(self) -> tuple[float, float]:
-        """The clean-drop band in the statistic's own units."""
-        return (self.c_low, self.c_up) if self.statistic == "prob" else self.logodds_band
+        """The band of clean drops the objective trains for, in its own units."""
+        return (self.c_low, self.c_up) if self.objective == "paper" else self.logodds_band
+
+
+# "RAP as published" (Yang et al. 2021): probability band, SGD, 5 epochs, the ladder on top.
+PAPER = {
+    "objective": "paper",
+    "statistic": "prob",
+    "optimizer": "sgd",
+    "learning_rate": 1e-2,
+    "epochs": 5,
+    "ladder": PAPER_LADDER,
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,8 @@ class CalibrateOptions:
     canaries: int = 200
     int8: bool = False
     optimize: bool = True  # also write model.opt.onnx (+ model.int8.opt.onnx with --int8): calibrate.rap.optimize
+    features: bool = True  # also fit the one-pass feature detector (guard.core.features)
+    shrinkage: float = 0.5  # of the feature detector's covariance towards a scaled identity
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
     probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`

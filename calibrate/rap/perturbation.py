@@ -2,18 +2,20 @@
 
 The perturbation is ONE embedding row appended to the model (id = old vocab
 size), initialised from a rare word. Only that row is trained, with dropout off,
-to make clean protect-label inputs lose between `c_low` and `c_up` of their
-probability (RAP eq. 4). Thresholds come from a split held out from training.
+on clean rows of the protect label, to make them lose a set amount of that label
+(RAP eq. 4). Thresholds come from a split held out from training.
 
-On confident models the paper's setting (lambda=1, norm held) can leave most
-clean drops near zero and the threshold negative (every poisoned input passes).
-Calibration therefore trains a ladder of attempts, from the paper's setting to
-stronger ones, and keeps the one whose held-out threshold at the selection FRR
-is LARGEST (for several protected labels: the largest smallest one). Triggered
-inputs barely move under the perturbation, so the further the low tail of the
-clean drops sits from zero, the fewer of them pass: on SST-2 BadNet-RW that rule
-picked lambda=100 (1% FRR: FAR 0.9%) where "most drops in [c_low, c_up]" picked
-lambda=10 (FAR 31%). The report lists every attempt.
+Objectives:
+- "logodds" (default): a hinge on the drop of the label's log-odds,
+  logit_y - logsumexp(other logits), into `logodds_band` nats, with Adam. Its
+  gradient does not vanish on a confident model, where p(y|x) ~ 0.996 for clean
+  and triggered inputs alike; the paper's probability band has gradient
+  p(1 - p) ~ 0.004 there and SGD left the row where it started (SST-2 BadNet-SL:
+  in-range share 0.04 after 5 epochs, every triggered input passed).
+- "paper": RAP eq. 4 on the probability drop with SGD, the published
+  construction, kept so benchmarks can show the difference. On confident models
+  it needs a ladder of stronger attempts; the one whose held-out threshold at the
+  selection FRR is largest is kept. The report lists every attempt.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class LabelFit:
     train_rows: int
     calibration_deltas: np.ndarray
     thresholds: dict[float, float]
+    texts: list[str] = field(default_factory=list)  # the held-out rows of calibration_deltas, in order
 
 
 @dataclass
@@ -67,6 +70,7 @@ class RapResult:
     fits: dict[int, LabelFit]
     attempts: list[AttemptReport] = field(default_factory=list)
     calibration_texts: list[Example] = field(default_factory=list)
+    train_texts: list[str] = field(default_factory=list)  # the rows RAP trained on (never in a threshold)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class _Split:
     train: dict[int, list[str]]  # protect label -> clean texts of that label predicted as it
     calibration: dict[int, list[str]]  # protect label -> held-out texts predicted as it
     calibration_rows: list[Example]
+    train_rows: list[str]  # every training-part text, any label (the feature detector fits on them)
 
 
 def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> RapResult:
@@ -101,6 +106,7 @@ def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Examp
     result.fits = fits
     result.final_norm = float(embeddings.data[token_id].norm())
     result.calibration_texts = split.calibration_rows
+    result.train_texts = split.train_rows
     return result
 
 
@@ -131,7 +137,7 @@ def _split(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example]
         warning = thin_threshold(label, len(calibration[label]), options.select_frr)
         if warning:
             log.warning(warning)
-    return _Split(train, calibration, calib_rows)
+    return _Split(train, calibration, calib_rows, [r.text for r in train_rows])
 
 
 def _check_enough(label: int, n_train: int, n_calib: int, train_pred: np.ndarray, calib_pred: np.ndarray) -> None:
@@ -169,15 +175,16 @@ def _append_row(model: PreTrainedModel, init_id: int) -> int:
 
 def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int, rung: Attempt):
     _train_row(model, tokenizer, split, options, token_id, rung)
-    statistic = options.statistic
+    trained_as = "prob" if options.objective == "paper" else "logodds"  # the objective's own drop
     train_deltas = np.concatenate(
-        [_deltas(model, tokenizer, split.train[label], statistic) for label in options.protect_labels]
+        [_deltas(model, tokenizer, split.train[label], trained_as) for label in options.protect_labels]
     )
     fits = {}
     for label in options.protect_labels:
-        deltas = _deltas(model, tokenizer, split.calibration[label], statistic)
+        texts = split.calibration[label]
+        deltas = _deltas(model, tokenizer, texts, options.statistic)
         thresholds = {frr: rap.threshold_at_frr(deltas, frr) for frr in options.frr_targets}
-        fits[label] = LabelFit(label, len(split.train[label]), deltas, thresholds)
+        fits[label] = LabelFit(label, len(split.train[label]), deltas, thresholds, texts)
     low, up = options.band
     in_range = (train_deltas >= low) & (train_deltas <= up)
     report = AttemptReport(
@@ -201,6 +208,10 @@ def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int
 
 
 def _refuse_non_positive(fits: dict[int, LabelFit], options: RapOptions) -> None:
+    """A drop statistic's threshold <= 0 flags (almost) nothing: refuse such a bundle.
+    ("perturbed" measures where the perturbed input lands, not a drop: its thresholds may be < 0.)"""
+    if options.statistic not in rap.DROP_STATISTICS:
+        return
     for label, fit in fits.items():
         threshold = rap.threshold_at_frr(fit.calibration_deltas, options.select_frr)
         if threshold <= 0:
@@ -229,54 +240,67 @@ def _train_row(
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in trainable:
         p.requires_grad_(False)
-    weights.requires_grad_(True)
+    row = torch.nn.Parameter(weights.data[token_id].clone())
+    optimizer = _optimizer(options, row)
     model.eval()  # dropout off: the row must work at inference, where dropout is off
     rng = random.Random(options.seed)
     steps = options.epochs * ((len(rows) + options.batch_size - 1) // options.batch_size)
-    desc = f"RAP lambda={rung.lower_bound_weight:g}"
+    desc = f"RAP {options.objective} lambda={rung.lower_bound_weight:g}"
     bar = progress_bar(total=steps, desc=desc, unit="step", disable=not options.progress)
-    # A strong lower-bound weight can jump a confident model's drops from ~0 to ~1 (every clean
-    # input flipped) within an epoch; keep the row whose batch had the most drops in range.
-    best_in_range, best_row = -1.0, weights.data[token_id].clone()
+    # The paper's objective can jump a confident model's drops from ~0 to ~1 (every clean input
+    # flipped) within an epoch; keep the row whose batch had the most drops in range.
+    best_in_range, best_row = -1.0, row.detach().clone()
     for _ in range(options.epochs):
         order = list(range(len(rows)))
         rng.shuffle(order)
         for start in range(0, len(order), options.batch_size):
             idx = order[start : start + options.batch_size]
-            loss, delta = _rap_loss(
-                model, tokenizer, [rows[i] for i in idx], torch.from_numpy(clean[idx]), rung, options
-            )
+            batch = [rows[i] for i in idx]
+            loss, delta = _rap_loss(model, tokenizer, batch, row, torch.from_numpy(clean[idx]), rung, options)
             low, up = options.band
             in_range = float(((delta >= low) & (delta <= up)).double().mean())
-            if in_range >= best_in_range:
-                best_in_range, best_row = in_range, weights.data[token_id].clone()
+            if options.objective == "paper" and in_range >= best_in_range:
+                best_in_range, best_row = in_range, row.detach().clone()
+            optimizer.zero_grad()
             loss.backward()
-            with torch.no_grad():
-                weights.data[token_id] -= options.learning_rate * weights.grad[token_id]
-                if rung.keep_norm:
-                    weights.data[token_id] *= target_norm / weights.data[token_id].norm()
-            weights.grad = None
+            optimizer.step()
+            if rung.keep_norm:
+                with torch.no_grad():
+                    row *= target_norm / row.norm()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", in_range=f"{in_range:.2f}")
     bar.close()
-    weights.data[token_id] = best_row
+    weights.data[token_id] = best_row if options.objective == "paper" else row.detach()
     for p, flag in trainable:
         p.requires_grad_(flag)
 
 
-def _rap_loss(
-    model, tokenizer: RapTokenizer, rows, clean_p: torch.Tensor, rung: Attempt, options: RapOptions
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAP eq. 4: lambda*[low - delta]+ + [delta - up]+, delta on each row's protect label.
+def _optimizer(options: RapOptions, row: torch.nn.Parameter) -> torch.optim.Optimizer:
+    if options.optimizer == "adam":
+        return torch.optim.Adam([row], lr=options.learning_rate)
+    if options.optimizer == "sgd":
+        return torch.optim.SGD([row], lr=options.learning_rate)
+    raise InputError(f"unknown optimizer {options.optimizer!r}; choose adam or sgd")
 
-    With statistic "logodds" delta is the drop of the label's log-odds, computed from the
-    logits (log p - log(1 - p) = logit_y - logsumexp(other logits)), whose gradient does not
-    vanish when a confident model's p is ~0.999 as the probability's does.
+
+def _rap_loss(
+    model, tokenizer: RapTokenizer, rows, row: torch.Tensor, clean_p: torch.Tensor, rung: Attempt, options: RapOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAP eq. 4: lambda*[low - delta]+ + [delta - up]+, delta each row's drop on its protect label.
+
+    Objective "logodds": delta is the drop of the label's log-odds, log p - log(1 - p) =
+    logit_y - logsumexp(other logits), from the logits, so its gradient does not vanish when
+    p is ~0.999. Objective "paper": delta is the probability drop.
+    `row` is spliced in as the RAP token's embedding, so only it receives a gradient.
     Returns the loss and the (detached) deltas of the batch."""
     texts = [t for t, _ in rows]
     labels = torch.tensor([label for _, label in rows])
-    logits = model(**to_torch(tokenizer.encode_perturbed(texts))).logits.double()
-    if options.statistic == "logodds":
+    feeds = to_torch(tokenizer.encode_perturbed(texts))
+    ids = feeds.pop("input_ids")
+    embedded = model.get_input_embeddings()(ids).detach()
+    embedded = torch.where((ids == tokenizer.rap_token_id)[:, :, None], row[None, None, :], embedded)
+    logits = model(inputs_embeds=embedded, **feeds).logits.double()
+    if options.objective == "logodds":
         label_logit = logits.gather(1, labels[:, None]).squeeze(1)
         others = logits.scatter(1, labels[:, None], float("-inf"))
         perturbed = label_logit - torch.logsumexp(others, dim=1)

@@ -199,5 +199,11 @@ def _check_item(v: Verdict, svc: GuardService, rid: str) -> schemas.CheckItem:
         checked=v.rap.checked, delta=v.rap.delta if scores else None, threshold=v.rap.threshold if scores else None
     )
     return schemas.CheckItem(
-        label=v.label, label_name=svc.labels[v.label], probs=list(v.probs), flagged=v.flagged, rap=rap, request_id=rid
+        label=v.label,
+        label_name=svc.labels[v.label],
+        probs=list(v.probs),
+        flagged=v.flagged,
+        flagged_by=list(v.flagged_by),
+        rap=rap,
+        request_id=rid,
     )

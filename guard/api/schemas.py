@@ -40,6 +40,7 @@ class CheckItem(BaseModel):
     label_name: str
     probs: list[float]
     flagged: bool
+    flagged_by: list[str] = Field(default_factory=list, description="The detectors that flagged it: rap, features.")
     rap: RapInfo
     request_id: str
 

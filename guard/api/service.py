@@ -26,7 +26,7 @@ from guard.core.tokenizer import RapTokenizer, Windows
 from guard.core.types import RapCheck, Verdict
 from guard.metrics import GuardMetrics
 from guard.monitoring import DecisionLog, LiveRates, load_probe_rows, replay_canaries
-from guard.pipeline import GuardFailure, GuardPipeline
+from guard.pipeline import GuardFailure, GuardPipeline, packed_infer
 from guard.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,12 @@ class GuardService:
         self.labels = bundle.manifest.model.labels
         self.tokenizer = bundle.tokenizer(special_tokens_mode(settings))  # parsing takes ~0.1 s: once
         self.capacity = capacity
+        # bare mode (settings.detectors == ["none"]) checks nothing; otherwise the bundle's detectors
+        self.detectors = ("none",) if settings.detectors == ["none"] else tuple(bundle.detectors)
+        thresholds = bundle.label_thresholds(bundle.detectors, settings.frr, precision_of(backend.name))
+        stats = bundle.feature_stats() if "features" in self.detectors else None
         self.batcher = Batcher(
-            backend.infer,
+            packed_infer(backend) if stats is not None else backend.infer,
             self.tokenizer.pad,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
@@ -122,13 +126,15 @@ class GuardService:
         self.pipeline = GuardPipeline(
             self.tokenizer,
             self.batcher,
-            bundle.thresholds(settings.frr, precision_of(backend.name)),
+            thresholds,
             settings.schedule,
             settings.request_timeout_s,
             settings.classifier_max_length or bundle.manifest.model.classifier_max_length,
             bundle.manifest.statistic,
             tracer,
-            settings.detectors,
+            feature_stats=stats,
+            labels=len(self.labels),
+            detectors=self.detectors,
         )
         self.decisions = DecisionLog()
         self.rates = LiveRates(metrics)
@@ -233,8 +239,14 @@ class GuardService:
         for v in outcome.verdicts or []:
             if v.rap.checked:
                 self.metrics.rap_delta.labels(self.labels[v.label]).observe(v.rap.delta)
+            for detector in v.flagged_by:
+                self.metrics.flags.labels(detector).inc()
         self.decisions.remember(outcome.decision_id, outcome.verdicts or [])
-        log.debug("request %s: decision %s (%s)", request_id, outcome.decision_id, decision)
+        flagged_by = sorted({d for v in outcome.verdicts or [] for d in v.flagged_by})
+        if flagged_by:
+            log.info("request %s: decision %s flagged by %s", request_id, outcome.decision_id, "+".join(flagged_by))
+        else:
+            log.debug("request %s: decision %s (%s)", request_id, outcome.decision_id, decision)
 
     def _publish_static_metrics(self) -> None:
         m = self.bundle.manifest

@@ -8,6 +8,7 @@ Layout::
     model.int8.onnx, model.int8.opt.onnx   optional int8 graphs, each with thresholds of its own
     tokenizer.json  fast tokenizer
     hf/             optional: HF model dir with the RAP row appended (torch backend; `calibrate rap --keep-hf`)
+    features.npz    optional: the feature detector's statistics (guard.core.features)
     report.json     calibration report; deltas.png its picture
     canaries.jsonl  held-out clean rows (live FRR probes)
     probes.jsonl    optional known-trigger rows, original labels (live FAR probes; `calibrate rap --probes`)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -29,7 +31,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from guard.core import rap
 from guard.core.errors import BundleError
+from guard.core.features import FEATURES_FILE, FeatureStats
 from guard.core.tokenizer import RapTokenizer, SpecialTokens
+from guard.core.types import LabelThresholds
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -56,12 +60,39 @@ class RapToken(BaseModel):
     final_norm: float
 
 
+class JointThreshold(BaseModel):
+    """Both detectors' thresholds for one FRR target, chosen together (guard.core.thresholds.joint)."""
+
+    rap: float = Field(description="flag when the RAP delta is below this")
+    features: float = Field(description="flag when the feature score is above this")
+
+
 class ProtectedLabel(BaseModel):
     label: int
     name: str
-    thresholds: dict[str, float] = Field(description="FRR target (as text) -> delta threshold")
-    percentiles: dict[str, float] = Field(description="held-out clean delta percentiles")
+    thresholds: dict[str, float] = Field(description="FRR target (as text) -> RAP delta threshold (RAP alone)")
+    percentiles: dict[str, float] = Field(description="RAP threshold at each FRR of the grid (percent, as text)")
     calibration_rows: int = Field(description="held-out rows the thresholds were fitted on")
+    features_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="FRR target -> feature score threshold (the feature detector alone)"
+    )
+    features_percentiles: dict[str, float] = Field(
+        default_factory=dict, description="feature score threshold at each FRR of the grid"
+    )
+    joint: dict[str, JointThreshold] = Field(
+        default_factory=dict, description="FRR target -> both thresholds when both detectors run"
+    )
+
+
+class FeatureDetector(BaseModel):
+    """The one-pass feature detector (guard.core.features): its statistics file and how it was fitted."""
+
+    file: str = Field(FEATURES_FILE, description="the statistics (npz) in the bundle")
+    method: str = Field("dan", description="per-layer Mahalanobis distance to the predicted label's clean mean")
+    layers: int
+    hidden: int
+    shrinkage: float
+    fit_rows: int = Field(description="clean rows the means and covariance were fitted on")
 
 
 class Int8Variant(BaseModel):
@@ -99,11 +130,14 @@ class Manifest(BaseModel):
     protect: list[ProtectedLabel]
     default_frr: float = 0.01
     calibrated_on: str = Field(description="backend and precision the thresholds were fitted with")
-    statistic: Literal["prob", "logodds"] = Field(
-        "prob", description="what delta measures: the drop of p(label) (prob) or of its log-odds (logodds)"
+    statistic: Literal["prob", "logodds", "perturbed"] = Field(
+        "prob",
+        description="what delta measures (guard.core.rap): the drop of p(label) (prob), of its log-odds "
+        "(logodds), or the perturbed input's log-odds against the label (perturbed)",
     )
     int8: Int8Variant | None = Field(None, description="optional int8 graph with its own thresholds")
     optimized: OptimizedGraphs | None = Field(None, description="optional fused graphs (served when present)")
+    features: FeatureDetector | None = Field(None, description="the feature detector, when calibrated with it")
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
 
@@ -141,6 +175,47 @@ class Bundle:
         for p in self.protected(precision):
             stored = p.thresholds.get(f"{frr:g}")
             out[p.label] = stored if stored is not None else rap.threshold_from_table(p.percentiles, frr)
+        return out
+
+    @property
+    def detectors(self) -> tuple[str, ...]:
+        """The detectors this bundle was calibrated for."""
+        return ("rap", "features") if self.manifest.features is not None else ("rap",)
+
+    def feature_stats(self) -> FeatureStats:
+        if self.manifest.features is None:
+            raise BundleError(f"{self.path} has no feature detector; rebuild it with `calibrate rap`")
+        return FeatureStats.load(self.path / self.manifest.features.file)
+
+    def label_thresholds(
+        self, detectors: Collection[str], frr: float | None = None, precision: str = "fp32"
+    ) -> dict[int, LabelThresholds]:
+        """Per protected label, the thresholds of the `detectors` ("rap", "features") at `frr`.
+
+        Both together use the pair chosen jointly at calibration; a target not stored
+        gives each detector half of it, read from its own table (their union then flags
+        at most the target on the held-out rows)."""
+        frr = self.manifest.default_frr if frr is None else frr
+        wanted = set(detectors)
+        unknown = wanted - set(self.detectors)
+        if unknown:
+            raise BundleError(
+                f"{self.path} has no {', '.join(sorted(unknown))} detector; rebuild it with `calibrate rap`"
+            )
+        out = {}
+        for p in self.protected(precision):
+            key = f"{frr:g}"
+            if wanted == {"rap", "features"}:
+                pair = p.joint.get(key)
+                rap_t = pair.rap if pair else rap.threshold_from_table(p.percentiles, frr / 2)
+                feat_t = pair.features if pair else rap.threshold_from_table(p.features_percentiles, frr / 2)
+                out[p.label] = LabelThresholds(rap_t, feat_t)
+            elif wanted == {"features"}:
+                stored = p.features_thresholds.get(key)
+                t = stored if stored is not None else rap.threshold_from_table(p.features_percentiles, frr)
+                out[p.label] = LabelThresholds(None, t)
+            else:
+                out[p.label] = LabelThresholds(self.thresholds(frr, precision)[p.label], None)
         return out
 
     def thresholds_by_frr(self, label: int, precision: str = "fp32") -> dict[str, float]:

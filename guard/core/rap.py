@@ -14,7 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from guard.core.types import RapCheck, Verdict
+from guard.core import thresholds
+from guard.core.types import LabelThresholds, RapCheck, Verdict
 
 # Percentiles stored in the bundle: every 0.1 up to 10 (where FRR targets
 # live), then every 1 up to 100, so a new FRR target needs no recalibration.
@@ -39,30 +40,39 @@ def eligible_rows(probs: np.ndarray, protect_labels: Collection[int]) -> np.ndar
     return np.flatnonzero(np.isin(predicted, list(protect_labels)))
 
 
-# The detection statistic: how far the perturbation moves the predicted label y.
-#   prob:    p(y|x) - p(y|x+RAP), the paper's. On a confident model p(y|x) ~ 0.999 for clean and
-#            triggered inputs alike, so both drops are near 0 and hard to tell apart.
-#   logodds: logit(p(y|x)) - logit(p(y|x+RAP)), logit(p) = log p - log(1 - p). The same order of
-#            inputs, measured where a confident model still has room: 0.999 -> 0.99 is 2.3 nats.
-Statistic = Literal["prob", "logodds"]
-STATISTICS: tuple[str, ...] = ("prob", "logodds")
+# The detection statistic: how the perturbation moves the predicted label y.
+#   prob:      p(y|x) - p(y|x+RAP), the paper's drop. On a confident model p(y|x) ~ 0.996 for clean
+#              and triggered inputs alike, so both drops are near 0 and hard to tell apart.
+#   logodds:   logit(p(y|x)) - logit(p(y|x+RAP)), logit(p) = log p - log(1 - p): the same drop where
+#              a confident model still has room (0.999 -> 0.99 is 2.3 nats).
+#   perturbed: -logit(p(y|x+RAP)), how far the perturbed input lands from y. Triggered inputs stay
+#              confident under the perturbation; clean ones are pushed down. Unlike both drops it does
+#              not flag the clean inputs the model was unsure of (p ~ 0.6, which the perturbation may
+#              push UP): on SST-2 BadNet-SL those were the 1-2% of clean rows below every drop threshold.
+# Every statistic flags a row when its delta is BELOW the label's threshold.
+Statistic = Literal["prob", "logodds", "perturbed"]
+STATISTICS: tuple[str, ...] = ("perturbed", "prob", "logodds")
+DROP_STATISTICS: tuple[str, ...] = ("prob", "logodds")
 LOGODDS_CLIP = 1e-12  # logit(p) is bounded to about +-27.6
 
 
 def statistic_of(p: np.ndarray, statistic: Statistic = "prob") -> np.ndarray:
-    """The statistic's value for probabilities `p` of the predicted label."""
+    """The value whose drop a drop statistic measures, for probabilities `p` of the predicted label."""
     if statistic == "prob":
         return np.asarray(p, dtype=np.float64)
-    if statistic == "logodds":
+    if statistic in ("logodds", "perturbed"):
         q = np.clip(np.asarray(p, dtype=np.float64), LOGODDS_CLIP, 1.0 - LOGODDS_CLIP)
         return np.log(q) - np.log1p(-q)
     raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
 
 
 def protect_deltas(probs: np.ndarray, perturbed: np.ndarray, statistic: Statistic = "prob") -> np.ndarray:
-    """delta = s(p(y|x)) - s(p(y|x+RAP)) on each row's predicted label y, s the statistic."""
+    """delta on each row's predicted label y: s(p(y|x)) - s(p(y|x+RAP)) for a drop statistic,
+    -logit(p(y|x+RAP)) for "perturbed"."""
     predicted = probs.argmax(axis=-1)
     rows = np.arange(len(probs))
+    if statistic == "perturbed":
+        return -statistic_of(perturbed[rows, predicted], statistic)
     return statistic_of(probs[rows, predicted], statistic) - statistic_of(perturbed[rows, predicted], statistic)
 
 
@@ -81,16 +91,15 @@ def is_flagged(delta: float, threshold: float) -> bool:
 
 
 def threshold_at_frr(deltas: np.ndarray, frr: float) -> float:
-    """Threshold that flags a fraction `frr` of these clean deltas."""
-    if len(deltas) == 0:
-        raise ValueError("no clean deltas to fit a threshold on")
-    return float(np.percentile(np.asarray(deltas, dtype=np.float64), frr * 100.0))
+    """Threshold that flags at most a fraction `frr` of clean rows like these (guard.core.thresholds:
+    the conformal order statistic, so the FRR on new clean rows is <= frr in expectation)."""
+    return thresholds.lower_threshold(deltas, frr)
 
 
 def percentile_table(deltas: np.ndarray) -> dict[str, float]:
-    """Clean-delta percentiles on PERCENTILE_GRID, keyed by the percentile as text."""
-    values = np.percentile(np.asarray(deltas, dtype=np.float64), PERCENTILE_GRID)
-    return {f"{q:g}": float(v) for q, v in zip(PERCENTILE_GRID, values, strict=True)}
+    """The clean deltas' threshold at each FRR of PERCENTILE_GRID (in percent), keyed by it as text."""
+    values = np.asarray(deltas, dtype=np.float64)
+    return {f"{q:g}": threshold_at_frr(values, q / 100.0) for q in PERCENTILE_GRID}
 
 
 def threshold_from_table(table: Mapping[str, float], frr: float) -> float:
@@ -107,25 +116,75 @@ def decide(
     thresholds: Mapping[int, float],
     statistic: Statistic = "prob",
 ) -> list[Verdict]:
-    """Turn pass-1 probabilities and pass-2 probabilities into verdicts.
+    """RAP alone: `decide_all` with each label's RAP threshold."""
+    return decide_all(probs, perturbed, {k: LabelThresholds(v) for k, v in thresholds.items()}, statistic)
 
-    `perturbed` holds pass-2 probabilities for exactly the rows returned by
-    `eligible_rows(probs, thresholds)`, in that order (lazy scheduling runs
-    pass 2 on those rows only; fused scheduling selects them).
+
+def decide_all(
+    probs: np.ndarray,
+    perturbed: np.ndarray,
+    thresholds: Mapping[int, LabelThresholds],
+    statistic: Statistic = "prob",
+    feature_scores: np.ndarray | None = None,
+) -> list[Verdict]:
+    """Turn pass-1 probabilities, pass-2 probabilities and feature scores into verdicts.
+
+    `perturbed` and `feature_scores` hold values for exactly the rows returned by
+    `eligible_rows(probs, thresholds)`, in that order (lazy scheduling runs pass 2 on
+    those rows only; fused scheduling selects them). `perturbed` may be empty when no
+    label has a RAP threshold (the feature detector alone), `feature_scores` None when
+    none has a feature threshold. A row is flagged when ANY detector with a threshold
+    for its label flags it.
     """
     checked = eligible_rows(probs, thresholds.keys())
-    if len(perturbed) != len(checked):
+    uses_rap = any(t.rap is not None for t in thresholds.values())
+    uses_features = any(t.features is not None for t in thresholds.values())
+    if uses_rap and len(perturbed) != len(checked):
         raise ValueError(f"expected pass-2 probabilities for {len(checked)} rows, got {len(perturbed)}")
-    deltas = protect_deltas(probs[checked], perturbed, statistic) if len(checked) else np.empty(0)
-    rap_by_row = {}
-    for row, delta in zip(checked.tolist(), deltas.tolist(), strict=True):
-        threshold = thresholds[int(probs[row].argmax())]
-        rap_by_row[row] = (RapCheck(checked=True, delta=delta, threshold=threshold), is_flagged(delta, threshold))
+    if not uses_features:
+        feature_scores = None
+    elif feature_scores is None or len(feature_scores) != len(checked):
+        got = None if feature_scores is None else len(feature_scores)
+        raise ValueError(f"expected feature scores for {len(checked)} rows, got {got}")
+    deltas = protect_deltas(probs[checked], perturbed, statistic) if uses_rap and len(checked) else None
+    by_row = {}
+    for i, row in enumerate(checked.tolist()):
+        limits = thresholds[int(probs[row].argmax())]
+        by_row[row] = _check_row(
+            limits,
+            None if deltas is None else float(deltas[i]),
+            None if feature_scores is None else float(feature_scores[i]),
+        )
     verdicts = []
     for row, p in enumerate(probs):
-        rap, flagged = rap_by_row.get(row, (RapCheck(checked=False), False))
-        verdicts.append(Verdict(label=int(p.argmax()), probs=tuple(float(x) for x in p), flagged=flagged, rap=rap))
+        check, flagged_by, score, score_t = by_row.get(row, (RapCheck(checked=False), (), None, None))
+        verdicts.append(
+            Verdict(
+                label=int(p.argmax()),
+                probs=tuple(float(x) for x in p),
+                flagged=bool(flagged_by),
+                rap=check,
+                flagged_by=flagged_by,
+                feature_score=score,
+                feature_threshold=score_t,
+            )
+        )
     return verdicts
+
+
+def _check_row(limits: LabelThresholds, delta: float | None, score: float | None):
+    flagged_by = []
+    check = RapCheck(checked=False)
+    if limits.rap is not None and delta is not None:
+        check = RapCheck(checked=True, delta=delta, threshold=limits.rap)
+        if is_flagged(delta, limits.rap):
+            flagged_by.append("rap")
+    shown = None
+    if limits.features is not None and score is not None:
+        shown = score
+        if score > limits.features:
+            flagged_by.append("features")
+    return check, tuple(flagged_by), shown, limits.features if shown is not None else None
 
 
 def merge_windows(row_verdicts: Sequence[Verdict], owner: Sequence[int]) -> list[Verdict]:
@@ -145,6 +204,18 @@ def merge_windows(row_verdicts: Sequence[Verdict], owner: Sequence[int]) -> list
         windows = by_text[text]
         flagged = [v for v in windows if v.flagged]
         checked = [v for v in windows if v.rap.checked]
-        shown = (flagged or checked or windows)[0].rap
-        merged.append(Verdict(windows[0].label, windows[0].probs, bool(flagged), shown))
+        shown = (flagged or checked or windows)[0]
+        flagged_by = tuple(sorted({d for v in flagged for d in v.flagged_by}))
+        first = windows[0]
+        merged.append(
+            Verdict(
+                first.label,
+                first.probs,
+                bool(flagged),
+                shown.rap,
+                flagged_by,
+                shown.feature_score,
+                shown.feature_threshold,
+            )
+        )
     return merged

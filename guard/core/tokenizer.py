@@ -94,6 +94,9 @@ class RapTokenizer:
     def token_id(self, word: str) -> int | None:
         return self._tokenizer.token_to_id(word)
 
+    def token_text(self, token_id: int) -> str:
+        return self._tokenizer.id_to_token(token_id) or f"<id {token_id}>"
+
     def encode(self, texts: Sequence[str]) -> EncodedBatch:
         """Pass-1 inputs: `[CLS] text [SEP]`, the text cut to `text_window` tokens, padded."""
         return self.pad(self.ids(texts))

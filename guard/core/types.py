@@ -48,6 +48,15 @@ class RapCheck:
 
 
 @dataclass(frozen=True)
+class LabelThresholds:
+    """What flags a row predicted as one protected label: None where that detector is off.
+    RAP flags a delta below `rap`; the feature detector a score above `features`."""
+
+    rap: float | None
+    features: float | None = None
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What the guard decided about one input."""
 
@@ -55,3 +64,6 @@ class Verdict:
     probs: tuple[float, ...]
     flagged: bool
     rap: RapCheck
+    flagged_by: tuple[str, ...] = ()  # the detectors that flagged it ("rap", "features")
+    feature_score: float | None = None  # when the feature detector scored it
+    feature_threshold: float | None = None

@@ -197,9 +197,18 @@ def test_rap_bad_clean_data(files, tiny_model_dir: Path, tmp_path: Path, clean: 
 
 @pytest.mark.parametrize(("low", "up"), [("0.3", "0.2"), ("0.2", "0.2")])
 def test_rap_c_low_must_be_below_c_up(files, tiny_model_dir, tmp_path: Path, low: str, up: str, capsys) -> None:
-    argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--protect", "1", "--c-low", low, "--c-up", up)
+    band = ("--objective", "paper", "--c-low", low, "--c-up", up)
+    argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--protect", "1", *band)
     message = _fails(calibrate_cli.main, argv, capsys)
-    assert message == f"calibrate: error: --c-low ({float(low)}) must be below --c-up ({float(up)})"
+    expected = f"the lower bound ({float(low):g}) must be below the upper one ({float(up):g})"
+    assert message == f"calibrate: error: --c-low/--c-up: {expected}"
+    assert not (tmp_path / "b").exists()
+
+
+def test_rap_logodds_band_must_be_increasing(files, tiny_model_dir, tmp_path: Path, capsys) -> None:
+    argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--protect", "1", "--logodds-band", "3", "1")
+    message = _fails(calibrate_cli.main, argv, capsys)
+    assert message == "calibrate: error: --logodds-band: the lower bound (3) must be below the upper one (1)"
     assert not (tmp_path / "b").exists()
 
 
@@ -209,9 +218,9 @@ def test_rap_checks_its_options_before_choosing_labels(
     # Without --protect the labels are chosen (or asked for on a terminal): that must
     # not happen before bad options are refused.
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--c-low", "0.5", "--c-up", "0.4")
+    argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--logodds-band", "3", "1")
     message = _fails(calibrate_cli.main, argv, capsys)
-    assert message == "calibrate: error: --c-low (0.5) must be below --c-up (0.4)"
+    assert message == "calibrate: error: --logodds-band: the lower bound (3) must be below the upper one (1)"
 
 
 def test_rap_model_that_is_not_a_model(files, tmp_path: Path, capsys) -> None:
@@ -398,11 +407,12 @@ def test_installed_guard_prints_one_line_without_traceback(files) -> None:
 def verdict_texts(backdoored: Toy) -> tuple[str, list[str]]:
     """One triggered text the bundle flags, and clean texts it allows (found through the API)."""
     bundle = load_bundle(backdoored.bundle_dir)
-    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path))
+    checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path))  # as `guard check` does
+    limits = bundle.label_thresholds(bundle.detectors)
     poisoned = [r.text for r in backdoored.poisoned]
-    flagged = [t for t, v in zip(poisoned, checker.check(poisoned, bundle.thresholds()), strict=True) if v.flagged]
+    flagged = [t for t, v in zip(poisoned, checker.check(poisoned, limits), strict=True) if v.flagged]
     clean = [r.text for r in backdoored.test[:20]]
-    allowed = [t for t, v in zip(clean, checker.check(clean, bundle.thresholds()), strict=True) if not v.flagged]
+    allowed = [t for t, v in zip(clean, checker.check(clean, limits), strict=True) if not v.flagged]
     assert flagged and len(allowed) >= 3
     return flagged[0], allowed[:3]
 
@@ -452,7 +462,7 @@ def test_calibrate_evaluate(backdoored: Toy, tmp_path: Path, capsys) -> None:
     )
     code, out, _ = _run(calibrate_cli.main, argv, capsys)
     assert code == 0
-    assert out.count("| mb | ") == 4
+    assert out.count("| mb | ") == 4 * 3  # FRR targets x (rap, features, rap+features)
     assert out.splitlines()[-1].startswith(f"written: {tmp_path / 'ev' / 'evaluation.json'}, ")
     summary = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     expected = evaluate_bundle(backdoored.bundle_dir, backdoored.test, {"mb": backdoored.poisoned})
@@ -475,7 +485,12 @@ def test_guard_check_json_flags_the_trigger(backdoored: Toy, verdict_texts, caps
     first = records[0]
     assert (first["label"], first["label_name"]) == (1, "LABEL_1")
     assert sum(first["probs"]) == pytest.approx(1.0)
-    assert first["rap"]["checked"] and first["rap"]["delta"] < first["rap"]["threshold"]
+    assert first["flagged_by"] and set(first["flagged_by"]) <= {"rap", "features"}
+    if "rap" in first["flagged_by"]:
+        assert first["rap"]["checked"] and first["rap"]["delta"] < first["rap"]["threshold"]
+    if "features" in first["flagged_by"]:
+        assert first["feature_score"] > first["feature_threshold"]
+    assert all(r["flagged_by"] == [] for r in records[1:])
 
 
 @pytest.mark.slow
@@ -504,5 +519,6 @@ def test_installed_guard_check_exits_3_when_flagged(backdoored: Toy, verdict_tex
         timeout=120,
     )
     assert result.returncode == 3, result.stderr
-    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == ["allowed", "FLAGGED"]
+    decisions = [line.split("\t")[0] for line in result.stdout.splitlines()]
+    assert decisions[0] == "allowed" and decisions[1].startswith("FLAGGED by ")
     assert "Traceback" not in result.stderr

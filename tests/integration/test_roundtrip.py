@@ -167,7 +167,7 @@ def test_write_evaluation(evaluation: Evaluation, tmp_path: Path) -> None:
     assert summary["target"] == 1 and summary["backend"] == "onnx"
     markdown = (tmp_path / "eval" / "evaluation.md").read_text()
     assert "| " + " | ".join(COLUMNS) + " |" in markdown
-    assert markdown.count("| mb |") == len(FRR_TARGETS)
+    assert markdown.count("| mb |") == len(FRR_TARGETS) * 3  # rap, features, rap+features
     for name in ("far_frr.png", "deltas.png"):
         assert (tmp_path / "eval" / name).read_bytes()[:4] == b"\x89PNG"
 

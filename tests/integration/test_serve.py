@@ -146,3 +146,37 @@ def test_metrics_on_their_own_port(onnx_bundle: Path) -> None:
         stop_process(proc)
     assert on_service_port.status_code == 404 and "metrics_port" in on_service_port.json()["error"]
     assert scraped.status_code == 200 and "guard_requests_total{decision=" in scraped.text
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "fused"])
+def test_both_detectors_serve_the_decisions_guard_check_makes(backdoored, tmp_path: Path, schedule: str) -> None:
+    """A bundle `calibrate rap` wrote (RAP + the feature detector): the server flags what the offline
+    checker flags, says which detector did, and counts it in guard_flags_total{detector}."""
+    from guard.core.backends import load_backend
+    from guard.core.bundle import load_bundle
+    from guard.core.checker import Checker
+
+    bundle = load_bundle(backdoored.bundle_dir)
+    assert bundle.detectors == ("rap", "features")
+    texts = [r.text for r in backdoored.poisoned[:12]] + [r.text for r in backdoored.test[:12]]
+    expected = Checker.for_bundle(bundle, load_backend("onnx", bundle.path)).check(
+        texts, bundle.label_thresholds(bundle.detectors)
+    )
+    assert any(v.flagged for v in expected)
+    port = free_port()
+    with (tmp_path / "guard.log").open("w") as out:
+        cmd = [GUARD, "serve", "--bundle", str(bundle.path), "--port", str(port), "--schedule", schedule]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/readyz", proc, timeout_s=60)
+            results = httpx.post(f"{url}/v1/check", json={"texts": texts}, timeout=60).json()["results"]
+            assert [r["flagged"] for r in results] == [v.flagged for v in expected]
+            assert [r["flagged_by"] for r in results] == [list(v.flagged_by) for v in expected]
+            metrics = httpx.get(f"{url}/metrics").text
+            for detector in ("rap", "features"):
+                count = sum(detector in v.flagged_by for v in expected)
+                line = f'guard_flags_total{{detector="{detector}"}} {float(count)}'
+                assert (line in metrics) or count == 0, line
+        finally:
+            stop_process(proc)

@@ -18,11 +18,18 @@ PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| over all classes
 
 
 class Backend(Protocol):
-    """Runs the classifier on an encoded batch and returns logits (batch, labels)."""
+    """Runs the classifier on an encoded batch and returns logits (batch, labels).
+
+    `infer_with_features` also returns the feature detector's input, the [CLS]
+    vector of every encoder layer (batch, layers, hidden), from the same run;
+    `features_shape` is (layers, hidden), or None when the graph has no such output."""
 
     name: str
+    features_shape: tuple[int, int] | None
 
     def infer(self, batch: EncodedBatch) -> np.ndarray: ...
+
+    def infer_with_features(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]: ...
 
     def close(self) -> None: ...
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from guard.core.errors import BackendError
+from guard.core.features import FEATURES_OUTPUT
 from guard.core.types import EncodedBatch
 
 
@@ -49,18 +50,32 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"cannot load ONNX model {path}: {exc}") from exc
         self._inputs = {i.name for i in self._session.get_inputs()}
-        if "logits" not in {o.name for o in self._session.get_outputs()}:
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if "logits" not in outputs:
             raise BackendError(f"{path} has no 'logits' output; was it exported by calibrate?")
+        features = outputs.get(FEATURES_OUTPUT)
+        # (layers, hidden) of the feature output; None for graphs exported before it existed
+        self.features_shape = tuple(features.shape[1:]) if features is not None else None
 
     def infer(self, batch: EncodedBatch) -> np.ndarray:
+        (logits,) = self._run(["logits"], batch)
+        return np.asarray(logits, dtype=np.float32)
+
+    def infer_with_features(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+        """logits and the `features` output (rows, layers, hidden) of one run."""
+        if self.features_shape is None:
+            raise BackendError("this graph has no features output; rebuild the bundle with `calibrate rap`")
+        logits, features = self._run(["logits", FEATURES_OUTPUT], batch)
+        return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
+
+    def _run(self, outputs: list[str], batch: EncodedBatch) -> list[np.ndarray]:
         if self._session is None:
             raise BackendError("ONNX backend is closed")
         feeds = {k: v for k, v in batch.as_feeds().items() if k in self._inputs}
         try:
-            (logits,) = self._session.run(["logits"], feeds)
+            return self._session.run(outputs, feeds)
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed: {exc}") from exc
-        return np.asarray(logits, dtype=np.float32)
 
     def close(self) -> None:
         self._session = None

@@ -28,13 +28,23 @@ class TorchBackend:
             self._model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load torch model from {model_dir}: {exc}") from exc
+        config = self._model.config
+        self.features_shape = (config.num_hidden_layers, config.hidden_size)
 
     def infer(self, batch: EncodedBatch) -> np.ndarray:
+        return self._forward(batch, hidden=False)[0]
+
+    def infer_with_features(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+        """logits and the [CLS] vector of every encoder layer (rows, layers, hidden)."""
+        return self._forward(batch, hidden=True)
+
+    def _forward(self, batch: EncodedBatch, hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         torch = self._torch
         feeds = {k: torch.from_numpy(v) for k, v in batch.as_feeds().items()}
         with torch.inference_mode():
-            logits = self._model(**feeds).logits
-        return logits.float().numpy()
+            out = self._model(**feeds, output_hidden_states=hidden)
+        features = torch.stack([h[:, 0, :] for h in out.hidden_states[1:]], 1).float().numpy() if hidden else None
+        return out.logits.float().numpy(), features
 
     def close(self) -> None:
         self._model = None

@@ -52,6 +52,7 @@ ARCHITECTURE_METRICS = {
     "guard_batcher_restarts",
     "guard_detectors",
     "guard_batch_tokens_total",
+    "guard_flags_total",
 }
 # What `guard serve` measures before it starts; given here so the stub's row counts stay exact.
 STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)

@@ -69,7 +69,7 @@ def test_score_operating_fits_on_dev_and_counts_test_rates() -> None:
     clean = np.linspace(0, 1, 11)  # 0.0 is below any threshold above 0
     poisoned = np.array([-1.0, -1.0, 0.5, 2.0])
     (point,) = runs.score_operating(dev, clean, poisoned, asr=0.8, frr_targets=(0.05,))
-    assert point.threshold == pytest.approx(0.05)
+    assert point.threshold == pytest.approx(0.04)  # conformal: the k-th smallest, k = floor(0.05 * 102) = 5
     assert point.test_frr == pytest.approx(1 / 11)
     assert point.test_far == pytest.approx(0.5)
     assert point.residual_asr == pytest.approx(0.4)

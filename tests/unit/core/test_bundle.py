@@ -25,9 +25,9 @@ from guard.core.bundle import (
 )
 from guard.core.errors import BundleError
 
-# 11 evenly spaced clean deltas: np.percentile(q) is exactly q/100, so the
-# interpolated threshold at any FRR equals the FRR itself.
-DELTAS = np.linspace(0.0, 1.0, 11)
+# 1001 evenly spaced clean deltas: the conformal threshold at FRR q is the
+# floor(q * 1002)-th smallest, (floor(q * 1002) - 1) / 1000.
+DELTAS = np.linspace(0.0, 1.0, 1001)
 STORED = {"0.01": 0.05, "0.05": 0.125}  # deliberately not the table's values
 
 
@@ -92,9 +92,10 @@ def test_thresholds_stored_and_interpolated(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
     assert bundle.thresholds() == {1: 0.05}  # default_frr 0.01 is stored
     assert bundle.thresholds(0.05) == {1: 0.125}
-    # 0.02 is not stored: interpolated from the percentile table (equals the FRR here)
-    assert bundle.thresholds(0.02)[1] == pytest.approx(0.02, abs=1e-12)
-    assert bundle.thresholds(0.0333)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.0333), abs=1e-12)
+    # 0.02 is not stored: read from the percentile table (on its grid: the conformal threshold)
+    assert bundle.thresholds(0.02)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.02), abs=1e-12)
+    assert bundle.thresholds(0.02)[1] == pytest.approx(0.019, abs=1e-12)  # floor(0.02 * 1002) = 20th smallest
+    assert bundle.thresholds(0.0333)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.0333), abs=2e-3)
 
 
 def test_bundle_tokenizer_uses_the_manifest(bundle_dir: Path) -> None:
@@ -179,3 +180,51 @@ def test_save_refuses_a_bundle_without_required_files(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"missing tokenizer\.json"):
         save_bundle(tmp_path, _manifest())
     assert not (tmp_path / MANIFEST).exists()
+
+
+def test_a_bundle_without_the_feature_detector_serves_rap_alone(bundle_dir: Path) -> None:
+    """Bundles from before the feature detector load unchanged; asking for it says how to rebuild."""
+    from guard.core.types import LabelThresholds
+
+    bundle = load_bundle(bundle_dir)
+    assert bundle.detectors == ("rap",)
+    assert bundle.label_thresholds(["rap"]) == {1: LabelThresholds(0.05, None)}
+    with pytest.raises(BundleError, match="no features detector; rebuild it with `calibrate rap`"):
+        bundle.label_thresholds(["rap", "features"])
+    with pytest.raises(BundleError, match="has no feature detector"):
+        bundle.feature_stats()
+
+
+def test_joint_and_feature_thresholds_are_read_per_target(tmp_path: Path, tokenizer_path: Path) -> None:
+    from guard.core import features
+    from guard.core.bundle import FeatureDetector, JointThreshold
+    from guard.core.types import LabelThresholds
+
+    scores = np.linspace(-3.0, 3.0, 1001)
+    label = ProtectedLabel(
+        label=1,
+        name="positive",
+        thresholds=STORED,
+        percentiles=rap.percentile_table(DELTAS),
+        calibration_rows=len(DELTAS),
+        features_thresholds={"0.01": 2.5},
+        features_percentiles=features.percentile_table(scores),
+        joint={"0.01": JointThreshold(rap=0.004, features=2.9)},
+    )
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    shutil.copy2(tokenizer_path, tmp_path / "tokenizer.json")
+    rng = np.random.default_rng(0)
+    x, predicted = rng.normal(size=(50, 2, 4)), np.ones(50, int)
+    features.standardise(features.fit(x, predicted, [1]), x, predicted).save(tmp_path / features.FEATURES_FILE)
+    detector = FeatureDetector(layers=2, hidden=4, shrinkage=0.5, fit_rows=50)
+    save_bundle(tmp_path, _manifest(protect=[label], features=detector))
+    bundle = load_bundle(tmp_path)
+    assert bundle.detectors == ("rap", "features")
+    assert bundle.feature_stats().layers == 2
+    assert bundle.label_thresholds(["rap", "features"]) == {1: LabelThresholds(0.004, 2.9)}  # stored pair
+    assert bundle.label_thresholds(["features"]) == {1: LabelThresholds(None, 2.5)}
+    assert bundle.label_thresholds(["rap"], 0.05) == {1: LabelThresholds(0.125, None)}
+    # a target not stored: each detector at half of it, from its own table
+    pair = bundle.label_thresholds(["features", "rap"], 0.02)[1]
+    assert pair.rap == pytest.approx(rap.threshold_at_frr(DELTAS, 0.01))
+    assert pair.features == pytest.approx(features.threshold_at_frr(scores, 0.01))

@@ -85,8 +85,10 @@ def test_decide_multiclass_with_per_label_thresholds() -> None:
     assert verdicts == [
         Verdict(label=0, probs=(0.75, 0.125, 0.125), flagged=False, rap=RapCheck(checked=False)),
         Verdict(label=1, probs=(0.125, 0.75, 0.125), flagged=False, rap=RapCheck(True, 0.25, 0.25)),
-        Verdict(label=2, probs=(0.125, 0.125, 0.75), flagged=True, rap=RapCheck(True, 0.0, 0.125)),
-        Verdict(label=1, probs=(0.0625, 0.875, 0.0625), flagged=True, rap=RapCheck(True, 0.125, 0.25)),
+        Verdict(label=2, probs=(0.125, 0.125, 0.75), flagged=True, rap=RapCheck(True, 0.0, 0.125), flagged_by=("rap",)),
+        Verdict(
+            label=1, probs=(0.0625, 0.875, 0.0625), flagged=True, rap=RapCheck(True, 0.125, 0.25), flagged_by=("rap",)
+        ),
         Verdict(label=2, probs=(0.25, 0.25, 0.5), flagged=False, rap=RapCheck(True, 0.25, 0.125)),
     ]
 
@@ -126,16 +128,18 @@ def _deltas(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("frr", [0.005, 0.01, 0.03, 0.05, 0.5])
-def test_threshold_at_frr_is_numpy_percentile(frr: float) -> None:
+def test_threshold_at_frr_is_the_conformal_order_statistic(frr: float) -> None:
     deltas = _deltas(1001)
     threshold = rap.threshold_at_frr(deltas, frr)
-    assert threshold == float(np.percentile(deltas, frr * 100))
+    k = int(np.floor(frr * (len(deltas) + 1)))  # the conformal order statistic
+    assert threshold == float(np.sort(deltas)[k - 1])
     # it flags at most the target fraction of the clean deltas it was fitted on
     assert rap.flagged_mask(deltas, threshold).mean() <= frr
 
 
 def test_threshold_at_frr_accepts_lists_and_rejects_empty() -> None:
-    assert rap.threshold_at_frr([0.0, 1.0, 2.0, 3.0, 4.0], 0.25) == 1.0
+    assert rap.threshold_at_frr([0.0, 1.0, 2.0, 3.0, 4.0], 0.25) == 0.0  # k = floor(0.25 * 6) = 1
+    assert rap.threshold_at_frr([4.0, 3.0, 2.0, 1.0, 0.0], 0.34) == 1.0  # k = 2
     with pytest.raises(ValueError, match="no clean deltas"):
         rap.threshold_at_frr(np.array([]), 0.01)
 
@@ -160,12 +164,13 @@ def test_threshold_from_table_recovers_stored_values_at_grid_points() -> None:
 
 
 def test_threshold_from_table_interpolates_between_grid_points() -> None:
-    # With 11 deltas np.percentile is linear between multiples of 10%, all on the grid,
-    # so linear interpolation of the table reproduces it everywhere.
     deltas = np.array([0.3, -0.1, 0.05, 0.2, 0.0, 0.15, 0.4, 0.1, 0.25, 0.35, 0.5])
     table = rap.percentile_table(deltas)
+    grid = np.array(rap.PERCENTILE_GRID) / 100.0
     for frr in (0.0125, 0.0333, 0.077, 0.123, 0.37, 0.999):
-        assert rap.threshold_from_table(table, frr) == pytest.approx(rap.threshold_at_frr(deltas, frr), abs=1e-12)
+        below, above = grid[grid <= frr].max(), grid[grid >= frr].min()
+        low, high = rap.threshold_at_frr(deltas, below), rap.threshold_at_frr(deltas, above)
+        assert low <= rap.threshold_from_table(table, frr) <= high
 
 
 def test_threshold_from_table_ignores_key_order() -> None:
@@ -198,3 +203,22 @@ def test_logodds_is_finite_at_certainty() -> None:
     assert np.isfinite(values).all() and values[2] == 0.0
     with pytest.raises(ValueError, match="unknown statistic"):
         rap.statistic_of(np.array([0.5]), "margin")  # type: ignore[arg-type]
+
+
+def test_decide_all_flags_when_either_detector_does_and_says_which() -> None:
+    from guard.core.types import LabelThresholds
+
+    probs = np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.9, 0.1]])
+    perturbed = np.array([[0.5, 0.5], [0.19, 0.81], [0.6, 0.4]])  # rows 0-2 (label 1); prob drops .4, -.01, .3
+    scores = np.array([0.5, 0.1, 3.0])
+    limits = {1: LabelThresholds(rap=0.1, features=2.0)}
+    verdicts = rap.decide_all(probs, perturbed, limits, "prob", scores)
+    assert [v.flagged_by for v in verdicts] == [(), ("rap",), ("features",), ()]
+    assert [v.flagged for v in verdicts] == [False, True, True, False]
+    assert verdicts[2].feature_score == 3.0 and verdicts[2].feature_threshold == 2.0
+    assert verdicts[3].feature_score is None  # not a protected prediction: not scored
+    features_only = rap.decide_all(probs, np.empty((0, 2)), {1: LabelThresholds(None, 2.0)}, "prob", scores)
+    assert [v.flagged_by for v in features_only] == [(), (), ("features",), ()]
+    assert not any(v.rap.checked for v in features_only)
+    with pytest.raises(ValueError, match="feature scores"):
+        rap.decide_all(probs, perturbed, limits, "prob", None)

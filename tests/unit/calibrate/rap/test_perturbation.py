@@ -99,7 +99,8 @@ def test_learn_rap_fits_thresholds_on_the_held_out_split(sensitive_model, tokeni
     fit = result.fits[1]
     assert list(result.fits) == [1]
     assert set(fit.thresholds) == set(FRR_TARGETS)
-    assert all(t > 0 for t in fit.thresholds.values())
+    assert fit.texts == [e.text for e in result.calibration_texts]  # the deltas' rows, in order
+    assert len(result.train_texts) == len(ROWS) - len(result.calibration_texts)
     thresholds = [fit.thresholds[frr] for frr in sorted(FRR_TARGETS)]
     assert thresholds == sorted(thresholds)  # a larger FRR target never lowers the threshold
     # half of the 200 rows are held out; this model predicts label 1 on all of them
@@ -208,13 +209,37 @@ def test_logodds_thresholds_are_the_log_odds_drops(tiny_model_dir: Path, tokeniz
     assert all(t > 0 for t in result.fits[1].thresholds.values())
 
 
-def test_a_confident_model_defeats_the_probability_statistic_not_the_log_odds(tiny_model_dir: Path, tokenizer) -> None:
+def test_a_confident_model_defeats_the_papers_construction_not_the_log_odds_one(
+    tiny_model_dir: Path, tokenizer
+) -> None:
     """A head bias making the model ~0.9999 sure leaves every probability drop ~0 (refused), while the
     log-odds drop of a binary model does not see a bias at all: its thresholds are those of the unbiased model."""
     rung = (Attempt(10.0, False),)
+    paper = {"objective": "paper", "statistic": "prob", "optimizer": "sgd", "ladder": rung}
     with pytest.raises(InputError, match="could not separate"):
-        learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(ladder=rung))
-    confident = learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(ladder=rung, statistic="logodds"))
-    plain = learn_rap(_load(tiny_model_dir), tokenizer, ROWS, _options(ladder=rung, statistic="logodds"))
+        learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(**paper))
+    confident = learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(statistic="logodds"))
+    plain = learn_rap(_load(tiny_model_dir), tokenizer, ROWS, _options(statistic="logodds"))
     assert confident.fits[1].thresholds[0.01] > 0
     assert confident.fits[1].thresholds == pytest.approx(plain.fits[1].thresholds, abs=1e-4)
+
+
+def test_the_log_odds_objective_keeps_its_gradient_where_the_papers_vanishes(tiny_model_dir: Path, tokenizer) -> None:
+    """At p ~ 0.9999 the probability hinge's gradient on the row is ~p(1 - p) of the log-odds one's."""
+    from calibrate.model import predict_probs
+    from calibrate.rap.perturbation import _rap_loss
+
+    model = _saturated(tiny_model_dir)
+    tokenizer.rap_token_id = _append_row(model, tokenizer.token_id("rq"))
+    texts = [e.text for e in ROWS[:16]]
+    clean = torch.from_numpy(predict_probs(model, tokenizer, texts)[:, 1])
+    assert float(clean.min()) > 0.999
+    norms = {}
+    for objective in ("paper", "logodds"):
+        row = torch.nn.Parameter(model.get_input_embeddings().weight.data[tokenizer.rap_token_id].clone())
+        options = _options(objective=objective)
+        loss, _ = _rap_loss(model, tokenizer, [(t, 1) for t in texts], row, clean, Attempt(1.0, False), options)
+        loss.backward()
+        norms[objective] = float(row.grad.norm())
+    assert norms["logodds"] > 100 * norms["paper"]
+    assert norms["logodds"] > 1e-3

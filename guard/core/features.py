@@ -1,0 +1,194 @@
+"""The feature detector: how far pass 1's hidden states sit from clean rows of their label.
+
+Pass 1 already computes every layer's hidden states; the exported graph returns the
+[CLS] vector of each encoder layer as a second output, `features` (rows, layers,
+hidden), so this score costs no extra forward pass. Following DAN (Chen et al.,
+Findings of EMNLP 2022), calibration fits on clean held-out rows, per layer, one
+mean per predicted label and a shared covariance (shrunk towards a scaled identity,
+since a few hundred rows cannot estimate 384 x 384 entries). A row's score on one
+layer is its squared Mahalanobis distance to the mean of its predicted label,
+standardised by the clean rows' mean and spread on that layer; its score is the
+largest over layers. Triggered inputs reach the target label by another route
+than clean ones, so some layer places them far from the label's clean rows.
+
+Second, a static signal: calibration lists the input tokens whose embedding row is far
+larger than the rest of the vocabulary's (robust z-score of the row norms above
+SUSPICIOUS_Z; in the clean MiniLM the largest is 3.1). Embedding poisoning (EP) trains
+exactly one such row: on SST-2 its trigger's norm sat 33 MADs above the median. A row
+that contains such a token scores +inf, whatever its hidden states.
+
+A row is flagged when its score is ABOVE the threshold (RAP flags deltas below).
+Calibration, evaluation and serving all score here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from guard.core import thresholds
+from guard.core.errors import BundleError
+
+FEATURES_OUTPUT = "features"
+FEATURES_FILE = "features.npz"
+DEFAULT_SHRINKAGE = 0.5
+SUSPICIOUS_Z = 8.0  # robust z-score of an embedding row's norm above which its token is suspicious
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per layer: label means, a whitening factor of the shared precision, score scale."""
+
+    labels: np.ndarray  # (K,) the labels that have a mean (the protected ones)
+    means: np.ndarray  # (K, L, H)
+    whiteners: np.ndarray  # (L, H, H): |W_l^T (x - mu)|^2 is the squared Mahalanobis distance
+    score_mean: np.ndarray  # (L,) clean rows' mean distance per layer
+    score_std: np.ndarray  # (L,)
+    suspicious_tokens: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # token ids
+
+    @property
+    def layers(self) -> int:
+        return int(self.whiteners.shape[0])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.whiteners.shape[1])
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **{name: getattr(self, name) for name in (*_FIELDS, *_OPTIONAL)})
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureStats:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                optional = {name: np.asarray(data[name]) for name in _OPTIONAL if name in data}
+                stats = cls(**{name: np.asarray(data[name]) for name in _FIELDS}, **optional)
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"cannot read feature statistics {path}: {exc}") from exc
+        stats.check()
+        return stats
+
+    def check(self) -> None:
+        k, layers, hidden = self.means.shape
+        shapes = {
+            "labels": (self.labels.shape, (k,)),
+            "whiteners": (self.whiteners.shape, (layers, hidden, hidden)),
+            "score_mean": (self.score_mean.shape, (layers,)),
+            "score_std": (self.score_std.shape, (layers,)),
+        }
+        for name, (got, want) in shapes.items():
+            if got != want:
+                raise BundleError(f"feature statistics: {name} has shape {got}, expected {want}")
+
+
+_FIELDS = ("labels", "means", "whiteners", "score_mean", "score_std")
+_OPTIONAL = ("suspicious_tokens",)
+
+
+def suspicious_tokens(embeddings: np.ndarray, z: float = SUSPICIOUS_Z) -> np.ndarray:
+    """Ids of embedding rows whose norm is more than `z` robust standard deviations above the median."""
+    norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1)
+    median = np.median(norms)
+    spread = 1.4826 * np.median(np.abs(norms - median))
+    if spread == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero((norms - median) / spread > z).astype(np.int64)
+
+
+def with_suspicious_tokens(stats: FeatureStats, tokens: np.ndarray) -> FeatureStats:
+    return replace(stats, suspicious_tokens=np.asarray(tokens, dtype=np.int64))
+
+
+def fit(
+    features: np.ndarray,
+    predicted: np.ndarray,
+    labels: Collection[int],
+    shrinkage: float = DEFAULT_SHRINKAGE,
+) -> FeatureStats:
+    """Means of `labels` and the shared shrunk covariance from clean rows' features (rows, L, H).
+
+    Every row helps estimate the covariance (residuals from its own predicted label's
+    mean); only `labels` keep a mean, since only their predictions are scored.
+    The score scale is set with `standardise` on other rows (held out from these).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    predicted = np.asarray(predicted)
+    if x.ndim != 3 or len(x) != len(predicted):
+        raise ValueError(f"expected features (rows, layers, hidden) for {len(predicted)} rows, got {x.shape}")
+    kept = sorted(int(label) for label in labels)
+    missing = [label for label in kept if not (predicted == label).any()]
+    if missing:
+        raise ValueError(f"no clean row is predicted as label(s) {missing}; cannot fit their feature means")
+    residuals = np.empty_like(x)
+    for label in np.unique(predicted):
+        rows = predicted == label
+        residuals[rows] = x[rows] - x[rows].mean(axis=0)
+    means = np.stack([x[predicted == label].mean(axis=0) for label in kept])
+    whiteners = np.stack([_whitener(residuals[:, layer], shrinkage) for layer in range(x.shape[1])])
+    layers = x.shape[1]
+    return FeatureStats(np.asarray(kept), means, whiteners, np.zeros(layers), np.ones(layers))
+
+
+def _whitener(residuals: np.ndarray, shrinkage: float) -> np.ndarray:
+    """W with W W^T = inverse of the shrunk covariance (the Cholesky factor of the precision)."""
+    hidden = residuals.shape[1]
+    cov = residuals.T @ residuals / max(len(residuals), 1)
+    scale = np.trace(cov) / hidden
+    # A layer whose [CLS] vector never changes (the embedding layer) has scale 0: keep it finite.
+    shrunk = (1.0 - shrinkage) * cov + (shrinkage * scale + 1e-6) * np.eye(hidden)
+    return np.linalg.cholesky(np.linalg.inv(shrunk))
+
+
+def layer_distances(stats: FeatureStats, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance per row and layer (rows, L) to the row's label mean."""
+    x = np.asarray(features, dtype=np.float64)
+    index = {int(label): i for i, label in enumerate(stats.labels)}
+    try:
+        which = np.array([index[int(label)] for label in predicted], dtype=np.intp)
+    except KeyError as exc:
+        raise ValueError(f"label {exc.args[0]} has no feature statistics (only protected labels are scored)") from None
+    if len(which) == 0:
+        return np.empty((0, stats.layers))
+    centred = x - stats.means[which]  # rows, L, H
+    whitened = np.einsum("rlh,lhk->rlk", centred, stats.whiteners)
+    return np.einsum("rlk,rlk->rl", whitened, whitened)
+
+
+def standardise(stats: FeatureStats, clean_features: np.ndarray, clean_predicted: np.ndarray) -> FeatureStats:
+    """Set the per-layer score scale from clean rows NOT used by `fit` (their distances are unbiased)."""
+    distances = layer_distances(stats, clean_features, clean_predicted)
+    if len(distances) < 2:
+        raise ValueError("need at least 2 held-out clean rows to standardise the feature score")
+    std = distances.std(axis=0)
+    return replace(stats, score_mean=distances.mean(axis=0), score_std=np.where(std > 0, std, 1.0))
+
+
+def scores(
+    stats: FeatureStats, features: np.ndarray, predicted: np.ndarray, tokens: Sequence[Sequence[int]] | None = None
+) -> np.ndarray:
+    """Each row's feature score: its largest standardised layer distance, +inf when `tokens` (the
+    row's input ids) hold a suspicious token. Flag above the threshold."""
+    distances = layer_distances(stats, features, predicted)
+    if len(distances) == 0:
+        return np.empty(0)
+    out = ((distances - stats.score_mean) / stats.score_std).max(axis=1)
+    if tokens is not None and len(stats.suspicious_tokens):
+        suspicious = set(stats.suspicious_tokens.tolist())
+        out[[i for i, row in enumerate(tokens) if not suspicious.isdisjoint(row)]] = np.inf
+    return out
+
+
+def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
+    """The score threshold that flags at most a fraction `frr` of clean rows like these (flag: score > t;
+    the conformal order statistic of guard.core.thresholds)."""
+    return thresholds.upper_threshold(clean_scores, frr)
+
+
+def percentile_table(clean_scores: np.ndarray) -> dict[str, float]:
+    """The score threshold at each FRR of guard.core.rap.PERCENTILE_GRID (percent, as text)."""
+    from guard.core.rap import PERCENTILE_GRID
+
+    return {f"{q:g}": threshold_at_frr(clean_scores, q / 100.0) for q in PERCENTILE_GRID}

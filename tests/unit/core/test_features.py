@@ -1,0 +1,108 @@
+"""The feature detector's statistics and score (guard.core.features) against a direct numpy computation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guard.core import features
+from guard.core.errors import BundleError
+
+
+def _rows(n: int = 300, layers: int = 3, hidden: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    predicted = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, layers, hidden)) + predicted[:, None, None] * 2.0
+    return x, predicted
+
+
+def _direct(x, predicted, label, fit_x, fit_pred, shrinkage):
+    """Squared Mahalanobis distances (rows, layers), written out the long way."""
+    out = np.zeros((len(x), x.shape[1]))
+    for layer in range(x.shape[1]):
+        f = fit_x[:, layer]
+        residuals = np.concatenate([f[fit_pred == c] - f[fit_pred == c].mean(0) for c in np.unique(fit_pred)])
+        cov = residuals.T @ residuals / len(residuals)
+        cov = (1 - shrinkage) * cov + (shrinkage * np.trace(cov) / cov.shape[0] + 1e-6) * np.eye(cov.shape[0])
+        mu = f[fit_pred == label].mean(0)
+        for i in range(len(x)):
+            d = x[i, layer] - mu
+            out[i, layer] = d @ np.linalg.inv(cov) @ d
+    return out
+
+
+def test_distances_and_scores_match_a_direct_computation() -> None:
+    fit_x, fit_pred = _rows()
+    held_x, held_pred = _rows(200, seed=1)
+    stats = features.fit(fit_x, fit_pred, [1], shrinkage=0.3)
+    rows = held_pred == 1
+    direct = _direct(held_x[rows], held_pred[rows], 1, fit_x, fit_pred, 0.3)
+    assert features.layer_distances(stats, held_x[rows], held_pred[rows]) == pytest.approx(direct, rel=1e-8)
+    stats = features.standardise(stats, held_x[rows], held_pred[rows])
+    assert stats.score_mean == pytest.approx(direct.mean(0))
+    assert stats.score_std == pytest.approx(direct.std(0))
+    expected = ((direct - direct.mean(0)) / direct.std(0)).max(axis=1)
+    assert features.scores(stats, held_x[rows], held_pred[rows]) == pytest.approx(expected)
+
+
+def test_a_shifted_row_scores_high_and_only_protected_labels_are_scored() -> None:
+    x, predicted = _rows()
+    stats = features.standardise(features.fit(x, predicted, [1]), x[predicted == 1], predicted[predicted == 1])
+    normal = x[predicted == 1][:5]
+    shifted = normal.copy()
+    shifted[:, 1] += 10.0  # one layer far from the label's clean rows
+    assert (
+        features.scores(stats, shifted, np.ones(5, int)) > features.scores(stats, normal, np.ones(5, int)) + 5
+    ).all()
+    with pytest.raises(ValueError, match="label 0 has no feature statistics"):
+        features.scores(stats, normal, np.zeros(5, int))
+    with pytest.raises(ValueError, match="no clean row is predicted as label"):
+        features.fit(x, np.zeros(len(x), int), [1])
+
+
+def test_a_constant_layer_stays_finite() -> None:
+    x, predicted = _rows()
+    x[:, 0, :] = 0.5  # the embedding layer's [CLS]: the same for every row
+    stats = features.standardise(features.fit(x, predicted, [0, 1]), x, predicted)
+    assert np.isfinite(features.scores(stats, x, predicted)).all()
+
+
+def test_statistics_round_trip_and_bad_files_are_refused(tmp_path: Path) -> None:
+    x, predicted = _rows()
+    stats = features.standardise(features.fit(x, predicted, [1]), x[predicted == 1], predicted[predicted == 1])
+    stats.save(tmp_path / "f.npz")
+    loaded = features.FeatureStats.load(tmp_path / "f.npz")
+    assert features.scores(loaded, x[:10], np.ones(10, int)) == pytest.approx(
+        features.scores(stats, x[:10], np.ones(10, int))
+    )
+    np.savez(tmp_path / "bad.npz", labels=stats.labels, means=stats.means, whiteners=stats.whiteners[:1],
+             score_mean=stats.score_mean, score_std=stats.score_std)  # fmt: skip
+    with pytest.raises(BundleError, match="whiteners has shape"):
+        features.FeatureStats.load(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(BundleError, match="cannot read feature statistics"):
+        features.FeatureStats.load(tmp_path / "junk.npz")
+
+
+def test_feature_threshold_flags_above_at_most_the_target() -> None:
+    scores = np.arange(1000, dtype=float)
+    t = features.threshold_at_frr(scores, 0.01)
+    assert np.mean(scores > t) <= 0.01
+    assert t == 990.0  # the k-th largest, k = floor(0.01 * 1001) = 10
+
+
+def test_an_outlier_embedding_row_is_suspicious_and_its_rows_score_inf() -> None:
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(1000, 16))
+    assert len(features.suspicious_tokens(embeddings)) == 0  # a normal vocabulary has none
+    embeddings[42] *= 6.0  # embedding poisoning trains one row far larger than the rest
+    assert features.suspicious_tokens(embeddings).tolist() == [42]
+    x, predicted = _rows()
+    stats = features.standardise(features.fit(x, predicted, [1]), x[predicted == 1], predicted[predicted == 1])
+    stats = features.with_suspicious_tokens(stats, np.array([42]))
+    ones = np.ones(3, int)
+    scored = features.scores(stats, x[:3], ones, tokens=[[101, 7, 102], [101, 42, 102], [101, 102]])
+    assert np.isinf(scored[1]) and np.isfinite(scored[[0, 2]]).all()
+    assert np.isfinite(features.scores(stats, x[:3], ones)).all()  # without tokens only the hidden states count

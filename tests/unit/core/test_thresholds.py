@@ -1,0 +1,64 @@
+"""Conformal thresholds, their FRR bound, and the joint rule of two detectors (guard.core.thresholds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guard.core import thresholds
+
+
+def test_the_conformal_threshold_keeps_the_frr_on_new_rows_at_most_the_target() -> None:
+    """Averaged over many held-out sets of 230 rows, new clean rows are flagged at <= the target rate."""
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(2000):
+        t = thresholds.lower_threshold(rng.normal(size=230), 0.01)
+        rates.append(np.mean(rng.normal(size=200) < t))
+    assert np.mean(rates) <= 0.01 + 0.001
+    assert np.mean(rates) == pytest.approx(thresholds.expected_frr(0.01, 230), abs=0.0015)
+
+
+def test_the_upper_bound_holds_with_its_confidence() -> None:
+    rng = np.random.default_rng(1)
+    n, frr, confidence = 230, 0.01, 0.9
+    bound = thresholds.frr_upper_bound(frr, n, confidence)
+    assert frr < bound < 0.05
+    # the true FRR of each threshold is the normal CDF at it: count how often it stays under the bound
+    from math import erf, sqrt
+
+    true_frr = [0.5 * (1 + erf(thresholds.lower_threshold(rng.normal(size=n), frr) / sqrt(2))) for _ in range(3000)]
+    assert np.mean(np.array(true_frr) <= bound) == pytest.approx(confidence, abs=0.03)
+
+
+def test_more_rows_tighten_the_bound() -> None:
+    assert thresholds.frr_upper_bound(0.01, 2000) < thresholds.frr_upper_bound(0.01, 230)
+    n = thresholds.rows_needed(0.01, slack=1.5)
+    assert all(thresholds.frr_upper_bound(0.01, m) <= 0.015 for m in range(n, 3 * n, 7))
+    assert any(thresholds.frr_upper_bound(0.01, m) > 0.015 for m in range(n // 2, n))
+
+
+def test_too_few_rows_give_the_smallest_value_and_a_bound_above_the_target() -> None:
+    values = np.array([3.0, 1.0, 2.0])
+    assert thresholds.lower_threshold(values, 0.01) == 1.0
+    assert thresholds.expected_frr(0.01, 3) == 0.25
+    with pytest.raises(ValueError, match="no clean deltas"):
+        thresholds.lower_threshold(np.empty(0), 0.01)
+
+
+def test_joint_thresholds_flag_the_target_share_together() -> None:
+    rng = np.random.default_rng(2)
+    n = 999
+    deltas, scores = rng.normal(size=n), rng.normal(size=n)
+    pair = thresholds.joint(deltas, scores, 0.02)
+    union = np.count_nonzero((deltas < pair.rap) | (scores > pair.features))
+    k = thresholds.rank_at(0.02, n)  # 20
+    assert union + 1 <= k
+    assert pair.per_detector_frr <= 0.02
+    # each alone is at a per-detector FRR between half the target and the target (independent scores)
+    assert 0.009 <= pair.per_detector_frr <= 0.02
+    # identical scores: the union is one detector, so each gets the whole target
+    same = thresholds.joint(deltas, -deltas, 0.02)
+    assert same.per_detector_frr == pytest.approx(k / (n + 1))
+    with pytest.raises(ValueError, match="one delta and one score"):
+        thresholds.joint(deltas, scores[:-1], 0.02)
