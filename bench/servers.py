@@ -1,11 +1,10 @@
-"""The two comparison servers of the serving benchmark (not product code).
+"""The serving benchmark's comparison server (not product code).
 
-- bare: the SAME batcher and backend as the guard, pass 1 only, no RAP: what the
-  classifier costs without the guard.
 - naive: what a user would hand-roll: a transformers pipeline inside FastAPI,
   one torch forward per request.
 
-    python -m bench.servers bare --bundle DIR --backend onnx --port 8001
+The bare baseline is the guard itself, `guard serve --detectors none` (one code path).
+
     python -m bench.servers naive --model HF_DIR --port 8002
 """
 
@@ -13,48 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from guard.batcher import Batcher
-from guard.core import rap
-from guard.core.backends import load_backend
-from guard.core.bundle import load_bundle
-
 
 class Body(BaseModel):
     text: str
-
-
-def bare_app(bundle_dir: str, backend: str, threads: int | None) -> FastAPI:
-    bundle = load_bundle(bundle_dir)
-    tokenizer = bundle.tokenizer()
-    engine = load_backend(backend, bundle.path, threads)
-    batcher = Batcher(engine.infer, tokenizer.pad)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        await batcher.submit(tokenizer.ids(["warm-up"]))
-        yield
-        await batcher.stop()
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.get("/readyz")
-    async def ready() -> dict:
-        return {"status": "ready"}
-
-    @app.post("/v1/classify")
-    async def classify(body: Body) -> dict:
-        logits, _ = await batcher.submit(tokenizer.ids([body.text]), "1")
-        probs = rap.softmax(logits)[0]
-        return {"results": [{"label": int(probs.argmax()), "probs": probs.tolist()}]}
-
-    return app
 
 
 def naive_app(model_dir: str, threads: int | None) -> FastAPI:
@@ -87,19 +52,12 @@ def naive_app(model_dir: str, threads: int | None) -> FastAPI:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("bare", "naive"))
-    p.add_argument("--bundle")
-    p.add_argument("--backend", default="onnx")
-    p.add_argument("--model")
+    p.add_argument("kind", choices=("naive",))
+    p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int)
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args()
-    app = (
-        bare_app(args.bundle, args.backend, args.threads)
-        if args.kind == "bare"
-        else naive_app(args.model, args.threads)
-    )
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(naive_app(args.model, args.threads), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ queue into batches (at most `max_batch_size` rows and `max_batch_tokens` padded
 tokens), runs the backend in one inference thread and resolves each row's
 future with its logits. While a batch runs, new rows pile up and form the next
 batch, so batches grow with load; when idle, the first row waits at most
-`max_wait` for company. The queue is bounded: a submit that would overflow it
+`max_wait` for company. Batches are length-aware: the oldest row (the queue's head) always
+goes, and the queued rows nearest to its length join it while padding stays within
+`max_padding_share` of the batch's tokens; the others keep their place for the next
+batch (a share of 1 turns grouping off: first come, first served). The queue is bounded: a submit that would overflow it
 raises `QueueFullError` at once (the caller answers 429); nothing is dropped.
 
 Admission is deadline-aware: `admit` estimates when new rows would finish from the
@@ -35,6 +38,8 @@ from guard.core.errors import BackendError, GuardError
 from guard.core.types import EncodedBatch
 
 log = logging.getLogger(__name__)
+# Length-aware batching looks this many batches deep into the queue for rows of similar length.
+GROUPING_WINDOW_BATCHES = 4
 RATE_SMOOTHING = 0.2  # weight of the newest batch in the seconds-per-row estimate
 # Admit work only if its estimate fits in this share of the time left: the estimate counts backend
 # compute, not a CPU shared with other work or the event loop's lag, which can double it.
@@ -58,10 +63,11 @@ class BatchStats:
     """Reported once per backend call (for metrics)."""
 
     rows: int
-    padded_tokens: int
+    padded_tokens: int  # rows x longest row: what the backend computes on
     tags: frozenset[str]
     queue_seconds: float  # longest wait of a row in this batch
     compute_seconds: float
+    real_tokens: int = 0  # the rows' own tokens; padded_tokens - real_tokens is padding
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,13 @@ class Batcher:
         max_queue: int = 1024,
         on_batch: Callable[[BatchStats], None] | None = None,
         stall_after_s: float = 30.0,
+        max_padding_share: float = 1.0,
     ) -> None:
         self._infer, self._pad = infer, pad
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
         self.stall_after_s = stall_after_s
+        self.max_padding_share = max_padding_share
         self._on_batch = on_batch or (lambda stats: None)
         self._queue: deque[_Row] = deque()
         self._wakeup = asyncio.Event()
@@ -237,6 +245,10 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Row]:
+        return self._take_in_order() if self.max_padding_share >= 1 else self._take_grouped()
+
+    def _take_in_order(self) -> list[_Row]:
+        """First come, first served (no padding limit)."""
         batch: list[_Row] = []
         longest = 0
         while self._queue and len(batch) < self.max_batch_size:
@@ -249,6 +261,37 @@ class Batcher:
                 break
             batch.append(self._queue.popleft())
             longest = width
+        return batch
+
+    def _take_grouped(self) -> list[_Row]:
+        """The head row, plus the queued rows nearest its length that keep padding within bounds.
+
+        Looks `GROUPING_WINDOW_BATCHES` batches deep; rows left out go back in their order, in
+        front of the rest, so priority rows stay first and the oldest row leads the next batch.
+        """
+        window: list[_Row] = []
+        while self._queue and len(window) < GROUPING_WINDOW_BATCHES * self.max_batch_size:
+            row = self._queue.popleft()
+            if not row.future.done():  # a done row's request timed out or was cancelled: skip the work
+                window.append(row)
+        if not window:
+            return []
+        head, rest = window[0], window[1:]
+        chosen = {0}
+        longest, real = len(head.ids), len(head.ids)
+        by_closeness = sorted(range(len(rest)), key=lambda i: abs(len(rest[i].ids) - len(head.ids)))
+        for i in by_closeness:
+            if len(chosen) >= self.max_batch_size:
+                break
+            n = len(rest[i].ids)
+            width = max(longest, n)
+            padded = width * (len(chosen) + 1)
+            if padded > self.max_batch_tokens or (padded - real - n) > self.max_padding_share * padded:
+                continue
+            chosen.add(i + 1)
+            longest, real = width, real + n
+        batch = [row for i, row in enumerate(window) if i in chosen]
+        self._queue.extendleft(reversed([row for i, row in enumerate(window) if i not in chosen]))
         return batch
 
     async def _execute(self, batch: list[_Row]) -> None:
@@ -272,6 +315,7 @@ class Batcher:
             frozenset(r.tag for r in batch),
             max(started - r.enqueued for r in batch),
             compute,
+            sum(len(r.ids) for r in batch),
         )
         try:
             self._on_batch(stats)

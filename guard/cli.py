@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from guard.console import Parser, command_parser, dispatch
+from guard.core.backends.base import BACKENDS
 
 DESCRIPTION = """\
 Guard a text classifier against backdoor triggers with a calibrated RAP bundle.
@@ -41,7 +42,7 @@ def _parser() -> Parser:
     check.add_argument("--bundle", type=Path, required=True)
     check.add_argument("texts", nargs="*", help="texts to check (default: read lines from stdin)")
     check.add_argument("--frr", type=float, help="FRR target to use (default: the bundle's)")
-    check.add_argument("--backend", choices=("onnx", "onnx-int8", "torch"), default="onnx")
+    check.add_argument("--backend", choices=BACKENDS, default="onnx")
     check.add_argument("--json", action="store_true", help="print JSON lines")
     check.set_defaults(handler=_check)
     _add_serve(sub)

@@ -140,6 +140,20 @@ class GuardMetrics:
             registry=registry,
         )
 
+        self.detectors = Gauge(
+            "guard_detectors",
+            "Constant 1, labelled with the detectors that check inputs (none: a bare, unchecked classifier).",
+            ["detectors"],
+            registry=registry,
+        )
+        self.batch_tokens = Counter(
+            "guard_batch_tokens",
+            "Tokens sent to the backend, by kind: real (the rows' own) or padding (added to make the batch "
+            "rectangular). Padded share = padding / (real + padding).",
+            ["kind"],
+            registry=registry,
+        )
+
     def watch_batcher(self, pending: Callable[[], float], restarts: Callable[[], float]) -> None:
         """Queue length and restarts are read from the batcher when scraped, never stale."""
         self.pending.set_function(pending)
@@ -150,3 +164,5 @@ class GuardMetrics:
         self.inference_duration.labels(tag, self.backend).observe(stats.compute_seconds)
         self.queue_duration.observe(stats.queue_seconds)
         self.batch_size.observe(stats.rows)
+        self.batch_tokens.labels("real").inc(stats.real_tokens)
+        self.batch_tokens.labels("padding").inc(stats.padded_tokens - stats.real_tokens)

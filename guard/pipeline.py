@@ -5,6 +5,11 @@ input is an extra output of pass 1, so it adds no pass. With the feature detecto
 on, the batcher's backend call returns each row's logits and features packed in
 one row (`packed_infer`); `unpack` splits them.
 
+What runs is chosen here and nowhere else, from `detectors` (settings.detectors):
+- ("rap",): the RAP check, on one of two schedules (below);
+- ("none",): bare: pass 1 only, the prediction answered, nothing checked or flagged
+  (a pass-through baseline; the server warns at start and reports it in guard_detectors).
+
 Two schedules:
 - lazy: pass 1 for every text, then pass 2 only for texts predicted as a
   protected label. Compute = (1 + share of protect-label traffic) x bare.
@@ -30,6 +35,7 @@ from guard.core.tokenizer import RapTokenizer, Windows
 from guard.core.types import LabelThresholds, Verdict
 
 Schedule = Literal["fused", "lazy"]
+BARE = ("none",)
 
 
 class GuardFailure(GuardError):
@@ -82,6 +88,7 @@ class GuardPipeline:
         tracer=None,
         feature_stats: features.FeatureStats | None = None,
         labels: int | None = None,
+        detectors: Sequence[str] = ("rap",),
     ) -> None:
         self.tokenizer = tokenizer
         self.batcher = batcher
@@ -98,6 +105,12 @@ class GuardPipeline:
         self.classifier_max_length = classifier_max_length
         self.statistic = statistic
         self.tracer = tracer  # an OpenTelemetry tracer when tracing is on (guard.tracing)
+        self.detectors = tuple(detectors)
+
+    @property
+    def bare(self) -> bool:
+        """No detector: one pass, the prediction only."""
+        return self.detectors == BARE
 
     async def windows(self, texts: Sequence[str]) -> Windows:
         """Tokenise in a worker thread: a long text must not stall the event loop."""
@@ -111,7 +124,7 @@ class GuardPipeline:
         """
         deadline = time.perf_counter() + self.timeout_s
         state: dict[str, np.ndarray] = {}
-        run = self._fused if self.schedule == "fused" else self._lazy
+        run = self._bare if self.bare else self._fused if self.schedule == "fused" else self._lazy
         try:
             return await asyncio.wait_for(self._run(run, texts, windows, deadline, state), self.timeout_s)
         except TimeoutError:
@@ -123,13 +136,21 @@ class GuardPipeline:
 
     async def _run(self, run, texts, windows: Windows | None, deadline: float, state: dict) -> CheckResult:
         windows = windows or await self.windows(texts)
-        self.batcher.admit(len(windows.rows), deadline, passes=2)  # both passes, at worst
+        self.batcher.admit(len(windows.rows), deadline, passes=1 if self.bare else 2)  # both passes, at worst
         return await run(windows, state)
 
     def _span(self, name: str, rows: int):
         if self.tracer is None:
             return contextlib.nullcontext()
         return self.tracer.start_as_current_span(name, attributes={"guard.rows": rows})
+
+    async def _bare(self, windows: Windows, state: dict) -> CheckResult:
+        with self._span("guard.pass1", len(windows.rows)):
+            logits, t1 = await self.batcher.submit(windows.rows, "1")
+        probs = _probs(logits, "pass 1")
+        state["probs"] = probs[windows.first_rows()]
+        verdicts = rap.merge_windows(rap.decide(probs, probs[:0], {}, self.statistic), windows.owner)
+        return CheckResult(verdicts, t1.queue_seconds, t1.compute_seconds)
 
     async def _lazy(self, windows: Windows, state: dict) -> CheckResult:
         with self._span("guard.pass1", len(windows.rows)):

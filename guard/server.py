@@ -19,8 +19,7 @@ from pydantic import ValidationError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from guard.api import create_app
-from guard.api.service import measure_capacity, special_tokens_mode
-from guard.core.backends import load_backend
+from guard.api.service import measure_capacity, serving_backend, special_tokens_mode
 from guard.core.bundle import load_bundle
 from guard.core.errors import InputError
 from guard.logs import configure_server_logging
@@ -46,7 +45,7 @@ def serve(overrides: dict, verbose: bool = False) -> None:
     settings = build_settings(overrides)
     bundle = load_bundle(settings.bundle)  # fail before binding the port, with the bundle's own message
     configure_server_logging(settings.log_json, verbose)
-    backend = load_backend(settings.backend, bundle.path, settings.threads)
+    backend = serving_backend(settings, bundle.path)
     capacity = measure_capacity(backend, bundle.tokenizer(special_tokens_mode(settings)), settings)
     capacity.validate(settings)
     app = traced(create_app(settings, backend=backend, capacity=capacity), settings)

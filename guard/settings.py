@@ -27,6 +27,10 @@ DEFAULT_PASSTHROUGH = (
 )
 
 
+DETECTORS = ("rap", "none")  # "none" stands alone: a bare classifier
+DEFAULT_DETECTORS = ("rap",)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GUARD_", extra="forbid", validate_default=True)
 
@@ -44,7 +48,23 @@ class Settings(BaseSettings):
         "onnx",
         description="Inference backend: ONNX Runtime fp32 (default), its int8 graph if the bundle has one, or torch.",
     )
+    optimized_graphs: bool = Field(
+        True,
+        description="Serve the bundle's optimised graph (model.opt.onnx, model.int8.opt.onnx: ONNX Runtime's "
+        "transformer fusions) when it has one; false: the exported graph as it is.",
+    )
+    detectors: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_DETECTORS),
+        description="What checks each input: rap (the two-pass RAP check), or none: a bare pass-through "
+        "classifier (one pass, no check, nothing flagged; for baselines, logged as a warning and "
+        "reported by guard_detectors).",
+    )
     threads: int | None = Field(None, ge=1, description="Intra-op threads for the backend (default: runtime's choice).")
+    spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's threads spin-wait between operators: lower latency on idle dedicated "
+        "cores, but about twice the CPU per request (measured on 2 shared cores, where latency was lower without).",
+    )
     schedule: Literal["fused", "lazy"] = Field(
         "lazy",
         description=(
@@ -66,6 +86,16 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="Most rows (texts, both passes counted) in one backend call.")
     max_batch_tokens: int = Field(
         8192, ge=16, description="Most padded tokens (rows x longest row) in one backend call."
+    )
+    max_padding_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description=(
+            "Length-aware batching: a queued row joins a batch only while padding stays at most this share of "
+            "the batch's tokens (rows of similar length are grouped; the oldest row always goes). 1: no grouping, "
+            "first come first served."
+        ),
     )
     max_wait_ms: float = Field(
         0.0,
@@ -169,6 +199,18 @@ class Settings(BaseSettings):
     def _pointer(cls, value: str) -> str:
         if value and not value.startswith("/"):
             raise ValueError("a JSON pointer starts with '/' (e.g. /inputs)")
+        return value
+
+    @field_validator("detectors")
+    @classmethod
+    def _detectors(cls, value: list[str]) -> list[str]:
+        unknown = [d for d in value if d not in DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown detector {unknown[0]!r}; choose from {', '.join(DETECTORS)}")
+        if not value or len(set(value)) != len(value):
+            raise ValueError("list each detector once, at least one (none for a bare classifier)")
+        if "none" in value and len(value) > 1:
+            raise ValueError("none (a bare classifier) cannot be combined with another detector")
         return value
 
     @field_validator("upstream_passthrough")

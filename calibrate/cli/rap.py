@@ -120,6 +120,13 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "outlier-norm tokens): the bundle then detects with RAP alone",
     )
     p.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="do not write the optimised graphs (model.opt.onnx, model.int8.opt.onnx: ONNX Runtime's transformer "
+        "fusions, served when present)",
+    )
+    p.add_argument(
         "--keep-hf",
         action="store_true",
         help="also write hf/, the HF weights with the RAP row, for the torch backend (`guard check --backend "

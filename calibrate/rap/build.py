@@ -26,6 +26,7 @@ from calibrate.data import label_counts, load_examples
 from calibrate.model import copy_tokenizer_files, flush_denormal, label_names, load_classifier, tokenizer_json
 from calibrate.rap.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
 from calibrate.rap.features import FeatureFit, fit_feature_detector
+from calibrate.rap.optimize import add_optimized_graphs, eager_attention, report_entry
 from calibrate.rap.options import MIN_CALIBRATION_ROWS, CalibrateOptions, RapJob
 from calibrate.rap.perturbation import RapResult, learn_rap
 from calibrate.record import check_replaceable, read_record
@@ -40,6 +41,7 @@ from guard.core.bundle import (
     JointThreshold,
     Manifest,
     ModelInfo,
+    OptimizedGraphs,
     ProtectedLabel,
     RapToken,
     save_bundle,
@@ -114,20 +116,30 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
             copy_tokenizer_files(model_dir, staging / "hf")
         shutil.copy2(tokenizer_json(model_dir, staging / "converted"), staging / "tokenizer.json")
         shutil.rmtree(staging / "converted", ignore_errors=True)
-        export_onnx(model, tokenizer, staging / "model.onnx")
-        parity = check_parity(
-            model, tokenizer, staging / "model.onnx", [e.text for e in result.calibration_texts[:PARITY_ROWS]]
-        )
+        with eager_attention(model):  # the pattern ONNX Runtime's fusions recognise (calibrate.rap.optimize)
+            export_onnx(model, tokenizer, staging / "model.onnx")
+        parity_texts = [e.text for e in result.calibration_texts[:PARITY_ROWS]]
+        parity = check_parity(model, tokenizer, staging / "model.onnx", parity_texts)
     labels = label_names(model)
-    int8 = None
+    int8 = optimized = None
     if options.int8:
         with timings.step("int8"):
             int8 = _int8_variant(staging, tokenizer, result, labels, options, detector)
+    if options.optimize:
+        with timings.step("optimize"):
+
+            def refit(graph: Path, reference: Path) -> tuple[list[ProtectedLabel], float]:
+                return _refit(graph, reference, tokenizer, result, labels, options, detector)
+
+            fit = refit if options.int8 else None
+            optimized = add_optimized_graphs(staging, staging / "model.onnx", model, tokenizer, parity_texts, fit)
     _write_rows(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
     if options.probes:
         _write_rows(staging / "probes.jsonl", options.probes)
-    manifest = _manifest(model_dir, labels, result, options, detector).model_copy(update={"int8": int8})
-    _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir), detector)
+    manifest = _manifest(model_dir, labels, result, options, detector).model_copy(
+        update={"int8": int8, "optimized": optimized}
+    )
+    _write_report(staging, result, labels, parity, timings, options, int8, read_record(model_dir), detector, optimized)
     return save_bundle(staging, manifest)
 
 
@@ -168,23 +180,38 @@ def _int8_variant(
 ) -> Int8Variant:
     """Quantize, then refit thresholds on the int8 graph's own held-out deltas (and feature scores)."""
     quantize_int8(staging / "model.onnx", staging / INT8_GRAPH)
+    protected, agreement = _refit(
+        staging / INT8_GRAPH, staging / "model.onnx", tokenizer, result, labels, options, detector
+    )
+    return Int8Variant(graph=INT8_GRAPH, quantization=INT8_RECIPE, protect=protected, agreement=agreement)
+
+
+def _refit(
+    graph: Path,
+    reference: Path,
+    tokenizer: RapTokenizer,
+    result: RapResult,
+    labels: list[str],
+    options: CalibrateOptions,
+    detector: FeatureFit | None,
+) -> tuple[list[ProtectedLabel], float]:
+    """Thresholds fitted on `graph`'s own held-out deltas (and feature scores), and its agreement with `reference`."""
     texts = [e.text for e in result.calibration_texts]
     protect = list(result.fits)
     statistic = options.rap.statistic
     stats = detector.stats if detector else None
-    fp32 = Checker(tokenizer, OnnxBackend(staging / "model.onnx"), statistic=statistic).score(texts, protect)
-    int8 = Checker(tokenizer, OnnxBackend(staging / INT8_GRAPH), statistic=statistic, features=stats)
+    fp32 = Checker(tokenizer, OnnxBackend(reference), statistic=statistic).score(texts, protect)
+    int8 = Checker(tokenizer, OnnxBackend(graph), statistic=statistic, features=stats)
     scored = int8.score(texts, protect)
     predicted, deltas = scored.probs.argmax(axis=1), scored.deltas()
     protected = []
     for label in protect:
         rows = (predicted == label) & ~np.isnan(deltas)
         if not rows.any():
-            raise InputError(f"the int8 graph never predicts protect label {label} on the held-out rows")
+            raise InputError(f"{graph.name} never predicts protect label {label} on the held-out rows")
         label_scores = scored.feature_scores[rows] if stats is not None else None
         protected.append(_protected_label(label, labels[label], deltas[rows], options.rap.frr_targets, label_scores))
-    agreement = float(np.mean(predicted == fp32.probs.argmax(axis=1)))
-    return Int8Variant(graph=INT8_GRAPH, quantization=INT8_RECIPE, protect=protected, agreement=agreement)
+    return protected, float(np.mean(predicted == fp32.probs.argmax(axis=1)))
 
 
 def _manifest(
@@ -259,6 +286,7 @@ def _write_report(
     int8: Int8Variant | None = None,
     repair: dict | None = None,
     detector: FeatureFit | None = None,
+    optimized: OptimizedGraphs | None = None,
 ) -> None:
     chosen = next(i for i, a in enumerate(result.attempts) if a.chosen)
     warnings = [
@@ -319,6 +347,7 @@ def _write_report(
                 },
             },
             "onnx_parity_max_prob_diff": parity,
+            "optimized": report_entry(optimized),
             "int8": None
             if int8 is None
             else {

@@ -83,6 +83,7 @@ class CalibrateOptions:
     default_frr: float = 0.01
     canaries: int = 200
     int8: bool = False
+    optimize: bool = True  # also write model.opt.onnx (+ model.int8.opt.onnx with --int8): calibrate.rap.optimize
     features: bool = True  # also fit the one-pass feature detector (guard.core.features)
     shrinkage: float = 0.5  # of the feature detector's covariance towards a scaled identity
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's

@@ -19,8 +19,7 @@ from guard.api import proxy, routes
 from guard.api.docs import install_docs
 from guard.api.errors import error_response, install_error_handlers
 from guard.api.limits import RequestLimits
-from guard.api.service import Capacity, GuardService
-from guard.core.backends import load_backend
+from guard.api.service import Capacity, GuardService, serving_backend
 from guard.core.backends.base import Backend
 from guard.core.bundle import load_bundle
 from guard.logs import request_id_var
@@ -52,7 +51,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bundle = load_bundle(settings.bundle)
-        engine = backend or load_backend(settings.backend, bundle.path, settings.threads)
+        engine = backend or serving_backend(settings, bundle.path)
+        metrics.backend = engine.name  # onnx-opt when the bundle's optimised graph was loaded
         svc = GuardService(settings, bundle, engine, metrics, capacity, getattr(app.state, "tracer", None))
         app.state.service = svc
         async with httpx.AsyncClient(
@@ -61,9 +61,10 @@ def create_app(
             app.state.http = client
             await svc.start()
             log.info(
-                "guard ready: bundle %s, backend %s, schedule %s, mode %s",
+                "guard ready: bundle %s, backend %s, detectors %s, schedule %s, mode %s",
                 bundle.path,
                 metrics.backend,
+                ",".join(settings.detectors),
                 settings.schedule,
                 settings.mode,
             )

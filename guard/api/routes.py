@@ -16,6 +16,7 @@ from guard.logs import request_id_var
 FLAG_HEADER = "X-Guard-Flagged"
 FAILURE_HEADER = "X-Guard-Failure-Mode"
 DECISION_HEADER = "X-Guard-Decision-Id"
+DETECTORS_HEADER = "X-Guard-Detectors"  # only in bare mode (detectors=none): nothing was checked
 ERRORS = {code: {"model": schemas.ErrorResponse} for code in (401, 403, 413, 422, 429, 503)}
 
 
@@ -41,6 +42,8 @@ def guard_headers(outcome: Outcome, svc: GuardService) -> dict[str, str]:
         "Server-Timing": f"queue;dur={outcome.queue_seconds * 1000:.2f}, "
         f"compute;dur={outcome.compute_seconds * 1000:.2f}"
     }
+    if svc.pipeline.bare:
+        headers[DETECTORS_HEADER] = "none"
     if outcome.decision_id:
         headers[DECISION_HEADER] = outcome.decision_id
     if outcome.failed_open:

@@ -13,12 +13,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from guard.api.errors import GuardUnavailable, InvalidInput, PayloadTooLarge
 from guard.batcher import Batcher
-from guard.core.backends.base import Backend, precision_of
+from guard.core.backends.base import Backend, load_backend, precision_of
 from guard.core.bundle import Bundle
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer, Windows
@@ -80,6 +81,13 @@ def measure_capacity(backend: Backend, tokenizer: RapTokenizer, settings: Settin
     return Capacity(per_row, per_row * 2 * settings.max_texts_per_request)
 
 
+def serving_backend(settings: Settings, bundle_dir: Path) -> Backend:
+    """The backend the settings ask for: graph (optimised when the bundle has it), threads, spinning."""
+    return load_backend(
+        settings.backend, bundle_dir, settings.threads, optimized=settings.optimized_graphs, spinning=settings.spinning
+    )
+
+
 def special_tokens_mode(settings: Settings) -> str:
     """Standalone the guard is the classifier and reads '[SEP]' as text; a sidecar reads text as HF does."""
     return settings.special_tokens or ("special" if settings.upstream else "text")
@@ -99,8 +107,9 @@ class GuardService:
         self.labels = bundle.manifest.model.labels
         self.tokenizer = bundle.tokenizer(special_tokens_mode(settings))  # parsing takes ~0.1 s: once
         self.capacity = capacity
-        self.detectors = bundle.detectors
-        thresholds = bundle.label_thresholds(self.detectors, settings.frr, precision_of(settings.backend))
+        # bare mode (settings.detectors == ["none"]) checks nothing; otherwise the bundle's detectors
+        self.detectors = ("none",) if settings.detectors == ["none"] else tuple(bundle.detectors)
+        thresholds = bundle.label_thresholds(bundle.detectors, settings.frr, precision_of(backend.name))
         stats = bundle.feature_stats() if "features" in self.detectors else None
         self.batcher = Batcher(
             packed_infer(backend) if stats is not None else backend.infer,
@@ -111,6 +120,7 @@ class GuardService:
             max_queue=settings.max_queue or settings.max_texts_per_request,  # set from capacity at start
             on_batch=metrics.observe_batch,
             stall_after_s=3 * settings.request_timeout_s,
+            max_padding_share=settings.max_padding_share,
         )
         metrics.watch_batcher(lambda: self.batcher.pending, lambda: self.batcher.restarts)
         self.pipeline = GuardPipeline(
@@ -124,6 +134,7 @@ class GuardService:
             tracer,
             feature_stats=stats,
             labels=len(self.labels),
+            detectors=self.detectors,
         )
         self.decisions = DecisionLog()
         self.rates = LiveRates(metrics)
@@ -146,7 +157,12 @@ class GuardService:
         await self.pipeline.check([WARMUP_TEXT])  # first run allocates; keep it off the first user's clock
         self.batcher.seconds_per_row = capacity.seconds_per_row  # the warm-up's first run is no measure
         self._publish_static_metrics()
-        if self.settings.canary_interval_s > 0:
+        if self.pipeline.bare:
+            log.warning(
+                "BARE MODE (detectors=none): inputs are classified but NOT checked for backdoor triggers; "
+                "nothing is flagged. Use it as a baseline only."
+            )
+        if self.settings.canary_interval_s > 0 and not self.pipeline.bare:  # no check: no live FRR to measure
             self._canaries = asyncio.create_task(self._replay())
         self._started = True
 
@@ -241,6 +257,7 @@ class GuardService:
             self.metrics.calibrated_far.labels(attack).set(far)
         sha = m.files.get("model.onnx", "")[:12]
         self.metrics.model_info.labels(self.settings.model_name, sha).set(1)
+        self.metrics.detectors.labels(",".join(self.pipeline.detectors)).set(1)
 
     async def _replay(self) -> None:
         canaries = load_probe_rows(self.bundle.path / "canaries.jsonl")

@@ -4,6 +4,8 @@ Layout::
 
     manifest.json   this schema: provenance, RAP token, thresholds, file hashes
     model.onnx      inference graph (pass 1 and pass 2 share it)
+    model.opt.onnx  optional: the same graph with ONNX Runtime's transformer fusions (served when present)
+    model.int8.onnx, model.int8.opt.onnx   optional int8 graphs, each with thresholds of its own
     tokenizer.json  fast tokenizer
     hf/             optional: HF model dir with the RAP row appended (torch backend; `calibrate rap --keep-hf`)
     features.npz    optional: the feature detector's statistics (guard.core.features)
@@ -102,6 +104,23 @@ class Int8Variant(BaseModel):
     agreement: float = Field(description="share of held-out rows predicted the same as fp32")
 
 
+class OptimizedGraphs(BaseModel):
+    """Graphs with ONNX Runtime's transformer fusions (calibrate.rap.optimize), served when present.
+
+    The fp32 one is parity-checked against torch and shares the fp32 thresholds; the
+    int8 one has thresholds fitted on its own deltas, like `Int8Variant`.
+    """
+
+    graph: str = Field(description="file name of the optimised fp32 graph")
+    recipe: str = Field(description="how it was optimised")
+    fused_operators: dict[str, int] = Field(default_factory=dict, description="fused operator -> count")
+    parity_max_prob_diff: float = Field(description="max |p_opt - p_torch| at calibration")
+    int8_graph: str | None = Field(None, description="file name of the optimised int8 graph")
+    int8_recipe: str | None = None
+    int8_protect: list[ProtectedLabel] | None = Field(None, description="thresholds of the optimised int8 graph")
+    int8_agreement: float | None = Field(None, description="share of held-out rows predicted as the fp32 graph does")
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -117,6 +136,7 @@ class Manifest(BaseModel):
         "(logodds), or the perturbed input's log-odds against the label (perturbed)",
     )
     int8: Int8Variant | None = Field(None, description="optional int8 graph with its own thresholds")
+    optimized: OptimizedGraphs | None = Field(None, description="optional fused graphs (served when present)")
     features: FeatureDetector | None = Field(None, description="the feature detector, when calibrated with it")
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
@@ -134,14 +154,19 @@ class Bundle:
         return [p.label for p in self.manifest.protect]
 
     def protected(self, precision: str = "fp32") -> list[ProtectedLabel]:
-        """Per-label calibration of the fp32 graph, or of the int8 one."""
+        """Per-label calibration of the fp32 graph (optimised or not), of the int8 one, or of the optimised int8."""
         if precision == "fp32":
             return self.manifest.protect
+        if precision == "int8-opt":
+            opt = self.manifest.optimized
+            if opt is None or opt.int8_protect is None:
+                raise BundleError(f"{self.path} has no optimised int8 graph; recalibrate with `calibrate rap --int8`")
+            return opt.int8_protect
         if precision == "int8":
             if self.manifest.int8 is None:
                 raise BundleError(f"{self.path} has no int8 graph; recalibrate with `calibrate rap --int8`")
             return self.manifest.int8.protect
-        raise BundleError(f"unknown precision {precision!r}; choose fp32 or int8")
+        raise BundleError(f"unknown precision {precision!r}; choose fp32, int8 or int8-opt")
 
     def thresholds(self, frr: float | None = None, precision: str = "fp32") -> dict[int, float]:
         """Threshold per protected label at `frr` (stored value, else interpolated)."""

@@ -315,3 +315,77 @@ async def test_admission_keeps_headroom_for_an_estimate_that_runs_late() -> None
             batcher.admit(5, time.perf_counter() + 1.0)  # ~0.65 s of a 1 s budget: refused
         backend.gate.set()
         await held
+
+
+# ------------------------------------------------------------------ length-aware batching
+
+
+def _mixed_lengths() -> list[list[int]]:
+    """Rows of 2 and 20 tokens, interleaved: first come, first served pads every batch to 20."""
+    return [[i] * (2 if i % 2 else 20) for i in range(1, 17)]
+
+
+async def _padding_share(max_padding_share: float) -> tuple[float, Recorder, list[BatchStats]]:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    running = Running(backend, max_batch_size=4, max_padding_share=max_padding_share)
+    async with running as batcher:
+        first = asyncio.create_task(batcher.submit([[99]]))
+        await wait_until(backend.entered.is_set)
+        rows = _mixed_lengths()
+        queued = asyncio.create_task(batcher.submit(rows))  # all queued while the first batch runs
+        await wait_until(lambda: batcher.pending == len(rows))
+        backend.gate.set()
+        await first
+        logits, _ = await queued
+    assert logits[:, 0].tolist() == [row[0] for row in rows]  # answers in row order, whatever the batches
+    stats = running.stats[1:]
+    padded = sum(s.padded_tokens for s in stats)
+    return (padded - sum(s.real_tokens for s in stats)) / padded, backend, stats
+
+
+async def test_length_aware_grouping_keeps_padding_small() -> None:
+    in_order, _, _ = await _padding_share(1.0)
+    grouped, backend, stats = await _padding_share(0.25)
+    assert in_order == pytest.approx(1 - (8 * 2 + 8 * 20) / (16 * 20))  # every batch padded to 20: 45%
+    assert grouped == 0.0  # short rows batch with short rows, long with long
+    assert {len(set(map(len, batch))) for batch in backend.batches[1:]} == {1}
+    assert [s.rows for s in stats] == [4, 4, 4, 4]
+
+
+async def test_grouping_always_takes_the_oldest_row_first() -> None:
+    _, backend, _ = await _padding_share(0.25)
+    firsts = [batch[0][0] for batch in backend.batches[1:]]
+    assert firsts[0] == 1  # the head of the queue leads the first batch
+    assert firsts == sorted(firsts)  # and every later batch starts with the oldest row left
+
+
+async def test_grouping_keeps_priority_rows_first() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_batch_size=2, max_padding_share=0.25) as batcher:
+        first = asyncio.create_task(batcher.submit([[1]]))
+        await wait_until(backend.entered.is_set)
+        queued = asyncio.create_task(batcher.submit([[2], [3] * 9, [4] * 9]))
+        await wait_until(lambda: batcher.pending == 3)
+        second_pass = asyncio.create_task(batcher.submit([[9] * 9], priority=True))
+        await wait_until(lambda: batcher.pending == 4)
+        backend.gate.set()
+        await asyncio.gather(first, queued, second_pass)
+    # the pass-2 row leads, joined by a row of its length; the short row waits for the next batch
+    assert [[r[0] for r in b] for b in backend.batches] == [[1], [9, 3], [2], [4]]
+
+
+async def test_grouping_respects_max_batch_tokens_and_skips_done_rows() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_batch_size=32, max_batch_tokens=16, max_padding_share=0.5) as batcher:
+        first = asyncio.create_task(batcher.submit([[1]]))
+        await wait_until(backend.entered.is_set)
+        abandoned = asyncio.create_task(batcher.submit([[7] * 8]))
+        rows = asyncio.create_task(batcher.submit([[2] * 8, [3] * 8, [4] * 8]))
+        await wait_until(lambda: batcher.pending == 4)
+        abandoned.cancel()
+        backend.gate.set()
+        await asyncio.gather(first, rows)
+    assert [[r[0] for r in b] for b in backend.batches] == [[1], [2, 3], [4]]  # 2 x 8 = 16 tokens at most

@@ -126,3 +126,18 @@ async def test_queue_full_and_bad_input_are_not_guard_failures(running) -> None:
         await running("fused", batcher={"max_queue": 3}).check([CLEAN, NEGATIVE])  # 4 rows > 3
     with pytest.raises(InputError):
         await running("lazy").check([CLEAN, 3])  # type: ignore[list-item]
+
+
+async def test_bare_runs_one_pass_and_checks_nothing(running, stub: StubBackend) -> None:
+    pipeline = running("lazy", detectors=("none",))
+    assert pipeline.bare
+    result = await pipeline.check(TEXTS)
+    assert (stub.pass1_rows, stub.pass2_rows) == (4, 0)  # no second pass, not even for the trigger
+    assert [v.label for v in result.verdicts] == [1, 0, 1, 0]  # the prediction is answered
+    assert not any(v.flagged or v.rap.checked for v in result.verdicts)
+
+
+async def test_bare_ignores_the_schedule(running, stub: StubBackend) -> None:
+    result = await running("fused", detectors=("none",)).check([TRIGGERED])
+    assert (stub.pass1_rows, stub.pass2_rows) == (1, 0)
+    assert not result.verdicts[0].flagged

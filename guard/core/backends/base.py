@@ -34,24 +34,39 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("onnx", "onnx-int8", "torch")
+BACKENDS = ("onnx", "onnx-int8", "onnx-opt", "onnx-int8-opt", "torch")
 INT8_GRAPH = "model.int8.onnx"
+OPT_GRAPH = "model.opt.onnx"  # calibrate.rap.optimize: ONNX Runtime's transformer fusions
+INT8_OPT_GRAPH = "model.int8.opt.onnx"
+GRAPHS = {"onnx": "model.onnx", "onnx-int8": INT8_GRAPH, "onnx-opt": OPT_GRAPH, "onnx-int8-opt": INT8_OPT_GRAPH}
 
 
-def precision_of(kind: str) -> str:
-    """Which calibration (fp32 or int8 thresholds) a backend must use."""
-    return "int8" if kind == "onnx-int8" else "fp32"
+def precision_of(name: str) -> str:
+    """Which calibration a backend must use, by the name of the backend as loaded (`Backend.name`).
+
+    The optimised fp32 graph shares the fp32 thresholds (parity-checked against torch);
+    the optimised int8 graph has thresholds of its own."""
+    return {"onnx-int8": "int8", "onnx-int8-opt": "int8-opt"}.get(name, "fp32")
 
 
-def load_backend(kind: str, bundle_dir: Path, threads: int | None = None) -> Backend:
-    """Load `onnx` (serving default), `onnx-int8` or `torch` (debugging, parity) from a bundle."""
-    if kind in ("onnx", "onnx-int8"):
+def load_backend(
+    kind: str, bundle_dir: Path, threads: int | None = None, optimized: bool = False, spinning: bool = True
+) -> Backend:
+    """Load `onnx` (serving default), `onnx-int8`, `onnx-opt`, `onnx-int8-opt` or `torch` (debugging, parity).
+
+    With `optimized`, `onnx` and `onnx-int8` load the bundle's optimised graph when it has
+    one; the backend's name then ends in `-opt`, and that name picks the thresholds.
+    `spinning=False` stops ONNX Runtime's threads from spin-waiting (less CPU per request).
+    """
+    if kind in GRAPHS:
         from guard.core.backends.onnx import OnnxBackend
 
-        graph = INT8_GRAPH if kind == "onnx-int8" else "model.onnx"
-        if kind == "onnx-int8" and not (bundle_dir / graph).is_file():
-            raise BackendError(f"{bundle_dir} has no {graph}; recalibrate with `calibrate rap --int8`")
-        return OnnxBackend(bundle_dir / graph, threads=threads, name=kind)
+        if optimized and not kind.endswith("-opt") and (bundle_dir / GRAPHS[kind + "-opt"]).is_file():
+            kind += "-opt"
+        graph = GRAPHS[kind]
+        if kind != "onnx" and not (bundle_dir / graph).is_file():
+            raise BackendError(f"{bundle_dir} has no {graph}; recalibrate with `calibrate rap` (--int8 for int8)")
+        return OnnxBackend(bundle_dir / graph, threads=threads, name=kind, spinning=spinning)
     if kind == "torch":
         from guard.core.backends.torch import TorchBackend
 

@@ -50,6 +50,8 @@ ARCHITECTURE_METRICS = {
     "guard_rejections_total",
     "guard_http_responses_total",
     "guard_batcher_restarts",
+    "guard_detectors",
+    "guard_batch_tokens_total",
     "guard_flags_total",
 }
 # What `guard serve` measures before it starts; given here so the stub's row counts stay exact.
@@ -100,6 +102,29 @@ async def test_check_several_texts(make_settings, stub: StubBackend) -> None:
     assert [r["rap"]["checked"] for r in results] == [True, True, False]
     assert results[1]["rap"]["delta"] == pytest.approx(0.0)
     assert results[2]["rap"] == {"checked": False, "delta": None, "threshold": None}
+
+
+async def test_bare_mode_answers_unchecked_and_says_so(make_settings, stub: StubBackend, caplog) -> None:
+    with caplog.at_level("WARNING", logger="guard.api.service"):
+        async with asgi_client(_app(make_settings, stub, detectors=["none"], expose_scores=True)) as client:
+            check = await client.post("/v1/check", json={"texts": [CLEAN, TRIGGERED]})
+            classify = await client.post("/v1/classify", json={"text": TRIGGERED})
+            metrics = (await client.get("/metrics")).text
+    assert check.status_code == 200 and check.headers["X-Guard-Detectors"] == "none"
+    results = check.json()["results"]
+    assert [r["label"] for r in results] == [1, 1]
+    assert all(not r["flagged"] and r["rap"] == {"checked": False, "delta": None, "threshold": None} for r in results)
+    assert classify.status_code == 200  # the trigger passes: nothing checks it
+    assert classify.headers["X-Guard-Detectors"] == "none"
+    assert stub.pass2_rows == 0
+    assert metric_value(metrics, "guard_detectors", detectors="none") == 1
+    assert any("BARE MODE" in r.getMessage() for r in caplog.records)
+
+
+async def test_guarded_responses_carry_no_detectors_header(make_settings, stub: StubBackend) -> None:
+    async with asgi_client(_app(make_settings, stub)) as client:
+        response = await client.post("/v1/check", json={"text": CLEAN})
+    assert "X-Guard-Detectors" not in response.headers
 
 
 @pytest.mark.parametrize(
@@ -320,6 +345,9 @@ async def test_metrics_lists_every_declared_metric(make_settings, stub: StubBack
     assert metric_value(text, "guard_model_info", model="guard") == 1
     assert metric_value(text, "guard_inference_duration_seconds_count", **{"pass": "1", "backend": "stub"}) >= 2
     assert metric_value(text, "guard_request_duration_seconds_count", endpoint="/v1/check") == 1
+    assert metric_value(text, "guard_detectors", detectors="rap") == 1
+    assert metric_value(text, "guard_batch_tokens_total", kind="real") > 0
+    assert metric_value(text, "guard_batch_tokens_total", kind="padding") >= 0
 
 
 async def test_openapi_schema(make_settings, stub: StubBackend) -> None:

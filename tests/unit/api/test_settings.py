@@ -109,3 +109,27 @@ def test_guard_serve_help_lists_every_setting(capsys: pytest.CaptureFixture) -> 
     out = capsys.readouterr().out
     for name in Settings.model_fields:
         assert "--" + name.replace("_", "-") in out
+
+
+def test_detectors_default_flag_env_and_validation(stub_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(bundle=stub_bundle).detectors == ["rap"]
+    assert build_settings({"bundle": stub_bundle, "detectors": ["none"]}).detectors == ["none"]  # --detectors none
+    monkeypatch.setenv("GUARD_DETECTORS", '["none"]')
+    assert Settings(bundle=stub_bundle).detectors == ["none"]
+    monkeypatch.delenv("GUARD_DETECTORS")
+    for bad, message in (
+        (["strip"], "unknown detector 'strip'"),
+        (["rap", "none"], "cannot be combined"),
+        (["rap", "rap"], "each detector once"),
+        ([], "at least one"),
+    ):
+        with pytest.raises(InputError, match=message):
+            build_settings({"bundle": stub_bundle, "detectors": bad})
+
+
+def test_guard_serve_parses_detectors_none(stub_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+    monkeypatch.setattr("guard.server.serve", lambda overrides, verbose=False: seen.update(overrides))
+    assert main(["serve", "--bundle", str(stub_bundle), "--detectors", "none", "--no-optimized-graphs"]) == 0
+    settings = build_settings(seen)
+    assert settings.detectors == ["none"] and settings.optimized_graphs is False

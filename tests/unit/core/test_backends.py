@@ -9,7 +9,7 @@ import pytest
 
 from guard.core import rap
 from guard.core.backends import load_backend
-from guard.core.backends.base import PARITY_TOLERANCE
+from guard.core.backends.base import PARITY_TOLERANCE, precision_of
 from guard.core.backends.onnx import OnnxBackend
 from guard.core.errors import BackendError
 from guard.core.tokenizer import RapTokenizer
@@ -81,6 +81,22 @@ def test_rap_row_is_used_by_the_graph(bundle_dir: Path, tokenizer: RapTokenizer)
     pass2 = backend.infer(tokenizer.encode_perturbed(TEXTS))
     backend.close()
     assert not np.allclose(pass1, pass2)
+
+
+@pytest.mark.slow
+def test_an_old_bundle_without_optimised_graphs_still_loads(bundle_dir: Path) -> None:
+    backend = load_backend("onnx", bundle_dir, optimized=True)  # no model.opt.onnx: the exported graph
+    assert backend.name == "onnx"
+    with pytest.raises(BackendError, match=r"has no model.opt.onnx"):
+        load_backend("onnx-opt", bundle_dir)
+    with pytest.raises(BackendError, match=r"has no model.int8.onnx"):
+        load_backend("onnx-int8", bundle_dir, optimized=True)
+
+
+def test_thresholds_follow_the_loaded_graph() -> None:
+    assert [precision_of(n) for n in ("onnx", "onnx-opt", "onnx-int8", "onnx-int8-opt", "torch", "stub")] == [
+        "fp32", "fp32", "int8", "int8-opt", "fp32", "fp32",
+    ]  # fmt: skip
 
 
 def test_unknown_backend() -> None:

@@ -95,3 +95,12 @@ def test_options_are_built_from_the_arguments_named_after_their_fields() -> None
     options = options_from(HardenOptions, args, measure=not args.no_measure)
     assert (options.learning_rate, options.exhaustive_probability, options.measure) == (3e-5, 0.2, True)
     assert options.inversion == HardenOptions().inversion  # not an argument: the dataclass default
+
+
+def test_rap_writes_optimised_graphs_unless_told_not_to() -> None:
+    from calibrate.cli.args import options_from
+
+    default = _parse("rap", "--model", "m", "--clean", "c", "--out", "o")
+    off = _parse("rap", "--model", "m", "--clean", "c", "--out", "o", "--no-optimize")
+    assert default.optimize is True and CalibrateOptions(RapOptions(())).optimize is True
+    assert options_from(CalibrateOptions, off, rap=RapOptions(())).optimize is False
