@@ -44,6 +44,12 @@ def _parser() -> Parser:
     check.add_argument("--frr", type=float, help="FRR target to use (default: the bundle's)")
     check.add_argument("--backend", choices=BACKENDS, default="onnx")
     check.add_argument("--json", action="store_true", help="print JSON lines")
+    check.add_argument(
+        "--detectors",
+        nargs="+",
+        choices=("rap", "features"),
+        help="what checks the texts (default: every detector the bundle has)",
+    )
     check.set_defaults(handler=_check)
     _add_serve(sub)
     return parser
@@ -70,8 +76,8 @@ def _add_serve(sub) -> None:
             serve.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=field.description
             )
-        elif field.annotation == list[str]:
-            default = f" (default: {' | '.join(field.default_factory())})"
+        elif field.annotation in (list[str], list[str] | None):
+            default = f" (default: {' | '.join(field.default_factory())})" if field.default_factory else ""
             serve.add_argument(
                 flag, nargs="*", default=argparse.SUPPRESS, metavar="ENTRY", help=f"{field.description}{default}"
             )
@@ -122,8 +128,9 @@ def _check(args: argparse.Namespace) -> int:
     if not texts:
         raise InputError("no texts given (pass them as arguments or one per line on stdin)")
     bundle = load_bundle(args.bundle)
-    checker = Checker.for_bundle(bundle, load_backend(args.backend, bundle.path))
-    verdicts = checker.check(texts, bundle.label_thresholds(bundle.detectors, args.frr, precision_of(args.backend)))
+    detectors = tuple(d for d in ("rap", "features") if d in args.detectors) if args.detectors else bundle.detectors
+    checker = Checker.for_bundle(bundle, load_backend(args.backend, bundle.path), detectors)
+    verdicts = checker.check(texts, bundle.label_thresholds(detectors, args.frr, precision_of(args.backend)))
     labels = bundle.manifest.model.labels
     for text, v in zip(texts, verdicts, strict=True):
         if args.json:

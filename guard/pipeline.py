@@ -6,7 +6,8 @@ on, the batcher's backend call returns each row's logits and features packed in
 one row (`packed_infer`); `unpack` splits them.
 
 What runs is chosen here and nowhere else, from `detectors` (settings.detectors):
-- ("rap",): the RAP check, on one of two schedules (below);
+- ("rap",), ("features",), ("rap", "features"): the detectors; RAP's pass 2 on one of
+  two schedules (below), the feature detector from pass 1's outputs;
 - ("none",): bare: pass 1 only, the prediction answered, nothing checked or flagged
   (a pass-through baseline; the server warns at start and reports it in guard_detectors).
 
@@ -124,7 +125,8 @@ class GuardPipeline:
         """
         deadline = time.perf_counter() + self.timeout_s
         state: dict[str, np.ndarray] = {}
-        run = self._bare if self.bare else self._fused if self.schedule == "fused" else self._lazy
+        fused = self.schedule == "fused" and self.uses_rap  # the feature detector alone needs no pass 2
+        run = self._bare if self.bare else self._fused if fused else self._lazy
         try:
             return await asyncio.wait_for(self._run(run, texts, windows, deadline, state), self.timeout_s)
         except TimeoutError:

@@ -27,8 +27,7 @@ DEFAULT_PASSTHROUGH = (
 )
 
 
-DETECTORS = ("rap", "none")  # "none" stands alone: a bare classifier
-DEFAULT_DETECTORS = ("rap",)
+DETECTORS = ("rap", "features", "none")  # "none" stands alone: a bare classifier
 
 
 class Settings(BaseSettings):
@@ -53,11 +52,12 @@ class Settings(BaseSettings):
         description="Serve the bundle's optimised graph (model.opt.onnx, model.int8.opt.onnx: ONNX Runtime's "
         "transformer fusions) when it has one; false: the exported graph as it is.",
     )
-    detectors: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_DETECTORS),
-        description="What checks each input: rap (the two-pass RAP check), or none: a bare pass-through "
-        "classifier (one pass, no check, nothing flagged; for baselines, logged as a warning and "
-        "reported by guard_detectors).",
+    detectors: list[str] | None = Field(
+        None,
+        description="What checks each input (default: every detector the bundle has): rap (the two-pass RAP "
+        "check), features (the one-pass feature detector), both (flagged when either flags), or none: a "
+        "bare pass-through classifier (one pass, no check, nothing flagged; for baselines, logged as a "
+        "warning and reported by guard_detectors).",
     )
     threads: int | None = Field(None, ge=1, description="Intra-op threads for the backend (default: runtime's choice).")
     spinning: bool = Field(
@@ -203,7 +203,9 @@ class Settings(BaseSettings):
 
     @field_validator("detectors")
     @classmethod
-    def _detectors(cls, value: list[str]) -> list[str]:
+    def _detectors(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
         unknown = [d for d in value if d not in DETECTORS]
         if unknown:
             raise ValueError(f"unknown detector {unknown[0]!r}; choose from {', '.join(DETECTORS)}")

@@ -64,7 +64,7 @@ def create_app(
                 "guard ready: bundle %s, backend %s, detectors %s, schedule %s, mode %s",
                 bundle.path,
                 metrics.backend,
-                ",".join(settings.detectors),
+                ",".join(svc.detectors),
                 settings.schedule,
                 settings.mode,
             )

@@ -21,7 +21,7 @@ from guard.api.errors import GuardUnavailable, InvalidInput, PayloadTooLarge
 from guard.batcher import Batcher
 from guard.core.backends.base import Backend, load_backend, precision_of
 from guard.core.bundle import Bundle
-from guard.core.errors import InputError
+from guard.core.errors import BundleError, InputError
 from guard.core.tokenizer import RapTokenizer, Windows
 from guard.core.types import RapCheck, Verdict
 from guard.metrics import GuardMetrics
@@ -88,6 +88,23 @@ def serving_backend(settings: Settings, bundle_dir: Path) -> Backend:
     )
 
 
+def chosen_detectors(settings: Settings, bundle: Bundle) -> tuple[str, ...]:
+    """The setting's detectors, in a fixed order; by default every detector the bundle has.
+    ("none",): bare mode, nothing checked. Asking for one the bundle lacks is a BundleError."""
+    if settings.detectors is None:
+        return tuple(bundle.detectors)
+    if settings.detectors == ["none"]:
+        return ("none",)
+    chosen = tuple(d for d in ("rap", "features") if d in settings.detectors)
+    missing = [d for d in chosen if d not in bundle.detectors]
+    if missing:
+        raise BundleError(
+            f"{bundle.path} has no {missing[0]} detector (it has {', '.join(bundle.detectors)}); "
+            "rebuild it with `calibrate rap` or choose another --detectors"
+        )
+    return chosen
+
+
 def special_tokens_mode(settings: Settings) -> str:
     """Standalone the guard is the classifier and reads '[SEP]' as text; a sidecar reads text as HF does."""
     return settings.special_tokens or ("special" if settings.upstream else "text")
@@ -107,9 +124,9 @@ class GuardService:
         self.labels = bundle.manifest.model.labels
         self.tokenizer = bundle.tokenizer(special_tokens_mode(settings))  # parsing takes ~0.1 s: once
         self.capacity = capacity
-        # bare mode (settings.detectors == ["none"]) checks nothing; otherwise the bundle's detectors
-        self.detectors = ("none",) if settings.detectors == ["none"] else tuple(bundle.detectors)
-        thresholds = bundle.label_thresholds(bundle.detectors, settings.frr, precision_of(backend.name))
+        self.detectors = chosen_detectors(settings, bundle)
+        checks = bundle.detectors if self.detectors == ("none",) else self.detectors
+        thresholds = bundle.label_thresholds(checks, settings.frr, precision_of(backend.name))
         stats = bundle.feature_stats() if "features" in self.detectors else None
         self.batcher = Batcher(
             packed_infer(backend) if stats is not None else backend.infer,

@@ -112,7 +112,8 @@ def test_guard_serve_help_lists_every_setting(capsys: pytest.CaptureFixture) -> 
 
 
 def test_detectors_default_flag_env_and_validation(stub_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings(bundle=stub_bundle).detectors == ["rap"]
+    assert Settings(bundle=stub_bundle).detectors is None  # every detector the bundle has
+    assert build_settings({"bundle": stub_bundle, "detectors": ["features", "rap"]}).detectors == ["features", "rap"]
     assert build_settings({"bundle": stub_bundle, "detectors": ["none"]}).detectors == ["none"]  # --detectors none
     monkeypatch.setenv("GUARD_DETECTORS", '["none"]')
     assert Settings(bundle=stub_bundle).detectors == ["none"]
@@ -133,3 +134,15 @@ def test_guard_serve_parses_detectors_none(stub_bundle: Path, monkeypatch: pytes
     assert main(["serve", "--bundle", str(stub_bundle), "--detectors", "none", "--no-optimized-graphs"]) == 0
     settings = build_settings(seen)
     assert settings.detectors == ["none"] and settings.optimized_graphs is False
+
+
+def test_the_detectors_chosen_against_the_bundle(stub_bundle: Path) -> None:
+    from guard.api.service import chosen_detectors
+    from guard.core.bundle import load_bundle
+    from guard.core.errors import BundleError
+
+    bundle = load_bundle(stub_bundle)  # RAP only, as bundles from before the feature detector
+    assert chosen_detectors(Settings(bundle=stub_bundle), bundle) == ("rap",)
+    assert chosen_detectors(build_settings({"bundle": stub_bundle, "detectors": ["none"]}), bundle) == ("none",)
+    with pytest.raises(BundleError, match="has no features detector .it has rap.; rebuild it with `calibrate rap`"):
+        chosen_detectors(build_settings({"bundle": stub_bundle, "detectors": ["features"]}), bundle)
