@@ -110,15 +110,23 @@ def to_torch(batch: EncodedBatch) -> dict[str, torch.Tensor]:
 
 @torch.inference_mode()
 def predict_probs(
-    model: PreTrainedModel, tokenizer: RapTokenizer, texts: list[str], perturbed: bool = False, batch_size: int = 64
+    model: PreTrainedModel,
+    tokenizer: RapTokenizer,
+    texts: list[str],
+    perturbed: bool = False,
+    batch_size: int = 64,
+    progress: str | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities for texts (pass 1, or pass 2 when `perturbed`)."""
+    """Softmax probabilities for texts (pass 1, or pass 2 when `perturbed`); `progress`: a bar's title."""
     model.eval()
     encode = tokenizer.encode_perturbed if perturbed else tokenizer.encode
     out = []
+    bar = progress_bar(total=len(texts), desc=progress or "", unit="row", disable=progress is None)
     for i in range(0, len(texts), batch_size):
         logits = model(**to_torch(encode(texts[i : i + batch_size]))).logits
         out.append(rap.softmax(logits.float().numpy()))
+        bar.update(len(texts[i : i + batch_size]))
+    bar.close()
     return np.concatenate(out) if out else np.empty((0, model.config.num_labels))
 
 

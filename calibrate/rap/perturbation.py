@@ -127,8 +127,9 @@ def _split(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example]
     random.Random(options.seed).shuffle(rows)
     cut = int(round(len(rows) * (1.0 - options.calibration_fraction)))
     train_rows, calib_rows = rows[:cut], rows[cut:]
-    train_pred = predict_probs(model, tokenizer, [r.text for r in train_rows]).argmax(axis=1)
-    calib_pred = predict_probs(model, tokenizer, [r.text for r in calib_rows]).argmax(axis=1)
+    bar = "predict clean rows" if options.progress else None
+    train_pred = predict_probs(model, tokenizer, [r.text for r in train_rows], progress=bar).argmax(axis=1)
+    calib_pred = predict_probs(model, tokenizer, [r.text for r in calib_rows], progress=bar).argmax(axis=1)
     train, calibration = {}, {}
     for label in options.protect_labels:
         train[label] = [r.text for r, p in zip(train_rows, train_pred, strict=True) if p == label == r.label]
@@ -176,13 +177,14 @@ def _append_row(model: PreTrainedModel, init_id: int) -> int:
 def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int, rung: Attempt):
     _train_row(model, tokenizer, split, options, token_id, rung)
     trained_as = "prob" if options.objective == "paper" else "logodds"  # the objective's own drop
+    bar = "score RAP rows" if options.progress else None
     train_deltas = np.concatenate(
-        [_deltas(model, tokenizer, split.train[label], trained_as) for label in options.protect_labels]
+        [_deltas(model, tokenizer, split.train[label], trained_as, bar) for label in options.protect_labels]
     )
     fits = {}
     for label in options.protect_labels:
         texts = split.calibration[label]
-        deltas = _deltas(model, tokenizer, texts, options.statistic)
+        deltas = _deltas(model, tokenizer, texts, options.statistic, bar)
         thresholds = {frr: rap.threshold_at_frr(deltas, frr) for frr in options.frr_targets}
         fits[label] = LabelFit(label, len(split.train[label]), deltas, thresholds, texts)
     low, up = options.band
@@ -223,9 +225,9 @@ def _refuse_non_positive(fits: dict[int, LabelFit], options: RapOptions) -> None
             )
 
 
-def _deltas(model, tokenizer: RapTokenizer, texts: list[str], statistic: str) -> np.ndarray:
-    probs = predict_probs(model, tokenizer, texts)
-    perturbed = predict_probs(model, tokenizer, texts, perturbed=True)
+def _deltas(model, tokenizer: RapTokenizer, texts: list[str], statistic: str, progress: str | None = None):
+    probs = predict_probs(model, tokenizer, texts, progress=progress)
+    perturbed = predict_probs(model, tokenizer, texts, perturbed=True, progress=progress)
     return rap.protect_deltas(probs, perturbed, statistic)
 
 
