@@ -29,7 +29,13 @@ LATENCY_BUCKETS = (
     5.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-DELTA_BUCKETS = (-0.1, -0.01, 0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+# Deltas in the units of the bundle's statistic: probability drops (prob) sit in [-0.1, 1]; the
+# log-odds statistics (perturbed: -logit p(y|x+RAP); logodds: a drop in nats) in about [-10, 10].
+DELTA_BUCKETS = (
+    *(-10.0, -8.0, -6.0, -5.5, -5.0, -4.5, -4.0, -3.5, -3.0, -2.0, -1.0),
+    *(-0.1, -0.01, 0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
+    *(2.0, 3.0, 5.0, 10.0),
+)
 
 
 disable_created_metrics()  # *_created series double the exposition and no dashboard here uses them
