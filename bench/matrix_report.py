@@ -125,7 +125,7 @@ def _notes(machine: dict) -> str:
         "- rap-paper: RAP as published (`calibrate rap --objective paper --optimizer sgd --epochs 5`\n"
         "  `--statistic prob`: probability band [0.1, 0.3], SGD, the ladder of stronger attempts, the largest\n"
         "  held-out threshold kept).\n"
-        "- rap: the default bundle's RAP (log-odds band [1, 3] nats, Adam, 20 epochs; statistic `perturbed`).\n"
+        "- rap: the default bundle's RAP (log-odds band [2, 4] nats, Adam, 20 epochs; statistic `perturbed`).\n"
         "- features: the default bundle's feature detector (per-layer Mahalanobis distance of [CLS] to the\n"
         "  predicted label's clean mean, DAN); one pass.\n"
         "- rap+features: flagged when either flags, both thresholds chosen together on the held-out rows.\n"

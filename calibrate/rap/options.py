@@ -44,7 +44,7 @@ class RapOptions:
     objective: str = "logodds"
     c_low: float = 0.1
     c_up: float = 0.3
-    logodds_band: tuple[float, float] = (1.0, 3.0)
+    logodds_band: tuple[float, float] = (2.0, 4.0)
     # what delta measures at detection (guard.core.rap): "perturbed" (default), "prob", "logodds"
     statistic: str = "perturbed"
     optimizer: str = "adam"
