@@ -23,6 +23,7 @@ Calibration, evaluation and serving all score here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,11 @@ class FeatureStats:
     score_mean: np.ndarray  # (L,) clean rows' mean distance per layer
     score_std: np.ndarray  # (L,)
     suspicious_tokens: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # token ids
+
+    @functools.cached_property
+    def suspicious(self) -> frozenset[int]:
+        """The suspicious token ids as a set, built once (scores runs on the request path)."""
+        return frozenset(self.suspicious_tokens.tolist())
 
     @property
     def layers(self) -> int:
@@ -175,9 +181,8 @@ def scores(
     if len(distances) == 0:
         return np.empty(0)
     out = ((distances - stats.score_mean) / stats.score_std).max(axis=1)
-    if tokens is not None and len(stats.suspicious_tokens):
-        suspicious = set(stats.suspicious_tokens.tolist())
-        out[[i for i, row in enumerate(tokens) if not suspicious.isdisjoint(row)]] = np.inf
+    if tokens is not None and stats.suspicious:
+        out[[i for i, row in enumerate(tokens) if not stats.suspicious.isdisjoint(row)]] = np.inf
     return out
 
 
