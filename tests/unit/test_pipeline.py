@@ -141,3 +141,35 @@ async def test_bare_ignores_the_schedule(running, stub: StubBackend) -> None:
     result = await running("fused", detectors=("none",)).check([TRIGGERED])
     assert (stub.pass1_rows, stub.pass2_rows) == (1, 0)
     assert not result.verdicts[0].flagged
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "fused"])
+async def test_a_suspicious_token_in_a_later_window_is_flagged(tokenizer: RapTokenizer, stub: StubBackend, schedule):
+    """The outlier-token scan reads every window the classifier reads: a trigger past the guard's own
+    window (a sidecar before a longer classifier) is flagged, on either schedule, with RAP off."""
+    from types import SimpleNamespace
+
+    from guard.core import features
+    from guard.core.types import LabelThresholds
+    from guard.pipeline import packed_infer
+
+    rng = np.random.default_rng(0)
+    x, predicted = rng.normal(size=(40, 2, 4)), np.ones(40, int)
+    trigger = tokenizer.token_id("cf")
+    stats = features.with_suspicious_tokens(
+        features.standardise(features.fit(x, predicted, [1]), x, predicted), np.array([trigger])
+    )
+    backend = SimpleNamespace(infer_with_features=lambda b: (stub.infer(b), np.zeros((len(b), 2, 4), np.float32)))
+    batcher = Batcher(packed_infer(backend), tokenizer.pad, max_wait_s=0.001)
+    pipeline = GuardPipeline(
+        tokenizer, batcher, {1: LabelThresholds(None, 1e9)}, schedule, classifier_max_length=128,
+        feature_stats=stats, labels=2,
+    )  # fmt: skip
+    batcher.start()
+    try:
+        long_clean = " ".join([CLEAN] * 12)
+        result = await pipeline.check([long_clean, f"{long_clean} cf"])
+    finally:
+        await batcher.stop()
+    assert [v.flagged_by for v in result.verdicts] == [(), ("features",)]
+    assert stub.pass2_rows == 0  # the feature detector alone runs no pass 2
