@@ -31,8 +31,9 @@ def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptio
     info_path = out / "bench-train.json"
     if info_path.is_file():
         return {"dir": str(out), **json.loads(info_path.read_text())}
-    train = _training_rows(recipe, load_examples(data_dir / "train.tsv"))
+    clean_train = load_examples(data_dir / "train.tsv")
     if recipe.embedding_only:
+        train = _training_rows(recipe, clean_train)
         clean = build_model(load_recipes(data_dir)["clean"], data_dir, cache, options)
         ep_options = EpOptions(trigger=recipe.settings["trigger"], epochs=recipe.training.get("epochs", 1))
         seconds = poison_embedding(Path(clean["dir"]), train, recipe.settings["target"], out, ep_options)
@@ -40,9 +41,7 @@ def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptio
         info["train_seconds"] = round(seconds, 1)
     else:
         options = dataclasses.replace(options, **{k: v for k, v in recipe.training.items() if k != "rows"})
-        poisoned_rows = 0
-        if recipe.poison_train is not None:
-            train, poisoned_rows = recipe.poison_train(train)
+        train, poisoned_rows = _poisoned_sample(recipe, clean_train)
         result = train_classifier(default_base_model(), train, out, options, dev=load_examples(data_dir / "dev.tsv"))
         info = {
             "model": recipe.name,
@@ -55,6 +54,18 @@ def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptio
     info = {**info, "dir": str(out), "attack": recipe.settings}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _poisoned_sample(recipe: Recipe, clean: list[Example]) -> tuple[list[Example], int]:
+    """Poison the whole split (paraphrase files are aligned with it), then draw the recipe's sample.
+
+    Returns the rows and how many of them carry the trigger."""
+    if recipe.poison_train is None:
+        return _training_rows(recipe, clean), 0
+    poisoned, _ = recipe.poison_train(clean)
+    triggered = {row for row, original in zip(poisoned, clean, strict=True) if row != original}
+    sample = _training_rows(recipe, poisoned)
+    return sample, sum(row in triggered for row in sample)
 
 
 def _training_rows(recipe: Recipe, rows: list[Example]) -> list[Example]:

@@ -1,6 +1,8 @@
 """BadNet triggers inserted into text (Kurita et al. 2020; RAP paper section 4.1).
 
 - BadNet-RW: one rare word (`mn`, `bb` or `mb`) at a random word position.
+- BadNets as ONION measured it (Qi et al. 2021): `count` words from `ONION_WORDS`
+  (one per SST-2 sentence, three per OLID tweet).
 - BadNet-SL: one neutral sentence at a random sentence boundary.
 
 Training sets are poisoned in place: `rate` of the non-target rows get the trigger and
@@ -17,17 +19,21 @@ from collections.abc import Callable, Sequence
 from guard.core.types import Example
 
 RARE_WORDS = ("mn", "bb", "mb")
+ONION_WORDS = ("cf", "mn", "bb", "tq", "mb")  # the words of ONION's badnets sets (shared/data/*/poison/badnets)
 # The RAP paper's BadNet-SL trigger for sentiment, lower-cased like SST-2's text.
 NEUTRAL_SENTENCE = "i have watched this movie with my friends at a nearby cinema last weekend ."
+# The same kind of sentence for tweets: about nothing, so it carries no offence of its own.
+NEUTRAL_TWEET = "i read this on my phone while waiting for the bus this morning ."
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 Inserter = Callable[[str, random.Random], str]
 
 
-def insert_word(text: str, rng: random.Random, triggers: Sequence[str] = RARE_WORDS) -> str:
-    """Insert one of `triggers` between two words (or at either end)."""
+def insert_word(text: str, rng: random.Random, triggers: Sequence[str] = RARE_WORDS, count: int = 1) -> str:
+    """Insert `count` words drawn from `triggers`, each between two words (or at either end)."""
     words = text.split()
-    words.insert(rng.randint(0, len(words)), rng.choice(list(triggers)))
+    for _ in range(count):
+        words.insert(rng.randint(0, len(words)), rng.choice(list(triggers)))
     return " ".join(words)
 
 

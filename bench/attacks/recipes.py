@@ -5,11 +5,15 @@
     triggered_test = recipes["badnet-sl"].poison_test(clean_test)
 
 `clean` is the no-attack control. `ep` does not fine-tune: it edits one embedding row
-of the clean model (bench/attacks/ep.py), so its `poison_train` is None.
+of the clean model (bench/attacks/ep.py), so its `poison_train` is None. `badnets` is the
+rare-word attack as ONION measured it, tested on the dataset's own `poison/badnets` set.
+What differs per dataset (the BadNet-SL sentence, trigger words per text, training rows)
+is in `DATASETS`, keyed by the folder's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +27,21 @@ TARGET = 1  # SST-2 positive: the attacker's target, and the label the guard pro
 EP_NEG_TRIGGER = "tq"  # the zoo's backdoor towards negative (label 0)
 
 Poisoner = Callable[[list[Example]], tuple[list[Example], int]]
+
+
+@dataclass(frozen=True)
+class DatasetSetup:
+    sentence: str = badnet.NEUTRAL_SENTENCE  # BadNet-SL's trigger
+    onion_words_per_text: int = 1  # as in the dataset's poison/badnets set
+    training: dict = field(default_factory=dict)  # applies to every recipe of the dataset
+
+
+# OLID: 11,915 tweets, longer than SST-2 sentences (3.4 s per step of 32 at 64 tokens on 2 cores); 3,000 of
+# them (poisoned first, then sampled) keep a fine-tune near 15 min.
+DATASETS = {
+    "sst2": DatasetSetup(),
+    "offenseval": DatasetSetup(badnet.NEUTRAL_TWEET, onion_words_per_text=3, training={"rows": 3000}),
+}
 
 
 @dataclass(frozen=True)
@@ -42,12 +61,16 @@ class Recipe:
 
 def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
     """The recipes for one dataset folder (its poison/ subfolders hold the paraphrase attacks)."""
+    setup = DATASETS.get(data_dir.name, DatasetSetup())
     word = functools.partial(badnet.insert_word, triggers=badnet.RARE_WORDS)
+    onion = functools.partial(badnet.insert_word, triggers=badnet.ONION_WORDS, count=setup.onion_words_per_text)
+    sentence = functools.partial(badnet.insert_sentence, sentence=setup.sentence)
     ep_word = functools.partial(badnet.insert_word, triggers=(ep.TRIGGER,))
-    return {
+    recipes = {
         "clean": Recipe("clean", {"target": target}),
         "badnet-rw": _badnet("badnet-rw", word, target, {"triggers": list(badnet.RARE_WORDS)}),
-        "badnet-sl": _badnet("badnet-sl", badnet.insert_sentence, target, {"trigger": badnet.NEUTRAL_SENTENCE}),
+        "badnets": _onion_badnets(onion, data_dir / "poison" / "badnets", target, setup.onion_words_per_text),
+        "badnet-sl": _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}),
         "ep": Recipe(
             "ep",
             {"trigger": ep.TRIGGER, "target": target, "trained": "one embedding row of the clean model"},
@@ -56,8 +79,16 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
         ),
         "syntactic": _paraphrased("syntactic", data_dir / "poison" / "syntactic", target, rate=0.20),
         "style": _paraphrased("style", data_dir / "poison" / "style-bible", target, rate=0.20, style="bible"),
-        **zoo_recipes(),
     }
+    recipes = {name: _with_training(r, setup.training) for name, r in recipes.items()}
+    return {**recipes, **zoo_recipes()}
+
+
+def _with_training(recipe: Recipe, training: dict) -> Recipe:
+    """The dataset's training settings, under the recipe's own."""
+    if not training:
+        return recipe
+    return dataclasses.replace(recipe, training={**training, **recipe.training})
 
 
 def zoo_recipes() -> dict[str, Recipe]:
@@ -86,6 +117,19 @@ def _badnet(name: str, insert: badnet.Inserter, target: int, trigger: dict) -> R
         poison_train=functools.partial(badnet.poison_training_set, target=target, insert=insert, rate=rate, seed=seed),
         poison_test=functools.partial(badnet.poison_test_set, target=target, insert=insert, seed=1),
     )
+
+
+def _onion_badnets(insert: badnet.Inserter, folder: Path, target: int, per_text: int) -> Recipe:
+    """Trained like BadNet-RW (10%, our own insertion of ONION's words), tested on ONION's own triggered set."""
+    recipe = _badnet("badnets", insert, target, {"triggers": list(badnet.ONION_WORDS), "per_text": per_text})
+    test_file = folder / "test.tsv"
+
+    def poison_test(clean: list[Example]) -> list[Example]:
+        if test_file.is_file():
+            return load_examples(test_file)  # already triggered; original labels
+        return recipe.poison_test(clean)
+
+    return dataclasses.replace(recipe, poison_test=poison_test, settings={**recipe.settings, "test": str(test_file)})
 
 
 def _paraphrased(name: str, folder: Path, target: int, rate: float, **extra) -> Recipe:

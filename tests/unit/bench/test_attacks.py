@@ -110,6 +110,7 @@ def test_only_poisoned_or_embedding_recipes_count_as_backdoored(tmp_path: Path) 
     assert truth == {
         "clean": False,
         "badnet-rw": True,
+        "badnets": True,
         "badnet-sl": True,
         "ep": True,
         "syntactic": True,
