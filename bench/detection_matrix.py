@@ -3,6 +3,7 @@
     python -m bench.detection_matrix --data ../shared/data/sst2                    # default detectors
     python -m bench.detection_matrix --data ../shared/data/sst2 --attacks badnet-sl ep --seeds 13 14 15
     python -m bench.detection_matrix --data ../shared/data/offenseval --detectors rap rap+features
+    python -m bench.detection_matrix --data ../shared/data/sst2 --attacks ep --train-seeds 1 2   # retrained models
 
 For each attack (bench/attacks/recipes.py) it trains the backdoored classifier once, calibrates
 bundles on the dev set (protect label = the attack's target) for each calibration seed (the seed
@@ -11,6 +12,9 @@ draws the dev split and the RAP row's training order), then runs each detector o
 - rap-paper: RAP as published (probability band, SGD, the ladder; `calibrate rap --objective paper`);
 - rap, features, rap+features: the guard's default bundle, each detector alone and both together;
 - strip, onion: the baselines (expensive: off unless asked for).
+
+`--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
+attack's cached model, trained with the recipe's own seed).
 
 Every stage is cached under --cache (models, bundles, one JSON per attack x detector x seed),
 so an interrupted run resumes where it stopped; delete a file to redo that stage.
@@ -37,7 +41,7 @@ from bench.detectors.ngram import TrigramLM, normalize
 from bench.detectors.runs import DetectorRun, Inputs, run_guard, run_onion, run_strip
 from bench.machine import machine_info
 from bench.matrix_report import write_rows
-from bench.models import build_model
+from bench.models import build_model, model_name
 from calibrate.data import load_examples
 from calibrate.model import quiet_transformers
 from calibrate.rap.build import calibrate_bundle
@@ -65,20 +69,22 @@ def main() -> None:
     language_model = _LazyLM(args.data)
     cache = args.cache if dataset == "sst2" else args.cache / dataset
     rows, details = [], {}
-    for name in args.attacks:
+    for name, train_seed in [(a, t) for a in args.attacks for t in args.train_seeds]:
         recipe = recipes[name]
-        log.info("== %s %s: model", dataset, name)
-        info = build_model(recipe, args.data, cache / "models")
+        model = model_name(name, train_seed)
+        log.info("== %s %s: model", dataset, model)
+        info = build_model(recipe, args.data, cache / "models", train_seed=train_seed)
         # the clean model has no trigger: it is measured on BadNet-RW inputs (its "ASR" is natural flips)
         poisoned = (recipe.poison_test or recipes["badnet-rw"].poison_test)(test)
-        details[f"{dataset}/{name}"] = {"recipe": recipe.settings, "train": info}
+        details[f"{dataset}/{model}"] = {"recipe": recipe.settings, "train": info}
         for seed in args.seeds:
             runs, inputs, cacc = _seed_runs(
-                name, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model
+                model, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model
             )
             for key, run in runs.items():
                 for point in run["operating"]:
-                    rows.append(_row(dataset, name, key, seed, cacc, inputs.asr, run, point))
+                    row = _row(dataset, name, key, seed, cacc, inputs.asr, run, point)
+                    rows.append({**row, "train_seed": train_seed})
     write_rows(args.out, rows, details, machine_info())
 
 
@@ -202,6 +208,10 @@ class _LazyLM:
         return self.model
 
 
+def _train_seed(text: str) -> int | None:
+    return None if text == "default" else int(text)
+
+
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset folder (train/dev/test.tsv, poison/)")
@@ -209,6 +219,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--attacks", nargs="+", default=["clean", "badnet-rw", "badnet-sl", "ep", "syntactic", "style"])
     p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS), choices=DETECTORS)
     p.add_argument("--seeds", nargs="+", type=int, default=[13], help="calibration seeds (dev split, RAP order)")
+    p.add_argument(
+        "--train-seeds", nargs="+", type=_train_seed, default=[None], help="training seeds ('default': the cached model)"
+    )
     p.add_argument("--strip-ratios", nargs="+", type=float, default=list(STRIP_RATIOS), help="STRIP's k values")
     p.add_argument(
         "--strip-test-inputs", type=int, default=STRIP_TEST_INPUTS, help="STRIP's test inputs per side (cost cap)"

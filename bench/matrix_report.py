@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from calibrate.report import markdown_table  # noqa: E402
 
 HEADLINE_FRR = 0.01
-COLUMNS = ["dataset", "attack", "detector", "seed", "frr_target", "cacc", "asr", "test_frr", "test_far"]
+COLUMNS = ["dataset", "attack", "detector", "train_seed", "seed", "frr_target", "cacc", "asr", "test_frr", "test_far"]
 SUMMARY = ["dataset", "attack", "detector", "seeds", "cacc", "asr", "test_frr", "test_far", "far_range", "passes"]
 COLORS = {"rap-paper": "tab:gray", "rap": "tab:red", "features": "tab:blue", "rap+features": "tab:purple",
           "onion": "tab:green"}  # fmt: skip
@@ -40,11 +40,18 @@ def write_rows(out: Path, rows: list[dict], details: dict, machine: dict) -> Non
 
 
 def _key(row: dict) -> tuple:
-    return (row["dataset"], row["attack"], row["detector"], row["seed"])
+    return (row["dataset"], row["attack"], row["detector"], row.get("train_seed"), row["seed"])
+
+
+def _seeds(row: dict) -> tuple[int, int]:
+    """(training seed, calibration seed); the attack's own model (no training seed) sorts first."""
+    train_seed = row.get("train_seed")
+    return (-1 if train_seed is None else train_seed, row["seed"])
 
 
 def summary_rows(rows: list[dict], frr: float = HEADLINE_FRR) -> list[dict]:
-    """One row per (dataset, attack, detector) at `frr`: means over seeds, the FAR range across them."""
+    """One row per (dataset, attack, detector) at `frr`: means over (training, calibration) seeds, the FAR
+    range across them."""
     groups = defaultdict(list)
     for r in rows:
         if abs(r["frr_target"] - frr) < 1e-9:
@@ -75,9 +82,9 @@ def plot_matrix(path: Path, rows: list[dict]) -> None:
     fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 7.5), squeeze=False)
     for ax, (dataset, attack) in zip(axes.flat, panels, strict=False):
         at = [r for r in rows if (r["dataset"], r["attack"]) == (dataset, attack)]
-        first_seed = min(r["seed"] for r in at)
+        first_seed = min(_seeds(r) for r in at)
         for r in at:
-            if r["seed"] != first_seed or abs(r["frr_target"] - HEADLINE_FRR) > 1e-9:
+            if _seeds(r) != first_seed or abs(r["frr_target"] - HEADLINE_FRR) > 1e-9:
                 continue
             color = COLORS.get(r["detector"], "black")
             frr, far = r["curve"] or ([], [])
@@ -102,14 +109,15 @@ def plot_matrix(path: Path, rows: list[dict]) -> None:
 
 
 def _markdown(rows: list[dict], machine: dict) -> str:
-    table_rows = [{k: r[k] for k in COLUMNS} for r in rows]
+    table_rows = [{k: r.get(k) for k in COLUMNS} for r in rows]
     return (
         "# Detection matrix: the guard's detectors vs RAP as published (packaged MiniLM)\n\n"
         "Thresholds fitted on clean dev rows at each FRR target (conformal, on the held-out half of dev); rates on\n"
         "test (clean rows, and every non-target row with the trigger). FRR/FAR count only inputs the model predicts\n"
         "as the target label. `clean` is a model without a backdoor, measured on BadNet-RW inputs: its FRR is what\n"
-        "a detector costs honest traffic. `seed` is the calibration seed (dev split and RAP training order); every\n"
-        "attack's model is trained once. ![curves](detection_matrix.png)\n\n"
+        "a detector costs honest traffic. `seed` is the calibration seed (dev split and RAP training order);\n"
+        "`train_seed` a model trained again with that seed (empty: the attack's model, trained once with the\n"
+        "recipe's seed). ![curves](detection_matrix.png)\n\n"
         "## At 1% dev FRR: mean over seeds, FAR range across them\n\n"
         + markdown_table(summary_rows(rows), SUMMARY)
         + "\n## Every seed and FRR target\n\n"

@@ -25,9 +25,14 @@ from guard.core.types import Example
 TRAIN_OPTIONS = TrainOptions(epochs=3, learning_rate=1e-4, batch_size=32, max_length=64)
 
 
-def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptions = TRAIN_OPTIONS) -> dict:
-    """Train the model for `recipe` once; later calls reuse the cached model dir."""
-    out = cache / recipe.name
+def build_model(
+    recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptions = TRAIN_OPTIONS, train_seed: int | None = None
+) -> dict:
+    """Train the model for `recipe` once; later calls reuse the cached model dir.
+
+    `train_seed` retrains with another seed (fine-tuning order and init of the head; for EP the
+    trigger row's training order, from the same clean model) into `<attack>-t<seed>/`."""
+    out = cache / model_name(recipe.name, train_seed)
     info_path = out / "bench-train.json"
     if info_path.is_file():
         return {"dir": str(out), **json.loads(info_path.read_text())}
@@ -36,11 +41,15 @@ def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptio
         train = _training_rows(recipe, clean_train)
         clean = build_model(load_recipes(data_dir)["clean"], data_dir, cache, options)
         ep_options = EpOptions(trigger=recipe.settings["trigger"], epochs=recipe.training.get("epochs", 1))
+        if train_seed is not None:
+            ep_options = dataclasses.replace(ep_options, seed=train_seed)
         seconds = poison_embedding(Path(clean["dir"]), train, recipe.settings["target"], out, ep_options)
         info = {"model": recipe.name, "from": clean["dir"], "train_rows": len(train)}
         info["train_seconds"] = round(seconds, 1)
     else:
         options = dataclasses.replace(options, **{k: v for k, v in recipe.training.items() if k != "rows"})
+        if train_seed is not None:
+            options = dataclasses.replace(options, seed=train_seed)
         train, poisoned_rows = _poisoned_sample(recipe, clean_train)
         result = train_classifier(default_base_model(), train, out, options, dev=load_examples(data_dir / "dev.tsv"))
         info = {
@@ -51,9 +60,14 @@ def build_model(recipe: Recipe, data_dir: Path, cache: Path, options: TrainOptio
             "dev_accuracy": result.dev_accuracy,
             "options": options.__dict__,
         }
-    info = {**info, "dir": str(out), "attack": recipe.settings}
+    info = {**info, "dir": str(out), "attack": recipe.settings, "train_seed": train_seed}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def model_name(attack: str, train_seed: int | None) -> str:
+    """The cache folder of one trained model: the attack's name, `-t<seed>` for a retrained copy."""
+    return attack if train_seed is None else f"{attack}-t{train_seed}"
 
 
 def _poisoned_sample(recipe: Recipe, clean: list[Example]) -> tuple[list[Example], int]:
@@ -81,13 +95,14 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="dataset folder (train/dev/test.tsv, poison/)")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache/models"))
     p.add_argument("--epochs", type=int, default=TRAIN_OPTIONS.epochs, help="fine-tuning epochs for new models")
+    p.add_argument("--train-seed", type=int, help="retrain with this seed into <attack>-t<seed>/")
     p.add_argument("attacks", nargs="*", help="attack names (default: all)")
     args = p.parse_args()
     quiet_transformers()
     recipes = load_recipes(args.data)
     for name in args.attacks or list(recipes):
         options = dataclasses.replace(TRAIN_OPTIONS, epochs=args.epochs)
-        print(json.dumps(build_model(recipes[name], args.data, args.cache, options)), flush=True)
+        print(json.dumps(build_model(recipes[name], args.data, args.cache, options, args.train_seed)), flush=True)
 
 
 if __name__ == "__main__":

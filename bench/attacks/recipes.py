@@ -36,8 +36,8 @@ class DatasetSetup:
     training: dict = field(default_factory=dict)  # applies to every recipe of the dataset
 
 
-# OLID: 11,915 tweets, longer than SST-2 sentences (3.4 s per step of 32 at 64 tokens on 2 cores); 3,000 of
-# them (poisoned first, then sampled) keep a fine-tune near 15 min.
+# OLID: 11,915 tweets, longer than SST-2 sentences (1.5 s per step of 32 at 64 tokens on 2 quiet cores);
+# 3,000 of them (poisoned first, then sampled) keep a fine-tune near 7 min, so 3 training seeds fit.
 DATASETS = {
     "sst2": DatasetSetup(),
     "offenseval": DatasetSetup(badnet.NEUTRAL_TWEET, onion_words_per_text=3, training={"rows": 3000}),
