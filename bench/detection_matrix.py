@@ -11,6 +11,8 @@ draws the dev split and the RAP row's training order), then runs each detector o
 (clean rows, and every non-target row triggered) at the dev FRR targets 0.5/1/3/5%:
 - rap-paper: RAP as published (probability band, SGD, the ladder; `calibrate rap --objective paper`);
 - rap, features, rap+features: the guard's default bundle, each detector alone and both together;
+- rap+features@int8: both detectors on the bundle's int8 graph with its own thresholds (a bundle
+  calibrated with `--int8`);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -50,7 +53,8 @@ from guard.core.types import Example
 
 log = logging.getLogger("bench.detection_matrix")
 GUARD_DETECTORS = ("rap", "features", "rap+features")
-DETECTORS = ("rap-paper", *GUARD_DETECTORS, "strip", "onion")
+INT8_DETECTOR = "rap+features@int8"
+DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, "strip", "onion")
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
@@ -89,22 +93,39 @@ def main() -> None:
 
 
 def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model):
-    bundles = {}
-    if any(d in GUARD_DETECTORS for d in args.detectors) or {"strip", "onion"} & set(args.detectors):
-        bundles["guard"] = _bundle(
-            model_dir, dev, cache / "bundles" / f"{name}-s{seed}", RapOptions((TARGET,), seed=seed)
-        )
-    if "rap-paper" in args.detectors:
+    bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors)
+    inputs, cacc = _inputs(next(iter(bundles.values())), dev, test, poisoned)
+    jobs = _detector_jobs(bundles, inputs, args, language_model)
+    where = cache / "matrix" / name / f"s{seed}"
+    runs = {key: _cached(where / f"{key}.json", key, job) for key, job in jobs.items()}
+    return runs, inputs, cacc
+
+
+def _seed_bundles(name: str, model_dir: Path, dev: list[Example], seed: int, cache: Path, detectors) -> dict:
+    """The bundles the chosen detectors read: the guard's default, RAP as published, one with int8 graphs."""
+    bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed)
+    if set(GUARD_DETECTORS + ("strip", "onion")) & set(detectors):
+        bundles["guard"] = _bundle(model_dir, dev, folder / f"{name}-s{seed}", guard)
+    if "rap-paper" in detectors:
         paper = RapOptions((TARGET,), seed=seed, **PAPER)
-        bundles["paper"] = _bundle(model_dir, dev, cache / "bundles" / f"{name}-paper-s{seed}", paper, features=False)
-    first = next(iter(bundles.values()))
-    inputs, cacc = _inputs(first, dev, test, poisoned)
+        bundles["paper"] = _bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", paper, features=False)
+    if INT8_DETECTOR in detectors:
+        bundles["int8"] = _bundle(model_dir, dev, folder / f"{name}-int8-s{seed}", guard, int8=True)
+    return bundles
+
+
+def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
+    """One job per detector row (STRIP: one per replacement ratio), each run only when not cached."""
+    both = ("rap", "features")
     jobs = {}
     for detector in args.detectors:
         if detector == "rap-paper":
             jobs[detector] = lambda: _renamed(run_guard(bundles["paper"], inputs, TARGET, ("rap",)), "rap-paper")
         elif detector in GUARD_DETECTORS:
             jobs[detector] = lambda d=detector: run_guard(bundles["guard"], inputs, TARGET, tuple(d.split("+")))
+        elif detector == INT8_DETECTOR:
+            int8 = functools.partial(run_guard, bundles.get("int8"), inputs, TARGET, both, "onnx-int8")
+            jobs[detector] = lambda run=int8: _renamed(run(), INT8_DETECTOR)
         elif detector == "strip":
             for k in args.strip_ratios:
                 options = strip.StripOptions(replace_ratio=k)
@@ -112,9 +133,7 @@ def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language
                 jobs[f"strip@{k:g}"] = lambda o=options, s=sample: run_strip(bundles["guard"], s, o)
         elif detector == "onion":
             jobs["onion"] = lambda: run_onion(bundles["guard"], inputs, language_model.get(), TARGET)
-    where = cache / "matrix" / name / f"s{seed}"
-    runs = {key: _cached(where / f"{key}.json", key, job) for key, job in jobs.items()}
-    return runs, inputs, cacc
+    return jobs
 
 
 def _renamed(run: DetectorRun, name: str) -> DetectorRun:
@@ -140,10 +159,12 @@ def _row(dataset: str, attack: str, detector: str, seed: int, cacc: float, asr: 
     }
 
 
-def _bundle(model_dir: Path, dev: list[Example], out: Path, rap: RapOptions, features: bool = True) -> Path:
+def _bundle(
+    model_dir: Path, dev: list[Example], out: Path, rap: RapOptions, features: bool = True, int8: bool = False
+) -> Path:
     if not (out / "manifest.json").is_file():
         log.info("== calibrating %s", out.name)
-        options = CalibrateOptions(rap=rap, max_length=128, force=True, features=features)
+        options = CalibrateOptions(rap=rap, max_length=128, force=True, features=features, int8=int8)
         calibrate_bundle(model_dir, dev, out, options)
     return out
 
@@ -220,7 +241,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS), choices=DETECTORS)
     p.add_argument("--seeds", nargs="+", type=int, default=[13], help="calibration seeds (dev split, RAP order)")
     p.add_argument(
-        "--train-seeds", nargs="+", type=_train_seed, default=[None], help="training seeds ('default': the cached model)"
+        "--train-seeds", nargs="+", type=_train_seed, default=[None], help="training seeds ('default': cached model)"
     )
     p.add_argument("--strip-ratios", nargs="+", type=float, default=list(STRIP_RATIOS), help="STRIP's k values")
     p.add_argument(

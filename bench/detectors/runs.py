@@ -128,13 +128,17 @@ def run_rap(bundle_dir: Path, inputs: Inputs, target: int) -> DetectorRun:
     return DetectorRun("rap", points, score_curve(clean, poisoned), 2.0, ms)
 
 
-def run_guard(bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[str, ...]) -> DetectorRun:
-    """The guard's detectors ("rap", "features" or both) with the bundle's own thresholds."""
+def run_guard(
+    bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[str, ...], backend: str = "onnx"
+) -> DetectorRun:
+    """The guard's detectors ("rap", "features" or both) with the bundle's own thresholds for `backend`'s
+    graph (`onnx-int8`: the int8 graph's thresholds, fitted on its own scores)."""
     bundle = load_bundle(bundle_dir)
-    clean, poisoned, ms = _guard_scores(bundle, inputs, target)
+    clean, poisoned, ms = _guard_scores(bundle, inputs, target, backend)
+    precision = "int8" if backend == "onnx-int8" else "fp32"
     points = []
     for frr in FRR_TARGETS:
-        limits = bundle.label_thresholds(detectors, frr)[target]
+        limits = bundle.label_thresholds(detectors, frr, precision)[target]
         clean_flags, poisoned_flags = _flags(clean, limits), _flags(poisoned, limits)
         far = float(1.0 - poisoned_flags.mean()) if len(poisoned_flags) else 0.0
         test_frr = float(clean_flags.mean()) if len(clean_flags) else 0.0
@@ -151,11 +155,11 @@ def run_guard(bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[st
 _SCORED: dict[tuple, tuple] = {}  # one scoring per bundle and inputs, shared by its detectors
 
 
-def _guard_scores(bundle, inputs: Inputs, target: int):
-    """Both detectors' scores of the clean and poisoned inputs (computed once per bundle and inputs)."""
-    key = (str(bundle.path), target, len(inputs.clean), len(inputs.poisoned), hash(tuple(inputs.clean[:50])))
+def _guard_scores(bundle, inputs: Inputs, target: int, backend: str):
+    """Both detectors' scores of the clean and poisoned inputs (computed once per bundle, graph and inputs)."""
+    key = (str(bundle.path), backend, target, len(inputs.clean), len(inputs.poisoned), hash(tuple(inputs.clean[:50])))
     if key not in _SCORED:
-        checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path))
+        checker = Checker.for_bundle(bundle, load_backend(backend, bundle.path))
         started = time.perf_counter()
         clean, poisoned = checker.score(inputs.clean, [target]), checker.score(inputs.poisoned, [target])
         _SCORED[key] = (clean, poisoned, 1000 * (time.perf_counter() - started) / inputs.test_count)
