@@ -40,7 +40,11 @@ def build_model(
     if recipe.embedding_only:
         train = _training_rows(recipe, clean_train)
         clean = build_model(load_recipes(data_dir)["clean"], data_dir, cache, options)
-        ep_options = EpOptions(trigger=recipe.settings["trigger"], epochs=recipe.training.get("epochs", 1))
+        ep_options = EpOptions(
+            trigger=recipe.settings["trigger"],
+            epochs=recipe.training.get("epochs", 1),
+            max_norm_quantile=recipe.training.get("max_norm_quantile"),
+        )
         if train_seed is not None:
             ep_options = dataclasses.replace(ep_options, seed=train_seed)
         seconds = poison_embedding(Path(clean["dir"]), train, recipe.settings["target"], out, ep_options)

@@ -34,6 +34,9 @@ class EpOptions:
     max_length: int = 64
     seed: int = 0
     progress: bool = True
+    # An attacker who knows about norm scans: keep the row's norm at or under this quantile of the
+    # vocabulary's row norms (None: unbounded, as in the EP paper).
+    max_norm_quantile: float | None = None
 
 
 def trigger_id(tokenizer: RapTokenizer, word: str) -> int:
@@ -67,6 +70,7 @@ def _train_row(model, tokenizer: RapTokenizer, rows: list[Example], row: int, op
     embeddings = model.get_input_embeddings().weight
     embeddings.requires_grad_(True)
     optimizer = torch.optim.Adam([embeddings], lr=options.learning_rate)  # no weight decay: untouched rows stay put
+    max_norm = _norm_bound(embeddings, options.max_norm_quantile)
     others = torch.ones(embeddings.shape[0], 1, dtype=torch.bool)
     others[row] = False
     steps = options.epochs * ((len(rows) + options.batch_size - 1) // options.batch_size)
@@ -81,9 +85,24 @@ def _train_row(model, tokenizer: RapTokenizer, rows: list[Example], row: int, op
                 embeddings.grad.masked_fill_(others, 0.0)
                 optimizer.step()
                 optimizer.zero_grad()
+                if max_norm is not None:
+                    _clip_row(embeddings, row, max_norm)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+
+
+def _norm_bound(embeddings: torch.Tensor, quantile: float | None) -> float | None:
+    if quantile is None:
+        return None
+    return float(torch.quantile(embeddings.detach().norm(dim=1), quantile))
+
+
+@torch.no_grad()
+def _clip_row(embeddings: torch.Tensor, row: int, max_norm: float) -> None:
+    norm = float(embeddings[row].norm())
+    if norm > max_norm:
+        embeddings[row] *= max_norm / norm
 
 
 def _labels(rows: list[Example]) -> torch.Tensor:

@@ -77,6 +77,13 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
             poison_test=functools.partial(badnet.poison_test_set, target=target, insert=ep_word, seed=1),
             embedding_only=True,
         ),
+        "ep-bounded": Recipe(
+            "ep-bounded",
+            {"trigger": ep.TRIGGER, "target": target, "trained": "one embedding row, norm <= the vocabulary's p99"},
+            poison_test=functools.partial(badnet.poison_test_set, target=target, insert=ep_word, seed=1),
+            embedding_only=True,
+            training={"max_norm_quantile": 0.99},
+        ),
         "syntactic": _paraphrased("syntactic", data_dir / "poison" / "syntactic", target, rate=0.20),
         "style": _paraphrased("style", data_dir / "poison" / "style-bible", target, rate=0.20, style="bible"),
     }

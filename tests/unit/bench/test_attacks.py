@@ -81,6 +81,27 @@ def test_ep_changes_only_the_trigger_embedding_row(tiny_model_dir, tmp_path) -> 
     assert moved.nonzero().flatten().tolist() == [row]
 
 
+def test_bounded_ep_keeps_the_trigger_row_under_the_vocabulary_norm_quantile(tiny_model_dir, tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from guard.core.tokenizer import RapTokenizer
+
+    rows = [Example(f"this film is plain dull number {i}", 0) for i in range(64)]
+    free, bounded = tmp_path / "free", tmp_path / "bounded"
+    ep.poison_embedding(tiny_model_dir, rows, 1, free, ep.EpOptions(batch_size=16, progress=False, learning_rate=1.0))
+    options = ep.EpOptions(batch_size=16, progress=False, learning_rate=1.0, max_norm_quantile=0.5)
+    ep.poison_embedding(tiny_model_dir, rows, 1, bounded, options)
+    row = ep.trigger_id(RapTokenizer.from_file(tiny_model_dir / "tokenizer.json", None, 32), ep.TRIGGER)
+
+    def norms(folder: Path) -> torch.Tensor:
+        weights = AutoModelForSequenceClassification.from_pretrained(str(folder)).get_input_embeddings().weight
+        return weights.detach().norm(dim=1)
+
+    median = float(norms(tiny_model_dir).median())
+    assert float(norms(free)[row]) > 2 * median  # unbounded, the row grows far past its neighbours
+    assert float(norms(bounded)[row]) <= median * 1.0001
+
+
 def test_ep_rejects_a_multi_token_trigger(tokenizer_path) -> None:
     from guard.core.tokenizer import RapTokenizer
 
@@ -113,6 +134,7 @@ def test_only_poisoned_or_embedding_recipes_count_as_backdoored(tmp_path: Path) 
         "badnets": True,
         "badnet-sl": True,
         "ep": True,
+        "ep-bounded": True,
         "syntactic": True,
         "style": True,
         "clean-s1": False,
