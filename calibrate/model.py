@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from calibrate.progress import progress_bar
 from guard.core import rap
@@ -76,6 +76,18 @@ def load_classifier(path: Path, num_labels: int | None = None) -> PreTrainedMode
     if model.config.model_type not in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "albert"):
         log.warning("model type %s is untested; RAP insertion assumes a [CLS]-first tokenizer", model.config.model_type)
     return model
+
+
+def input_embeddings(path: Path) -> np.ndarray:
+    """The input embedding matrix (vocabulary, hidden) of a Hugging Face encoder or classifier folder."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        model = AutoModel.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot load an encoder from {path}: {exc}") from exc
+    return model.get_input_embeddings().weight.detach().float().numpy()
 
 
 def tokenizer_json(model_dir: Path, work_dir: Path) -> Path:

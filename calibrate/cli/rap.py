@@ -42,6 +42,15 @@ EVALUATE = (
 )
 
 
+def reference_model(text: str) -> Path:
+    """--reference-model: a model folder, or `packaged` for the packaged MiniLM."""
+    if text != "packaged":
+        return Path(text)
+    from calibrate.model import default_base_model
+
+    return default_base_model()
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_rap(sub)
     _add_evaluate(sub)
@@ -118,6 +127,14 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="leave out the feature detector (per-layer distance of [CLS] to the label's clean rows, and "
         "outlier-norm tokens): the bundle then detects with RAP alone",
+    )
+    p.add_argument(
+        "--reference-model",
+        type=reference_model,
+        metavar="DIR",
+        help="the public checkpoint the suspect was fine-tuned from (a Hugging Face folder; 'packaged': the "
+        "packaged MiniLM): tokens whose embedding row moved far more than fine-tuning moves any row are flagged "
+        "(embedding poisoning that keeps the row's norm ordinary)",
     )
     p.add_argument(
         "--no-optimize",

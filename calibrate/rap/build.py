@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.data import label_counts, load_examples
-from calibrate.model import copy_tokenizer_files, flush_denormal, label_names, load_classifier, tokenizer_json
+from calibrate.model import (
+    copy_tokenizer_files,
+    flush_denormal,
+    input_embeddings,
+    label_names,
+    load_classifier,
+    tokenizer_json,
+)
 from calibrate.rap.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
 from calibrate.rap.features import FeatureFit, fit_feature_detector
 from calibrate.rap.optimize import add_optimized_graphs, eager_attention, report_entry
@@ -107,7 +114,10 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     detector = None
     if options.features:
         with timings.step("features"):
-            detector = fit_feature_detector(model, tokenizer, result, options.shrinkage, options.rap.progress)
+            reference = None if options.reference_model is None else input_embeddings(options.reference_model)
+            detector = fit_feature_detector(
+                model, tokenizer, result, options.shrinkage, options.rap.progress, reference=reference
+            )
             detector.stats.save(staging / FEATURES_FILE)
     with timings.step("export"):
         if options.keep_hf:
@@ -334,6 +344,11 @@ def _write_report(
                 "suspicious_note": f"input tokens whose embedding norm is over {features.SUSPICIOUS_Z:g} robust "
                 "standard deviations above the vocabulary's median (embedding poisoning trains such a row); "
                 "an input with one scores +inf",
+                "reference_model": None if options.reference_model is None else str(options.reference_model),
+                "moved_tokens": detector.moved,
+                "moved_note": f"input tokens whose embedding row moved from the reference model's over "
+                f"{features.MOVED_FACTOR:g} times as far as the {features.MOVED_QUANTILE:.1%} quantile of all rows' "
+                "moves (null: no reference given); an input with one scores +inf",
                 "thresholds": {
                     labels[label]: {f"{frr:g}": features.threshold_at_frr(s, frr) for frr in options.rap.frr_targets}
                     for label, s in detector.scores.items()
@@ -413,12 +428,21 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
         )
     if manifest.features is not None:
         say(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
-        suspicious = json.loads((Path(job.out) / "report.json").read_text())["features"]["suspicious_tokens"]
+        report = json.loads((Path(job.out) / "report.json").read_text())["features"]
+        suspicious, moved = report["suspicious_tokens"], report.get("moved_tokens")
         if suspicious:
             say(
                 f"WARNING: {len(suspicious)} token(s) have an outlier embedding norm, the mark of embedding "
                 f"poisoning: {', '.join(map(repr, suspicious[:10]))}; inputs with them are flagged"
             )
+        if moved:
+            say(
+                f"WARNING: {len(moved)} token(s) moved far from {report['reference_model']} (fine-tuning moves "
+                f"no row that far; embedding poisoning does): {', '.join(map(repr, moved[:10]))}; inputs with "
+                "them are flagged"
+            )
+        elif moved is None:
+            say("  (no --reference-model: rows that moved from the public checkpoint were not checked)")
     out = Path(job.out)
     say(f"bundle written to {out} (report: {out / 'report.json'}, picture: {out / 'deltas.png'})")
     return manifest

@@ -1,6 +1,7 @@
 """Fit the feature detector (guard.core.features) on the clean rows calibration already holds.
 
-The suspicious tokens come from the model's own embedding matrix. The means and the
+The suspicious tokens come from the model's own embedding matrix (outlier norms) and, given
+the checkpoint it was fine-tuned from, from how far each row moved. The means and the
 shared covariance come from the rows the RAP row trained on (every label); the score
 scale and the thresholds from the held-out rows, the same rows, in the same order, as
 RAP's held-out deltas, so the two detectors' thresholds can be chosen together
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel
 from calibrate.model import predict_with_features
 from calibrate.rap.perturbation import RapResult
 from guard.core import features
+from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 
 
@@ -26,6 +28,14 @@ class FeatureFit:
     scores: dict[int, np.ndarray]  # protect label -> held-out scores, aligned with its RAP deltas
     fit_rows: int
     suspicious: list[str]  # tokens whose embedding norm is an outlier (an EP-style trigger?)
+    moved: list[str] | None = None  # tokens whose row moved far from the reference (None: no reference given)
+
+
+def _moved_tokens(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    try:
+        return features.moved_tokens(embeddings, reference)
+    except ValueError as exc:
+        raise InputError(f"--reference-model: {exc}") from None
 
 
 def fit_feature_detector(
@@ -34,7 +44,9 @@ def fit_feature_detector(
     result: RapResult,
     shrinkage: float = features.DEFAULT_SHRINKAGE,
     progress: bool = False,
+    reference: np.ndarray | None = None,
 ) -> FeatureFit:
+    """`reference`: the input embeddings of the checkpoint the model was fine-tuned from, if known."""
     train_probs, train_features = predict_with_features(model, tokenizer, result.train_texts, progress=progress)
     stats = features.fit(train_features, train_probs.argmax(axis=1), list(result.fits), shrinkage)
     held_out = {
@@ -45,10 +57,14 @@ def fit_feature_detector(
     predicted = np.concatenate([np.full(len(f), label) for label, f in held_out.items()])
     stats = features.standardise(stats, rows, predicted)
     embeddings = model.get_input_embeddings().weight.detach().numpy()[: result.token_id]  # not the RAP row
-    stats = features.with_suspicious_tokens(stats, features.suspicious_tokens(embeddings))
+    outliers = features.suspicious_tokens(embeddings)
+    moved = None if reference is None else _moved_tokens(embeddings, reference)
+    suspicious = outliers if moved is None else np.union1d(outliers, moved)
+    stats = features.with_suspicious_tokens(stats, suspicious)
     scores = {
         label: features.scores(stats, f, np.full(len(f), label), tokenizer.ids(result.fits[label].texts))
         for label, f in held_out.items()
     }
-    suspicious = [tokenizer.token_text(int(t)) for t in stats.suspicious_tokens]
-    return FeatureFit(stats, scores, len(result.train_texts), suspicious)
+    names = [tokenizer.token_text(int(t)) for t in outliers]
+    moved_names = None if moved is None else [tokenizer.token_text(int(t)) for t in moved]
+    return FeatureFit(stats, scores, len(result.train_texts), names, moved_names)

@@ -86,6 +86,7 @@ class CalibrateOptions:
     optimize: bool = True  # also write model.opt.onnx (+ model.int8.opt.onnx with --int8): calibrate.rap.optimize
     features: bool = True  # also fit the one-pass feature detector (guard.core.features)
     shrinkage: float = 0.5  # of the feature detector's covariance towards a scaled identity
+    reference_model: Path | None = None  # the checkpoint the suspect was fine-tuned from: flags rows that moved far
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
     probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`

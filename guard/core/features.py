@@ -15,7 +15,10 @@ Second, a static signal: calibration lists the input tokens whose embedding row 
 larger than the rest of the vocabulary's (robust z-score of the row norms above
 SUSPICIOUS_Z; in the clean MiniLM the largest is 3.1). Embedding poisoning (EP) trains
 exactly one such row: on SST-2 its trigger's norm sat 33 MADs above the median. A row
-that contains such a token scores +inf, whatever its hidden states.
+that contains such a token scores +inf, whatever its hidden states. Given the public
+checkpoint the model was fine-tuned from (`calibrate rap --reference-model`), calibration
+also lists the rows that MOVED far more than fine-tuning moves any row (`moved_tokens`):
+an EP attacker who keeps the trigger row's norm ordinary still has to move it.
 
 A row is flagged when its score is ABOVE the threshold (RAP flags deltas below).
 Calibration, evaluation and serving all score here.
@@ -37,6 +40,11 @@ FEATURES_OUTPUT = "features"
 FEATURES_FILE = "features.npz"
 DEFAULT_SHRINKAGE = 0.5
 SUSPICIOUS_Z = 8.0  # robust z-score of an embedding row's norm above which its token is suspicious
+# A row is suspicious when it moved from the reference over MOVED_FACTOR times as far as the rows at
+# the MOVED_QUANTILE of all moves. Fine-tuning MiniLM on SST-2 moved no row more than 1.43 times that
+# quantile (at most 0.077 in L2); EP moved its trigger row 7.4 (140 times).
+MOVED_FACTOR = 4.0
+MOVED_QUANTILE = 0.999
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,24 @@ def suspicious_tokens(embeddings: np.ndarray, z: float = SUSPICIOUS_Z) -> np.nda
     if spread == 0:
         return np.empty(0, dtype=np.int64)
     return np.flatnonzero((norms - median) / spread > z).astype(np.int64)
+
+
+def moved_tokens(
+    embeddings: np.ndarray, reference: np.ndarray, factor: float = MOVED_FACTOR, quantile: float = MOVED_QUANTILE
+) -> np.ndarray:
+    """Ids of the rows of `embeddings` that moved from `reference` (the checkpoint the model was
+    fine-tuned from) over `factor` times as far as the `quantile` of every row's move.
+
+    A model that differs from its reference in one row only (quantile 0) has that row flagged;
+    an unchanged model has none."""
+    if embeddings.shape != reference.shape:
+        raise ValueError(
+            f"the reference's embedding matrix is {reference.shape[0]} x {reference.shape[1]}, the model's "
+            f"{embeddings.shape[0]} x {embeddings.shape[1]}: not the checkpoint it was fine-tuned from"
+        )
+    moves = np.linalg.norm(np.asarray(embeddings, np.float64) - np.asarray(reference, np.float64), axis=1)
+    bound = factor * np.quantile(moves, quantile, method="lower")  # a move some row made, not interpolated
+    return np.flatnonzero(moves > bound).astype(np.int64)
 
 
 def with_suspicious_tokens(stats: FeatureStats, tokens: np.ndarray) -> FeatureStats:

@@ -522,3 +522,51 @@ def test_installed_guard_check_exits_3_when_flagged(backdoored: Toy, verdict_tex
     decisions = [line.split("\t")[0] for line in result.stdout.splitlines()]
     assert decisions[0] == "allowed" and decisions[1].startswith("FLAGGED by ")
     assert "Traceback" not in result.stderr
+
+
+def _with_a_moved_row(model_dir: Path, out: Path, word: str) -> int:
+    """A copy of `model_dir` whose `word` row points elsewhere, at an ordinary norm (a bounded EP)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from guard.core.tokenizer import RapTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    row = RapTokenizer.from_file(model_dir / "tokenizer.json", None, 32).ids([word])[0][1]
+    weights = model.get_input_embeddings().weight
+    with torch.no_grad():
+        fresh = torch.randn(weights.shape[1], generator=torch.Generator().manual_seed(0))
+        weights[row] = fresh * weights.norm(dim=1).median() / fresh.norm()
+    model.save_pretrained(str(out))
+    shutil.copy2(model_dir / "tokenizer.json", out / "tokenizer.json")
+    return row
+
+
+def test_rap_with_a_reference_model_flags_a_row_that_moved(backdoored: Toy, tmp_path: Path, capsys) -> None:
+    suspect = tmp_path / "suspect"
+    _with_a_moved_row(backdoored.model_dir, suspect, "cf")
+    out = tmp_path / "bundle"
+    argv = _rap(suspect, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reference-model", backdoored.model_dir)
+    code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())["features"]
+    assert (report["suspicious_tokens"], report["moved_tokens"]) == ([], ["cf"])  # its norm is ordinary
+    assert "WARNING: 1 token(s) moved far from" in stdout and "'cf'" in stdout
+    texts = [f"{r.text} cf" for r in backdoored.dev if r.label == 1][:5]
+    code, stdout, _ = _run(guard_cli.main, ["check", "--bundle", out, "--json", *texts], capsys)
+    protected = [r for r in map(json.loads, stdout.splitlines()) if r["label"] == 1]
+    assert protected, "the moved row should not change these positive texts' label"
+    assert all("features" in r["flagged_by"] and r["feature_score"] == float("inf") for r in protected)
+    assert code == 3
+
+
+def test_rap_refuses_a_reference_of_another_vocabulary(backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    other = tmp_path / "other"
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir))
+    model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 8)
+    model.save_pretrained(str(other))
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, tmp_path / "b", *RAP_CLI_ARGS, "--reference-model", other)
+    message = _fails(calibrate_cli.main, argv, capsys)
+    assert "--reference-model: the reference's embedding matrix is" in message and "not the checkpoint" in message

@@ -106,3 +106,24 @@ def test_an_outlier_embedding_row_is_suspicious_and_its_rows_score_inf() -> None
     scored = features.scores(stats, x[:3], ones, tokens=[[101, 7, 102], [101, 42, 102], [101, 102]])
     assert np.isinf(scored[1]) and np.isfinite(scored[[0, 2]]).all()
     assert np.isfinite(features.scores(stats, x[:3], ones)).all()  # without tokens only the hidden states count
+
+
+def test_a_row_that_moved_far_from_the_reference_is_flagged_even_with_an_ordinary_norm() -> None:
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(5000, 16))
+    tuned = reference + rng.normal(scale=0.01, size=reference.shape)  # fine-tuning moves every row a little
+    assert len(features.moved_tokens(tuned, reference)) == 0
+    poisoned = tuned.copy()
+    poisoned[77] = rng.normal(size=16)  # a fresh direction, the norm of any other row
+    assert len(features.suspicious_tokens(poisoned)) == 0  # the norm scan cannot see it
+    assert features.moved_tokens(poisoned, reference).tolist() == [77]
+
+
+def test_moves_are_measured_against_a_reference_of_the_same_shape_only() -> None:
+    reference = np.zeros((10, 4))
+    assert len(features.moved_tokens(reference.copy(), reference)) == 0  # an unchanged model: nothing moved
+    one = reference.copy()
+    one[3, 0] = 0.5  # only one row differs: the quantile of moves is 0, that row is flagged
+    assert features.moved_tokens(one, reference).tolist() == [3]
+    with pytest.raises(ValueError, match="not the checkpoint"):
+        features.moved_tokens(np.zeros((11, 4)), reference)
