@@ -46,9 +46,11 @@ from bench.machine import machine_info
 from bench.matrix_report import write_rows
 from bench.models import build_model, model_name
 from calibrate.data import load_examples
-from calibrate.model import quiet_transformers
+from calibrate.model import default_base_model, input_embeddings, quiet_transformers
 from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.options import PAPER, CalibrateOptions, RapOptions
+from guard.core import features
+from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
 log = logging.getLogger("bench.detection_matrix")
@@ -80,7 +82,8 @@ def main() -> None:
         info = build_model(recipe, args.data, cache / "models", train_seed=train_seed)
         # the clean model has no trigger: it is measured on BadNet-RW inputs (its "ASR" is natural flips)
         poisoned = (recipe.poison_test or recipes["badnet-rw"].poison_test)(test)
-        details[f"{dataset}/{model}"] = {"recipe": recipe.settings, "train": info}
+        moved = _moved_from_base(Path(info["dir"]))
+        details[f"{dataset}/{model}"] = {"recipe": recipe.settings, "train": info, "moved_from_base": moved}
         for seed in args.seeds:
             runs, inputs, cacc = _seed_runs(
                 model, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model
@@ -105,12 +108,12 @@ def _seed_bundles(name: str, model_dir: Path, dev: list[Example], seed: int, cac
     """The bundles the chosen detectors read: the guard's default, RAP as published, one with int8 graphs."""
     bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed)
     if set(GUARD_DETECTORS + ("strip", "onion")) & set(detectors):
-        bundles["guard"] = _bundle(model_dir, dev, folder / f"{name}-s{seed}", guard)
+        bundles["guard"] = _bundle(model_dir, dev, folder / f"{name}-s{seed}", guard, reference=True)
     if "rap-paper" in detectors:
         paper = RapOptions((TARGET,), seed=seed, **PAPER)
         bundles["paper"] = _bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", paper, features=False)
     if INT8_DETECTOR in detectors:
-        bundles["int8"] = _bundle(model_dir, dev, folder / f"{name}-int8-s{seed}", guard, int8=True)
+        bundles["int8"] = _bundle(model_dir, dev, folder / f"{name}-int8-s{seed}", guard, int8=True, reference=True)
     return bundles
 
 
@@ -134,6 +137,13 @@ def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
         elif detector == "onion":
             jobs["onion"] = lambda: run_onion(bundles["guard"], inputs, language_model.get(), TARGET)
     return jobs
+
+
+def _moved_from_base(model_dir: Path) -> list[str]:
+    """The tokens `calibrate rap --reference-model packaged` flags on this model (rows that moved far)."""
+    embeddings, base = input_embeddings(model_dir), input_embeddings(default_base_model())
+    tokenizer = RapTokenizer.from_file(model_dir / "tokenizer.json", None, 16)
+    return [tokenizer.token_text(int(t)) for t in features.moved_tokens(embeddings[: len(base)], base)]
 
 
 def _renamed(run: DetectorRun, name: str) -> DetectorRun:
@@ -160,11 +170,23 @@ def _row(dataset: str, attack: str, detector: str, seed: int, cacc: float, asr: 
 
 
 def _bundle(
-    model_dir: Path, dev: list[Example], out: Path, rap: RapOptions, features: bool = True, int8: bool = False
+    model_dir: Path,
+    dev: list[Example],
+    out: Path,
+    rap: RapOptions,
+    features: bool = True,
+    int8: bool = False,
+    reference: bool = False,
 ) -> Path:
+    """Calibrate once (cached by folder name). `reference`: the packaged MiniLM every bench model was
+    fine-tuned from is the `--reference-model` (bundles cached before it was added lack that scan; the
+    matrix records what it flags on each model in `moved_from_base`)."""
     if not (out / "manifest.json").is_file():
         log.info("== calibrating %s", out.name)
-        options = CalibrateOptions(rap=rap, max_length=128, force=True, features=features, int8=int8)
+        base = default_base_model() if reference else None
+        options = CalibrateOptions(
+            rap=rap, max_length=128, force=True, features=features, int8=int8, reference_model=base
+        )
         calibrate_bundle(model_dir, dev, out, options)
     return out
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from calibrate.progress import progress_bar
 from guard.core import rap
@@ -79,15 +79,29 @@ def load_classifier(path: Path, num_labels: int | None = None) -> PreTrainedMode
 
 
 def input_embeddings(path: Path) -> np.ndarray:
-    """The input embedding matrix (vocabulary, hidden) of a Hugging Face encoder or classifier folder."""
+    """The input embedding matrix (vocabulary, hidden) of a Hugging Face encoder or classifier folder,
+    read from its weights file (no model is built)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not (path / "config.json").is_file() or not files:
+        raise InputError(f"{path} is not a Hugging Face model directory (no config.json and weights)")
+    for file in files:
+        tensors = _load_weights(file)
+        names = [name for name in tensors if name.endswith("word_embeddings.weight")]
+        if names:
+            return tensors[names[0]].float().numpy()
+    raise InputError(f"{path} has no word embedding matrix (no '*word_embeddings.weight' tensor)")
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
-        model = AutoModel.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot load an encoder from {path}: {exc}") from exc
-    return model.get_input_embeddings().weight.detach().float().numpy()
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file: say which, not how deep it broke
+        raise InputError(f"cannot read weights from {file}: {exc}") from None
 
 
 def tokenizer_json(model_dir: Path, work_dir: Path) -> Path:
