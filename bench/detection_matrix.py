@@ -13,6 +13,8 @@ draws the dev split and the RAP row's training order), then runs each detector o
 - rap, features, rap+features: the guard's default bundle, each detector alone and both together;
 - rap+features@int8: both detectors on the bundle's int8 graph with its own thresholds (a bundle
   calibrated with `--int8`);
+- rap+features-noref: both detectors of a bundle calibrated WITHOUT `--reference-model` (the guard's
+  bundles here use the packaged MiniLM the models were fine-tuned from);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -56,7 +58,8 @@ from guard.core.types import Example
 log = logging.getLogger("bench.detection_matrix")
 GUARD_DETECTORS = ("rap", "features", "rap+features")
 INT8_DETECTOR = "rap+features@int8"
-DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, "strip", "onion")
+NOREF_DETECTOR = "rap+features-noref"
+DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, "strip", "onion")
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
@@ -112,6 +115,8 @@ def _seed_bundles(name: str, model_dir: Path, dev: list[Example], seed: int, cac
     if "rap-paper" in detectors:
         paper = RapOptions((TARGET,), seed=seed, **PAPER)
         bundles["paper"] = _bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", paper, features=False)
+    if NOREF_DETECTOR in detectors:
+        bundles["noref"] = _bundle(model_dir, dev, folder / f"{name}-noref-s{seed}", guard)
     if INT8_DETECTOR in detectors:
         bundles["int8"] = _bundle(model_dir, dev, folder / f"{name}-int8-s{seed}", guard, int8=True, reference=True)
     return bundles
@@ -129,6 +134,9 @@ def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
         elif detector == INT8_DETECTOR:
             int8 = functools.partial(run_guard, bundles.get("int8"), inputs, TARGET, both, "onnx-int8")
             jobs[detector] = lambda run=int8: _renamed(run(), INT8_DETECTOR)
+        elif detector == NOREF_DETECTOR:
+            noref = functools.partial(run_guard, bundles.get("noref"), inputs, TARGET, both)
+            jobs[detector] = lambda run=noref: _renamed(run(), NOREF_DETECTOR)
         elif detector == "strip":
             for k in args.strip_ratios:
                 options = strip.StripOptions(replace_ratio=k)

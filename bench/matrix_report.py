@@ -18,7 +18,7 @@ HEADLINE_FRR = 0.01
 COLUMNS = ["dataset", "attack", "detector", "train_seed", "seed", "frr_target", "cacc", "asr", "test_frr", "test_far"]
 SUMMARY = ["dataset", "attack", "detector", "seeds", "cacc", "asr", "test_frr", "test_far", "far_range", "passes"]
 COLORS = {"rap-paper": "tab:gray", "rap": "tab:red", "features": "tab:blue", "rap+features": "tab:purple",
-          "rap+features@int8": "tab:orange", "onion": "tab:green"}  # fmt: skip
+          "rap+features@int8": "tab:orange", "rap+features-noref": "tab:brown", "onion": "tab:green"}  # fmt: skip
 
 
 def write_rows(out: Path, rows: list[dict], details: dict, machine: dict) -> None:
