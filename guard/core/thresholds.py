@@ -96,24 +96,37 @@ def _binomial_at_least(n: int, p: float, k: int) -> float:
 class JointThresholds:
     rap: float  # flag when delta < rap
     features: float  # flag when score > features
-    per_detector_frr: float  # the FRR each was set at on its own
+    rap_frr: float  # the FRR each was set at on its own
+    features_frr: float
 
 
 def joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThresholds:
-    """Both thresholds at one per-detector FRR q, the largest q (<= frr) at which the two TOGETHER
-    flag at most k = floor(frr (n + 1)) of these n held-out rows (k >= 1), so the union meets
-    the conformal target. `deltas` and `scores` are the same rows' RAP delta and feature score."""
+    """Both thresholds chosen so the two TOGETHER flag at most k = floor(frr (n + 1)) of these n
+    held-out rows (k >= 1): the union meets the conformal target. `deltas` and `scores` are the
+    same rows' RAP delta and feature score.
+
+    First both at one per-detector rank, the largest that fits; then the budget that rank
+    leaves (few held-out rows: often a whole row) goes to RAP, then to the features, one rank
+    at a time while the union still fits. Neither ends below the shared rank."""
     deltas, scores = np.asarray(deltas, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if len(deltas) != len(scores) or len(deltas) == 0:
         raise ValueError(f"need one delta and one score per held-out row, got {len(deltas)} and {len(scores)}")
     n = len(deltas)
     allowed = max(rank_at(frr, n), 1)
-    best = JointThresholds(lower_threshold(deltas, 0.0), upper_threshold(scores, 0.0), 0.0)
-    for each in range(1, allowed + 1):  # each detector's own k; the union grows with it
-        q = each / (n + 1)
-        rap_t, feat_t = lower_threshold(deltas, q), upper_threshold(scores, q)
-        union = int(np.count_nonzero((deltas < rap_t) | (scores > feat_t)))
-        if union + 1 > allowed:  # the k-th row sits AT a threshold: k - 1 strictly beyond plus it
-            break
-        best = JointThresholds(rap_t, feat_t, q)
-    return best
+    low, high = np.sort(deltas), np.sort(scores)[::-1]
+
+    def fits(rap_rank: int, features_rank: int) -> bool:
+        flagged = (deltas < low[rap_rank - 1]) | (scores > high[features_rank - 1])
+        return int(np.count_nonzero(flagged)) + 1 <= allowed  # the rank-th row sits AT its threshold
+
+    shared = 1
+    while shared < min(allowed, n) and fits(shared + 1, shared + 1):
+        shared += 1
+    rap_rank = features_rank = shared
+    while rap_rank < min(allowed, n) and fits(rap_rank + 1, features_rank):
+        rap_rank += 1
+    while features_rank < min(allowed, n) and fits(rap_rank, features_rank + 1):
+        features_rank += 1
+    return JointThresholds(
+        float(low[rap_rank - 1]), float(high[features_rank - 1]), rap_rank / (n + 1), features_rank / (n + 1)
+    )

@@ -54,11 +54,33 @@ def test_joint_thresholds_flag_the_target_share_together() -> None:
     union = np.count_nonzero((deltas < pair.rap) | (scores > pair.features))
     k = thresholds.rank_at(0.02, n)  # 20
     assert union + 1 <= k
-    assert pair.per_detector_frr <= 0.02
     # each alone is at a per-detector FRR between half the target and the target (independent scores)
-    assert 0.009 <= pair.per_detector_frr <= 0.02
+    assert 0.009 <= pair.features_frr <= pair.rap_frr <= 0.02
+    assert np.count_nonzero(deltas < pair.rap) == round(pair.rap_frr * (n + 1)) - 1  # its rank-th row sits AT it
     # identical scores: the union is one detector, so each gets the whole target
     same = thresholds.joint(deltas, -deltas, 0.02)
-    assert same.per_detector_frr == pytest.approx(k / (n + 1))
+    assert same.rap_frr == same.features_frr == pytest.approx(k / (n + 1))
+
+
+def test_the_budget_a_shared_rank_leaves_goes_to_rap_then_to_the_features() -> None:
+    # 220 held-out rows, a 1% target: k = 2, one row may be flagged. Sharing, each detector would flag
+    # none (rank 1: at the extreme row); the leftover row goes to RAP.
+    rng = np.random.default_rng(4)
+    deltas, scores = rng.normal(size=220), rng.normal(size=220)
+    pair = thresholds.joint(deltas, scores, 0.01)
+    flagged_by_rap = np.count_nonzero(deltas < pair.rap)
+    flagged_by_features = np.count_nonzero(scores > pair.features)
+    assert (flagged_by_rap, flagged_by_features) == (1, 0)
+    assert pair.rap_frr == pytest.approx(2 / 221) and pair.features_frr == pytest.approx(1 / 221)
+    # an exhaustive search finds no pair of ranks that flags more rows and still fits
+    low, high = np.sort(deltas), np.sort(scores)[::-1]
+    best = max(
+        np.count_nonzero((deltas < low[a]) | (scores > high[b]))
+        for a in range(4)
+        for b in range(4)
+        if np.count_nonzero((deltas < low[a]) | (scores > high[b])) + 1 <= 2
+    )
+    assert flagged_by_rap + flagged_by_features == best
+
     with pytest.raises(ValueError, match="one delta and one score"):
         thresholds.joint(deltas, scores[:-1], 0.02)
