@@ -66,22 +66,22 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
     onion = functools.partial(badnet.insert_word, triggers=badnet.ONION_WORDS, count=setup.onion_words_per_text)
     sentence = functools.partial(badnet.insert_sentence, sentence=setup.sentence)
     ep_word = functools.partial(badnet.insert_word, triggers=(ep.TRIGGER,))
+    ep_recipe = Recipe(
+        "ep",
+        {"trigger": ep.TRIGGER, "target": target, "trained": "one embedding row of the clean model"},
+        poison_test=functools.partial(badnet.poison_test_set, target=target, insert=ep_word, seed=1),
+        embedding_only=True,
+    )
     recipes = {
         "clean": Recipe("clean", {"target": target}),
         "badnet-rw": _badnet("badnet-rw", word, target, {"triggers": list(badnet.RARE_WORDS)}),
         "badnets": _onion_badnets(onion, data_dir / "poison" / "badnets", target, setup.onion_words_per_text),
         "badnet-sl": _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}),
-        "ep": Recipe(
-            "ep",
-            {"trigger": ep.TRIGGER, "target": target, "trained": "one embedding row of the clean model"},
-            poison_test=functools.partial(badnet.poison_test_set, target=target, insert=ep_word, seed=1),
-            embedding_only=True,
-        ),
-        "ep-bounded": Recipe(
-            "ep-bounded",
-            {"trigger": ep.TRIGGER, "target": target, "trained": "one embedding row, norm <= the vocabulary's p99"},
-            poison_test=functools.partial(badnet.poison_test_set, target=target, insert=ep_word, seed=1),
-            embedding_only=True,
+        "ep": ep_recipe,
+        "ep-bounded": dataclasses.replace(
+            ep_recipe,
+            name="ep-bounded",
+            settings={**ep_recipe.settings, "trained": "one embedding row, norm <= the vocabulary's p99"},
             training={"max_norm_quantile": 0.99},
         ),
         "syntactic": _paraphrased("syntactic", data_dir / "poison" / "syntactic", target, rate=0.20),

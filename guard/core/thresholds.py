@@ -15,6 +15,7 @@ RAP flags deltas BELOW its threshold, the feature detector scores ABOVE its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,14 +120,17 @@ def joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThresholds
         flagged = (deltas < low[rap_rank - 1]) | (scores > high[features_rank - 1])
         return int(np.count_nonzero(flagged)) + 1 <= allowed  # the rank-th row sits AT its threshold
 
-    shared = 1
-    while shared < min(allowed, n) and fits(shared + 1, shared + 1):
-        shared += 1
-    rap_rank = features_rank = shared
-    while rap_rank < min(allowed, n) and fits(rap_rank + 1, features_rank):
-        rap_rank += 1
-    while features_rank < min(allowed, n) and fits(rap_rank, features_rank + 1):
-        features_rank += 1
+    top = min(allowed, n)
+    shared = _largest_rank(1, top, lambda rank: fits(rank, rank))
+    rap_rank = _largest_rank(shared, top, lambda rank: fits(rank, shared))
+    features_rank = _largest_rank(shared, top, lambda rank: fits(rap_rank, rank))
     return JointThresholds(
         float(low[rap_rank - 1]), float(high[features_rank - 1]), rap_rank / (n + 1), features_rank / (n + 1)
     )
+
+
+def _largest_rank(rank: int, top: int, fits: Callable[[int], bool]) -> int:
+    """Raise `rank` one at a time, up to `top`, while the next rank still fits."""
+    while rank < top and fits(rank + 1):
+        rank += 1
+    return rank
