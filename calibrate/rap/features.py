@@ -1,11 +1,11 @@
 """Fit the feature detector (guard.core.features) on the clean rows calibration already holds.
 
 The suspicious tokens come from the model's own embedding matrix (outlier norms) and, given
-the checkpoint it was fine-tuned from, from how far each row moved. The means and the
-shared covariance come from the rows the RAP row trained on (every label); the score
-scale and the thresholds from the held-out rows, the same rows, in the same order, as
-RAP's held-out deltas, so the two detectors' thresholds can be chosen together
-(guard.core.thresholds.joint).
+the checkpoint it was fine-tuned from, from how far each row moved. The means, the
+shared covariance and the score scale (out of fold) come from the rows the RAP row
+trained on (every label); the thresholds from the held-out rows alone, the same rows, in
+the same order, as RAP's held-out deltas, so the two detectors' thresholds can be chosen
+together (guard.core.thresholds.joint).
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def _moved_tokens(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
         raise InputError(f"--reference-model: {exc}") from None
 
 
+def _fit(x: np.ndarray, predicted: np.ndarray, labels: list[int], shrinkage: float) -> features.FeatureStats:
+    try:
+        return features.fit_cross_standardised(x, predicted, labels, shrinkage)
+    except ValueError as exc:  # a protect label some fold never predicts: too few training rows
+        raise InputError(f"feature detector: {exc}; pass a larger --clean file") from None
+
+
 def fit_feature_detector(
     model: PreTrainedModel,
     tokenizer: RapTokenizer,
@@ -48,14 +55,12 @@ def fit_feature_detector(
 ) -> FeatureFit:
     """`reference`: the input embeddings of the checkpoint the model was fine-tuned from, if known."""
     train_probs, train_features = predict_with_features(model, tokenizer, result.train_texts, progress=progress)
-    stats = features.fit(train_features, train_probs.argmax(axis=1), list(result.fits), shrinkage)
+    predicted = train_probs.argmax(axis=1)
+    stats = _fit(train_features, predicted, list(result.fits), shrinkage)
     held_out = {
         label: predict_with_features(model, tokenizer, fit.texts, progress=progress)[1]
         for label, fit in result.fits.items()
     }
-    rows = np.concatenate(list(held_out.values()))
-    predicted = np.concatenate([np.full(len(f), label) for label, f in held_out.items()])
-    stats = features.standardise(stats, rows, predicted)
     embeddings = model.get_input_embeddings().weight.detach().numpy()[: result.token_id]  # not the RAP row
     outliers = features.suspicious_tokens(embeddings)
     moved = None if reference is None else _moved_tokens(embeddings, reference)

@@ -7,9 +7,10 @@ Findings of EMNLP 2022), calibration fits on clean held-out rows, per layer, one
 mean per predicted label and a shared covariance (shrunk towards a scaled identity,
 since a few hundred rows cannot estimate 384 x 384 entries). A row's score on one
 layer is its squared Mahalanobis distance to the mean of its predicted label,
-standardised by the clean rows' mean and spread on that layer; its score is the
-largest over layers. Triggered inputs reach the target label by another route
-than clean ones, so some layer places them far from the label's clean rows.
+standardised by clean rows' mean and spread on that layer (out-of-fold distances of
+the rows the statistics were fitted on); its score is the largest over layers.
+Triggered inputs reach the target label by another route than clean ones, so some
+layer places them far from the label's clean rows.
 
 Second, a static signal: calibration lists the input tokens whose embedding row is far
 larger than the rest of the vocabulary's (robust z-score of the row norms above
@@ -144,7 +145,8 @@ def fit(
 
     Every row helps estimate the covariance (residuals from its own predicted label's
     mean); only `labels` keep a mean, since only their predictions are scored.
-    The score scale is set with `standardise` on other rows (held out from these).
+    The score scale is set with `standardise` on other rows (held out from these), or use
+    `fit_cross_standardised`.
     """
     x = np.asarray(features, dtype=np.float64)
     predicted = np.asarray(predicted)
@@ -191,11 +193,41 @@ def layer_distances(stats: FeatureStats, features: np.ndarray, predicted: np.nda
 
 def standardise(stats: FeatureStats, clean_features: np.ndarray, clean_predicted: np.ndarray) -> FeatureStats:
     """Set the per-layer score scale from clean rows NOT used by `fit` (their distances are unbiased)."""
-    distances = layer_distances(stats, clean_features, clean_predicted)
+    return _scaled(stats, layer_distances(stats, clean_features, clean_predicted))
+
+
+def _scaled(stats: FeatureStats, distances: np.ndarray) -> FeatureStats:
     if len(distances) < 2:
-        raise ValueError("need at least 2 held-out clean rows to standardise the feature score")
+        raise ValueError("need at least 2 clean rows to standardise the feature score")
     std = distances.std(axis=0)
     return replace(stats, score_mean=distances.mean(axis=0), score_std=np.where(std > 0, std, 1.0))
+
+
+def fit_cross_standardised(
+    features: np.ndarray,
+    predicted: np.ndarray,
+    labels: Collection[int],
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    folds: int = 5,
+) -> FeatureStats:
+    """`fit` on every row, with the score scale from out-of-fold distances of these same rows.
+
+    Each fold's rows are measured against statistics fitted without them, as unseen rows are,
+    so the scale needs no rows of its own: the held-out rows stay for the thresholds alone
+    (a scale read off the rows a threshold is read from shrinks their extremes). Rows are
+    dealt to folds in order; calibration has already shuffled them."""
+    x, predicted = np.asarray(features, dtype=np.float64), np.asarray(predicted)
+    stats = fit(x, predicted, labels, shrinkage)
+    scored = np.isin(predicted, stats.labels)
+    fold_of = np.arange(len(x)) % folds
+    distances = []
+    for fold in range(folds):
+        rest, rows = fold_of != fold, (fold_of == fold) & scored
+        if rows.any():
+            distances.append(
+                layer_distances(fit(x[rest], predicted[rest], labels, shrinkage), x[rows], predicted[rows])
+            )
+    return _scaled(stats, np.concatenate(distances))
 
 
 def scores(

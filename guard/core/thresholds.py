@@ -102,13 +102,18 @@ class JointThresholds:
 
 
 def joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThresholds:
-    """Both thresholds chosen so the two TOGETHER flag at most k = floor(frr (n + 1)) of these n
-    held-out rows (k >= 1): the union meets the conformal target. `deltas` and `scores` are the
-    same rows' RAP delta and feature score.
+    """Both thresholds chosen so the two TOGETHER meet the conformal target k = floor(frr (n + 1))
+    (k >= 1) on these n held-out rows. `deltas` and `scores` are the same rows' RAP delta and
+    feature score.
+
+    A detector alone at rank r flags a new clean row with probability r / (n + 1): the r - 1
+    rows beyond its threshold plus the one AT it. Two detectors have a boundary row each, so
+    the union counts every row at or beyond either threshold and must stay <= k (counting
+    one boundary row, as a first version did, gave test FRR 1.84% at the 1% target).
 
     First both at one per-detector rank, the largest that fits; then the budget that rank
-    leaves (few held-out rows: often a whole row) goes to RAP, then to the features, one rank
-    at a time while the union still fits. Neither ends below the shared rank."""
+    leaves goes to RAP, then to the features, one rank at a time while the union still fits.
+    Neither ends below rank 1."""
     deltas, scores = np.asarray(deltas, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if len(deltas) != len(scores) or len(deltas) == 0:
         raise ValueError(f"need one delta and one score per held-out row, got {len(deltas)} and {len(scores)}")
@@ -117,8 +122,8 @@ def joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThresholds
     low, high = np.sort(deltas), np.sort(scores)[::-1]
 
     def fits(rap_rank: int, features_rank: int) -> bool:
-        flagged = (deltas < low[rap_rank - 1]) | (scores > high[features_rank - 1])
-        return int(np.count_nonzero(flagged)) + 1 <= allowed  # the rank-th row sits AT its threshold
+        at_or_beyond = (deltas <= low[rap_rank - 1]) | (scores >= high[features_rank - 1])
+        return int(np.count_nonzero(at_or_beyond)) <= allowed
 
     top = min(allowed, n)
     shared = _largest_rank(1, top, lambda rank: fits(rank, rank))

@@ -47,6 +47,31 @@ def test_distances_and_scores_match_a_direct_computation() -> None:
     assert features.scores(stats, held_x[rows], held_pred[rows]) == pytest.approx(expected)
 
 
+def test_the_cross_standardised_scale_is_each_folds_distance_to_the_other_folds_fit() -> None:
+    x, predicted = _rows()
+    stats = features.fit_cross_standardised(x, predicted, [1], shrinkage=0.3, folds=4)
+    fold_of = np.arange(len(x)) % 4
+    direct = np.concatenate(
+        [
+            _direct(
+                x[(fold_of == f) & (predicted == 1)],
+                predicted[(fold_of == f) & (predicted == 1)],
+                1,
+                x[fold_of != f],
+                predicted[fold_of != f],
+                0.3,
+            )
+            for f in range(4)
+        ]
+    )
+    assert stats.score_mean == pytest.approx(direct.mean(0), rel=1e-8)
+    assert stats.score_std == pytest.approx(direct.std(0), rel=1e-8)
+    assert stats.means == pytest.approx(features.fit(x, predicted, [1], shrinkage=0.3).means)
+    # unseen rows sit further from the fit than the rows it was fitted on: the in-sample scale is too small
+    in_sample = features.standardise(features.fit(x, predicted, [1], 0.3), x[predicted == 1], predicted[predicted == 1])
+    assert (stats.score_mean > in_sample.score_mean).all()
+
+
 def test_a_shifted_row_scores_high_and_only_protected_labels_are_scored() -> None:
     x, predicted = _rows()
     stats = features.standardise(features.fit(x, predicted, [1]), x[predicted == 1], predicted[predicted == 1])

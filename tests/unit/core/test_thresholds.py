@@ -51,9 +51,10 @@ def test_joint_thresholds_flag_the_target_share_together() -> None:
     n = 999
     deltas, scores = rng.normal(size=n), rng.normal(size=n)
     pair = thresholds.joint(deltas, scores, 0.02)
-    union = np.count_nonzero((deltas < pair.rap) | (scores > pair.features))
+    # every row at or beyond either threshold counts: each detector's boundary row is a flag's worth
+    at_or_beyond = np.count_nonzero((deltas <= pair.rap) | (scores >= pair.features))
     k = thresholds.rank_at(0.02, n)  # 20
-    assert union + 1 <= k
+    assert at_or_beyond <= k
     # each alone is at a per-detector FRR between half the target and the target (independent scores)
     assert 0.009 <= pair.features_frr <= pair.rap_frr <= 0.02
     assert np.count_nonzero(deltas < pair.rap) == round(pair.rap_frr * (n + 1)) - 1  # its rank-th row sits AT it
@@ -62,25 +63,30 @@ def test_joint_thresholds_flag_the_target_share_together() -> None:
     assert same.rap_frr == same.features_frr == pytest.approx(k / (n + 1))
 
 
-def test_the_budget_a_shared_rank_leaves_goes_to_rap_then_to_the_features() -> None:
-    # 220 held-out rows, a 1% target: k = 2, one row may be flagged. Sharing, each detector would flag
-    # none (rank 1: at the extreme row); the leftover row goes to RAP.
+def test_each_detector_counts_its_own_boundary_row() -> None:
+    # 220 held-out rows, a 1% target: k = 2. Each detector's threshold sits AT one row, so the two
+    # boundary rows already spend the budget: neither flags a held-out row, expected FRR 2 / 221.
     rng = np.random.default_rng(4)
     deltas, scores = rng.normal(size=220), rng.normal(size=220)
     pair = thresholds.joint(deltas, scores, 0.01)
-    flagged_by_rap = np.count_nonzero(deltas < pair.rap)
-    flagged_by_features = np.count_nonzero(scores > pair.features)
-    assert (flagged_by_rap, flagged_by_features) == (1, 0)
-    assert pair.rap_frr == pytest.approx(2 / 221) and pair.features_frr == pytest.approx(1 / 221)
-    # an exhaustive search finds no pair of ranks that flags more rows and still fits
+    assert np.count_nonzero(deltas < pair.rap) == np.count_nonzero(scores > pair.features) == 0
+    assert pair.rap_frr == pytest.approx(1 / 221) and pair.features_frr == pytest.approx(1 / 221)
+
+
+def test_the_budget_a_shared_rank_leaves_goes_to_rap_then_to_the_features() -> None:
+    # 550 rows, a 1% target: k = 5. Sharing gives rank 2 each (four rows at or beyond); the fifth
+    # row of the budget goes to RAP. An exhaustive search finds no pair that spends more of it.
+    rng = np.random.default_rng(4)
+    deltas, scores = rng.normal(size=550), rng.normal(size=550)
+    pair = thresholds.joint(deltas, scores, 0.01)
     low, high = np.sort(deltas), np.sort(scores)[::-1]
-    best = max(
-        np.count_nonzero((deltas < low[a]) | (scores > high[b]))
-        for a in range(4)
-        for b in range(4)
-        if np.count_nonzero((deltas < low[a]) | (scores > high[b])) + 1 <= 2
-    )
-    assert flagged_by_rap + flagged_by_features == best
+
+    def spent(a: int, b: int) -> int:
+        return int(np.count_nonzero((deltas <= low[a - 1]) | (scores >= high[b - 1])))
+
+    ranks = (round(pair.rap_frr * 551), round(pair.features_frr * 551))
+    assert ranks == (3, 2)
+    assert spent(*ranks) == max(spent(a, b) for a in range(1, 7) for b in range(1, 7) if spent(a, b) <= 5)
 
     with pytest.raises(ValueError, match="one delta and one score"):
         thresholds.joint(deltas, scores[:-1], 0.02)
