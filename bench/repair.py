@@ -6,8 +6,9 @@
 Per attack model of bench/models.py (MiniLM fine-tuned on SST-2; trained first if not
 cached, ~15 min each), every defence:
 
-- none: the model as it came; rap: a RAP bundle calibrated on it (the detection
-  matrix's bundle of the same model when it is cached: calibrated on all of SST-2 dev);
+- none: the model as it came; rap: the guard calibrated on it (`calibrate rap`'s
+  defaults: RAP and the feature detector, flagged when either flags; the packaged
+  MiniLM, which every bench model was fine-tuned from, as its reference model);
 - ft, fth: fine-tuning on clean rows, at the attack models' learning rate and at 2.5x
   it (calibrate.repair.baselines);
 - meft: maximum-entropy fine-tuning, then cross-entropy (calibrate.repair.meft);
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -59,7 +59,7 @@ from bench.repair_report import HEADLINE_FRR, write_repair
 from bench.stages import MODELS, Case, HelpFormatter, cached, measure, recipe_cases, settings_of, weights_sha256
 from calibrate.data import load_examples
 from calibrate.inversion.subject import load_subject
-from calibrate.model import quiet_transformers
+from calibrate.model import default_base_model, quiet_transformers
 from calibrate.options import TrainOptions
 from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.evaluate import evaluate_bundle
@@ -193,15 +193,8 @@ def _with_rap(case: Case, rows: Rows, budget: Budget, cache: Path, defence: str)
         "options": budget.calibrate,
     }
 
-    matrix_bundle = _matrix_bundle(case, cache) if not method else None
-    if matrix_bundle is not None:
-        bundle, settings["rows"] = matrix_bundle, {"matrix_bundle": str(matrix_bundle), "test": len(rows.test)}
-
     def job() -> dict:
-        if matrix_bundle is None:
-            calibrate_seconds = _calibrate(model_dir, rows.rap_dev, bundle, budget.calibrate)
-        else:
-            calibrate_seconds = _calibration_seconds(matrix_bundle)
+        calibrate_seconds = _calibrate(model_dir, rows.rap_dev, bundle, budget.calibrate)
         evaluation = evaluate_bundle(bundle, rows.test, {case.name: case.poisoned_test}, case.target)
         at = next(r for r in evaluation.rows if r["frr_target"] == HEADLINE_FRR)
         return {
@@ -219,27 +212,11 @@ def _with_rap(case: Case, rows: Rows, budget: Budget, cache: Path, defence: str)
     return cached(cache / "repair" / case.name / f"{defence}.json", settings, job, [bundle / "manifest.json"])
 
 
-def _matrix_bundle(case: Case, cache: Path) -> Path | None:
-    """The detection matrix's RAP bundle of this very model, if there is one: RAP alone then costs no
-    calibration here. It was calibrated on all of SST-2 dev (the +RAP rows: dev less PURE's rows), which
-    if anything favours RAP alone in the comparison."""
-    bundle = cache / "bundles" / case.name
-    if not (bundle / "manifest.json").is_file():
-        return None
-    source = json.loads((bundle / "manifest.json").read_text())["model"].get("source_sha256")
-    return bundle if source == weights_sha256(case.model_dir) else None
-
-
 def _calibrate(model_dir: Path, rows: list[Example], bundle: Path, options: CalibrateOptions) -> float:
     """Calibrate a RAP bundle for `model_dir` into `bundle`; the wall-clock seconds it took."""
     started = time.perf_counter()
     calibrate_bundle(model_dir, rows, bundle, dataclasses.replace(options, force=True))
     return time.perf_counter() - started
-
-
-def _calibration_seconds(bundle: Path) -> float:
-    """What an existing bundle's calibration took, from its report."""
-    return float(sum(json.loads((bundle / "report.json").read_text())["seconds"].values()))
 
 
 def _row(case: Case, defence: str, metrics: dict, seconds: float) -> dict:
@@ -284,7 +261,9 @@ def _budget(args: argparse.Namespace) -> Budget:
         finetune=finetune,
         maxent=MaxEntOptions(max_steps=args.maxent_steps, learning_rate=args.maxent_lr, finetune=finetune),
         prune=PruneOptions(heads_per_step=args.heads_per_step, mu=args.mu, finetune=finetune),
-        calibrate=CalibrateOptions(rap=RapOptions(protect_labels=(TARGET,)), max_length=args.max_length),
+        calibrate=CalibrateOptions(
+            rap=RapOptions(protect_labels=(TARGET,)), max_length=args.max_length, reference_model=default_base_model()
+        ),
         max_length=args.max_length,
     )
 

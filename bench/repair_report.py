@@ -132,6 +132,8 @@ def _markdown(rows: list[dict], budget: dict, machine: dict) -> str:
         "## Notes",
         "",
         *notes,
+        "- `rap`, `pure+rap`, `meft+rap`: the guard as `calibrate rap` builds it (RAP and the feature "
+        "detector, flagged when either flags; the packaged MiniLM as reference model).",
         "- `seconds`: wall-clock cost of the defence (repair + RAP calibration), not the measurement.",
         "- MEFT's maximum-entropy phase stops at the paper's stop distance 0.01 or at the step budget, "
         "whichever comes first (per attack above).",
@@ -146,11 +148,6 @@ def _repair_notes(rows: list[dict]) -> list[str]:
     notes = []
     for r in rows:
         d = r.get("details", {})
-        if r["defence"] == "rap" and "/repair/bundles/" not in r.get("bundle", "/repair/bundles/"):
-            notes.append(
-                f"- RAP alone on {r['attack']}: the detection matrix's bundle of the same model ({r['bundle']}), "
-                "calibrated on all SST-2 dev rows, more than the +RAP rows had; `seconds` is its calibration."
-            )
         if r["defence"] == "meft":
             distance = f"{d['stop_distance_start']:.4g} -> {d['stop_distance_end']:.4g}"
             notes.append(

@@ -209,12 +209,3 @@ def test_pivot_and_target_checks() -> None:
 
 def _budget_json(budget: inversion.Budget, repair: int) -> dict:
     return {**settings_of(budget), "rows": {"repair": repair}}
-
-
-def test_rap_alone_reuses_the_matrix_bundle_of_the_same_weights_only(toy_case: Case, tmp_path: Path) -> None:
-    bundle = tmp_path / "bundles" / "toy"
-    bundle.mkdir(parents=True)
-    assert repair._matrix_bundle(toy_case, tmp_path) is None  # no manifest
-    for sha, expected in (("0" * 64, None), (weights_sha256(toy_case.model_dir), bundle)):
-        (bundle / "manifest.json").write_text(json.dumps({"model": {"source_sha256": sha}}))
-        assert repair._matrix_bundle(toy_case, tmp_path) == expected
