@@ -16,7 +16,7 @@ import pytest
 from bench import inversion, repair
 from bench.inversion_report import fit_threshold, judge, leave_one_out, write_inversion
 from bench.repair_report import pivot, target_checks, write_repair
-from bench.stages import Case, cached, settings_of, weights_sha256
+from bench.stages import Case, cached, settings_of
 from calibrate.inversion.options import HardenOptions, InversionOptions, ScanOptions, UnlearnOptions
 from calibrate.options import TrainOptions
 from calibrate.record import REPAIR_RECORD
