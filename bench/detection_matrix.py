@@ -20,6 +20,10 @@ draws the dev split and the RAP row's training order), then runs each detector o
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
 attack's cached model, trained with the recipe's own seed).
 
+The JSON's `details` say per model what the token scans of `calibrate rap --reference-model` flag:
+`moved_from_base` (rows that moved far from the packaged MiniLM) and `flipped_tokens` (the flip scan
+of its first calibration seed's guard bundle, calibrate/rap/token_scan.py).
+
 Every stage is cached under --cache (models, bundles, one JSON per attack x detector x seed),
 so an interrupted run resumes where it stopped; delete a file to redo that stage.
 Writes bench/results/detection_matrix.{json,md,png}; rows already there for other (dataset, attack,
@@ -91,6 +95,7 @@ def main() -> None:
             runs, inputs, cacc = _seed_runs(
                 model, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model
             )
+            details[f"{dataset}/{model}"].setdefault("flipped_tokens", _flipped(cache / "bundles" / f"{model}-s{seed}"))
             for key, run in runs.items():
                 for point in run["operating"]:
                     row = _row(dataset, name, key, seed, cacc, inputs.asr, run, point)
@@ -152,6 +157,14 @@ def _moved_from_base(model_dir: Path) -> list[str]:
     embeddings, base = input_embeddings(model_dir), input_embeddings(default_base_model())
     tokenizer = RapTokenizer.from_file(model_dir / "tokenizer.json", None, 16)
     return [tokenizer.token_text(int(t)) for t in features.moved_tokens(embeddings[: len(base)], base)]
+
+
+def _flipped(bundle: Path) -> list[str] | None:
+    """The tokens the guard bundle's flip scan flagged (None: no such bundle or no scan in it)."""
+    report = bundle / "report.json"
+    if not report.is_file():
+        return None
+    return (json.loads(report.read_text()).get("features") or {}).get("flipped_tokens")
 
 
 def _renamed(run: DetectorRun, name: str) -> DetectorRun:

@@ -31,6 +31,7 @@ from calibrate.model import (
     load_classifier,
     tokenizer_json,
 )
+from calibrate.rap import token_scan
 from calibrate.rap.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
 from calibrate.rap.features import FeatureFit, fit_feature_detector
 from calibrate.rap.optimize import add_optimized_graphs, eager_attention, report_entry
@@ -349,6 +350,12 @@ def _write_report(
                 "moved_note": f"input tokens whose embedding row moved from the reference model's over "
                 f"{features.MOVED_FACTOR:g} times as far as the {features.MOVED_QUANTILE:.1%} quantile of all rows' "
                 "moves (null: no reference given); an input with one scores +inf",
+                "flipped_tokens": detector.flipped,
+                "flip_scan": None if detector.flip_scan is None else [f.as_json() for f in detector.flip_scan],
+                "flip_note": f"the {token_scan.CANDIDATES} most-moved tokens, each inserted at a random position into "
+                f"{token_scan.HOST_ROWS} clean rows predicted as another label: flagged when it turns at least "
+                f"{token_scan.FLIP_RATE:.0%} of them into a protect label and occurs in no clean row calibration "
+                "trained on (a rare-word trigger); an input with one scores +inf (null: no reference given)",
                 "thresholds": {
                     labels[label]: {f"{frr:g}": features.threshold_at_frr(s, frr) for frr in options.rap.frr_targets}
                     for label, s in detector.scores.items()
@@ -443,6 +450,13 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
             )
         elif moved is None:
             say("  (no --reference-model: rows that moved from the public checkpoint were not checked)")
+        flipped = report.get("flipped_tokens")
+        if flipped:
+            say(
+                f"WARNING: {len(flipped)} token(s) turn clean rows of other labels into a protect label wherever "
+                f"they are inserted, and no clean row has them (a rare-word trigger): "
+                f"{', '.join(map(repr, flipped[:10]))}; inputs with them are flagged"
+            )
     out = Path(job.out)
     say(f"bundle written to {out} (report: {out / 'report.json'}, picture: {out / 'deltas.png'})")
     return manifest

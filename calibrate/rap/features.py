@@ -1,7 +1,8 @@
 """Fit the feature detector (guard.core.features) on the clean rows calibration already holds.
 
 The suspicious tokens come from the model's own embedding matrix (outlier norms) and, given
-the checkpoint it was fine-tuned from, from how far each row moved. The means, the
+the checkpoint it was fine-tuned from, from how far each row moved and from what the most-moved
+tokens do when inserted into clean rows (calibrate.rap.token_scan). The means, the
 shared covariance and the score scale (out of fold) come from the rows the RAP row
 trained on (every label); the thresholds from the held-out rows alone, the same rows, in
 the same order, as RAP's held-out deltas, so the two detectors' thresholds can be chosen
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel
 
 from calibrate.model import predict_with_features
 from calibrate.rap.perturbation import RapResult
+from calibrate.rap.token_scan import TokenFlip, flip_scan
 from guard.core import features
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
@@ -29,11 +31,17 @@ class FeatureFit:
     fit_rows: int
     suspicious: list[str]  # tokens whose embedding norm is an outlier (an EP-style trigger?)
     moved: list[str] | None = None  # tokens whose row moved far from the reference (None: no reference given)
+    flip_scan: list[TokenFlip] | None = None  # the most-moved tokens' flip rates (None: no reference given)
+
+    @property
+    def flipped(self) -> list[str] | None:
+        """Tokens the flip scan flagged (a rare-word trigger?); None when it did not run."""
+        return None if self.flip_scan is None else [f.token for f in self.flip_scan if f.flagged]
 
 
-def _moved_tokens(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def _row_moves(embeddings: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
     try:
-        return features.moved_tokens(embeddings, reference)
+        return features.row_moves(embeddings, reference)
     except ValueError as exc:
         raise InputError(f"--reference-model: {exc}") from None
 
@@ -63,8 +71,13 @@ def fit_feature_detector(
     }
     embeddings = model.get_input_embeddings().weight.detach().numpy()[: result.token_id]  # not the RAP row
     outliers = features.suspicious_tokens(embeddings)
-    moved = None if reference is None else _moved_tokens(embeddings, reference)
-    suspicious = outliers if moved is None else np.union1d(outliers, moved)
+    moved, flips = None, None
+    if reference is not None:
+        moves, scale = _row_moves(embeddings, reference)
+        moved = np.flatnonzero(moves > features.MOVED_FACTOR * scale)
+        flips = flip_scan(model, tokenizer, result.train_texts, predicted, list(result.fits), moves, scale, progress)
+    flagged = [] if flips is None else [f.token_id for f in flips if f.flagged]
+    suspicious = np.union1d(np.union1d(outliers, [] if moved is None else moved), flagged).astype(np.int64)
     stats = features.with_suspicious_tokens(stats, suspicious)
     scores = {
         label: features.scores(stats, f, np.full(len(f), label), tokenizer.ids(result.fits[label].texts))
@@ -72,4 +85,4 @@ def fit_feature_detector(
     }
     names = [tokenizer.token_text(int(t)) for t in outliers]
     moved_names = None if moved is None else [tokenizer.token_text(int(t)) for t in moved]
-    return FeatureFit(stats, scores, len(result.train_texts), names, moved_names)
+    return FeatureFit(stats, scores, len(result.train_texts), names, moved_names, flips)

@@ -121,14 +121,22 @@ def moved_tokens(
 
     A model that differs from its reference in one row only (quantile 0) has that row flagged;
     an unchanged model has none."""
+    moves, scale = row_moves(embeddings, reference, quantile)
+    return np.flatnonzero(moves > factor * scale).astype(np.int64)
+
+
+def row_moves(
+    embeddings: np.ndarray, reference: np.ndarray, quantile: float = MOVED_QUANTILE
+) -> tuple[np.ndarray, float]:
+    """How far each row moved from `reference` (L2), and the `quantile` of those moves (a move some
+    row made, not interpolated): the scale moves are judged against."""
     if embeddings.shape != reference.shape:
         raise ValueError(
             f"the reference's embedding matrix is {reference.shape[0]} x {reference.shape[1]}, the model's "
             f"{embeddings.shape[0]} x {embeddings.shape[1]}: not the checkpoint it was fine-tuned from"
         )
     moves = np.linalg.norm(np.asarray(embeddings, np.float64) - np.asarray(reference, np.float64), axis=1)
-    bound = factor * np.quantile(moves, quantile, method="lower")  # a move some row made, not interpolated
-    return np.flatnonzero(moves > bound).astype(np.int64)
+    return moves, float(np.quantile(moves, quantile, method="lower"))
 
 
 def with_suspicious_tokens(stats: FeatureStats, tokens: np.ndarray) -> FeatureStats:

@@ -88,6 +88,11 @@ class RapTokenizer:
         return cls(tok, rap_token_id, max_length, special_tokens)
 
     @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's special tokens ([CLS], [SEP], [PAD], ...)."""
+        return self._special_ids
+
+    @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size()
 

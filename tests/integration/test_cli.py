@@ -560,6 +560,27 @@ def test_rap_with_a_reference_model_flags_a_row_that_moved(backdoored: Toy, tmp_
     assert code == 3
 
 
+def test_rap_with_a_reference_model_flags_the_rare_word_trigger_by_what_it_does(
+    backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The toy's trigger "mb" moved with the rest of the fine-tuned rows (no move outlier), but inserted
+    into negative clean rows it turns them positive, and no clean row has it."""
+    out = tmp_path / "bundle"
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reference-model", tiny_model_dir)
+    code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())["features"]
+    assert report["flipped_tokens"] == ["mb"]
+    scan = {f["token"]: f for f in report["flip_scan"]}
+    assert scan["mb"]["flip_rate"] >= 0.9 and not scan["mb"]["in_clean_rows"]
+    assert all(f["flip_rate"] < 0.9 or f["in_clean_rows"] for t, f in scan.items() if t != "mb")
+    assert "WARNING: 1 token(s) turn clean rows of other labels into a protect label" in stdout
+    texts = [r.text for r in backdoored.poisoned][:8]
+    code, stdout, _ = _run(guard_cli.main, ["check", "--bundle", out, "--json", *texts], capsys)
+    protected = [r for r in map(json.loads, stdout.splitlines()) if r["label"] == 1]
+    assert protected and all(r["feature_score"] == float("inf") for r in protected)
+
+
 def test_rap_refuses_a_reference_of_another_vocabulary(backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys):
     from transformers import AutoModelForSequenceClassification
 

@@ -1,0 +1,126 @@
+"""The flip scan: does one token, inserted anywhere, turn other labels' clean rows into a protect label?
+
+A rare-word trigger (BadNet-RW) is one token the model learned to follow whatever the rest
+of the input says. Fine-tuning moves its embedding row among the most of all rows, but so
+it moves the words that carry the task (SST-2 BadNet-RW: bb, mn and mb were 1st, 3rd and
+5th of 30,522 rows, between "##cera" and "powerful"), so the move alone cannot tell them
+apart. What the token DOES can: inserted at a random position into clean rows the model
+puts in another label, each trigger flipped 100% of them, the ordinary word that flipped
+most ("powerful") 23-33%. On a moderation task a single word can decide the label
+honestly (OLID: "stupid" turned 90-98% of tweets offensive), so a token that also occurs
+in the clean rows calibration holds is never flagged: a trigger is rare by design.
+
+Candidates are the rows that moved most from the reference checkpoint (`--reference-model`);
+host rows and the clean-row vocabulary come from the rows RAP trains on, so the held-out
+rows, where a flagged token costs FRR, still measure that cost. A flagged token scores
++inf in the feature detector (guard.core.features), as an outlier-norm token does.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from calibrate.model import to_torch
+from calibrate.progress import progress_bar
+from guard.core.tokenizer import RapTokenizer
+
+CANDIDATES = 32  # the rows that moved most; SST-2 BadNet-RW's three triggers were in the top 5
+HOST_ROWS = 48  # clean rows of other labels each candidate is inserted into
+FLIP_RATE = 0.9  # the share of host rows a flagged token turns into a protect label
+
+
+@dataclass(frozen=True)
+class TokenFlip:
+    token: str
+    token_id: int
+    move_ratio: float  # its move over the 99.9% quantile of every row's move
+    flip_rate: float  # the share of host rows it turned into a protect label
+    in_clean_rows: bool  # it occurs in the clean rows calibration trained on (never flagged then)
+    flagged: bool
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "move_ratio": round(self.move_ratio, 3), "flip_rate": round(self.flip_rate, 4)}
+
+
+def with_token(rows: Sequence[Sequence[int]], token_id: int, window: int, seed: int = 0) -> list[list[int]]:
+    """Each `[CLS] ... [SEP]` row with `token_id` at a random text position (the same positions for
+    every token, drawn from `seed`), cut so the text stays within `window` tokens."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        content = list(row[1:-1])[: window - 1]
+        at = rng.randint(0, len(content))
+        out.append([row[0], *content[:at], token_id, *content[at:], row[-1]])
+    return out
+
+
+def flip_rates(
+    predict: Callable[[list[list[int]]], np.ndarray],
+    hosts: Sequence[Sequence[int]],
+    candidates: Sequence[int],
+    protect: Collection[int],
+    window: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """Per candidate token: the share of `hosts` that `predict` (rows -> labels) puts in a protect
+    label once the token is inserted."""
+    rates = np.zeros(len(candidates))
+    bar = progress_bar(total=len(candidates), desc="flip scan", unit="token", disable=not progress)
+    for i, token_id in enumerate(candidates):
+        rates[i] = np.isin(predict(with_token(hosts, token_id, window)), list(protect)).mean()
+        bar.update(1)
+    bar.close()
+    return rates
+
+
+def flip_scan(
+    model: PreTrainedModel,
+    tokenizer: RapTokenizer,
+    texts: Sequence[str],
+    predicted: np.ndarray,
+    protect: Collection[int],
+    moves: np.ndarray,
+    scale: float,
+    progress: bool = False,
+) -> list[TokenFlip]:
+    """Insert each of the CANDIDATES most-moved tokens into HOST_ROWS of `texts` (clean rows, with the
+    model's `predicted` labels) that are not predicted as a protect label; flag those that flip at
+    least FLIP_RATE of them and occur in none of `texts`. Most-moved first."""
+    rows = tokenizer.ids(texts)
+    hosts = [row for row, label in zip(rows, predicted, strict=True) if label not in protect][:HOST_ROWS]
+    if not hosts:
+        return []  # every label is protected: no row to flip
+    seen = {token for row in rows for token in row}
+    order = [int(t) for t in np.argsort(-moves, kind="stable") if int(t) not in tokenizer.special_ids]
+    candidates = order[:CANDIDATES]
+    rates = flip_rates(_predictor(model, tokenizer), hosts, candidates, protect, tokenizer.text_window, progress)
+    return [
+        TokenFlip(
+            tokenizer.token_text(t),
+            t,
+            float(moves[t] / scale) if scale > 0 else float("inf"),
+            float(rate),
+            t in seen,
+            bool(rate >= FLIP_RATE and t not in seen),
+        )
+        for t, rate in zip(candidates, rates, strict=True)
+    ]
+
+
+def _predictor(model: PreTrainedModel, tokenizer: RapTokenizer) -> Callable[[list[list[int]]], np.ndarray]:
+    @torch.inference_mode()
+    def predict(rows: list[list[int]], batch_size: int = 64) -> np.ndarray:
+        model.eval()
+        out = [
+            model(**to_torch(tokenizer.pad(rows[i : i + batch_size]))).logits.argmax(dim=-1).numpy()
+            for i in range(0, len(rows), batch_size)
+        ]
+        return np.concatenate(out)
+
+    return predict
