@@ -134,7 +134,9 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="the public checkpoint the suspect was fine-tuned from (a Hugging Face folder; 'packaged': the "
         "packaged MiniLM): tokens whose embedding row moved far more than fine-tuning moves any row are flagged "
-        "(embedding poisoning that keeps the row's norm ordinary)",
+        "(embedding poisoning that keeps the row's norm ordinary), and so are the most-moved tokens that, "
+        "inserted anywhere, turn clean rows of other labels into a protect label and occur in no clean row "
+        "(rare-word triggers; ~30 s more)",
     )
     p.add_argument(
         "--no-optimize",
