@@ -449,7 +449,9 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
                 "them are flagged"
             )
         elif moved is None:
-            say("  (no --reference-model: rows that moved from the public checkpoint were not checked)")
+            say(
+                "  (no --reference-model: rows that moved from the public checkpoint and rare-word triggers were not checked)"
+            )
         flipped = report.get("flipped_tokens")
         if flipped:
             say(
