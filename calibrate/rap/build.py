@@ -450,7 +450,8 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
             )
         elif moved is None:
             say(
-                "  (no --reference-model: rows that moved from the public checkpoint and rare-word triggers were not checked)"
+                "  (no --reference-model: rows that moved from the public checkpoint and rare-word triggers "
+                "were not checked)"
             )
         flipped = report.get("flipped_tokens")
         if flipped:
