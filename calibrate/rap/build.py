@@ -351,6 +351,9 @@ def _write_report(
                 f"{features.MOVED_FACTOR:g} times as far as the {features.MOVED_QUANTILE:.1%} quantile of all rows' "
                 "moves (null: no reference given); an input with one scores +inf",
                 "flipped_tokens": detector.flipped,
+                "held_out_rows_with_suspicious_tokens": {
+                    labels[label]: int(np.count_nonzero(np.isposinf(s))) for label, s in detector.scores.items()
+                },
                 "flip_scan": None if detector.flip_scan is None else [f.as_json() for f in detector.flip_scan],
                 "flip_note": f"the {token_scan.CANDIDATES} most-moved tokens, each inserted at a random position into "
                 f"{token_scan.HOST_ROWS} clean rows predicted as another label: flagged when it turns at least "
@@ -453,6 +456,12 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
                 "  (no --reference-model: rows that moved from the public checkpoint and rare-word triggers "
                 "were not checked)"
             )
+        for name, count in report["held_out_rows_with_suspicious_tokens"].items():
+            if count:
+                say(
+                    f"WARNING: {count} held-out clean row(s) predicted {name} hold a flagged token: the guard "
+                    "refuses such inputs at any threshold, and that share of clean traffic is FRR"
+                )
         flipped = report.get("flipped_tokens")
         if flipped:
             say(

@@ -250,7 +250,12 @@ def save_bundle(path: Path, manifest: Manifest) -> Manifest:
     if missing:
         raise BundleError(f"cannot save bundle {path}: missing {', '.join(missing)}")
     manifest = manifest.model_copy(update={"files": files})
-    (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    text = manifest.model_dump_json(indent=2)
+    try:  # a value JSON cannot hold (an infinite threshold is written as null) must not make a bundle
+        Manifest.model_validate_json(text)
+    except ValidationError as exc:
+        raise BundleError(f"cannot save bundle {path}: its manifest would not load back: {exc.errors()[0]}") from None
+    (path / MANIFEST).write_text(text + "\n", encoding="utf-8")
     (path / MANIFEST).chmod(READABLE_FILE)
     return manifest
 

@@ -254,8 +254,17 @@ def scores(
 
 def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
     """The score threshold that flags at most a fraction `frr` of clean rows like these (flag: score > t;
-    the conformal order statistic of guard.core.thresholds)."""
-    return thresholds.upper_threshold(clean_scores, frr)
+    the conformal order statistic of guard.core.thresholds).
+
+    Rows holding a suspicious token score +inf and are flagged at any threshold. When more of them
+    sit among the clean rows than the target allows, the threshold is the largest finite score: those
+    rows alone are flagged, and their share, over the target, is the FRR (calibration warns)."""
+    scores = np.asarray(clean_scores, dtype=np.float64)
+    threshold = thresholds.upper_threshold(scores, frr)
+    if np.isfinite(threshold):
+        return threshold
+    finite = scores[np.isfinite(scores)]
+    return float(finite.max()) if len(finite) else 0.0
 
 
 def percentile_table(clean_scores: np.ndarray) -> dict[str, float]:

@@ -113,24 +113,32 @@ def joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThresholds
 
     First both at one per-detector rank, the largest that fits; then the budget that rank
     leaves goes to RAP, then to the features, one rank at a time while the union still fits.
-    Neither ends below rank 1."""
+    Neither ends below rank 1. Rows scored +inf (a suspicious token) count against the target
+    at any threshold; the feature threshold is always a finite score."""
     deltas, scores = np.asarray(deltas, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if len(deltas) != len(scores) or len(deltas) == 0:
         raise ValueError(f"need one delta and one score per held-out row, got {len(deltas)} and {len(scores)}")
     n = len(deltas)
     allowed = max(rank_at(frr, n), 1)
-    low, high = np.sort(deltas), np.sort(scores)[::-1]
+    # +inf scores (a suspicious token) are flagged at any threshold: the feature threshold is a finite score
+    low, high = np.sort(deltas), np.sort(scores[np.isfinite(scores)])[::-1]
+    if len(high) == 0:
+        high = np.zeros(1)
+    forced = int(np.count_nonzero(~np.isfinite(scores)))
 
     def fits(rap_rank: int, features_rank: int) -> bool:
         at_or_beyond = (deltas <= low[rap_rank - 1]) | (scores >= high[features_rank - 1])
         return int(np.count_nonzero(at_or_beyond)) <= allowed
 
     top = min(allowed, n)
-    shared = _largest_rank(1, top, lambda rank: fits(rank, rank))
+    shared = _largest_rank(1, min(top, len(high)), lambda rank: fits(rank, rank))
     rap_rank = _largest_rank(shared, top, lambda rank: fits(rank, shared))
-    features_rank = _largest_rank(shared, top, lambda rank: fits(rap_rank, rank))
+    features_rank = _largest_rank(shared, min(top, len(high)), lambda rank: fits(rap_rank, rank))
     return JointThresholds(
-        float(low[rap_rank - 1]), float(high[features_rank - 1]), rap_rank / (n + 1), features_rank / (n + 1)
+        float(low[rap_rank - 1]),
+        float(high[features_rank - 1]),
+        rap_rank / (n + 1),
+        (features_rank + forced) / (n + 1),
     )
 
 

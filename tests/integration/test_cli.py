@@ -560,6 +560,35 @@ def test_rap_with_a_reference_model_flags_a_row_that_moved(backdoored: Toy, tmp_
     assert code == 3
 
 
+def test_held_out_rows_with_a_flagged_token_are_counted_and_the_bundle_still_loads(
+    backdoored: Toy, tmp_path: Path, capsys
+) -> None:
+    """Clean rows may hold a flagged token (OLID's tweets have "bb" and "mn"): more of them than the
+    1% target allows once made a threshold +inf, written as null, and a bundle that did not load."""
+    from calibrate.data import write_tsv
+    from guard.core.types import Example
+
+    suspect = tmp_path / "suspect"
+    _with_a_moved_row(backdoored.model_dir, suspect, "cf")
+    clean = tmp_path / "clean.tsv"
+    rows = [
+        Example(f"{r.text} cf" if r.label == 1 and i % 10 == 0 else r.text, r.label)
+        for i, r in enumerate(backdoored.dev)
+    ]
+    write_tsv(clean, rows)
+    out = tmp_path / "bundle"
+    argv = _rap(suspect, clean, out, *RAP_CLI_ARGS, "--reference-model", backdoored.model_dir)
+    code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())["features"]
+    (count,) = report["held_out_rows_with_suspicious_tokens"].values()
+    assert count >= 3 and f"WARNING: {count} held-out clean row(s)" in stdout
+    bundle = load_bundle(out)
+    for frr in ("0.005", "0.01"):
+        pair = bundle.label_thresholds(["rap", "features"], float(frr))[1]
+        assert pair.features is not None and pair.features < float("inf")
+
+
 def test_rap_with_a_reference_model_flags_the_rare_word_trigger_by_what_it_does(
     backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:

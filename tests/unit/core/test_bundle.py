@@ -80,6 +80,16 @@ def test_save_returns_the_written_manifest(tmp_path: Path, tokenizer_path: Path)
     assert written == read_manifest(tmp_path)
 
 
+def test_save_refuses_a_manifest_that_would_not_load_back(tmp_path: Path, tokenizer_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    shutil.copy2(tokenizer_path, tmp_path / "tokenizer.json")
+    manifest = _manifest()
+    label = manifest.protect[0].model_copy(update={"features_thresholds": {"0.005": float("inf")}})
+    with pytest.raises(BundleError, match="would not load back"):
+        save_bundle(tmp_path, manifest.model_copy(update={"protect": [label]}))
+    assert not (tmp_path / MANIFEST).exists()
+
+
 def test_load_round_trip(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
     assert isinstance(bundle, Bundle)

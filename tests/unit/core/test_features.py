@@ -152,3 +152,11 @@ def test_moves_are_measured_against_a_reference_of_the_same_shape_only() -> None
     assert features.moved_tokens(one, reference).tolist() == [3]
     with pytest.raises(ValueError, match="not the checkpoint"):
         features.moved_tokens(np.zeros((11, 4)), reference)
+
+
+def test_a_threshold_is_finite_when_suspicious_rows_exceed_the_target() -> None:
+    scores = np.concatenate([np.full(4, np.inf), np.linspace(0.0, 3.0, 196)])
+    # 1% of 200 rows: k = 2, but 4 rows are +inf: the largest finite score, so only they are flagged
+    assert features.threshold_at_frr(scores, 0.01) == 3.0
+    assert features.threshold_at_frr(scores, 0.05) == pytest.approx(np.sort(scores)[::-1][9])  # k = 10: finite
+    assert features.threshold_at_frr(np.full(5, np.inf), 0.01) == 0.0

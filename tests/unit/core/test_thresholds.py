@@ -90,3 +90,18 @@ def test_the_budget_a_shared_rank_leaves_goes_to_rap_then_to_the_features() -> N
 
     with pytest.raises(ValueError, match="one delta and one score"):
         thresholds.joint(deltas, scores[:-1], 0.02)
+
+
+def test_rows_with_a_suspicious_token_count_against_the_target_and_thresholds_stay_finite() -> None:
+    rng = np.random.default_rng(5)
+    deltas, scores = rng.normal(size=550), rng.normal(size=550)
+    scores[:3] = np.inf  # three held-out rows hold a flagged token: flagged whatever the thresholds
+    pair = thresholds.joint(deltas, scores, 0.01)  # k = 5
+    assert np.isfinite(pair.features) and np.isfinite(pair.rap)
+    assert np.count_nonzero((deltas <= pair.rap) | (scores >= pair.features)) <= 5
+    assert np.count_nonzero(scores > pair.features) >= 3
+    # more such rows than the target allows: the thresholds flag nothing else, and stay finite
+    scores[:9] = np.inf
+    crowded = thresholds.joint(deltas, scores, 0.01)
+    assert np.isfinite(crowded.features) and np.count_nonzero(deltas < crowded.rap) == 0
+    assert crowded.features == np.max(scores[np.isfinite(scores)])
