@@ -74,7 +74,7 @@ def fit_feature_detector(
     moved, flips = None, None
     if reference is not None:
         moves, scale = _row_moves(embeddings, reference)
-        moved = np.flatnonzero(moves > features.MOVED_FACTOR * scale)
+        moved = features.moved_ids(moves, scale)
         flips = flip_scan(model, tokenizer, result.train_texts, predicted, list(result.fits), moves, scale, progress)
     flagged = [] if flips is None else [f.token_id for f in flips if f.flagged]
     suspicious = np.union1d(np.union1d(outliers, [] if moved is None else moved), flagged).astype(np.int64)

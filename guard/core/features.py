@@ -121,7 +121,11 @@ def moved_tokens(
 
     A model that differs from its reference in one row only (quantile 0) has that row flagged;
     an unchanged model has none."""
-    moves, scale = row_moves(embeddings, reference, quantile)
+    return moved_ids(*row_moves(embeddings, reference, quantile), factor)
+
+
+def moved_ids(moves: np.ndarray, scale: float, factor: float = MOVED_FACTOR) -> np.ndarray:
+    """Ids of the rows whose move (`row_moves`) is over `factor` times the `scale`."""
     return np.flatnonzero(moves > factor * scale).astype(np.int64)
 
 
@@ -254,17 +258,9 @@ def scores(
 
 def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
     """The score threshold that flags at most a fraction `frr` of clean rows like these (flag: score > t;
-    the conformal order statistic of guard.core.thresholds).
-
-    Rows holding a suspicious token score +inf and are flagged at any threshold. When more of them
-    sit among the clean rows than the target allows, the threshold is the largest finite score: those
-    rows alone are flagged, and their share, over the target, is the FRR (calibration warns)."""
-    scores = np.asarray(clean_scores, dtype=np.float64)
-    threshold = thresholds.upper_threshold(scores, frr)
-    if np.isfinite(threshold):
-        return threshold
-    finite = scores[np.isfinite(scores)]
-    return float(finite.max()) if len(finite) else 0.0
+    the conformal order statistic of guard.core.thresholds, finite even when rows with a suspicious
+    token, +inf, exceed the target)."""
+    return thresholds.upper_threshold(clean_scores, frr)
 
 
 def percentile_table(clean_scores: np.ndarray) -> dict[str, float]:

@@ -41,8 +41,17 @@ def lower_threshold(clean: np.ndarray, frr: float) -> float:
 
 
 def upper_threshold(clean: np.ndarray, frr: float) -> float:
-    """Flag-above threshold: the k-th largest clean value."""
-    return -lower_threshold(-np.asarray(clean, dtype=np.float64), frr)
+    """Flag-above threshold: the k-th largest clean value, and always a finite one.
+
+    A +inf value (the feature score of a row holding a suspicious token) is flagged at any
+    threshold. When more of them than k sit among the clean rows, the threshold is the largest
+    finite value: they alone are flagged, and their share, over the target, is the FRR."""
+    values = np.asarray(clean, dtype=np.float64)
+    threshold = -lower_threshold(-values, frr)
+    if np.isfinite(threshold):
+        return threshold
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if len(finite) else 0.0
 
 
 def expected_frr(frr: float, n: int) -> float:
