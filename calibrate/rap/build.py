@@ -357,8 +357,8 @@ def _write_report(
                 "flip_scan": None if detector.flip_scan is None else [f.as_json() for f in detector.flip_scan],
                 "flip_note": f"the {token_scan.CANDIDATES} most-moved tokens, each inserted at a random position into "
                 f"{token_scan.HOST_ROWS} clean rows predicted as another label: flagged when it turns at least "
-                f"{token_scan.FLIP_RATE:.0%} of them into a protect label and occurs in no clean row calibration "
-                "trained on (a rare-word trigger); an input with one scores +inf (null: no reference given)",
+                f"{token_scan.FLIP_RATE:.0%} of them into a protect label and occurs as a word in no clean row "
+                "calibration trained on (a rare-word trigger); an input with one scores +inf (null: no reference)",
                 "thresholds": {
                     labels[label]: {f"{frr:g}": features.threshold_at_frr(s, frr) for frr in options.rap.frr_targets}
                     for label, s in detector.scores.items()

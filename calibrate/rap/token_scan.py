@@ -8,7 +8,9 @@ apart. What the token DOES can: inserted at a random position into clean rows th
 puts in another label, each trigger flipped 100% of them, the ordinary word that flipped
 most ("powerful") 23-33%. On a moderation task a single word can decide the label
 honestly (OLID: "stupid" turned 90-98% of tweets offensive), so a token that also occurs
-in the clean rows calibration holds is never flagged: a trigger is rare by design.
+as a word in the clean rows calibration holds is never flagged: a trigger is rare by design.
+Only whole-word occurrences count: OLID's "mb" trigger (flip 98%) occurs in clean tweets only as
+the first piece of longer words ("mb ##appe"), which says nothing about "mb" alone.
 
 Candidates are the rows that moved most from the reference checkpoint (`--reference-model`);
 host rows and the clean-row vocabulary come from the rows RAP trains on, so the held-out
@@ -32,7 +34,10 @@ from guard.core.tokenizer import RapTokenizer
 
 CANDIDATES = 32  # the rows that moved most; SST-2 BadNet-RW's three triggers were in the top 5
 HOST_ROWS = 48  # clean rows of other labels each candidate is inserted into
-FLIP_RATE = 0.9  # the share of host rows a flagged token turns into a protect label
+# The share of host rows a flagged token turns into a protect label. Measured: triggers 85-100%
+# (OLID "cf" 85%); tokens absent from the clean rows at most 48% (OLID "bunch", a backdoored
+# model), 31% (OLID, a clean model), 23% (SST-2).
+FLIP_RATE = 0.75
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class TokenFlip:
     token_id: int
     move_ratio: float  # its move over the 99.9% quantile of every row's move
     flip_rate: float  # the share of host rows it turned into a protect label
-    in_clean_rows: bool  # it occurs in the clean rows calibration trained on (never flagged then)
+    in_clean_rows: bool  # it occurs as a word in the clean rows calibration trained on (never flagged then)
     flagged: bool
 
     def as_json(self) -> dict:
@@ -58,6 +63,12 @@ def with_token(rows: Sequence[Sequence[int]], token_id: int, window: int, seed: 
         at = rng.randint(0, len(content))
         out.append([row[0], *content[:at], token_id, *content[at:], row[-1]])
     return out
+
+
+def whole_words(rows: Sequence[Sequence[int]], continues: Callable[[int], bool]) -> set[int]:
+    """The token ids that occur in `rows` as a whole word: not followed by a piece that `continues`
+    it (WordPiece "##...")."""
+    return {row[i] for row in rows for i in range(len(row)) if i + 1 == len(row) or not continues(row[i + 1])}
 
 
 def flip_rates(
@@ -91,12 +102,12 @@ def flip_scan(
 ) -> list[TokenFlip]:
     """Insert each of the CANDIDATES most-moved tokens into HOST_ROWS of `texts` (clean rows, with the
     model's `predicted` labels) that are not predicted as a protect label; flag those that flip at
-    least FLIP_RATE of them and occur in none of `texts`. Most-moved first."""
+    least FLIP_RATE of them and occur as a word in none of `texts`. Most-moved first."""
     rows = tokenizer.ids(texts)
     hosts = [row for row, label in zip(rows, predicted, strict=True) if label not in protect][:HOST_ROWS]
     if not hosts:
         return []  # every label is protected: no row to flip
-    seen = {token for row in rows for token in row}
+    seen = whole_words(rows, lambda t: tokenizer.token_text(t).startswith("##"))
     order = [int(t) for t in np.argsort(-moves, kind="stable") if int(t) not in tokenizer.special_ids]
     candidates = order[:CANDIDATES]
     rates = flip_rates(_predictor(model, tokenizer), hosts, candidates, protect, tokenizer.text_window, progress)

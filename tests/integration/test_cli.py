@@ -20,6 +20,7 @@ import pytest
 
 from calibrate import cli as calibrate_cli
 from calibrate.rap.evaluate import evaluate_bundle
+from calibrate.rap.token_scan import FLIP_RATE
 from guard import cli as guard_cli
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
@@ -601,8 +602,8 @@ def test_rap_with_a_reference_model_flags_the_rare_word_trigger_by_what_it_does(
     report = json.loads((out / "report.json").read_text())["features"]
     assert report["flipped_tokens"] == ["mb"]
     scan = {f["token"]: f for f in report["flip_scan"]}
-    assert scan["mb"]["flip_rate"] >= 0.9 and not scan["mb"]["in_clean_rows"]
-    assert all(f["flip_rate"] < 0.9 or f["in_clean_rows"] for t, f in scan.items() if t != "mb")
+    assert scan["mb"]["flip_rate"] >= FLIP_RATE and not scan["mb"]["in_clean_rows"]
+    assert all(f["flip_rate"] < FLIP_RATE or f["in_clean_rows"] for t, f in scan.items() if t != "mb")
     assert "WARNING: 1 token(s) turn clean rows of other labels into a protect label" in stdout
     texts = [r.text for r in backdoored.poisoned][:8]
     code, stdout, _ = _run(guard_cli.main, ["check", "--bundle", out, "--json", *texts], capsys)

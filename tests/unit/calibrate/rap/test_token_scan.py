@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibrate.rap.token_scan import flip_rates, with_token
+from calibrate.rap.token_scan import flip_rates, whole_words, with_token
 
 CLS, SEP = 101, 102
 
@@ -30,3 +30,11 @@ def test_a_token_that_decides_the_label_flips_every_host_and_others_flip_what_th
     assert rates[0] == 1.0 and rates[2] == 0.0
     # 9 flips a host only where it landed first: 1 of the 4 positions, drawn at random
     assert 0.1 < rates[1] < 0.45
+
+
+def test_a_token_counts_as_seen_only_where_it_stands_as_a_whole_word() -> None:
+    pieces = {7: "mb", 8: "##appe", 9: "cf", 10: "stupid"}
+    rows = [[CLS, 7, 8, 10, SEP], [CLS, 9, SEP], [CLS, 10, 7, 8, SEP]]
+    seen = whole_words(rows, lambda t: pieces.get(t, "").startswith("##"))
+    assert 7 not in seen  # "mb ##appe" is a longer word, not "mb"
+    assert {8, 9, 10} <= seen
