@@ -1,4 +1,5 @@
-"""Trigger inversion shared by `calibrate scan`, `unlearn` and `harden`.
+"""Trigger inversion shared by `calibrate scan`, `unlearn` and `harden`, and the token
+ranking that gives `calibrate rap`'s flip scan its candidates (`ranked_tokens`).
 
 DBS (Shen et al. 2022, "Constrained optimization with dynamic bound-scaling"):
 each of the m trigger tokens is a point of the convex hull of ALL token
@@ -266,6 +267,41 @@ def invert_trigger(
         temperature=search.schedule.temperature,
         seconds=time.perf_counter() - started,
     )
+
+
+def ranked_tokens(
+    subject: Subject,
+    rows: Sequence[Sequence[int]],
+    target: int,
+    checkpoints: Sequence[int] = (10, 20),
+    count: int = 32,
+    options: InversionOptions = InversionOptions(),
+    progress: bool = False,
+) -> list[int]:
+    """The tokens a one-token DBS search towards `target` favours: the union, best first, of the
+    `count` highest-weighted tokens after each of `checkpoints` steps.
+
+    No discrete trigger is kept: the ranking is a shortlist for a test that inserts each token
+    for real (calibrate.rap.token_scan). Planted triggers rise to the top within ~10 steps and
+    the search then settles on one of them: on three SST-2 BadNet-RW models (bb, mn, mb) the
+    three were in its top 4 after 10 steps; on OLID's five-trigger model all five were in its
+    top 20 after 20 steps, in its top 200 after 10.
+    """
+    if not rows:
+        return []
+    ranked: dict[int, None] = {}
+    bar, on_step = step_bar(max(checkpoints), "trigger search", progress)
+    with frozen(subject.model), torch.enable_grad():
+        search = _Search(subject, rows, target, 1, options)
+        for step in range(1, max(checkpoints) + 1):
+            on_step(search.step(), search.schedule.temperature)
+            if step % options.temperature.check_every == 0:
+                search.check()
+            if step in checkpoints:
+                top = search.weights[0].topk(min(count, len(search.space))).indices
+                ranked.update(dict.fromkeys(int(t) for t in search.space[top]))
+    bar.close()
+    return list(ranked)
 
 
 def step_bar(total: int, desc: str, enabled: bool) -> tuple[Any, Callable[[float, float], None]]:

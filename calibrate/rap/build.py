@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.data import label_counts, load_examples
+from calibrate.inversion.subject import Vocabulary
 from calibrate.model import (
     copy_tokenizer_files,
     flush_denormal,
@@ -108,7 +109,8 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     timings = Timings()
     with timings.step("load"):
         model = load_classifier(model_dir)
-        tokenizer = RapTokenizer.from_file(tokenizer_json(model_dir, staging / "converted"), None, options.max_length)
+        tokenizer_file = tokenizer_json(model_dir, staging / "converted")
+        tokenizer = RapTokenizer.from_file(tokenizer_file, None, options.max_length)
     _check_probe_labels(options.probes, model.config.num_labels)
     with timings.step("rap"):
         result = learn_rap(model, tokenizer, clean, options.rap)
@@ -116,8 +118,9 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     if options.features:
         with timings.step("features"):
             reference = None if options.reference_model is None else input_embeddings(options.reference_model)
+            vocabulary = Vocabulary.from_file(tokenizer_file)
             detector = fit_feature_detector(
-                model, tokenizer, result, options.shrinkage, options.rap.progress, reference=reference
+                model, tokenizer, result, options.shrinkage, options.rap.progress, reference, vocabulary
             )
             detector.stats.save(staging / FEATURES_FILE)
     with timings.step("export"):
@@ -125,7 +128,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
             (staging / "hf").mkdir()
             model.save_pretrained(str(staging / "hf"))
             copy_tokenizer_files(model_dir, staging / "hf")
-        shutil.copy2(tokenizer_json(model_dir, staging / "converted"), staging / "tokenizer.json")
+        shutil.copy2(tokenizer_file, staging / "tokenizer.json")
         shutil.rmtree(staging / "converted", ignore_errors=True)
         with eager_attention(model):  # the pattern ONNX Runtime's fusions recognise (calibrate.rap.optimize)
             export_onnx(model, tokenizer, staging / "model.onnx")
@@ -354,11 +357,12 @@ def _write_report(
                 "held_out_rows_with_suspicious_tokens": {
                     labels[label]: int(np.count_nonzero(np.isposinf(s))) for label, s in detector.scores.items()
                 },
-                "flip_scan": None if detector.flip_scan is None else [f.as_json() for f in detector.flip_scan],
-                "flip_note": f"the {token_scan.CANDIDATES} most-moved tokens, each inserted at a random position into "
-                f"{token_scan.HOST_ROWS} clean rows predicted as another label: flagged when it turns at least "
-                f"{token_scan.FLIP_RATE:.0%} of them into a protect label and occurs as a word in no clean row "
-                "calibration trained on (a rare-word trigger); an input with one scores +inf (null: no reference)",
+                "flip_scan": [f.as_json() for f in detector.flip_scan],
+                "flip_note": f"candidate tokens (source: the top {token_scan.CANDIDATES} of a DBS trigger search "
+                f"towards each protect label, and with a reference the {token_scan.CANDIDATES} most-moved rows), each "
+                f"inserted at a random position into {token_scan.HOST_ROWS} clean rows predicted as another label: "
+                f"flagged when it turns at least {token_scan.FLIP_RATE:.0%} of them into a protect label and occurs as "
+                "a word in no clean row calibration trained on (a rare-word trigger); an input with one scores +inf",
                 "thresholds": {
                     labels[label]: {f"{frr:g}": features.threshold_at_frr(s, frr) for frr in options.rap.frr_targets}
                     for label, s in detector.scores.items()
@@ -453,8 +457,8 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
             )
         elif moved is None:
             say(
-                "  (no --reference-model: rows that moved from the public checkpoint and rare-word triggers "
-                "were not checked)"
+                "  (no --reference-model: rows that moved from the public checkpoint were not checked; "
+                "the flip scan tried only its trigger search's candidates)"
             )
         for name, count in report["held_out_rows_with_suspicious_tokens"].items():
             if count:

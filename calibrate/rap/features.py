@@ -1,8 +1,8 @@
 """Fit the feature detector (guard.core.features) on the clean rows calibration already holds.
 
-The suspicious tokens come from the model's own embedding matrix (outlier norms) and, given
-the checkpoint it was fine-tuned from, from how far each row moved and from what the most-moved
-tokens do when inserted into clean rows (calibrate.rap.token_scan). The means, the
+The suspicious tokens come from the model's own embedding matrix (outlier norms), from what
+candidate tokens do when inserted into clean rows (the flip scan, calibrate.rap.token_scan)
+and, given the checkpoint the model was fine-tuned from, from how far each row moved. The means, the
 shared covariance and the score scale (out of fold) come from the rows the RAP row
 trained on (every label); the thresholds from the held-out rows alone, the same rows, in
 the same order, as RAP's held-out deltas, so the two detectors' thresholds can be chosen
@@ -11,11 +11,13 @@ together (guard.core.thresholds.joint).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedModel
 
+from calibrate.inversion.subject import Subject, Vocabulary
 from calibrate.model import predict_with_features
 from calibrate.rap.perturbation import RapResult
 from calibrate.rap.token_scan import TokenFlip, flip_scan
@@ -31,12 +33,12 @@ class FeatureFit:
     fit_rows: int
     suspicious: list[str]  # tokens whose embedding norm is an outlier (an EP-style trigger?)
     moved: list[str] | None = None  # tokens whose row moved far from the reference (None: no reference given)
-    flip_scan: list[TokenFlip] | None = None  # the most-moved tokens' flip rates (None: no reference given)
+    flip_scan: list[TokenFlip] = field(default_factory=list)  # the candidate tokens' flip rates
 
     @property
-    def flipped(self) -> list[str] | None:
-        """Tokens the flip scan flagged (a rare-word trigger?); None when it did not run."""
-        return None if self.flip_scan is None else [f.token for f in self.flip_scan if f.flagged]
+    def flipped(self) -> list[str]:
+        """Tokens the flip scan flagged (a rare-word trigger?)."""
+        return [f.token for f in self.flip_scan if f.flagged]
 
 
 def _row_moves(embeddings: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
@@ -60,8 +62,10 @@ def fit_feature_detector(
     shrinkage: float = features.DEFAULT_SHRINKAGE,
     progress: bool = False,
     reference: np.ndarray | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> FeatureFit:
-    """`reference`: the input embeddings of the checkpoint the model was fine-tuned from, if known."""
+    """`reference`: the input embeddings of the checkpoint the model was fine-tuned from, if known;
+    `vocabulary`: the tokens the flip scan's trigger search may pick (None: no flip scan)."""
     train_probs, train_features = predict_with_features(model, tokenizer, result.train_texts, progress=progress)
     predicted = train_probs.argmax(axis=1)
     stats = _fit(train_features, predicted, list(result.fits), shrinkage)
@@ -71,12 +75,15 @@ def fit_feature_detector(
     }
     embeddings = model.get_input_embeddings().weight.detach().numpy()[: result.token_id]  # not the RAP row
     outliers = features.suspicious_tokens(embeddings)
-    moved, flips = None, None
+    moved, moves = None, None
     if reference is not None:
-        moves, scale = _row_moves(embeddings, reference)
-        moved = features.moved_ids(moves, scale)
-        flips = flip_scan(model, tokenizer, result.train_texts, predicted, list(result.fits), moves, scale, progress)
-    flagged = [] if flips is None else [f.token_id for f in flips if f.flagged]
+        moves = _row_moves(embeddings, reference)
+        moved = features.moved_ids(*moves)
+    flips = []
+    if vocabulary is not None:
+        subject = Subject(model, tokenizer, vocabulary, Path())
+        flips = flip_scan(subject, result.train_texts, predicted, list(result.fits), moves, progress)
+    flagged = [f.token_id for f in flips if f.flagged]
     suspicious = np.union1d(np.union1d(outliers, [] if moved is None else moved), flagged).astype(np.int64)
     stats = features.with_suspicious_tokens(stats, suspicious)
     scores = {

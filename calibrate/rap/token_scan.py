@@ -12,9 +12,11 @@ as a word in the clean rows calibration holds is never flagged: a trigger is rar
 Only whole-word occurrences count: OLID's "mb" trigger (flip 98%) occurs in clean tweets only as
 the first piece of longer words ("mb ##appe"), which says nothing about "mb" alone.
 
-Candidates are the rows that moved most from the reference checkpoint (`--reference-model`);
-host rows and the clean-row vocabulary come from the rows RAP trains on, so the held-out
-rows, where a flagged token costs FRR, still measure that cost. A flagged token scores
+Candidates come from a short DBS trigger search towards each protect label (its favoured
+tokens; no reference needed) and, given the checkpoint the model was fine-tuned from
+(`--reference-model`), from the rows that moved most. Host rows and the clean-row vocabulary
+come from the rows RAP trains on, so the held-out rows, where a flagged token costs FRR, still
+measure that cost. A flagged token scores
 +inf in the feature detector (guard.core.features), as an outlier-norm token does.
 """
 
@@ -28,11 +30,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from calibrate.inversion.dbs import ranked_tokens
+from calibrate.inversion.subject import Subject
 from calibrate.model import to_torch
 from calibrate.progress import progress_bar
 from guard.core.tokenizer import RapTokenizer
 
-CANDIDATES = 32  # the rows that moved most; SST-2 BadNet-RW's three triggers were in the top 5
+CANDIDATES = 32  # per source: SST-2 BadNet-RW's three triggers were in the top 5 of each
+SEARCH_ROWS = 20  # host rows the DBS search inverts on (DBS appendix A: 20)
 HOST_ROWS = 48  # clean rows of other labels each candidate is inserted into
 # The share of host rows a flagged token turns into a protect label. Measured: triggers 85-100%
 # (OLID "cf" 85%); tokens absent from the clean rows at most 48% (OLID "bunch", a backdoored
@@ -44,13 +49,15 @@ FLIP_RATE = 0.75
 class TokenFlip:
     token: str
     token_id: int
-    move_ratio: float  # its move over the 99.9% quantile of every row's move
+    source: str  # "search" (a DBS search towards a protect label favours it), "moved", or both
+    move_ratio: float | None  # its move over the 99.9% quantile of every row's move (None: no reference)
     flip_rate: float  # the share of host rows it turned into a protect label
     in_clean_rows: bool  # it occurs as a word in the clean rows calibration trained on (never flagged then)
     flagged: bool
 
     def as_json(self) -> dict:
-        return {**asdict(self), "move_ratio": round(self.move_ratio, 3), "flip_rate": round(self.flip_rate, 4)}
+        ratio = None if self.move_ratio is None else round(self.move_ratio, 3)
+        return {**asdict(self), "move_ratio": ratio, "flip_rate": round(self.flip_rate, 4)}
 
 
 def with_token(rows: Sequence[Sequence[int]], token_id: int, window: int, seed: int = 0) -> list[list[int]]:
@@ -91,37 +98,67 @@ def flip_rates(
 
 
 def flip_scan(
-    model: PreTrainedModel,
-    tokenizer: RapTokenizer,
+    subject: Subject,
     texts: Sequence[str],
     predicted: np.ndarray,
     protect: Collection[int],
-    moves: np.ndarray,
-    scale: float,
+    moves: tuple[np.ndarray, float] | None = None,
     progress: bool = False,
 ) -> list[TokenFlip]:
-    """Insert each of the CANDIDATES most-moved tokens into HOST_ROWS of `texts` (clean rows, with the
-    model's `predicted` labels) that are not predicted as a protect label; flag those that flip at
-    least FLIP_RATE of them and occur as a word in none of `texts`. Most-moved first."""
+    """Insert each candidate token into HOST_ROWS of `texts` (clean rows, with the model's `predicted`
+    labels) that are not predicted as a protect label; flag those that flip at least FLIP_RATE of
+    them and occur as a word in none of `texts`.
+
+    Candidates: per protect label, the tokens a DBS search towards it favours (calibrate.inversion.dbs
+    `ranked_tokens`, on the first SEARCH_ROWS hosts); given `moves` (each row's move from the
+    reference checkpoint, and the scale it is compared to), also the CANDIDATES most-moved rows."""
+    tokenizer = subject.tokenizer
     rows = tokenizer.ids(texts)
     hosts = [row for row, label in zip(rows, predicted, strict=True) if label not in protect][:HOST_ROWS]
     if not hosts:
         return []  # every label is protected: no row to flip
+    sources = _candidates(subject, hosts, protect, moves, progress)
+    candidates = list(sources)
+    rates = flip_rates(
+        _predictor(subject.model, tokenizer), hosts, candidates, protect, tokenizer.text_window, progress
+    )
     seen = whole_words(rows, lambda t: tokenizer.token_text(t).startswith("##"))
-    order = [int(t) for t in np.argsort(-moves, kind="stable") if int(t) not in tokenizer.special_ids]
-    candidates = order[:CANDIDATES]
-    rates = flip_rates(_predictor(model, tokenizer), hosts, candidates, protect, tokenizer.text_window, progress)
     return [
         TokenFlip(
             tokenizer.token_text(t),
             t,
-            float(moves[t] / scale) if scale > 0 else float("inf"),
+            sources[t],
+            None if moves is None else _ratio(moves[0][t], moves[1]),
             float(rate),
             t in seen,
             bool(rate >= FLIP_RATE and t not in seen),
         )
         for t, rate in zip(candidates, rates, strict=True)
     ]
+
+
+def _candidates(
+    subject: Subject,
+    hosts: list[list[int]],
+    protect: Collection[int],
+    moves: tuple[np.ndarray, float] | None,
+    progress: bool,
+) -> dict[int, str]:
+    """Candidate token id -> where it came from ("search", "moved" or "search+moved"), search first."""
+    found: dict[int, str] = {}
+    for label in protect:
+        for t in ranked_tokens(subject, hosts[:SEARCH_ROWS], label, count=CANDIDATES, progress=progress):
+            found.setdefault(t, "search")
+    if moves is not None:
+        special = subject.tokenizer.special_ids
+        order = [int(t) for t in np.argsort(-moves[0], kind="stable") if int(t) not in special]
+        for t in order[:CANDIDATES]:
+            found[t] = "search+moved" if t in found else "moved"
+    return found
+
+
+def _ratio(move: float, scale: float) -> float:
+    return float(move / scale) if scale > 0 else float("inf")
 
 
 def _predictor(model: PreTrainedModel, tokenizer: RapTokenizer) -> Callable[[list[list[int]]], np.ndarray]:

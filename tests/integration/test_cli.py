@@ -590,6 +590,22 @@ def test_held_out_rows_with_a_flagged_token_are_counted_and_the_bundle_still_loa
         assert pair.features is not None and pair.features < float("inf")
 
 
+def test_rap_without_a_reference_model_finds_the_rare_word_trigger_by_a_trigger_search(
+    backdoored: Toy, tmp_path: Path, capsys
+) -> None:
+    """No reference: the flip scan's candidates come from a DBS search towards the protect label alone."""
+    out = tmp_path / "bundle"
+    code, stdout, _ = _run(
+        calibrate_cli.main, _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS), capsys
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())["features"]
+    assert report["flipped_tokens"] == ["mb"] and report["moved_tokens"] is None
+    scan = {f["token"]: f for f in report["flip_scan"]}
+    assert scan["mb"]["source"] == "search" and scan["mb"]["move_ratio"] is None
+    assert "WARNING: 1 token(s) turn clean rows of other labels into a protect label" in stdout
+
+
 def test_rap_with_a_reference_model_flags_the_rare_word_trigger_by_what_it_does(
     backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:
