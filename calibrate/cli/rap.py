@@ -125,8 +125,10 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "--no-features",
         dest="features",
         action="store_false",
-        help="leave out the feature detector (per-layer distance of [CLS] to the label's clean rows, and "
-        "outlier-norm tokens): the bundle then detects with RAP alone",
+        help="leave out the feature detector (per-layer distance of [CLS] to the label's clean rows, "
+        "outlier-norm tokens, and the flip scan: the tokens a short DBS trigger search towards a protect label "
+        "favours, flagged when, inserted anywhere, they turn clean rows of other labels into that label and "
+        "occur as a word in no clean row; rare-word triggers): the bundle then detects with RAP alone",
     )
     p.add_argument(
         "--reference-model",
@@ -134,9 +136,8 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="the public checkpoint the suspect was fine-tuned from (a Hugging Face folder; 'packaged': the "
         "packaged MiniLM): tokens whose embedding row moved far more than fine-tuning moves any row are flagged "
-        "(embedding poisoning that keeps the row's norm ordinary), and so are the most-moved tokens that, "
-        "inserted anywhere, turn clean rows of other labels into a protect label and occur in no clean row "
-        "(rare-word triggers; ~30 s more)",
+        "(embedding poisoning that keeps the row's norm ordinary), and the flip scan also tries the most-moved "
+        "tokens",
     )
     p.add_argument(
         "--no-optimize",
