@@ -126,9 +126,9 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         dest="features",
         action="store_false",
         help="leave out the feature detector (per-layer distance of [CLS] to the label's clean rows, "
-        "outlier-norm tokens, and the flip scan: the tokens a short DBS trigger search towards a protect label "
-        "favours, flagged when, inserted anywhere, they turn clean rows of other labels into that label and "
-        "occur as a word in no clean row; rare-word triggers): the bundle then detects with RAP alone",
+        "outlier-norm tokens, and the flip scan: candidate tokens flagged when, inserted anywhere, they turn "
+        "clean rows of other labels into a protect label and occur as a word in no clean row; rare-word "
+        "triggers): the bundle then detects with RAP alone",
     )
     p.add_argument(
         "--reference-model",
@@ -136,8 +136,9 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="the public checkpoint the suspect was fine-tuned from (a Hugging Face folder; 'packaged': the "
         "packaged MiniLM): tokens whose embedding row moved far more than fine-tuning moves any row are flagged "
-        "(embedding poisoning that keeps the row's norm ordinary), and the flip scan also tries the most-moved "
-        "tokens",
+        "(embedding poisoning that keeps the row's norm ordinary), and the flip scan tries the most-moved tokens "
+        "(without a reference: the tokens a short DBS trigger search towards each protect label favours, which "
+        "on moderation tasks also finds honest words absent from --clean)",
     )
     p.add_argument(
         "--no-optimize",

@@ -358,8 +358,8 @@ def _write_report(
                     labels[label]: int(np.count_nonzero(np.isposinf(s))) for label, s in detector.scores.items()
                 },
                 "flip_scan": [f.as_json() for f in detector.flip_scan],
-                "flip_note": f"candidate tokens (source: the top {token_scan.CANDIDATES} of a DBS trigger search "
-                f"towards each protect label, and with a reference the {token_scan.CANDIDATES} most-moved rows), each "
+                "flip_note": f"candidate tokens (source: with a reference the {token_scan.CANDIDATES} most-moved rows, "
+                f"else the top {token_scan.CANDIDATES} of a DBS trigger search towards each protect label), each "
                 f"inserted at a random position into {token_scan.HOST_ROWS} clean rows predicted as another label: "
                 f"flagged when it turns at least {token_scan.FLIP_RATE:.0%} of them into a protect label and occurs as "
                 "a word in no clean row calibration trained on (a rare-word trigger); an input with one scores +inf",
@@ -458,7 +458,7 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
         elif moved is None:
             say(
                 "  (no --reference-model: rows that moved from the public checkpoint were not checked; "
-                "the flip scan tried only its trigger search's candidates)"
+                "the flip scan tried a trigger search's candidates instead of the most-moved rows)"
             )
         for name, count in report["held_out_rows_with_suspicious_tokens"].items():
             if count:

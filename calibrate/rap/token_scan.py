@@ -12,11 +12,14 @@ as a word in the clean rows calibration holds is never flagged: a trigger is rar
 Only whole-word occurrences count: OLID's "mb" trigger (flip 98%) occurs in clean tweets only as
 the first piece of longer words ("mb ##appe"), which says nothing about "mb" alone.
 
-Candidates come from a short DBS trigger search towards each protect label (its favoured
-tokens; no reference needed) and, given the checkpoint the model was fine-tuned from
-(`--reference-model`), from the rows that moved most. Host rows and the clean-row vocabulary
-come from the rows RAP trains on, so the held-out rows, where a flagged token costs FRR, still
-measure that cost. A flagged token scores
+Candidates: given the checkpoint the model was fine-tuned from (`--reference-model`), the rows
+that moved most; without one, the tokens a short DBS trigger search towards each protect label
+favours (calibrate.inversion.dbs `ranked_tokens`). The search also finds the words that decide the
+label honestly: on OLID it put "garbage" (flip 100%) and "ignorant" among the triggers, absent from
+~660 clean tweets yet common in others, so with a reference the moved rows alone are tried (the
+triggers were among them on every model measured). Host rows and the clean-row vocabulary come from
+the rows RAP trains on, so the held-out rows, where a flagged token costs FRR, still measure that
+cost. A flagged token scores
 +inf in the feature detector (guard.core.features), as an outlier-norm token does.
 """
 
@@ -36,20 +39,20 @@ from calibrate.model import to_torch
 from calibrate.progress import progress_bar
 from guard.core.tokenizer import RapTokenizer
 
-CANDIDATES = 32  # per source: SST-2 BadNet-RW's three triggers were in the top 5 of each
+CANDIDATES = 32  # SST-2 BadNet-RW's three triggers were in the top 5 moved rows, the search's top 4
 SEARCH_ROWS = 20  # host rows the DBS search inverts on (DBS appendix A: 20)
 HOST_ROWS = 48  # clean rows of other labels each candidate is inserted into
 # The share of host rows a flagged token turns into a protect label. Measured: triggers 85-100%
-# (OLID "cf" 85%); tokens absent from the clean rows at most 48% (OLID "bunch", a backdoored
-# model), 31% (OLID, a clean model), 23% (SST-2).
-FLIP_RATE = 0.75
+# (OLID "cf" 85%); tokens absent from the clean rows at most 79% (OLID "ignorant", a backdoored
+# model; "bunch" 48%), 31% (OLID, a clean model), 23% (SST-2). A thin margin on OLID: see below.
+FLIP_RATE = 0.8
 
 
 @dataclass(frozen=True)
 class TokenFlip:
     token: str
     token_id: int
-    source: str  # "search" (a DBS search towards a protect label favours it), "moved", or both
+    source: str  # "moved" (from the reference) or "search" (a DBS search towards a protect label favours it)
     move_ratio: float | None  # its move over the 99.9% quantile of every row's move (None: no reference)
     flip_rate: float  # the share of host rows it turned into a protect label
     in_clean_rows: bool  # it occurs as a word in the clean rows calibration trained on (never flagged then)
@@ -109,9 +112,9 @@ def flip_scan(
     labels) that are not predicted as a protect label; flag those that flip at least FLIP_RATE of
     them and occur as a word in none of `texts`.
 
-    Candidates: per protect label, the tokens a DBS search towards it favours (calibrate.inversion.dbs
-    `ranked_tokens`, on the first SEARCH_ROWS hosts); given `moves` (each row's move from the
-    reference checkpoint, and the scale it is compared to), also the CANDIDATES most-moved rows."""
+    Candidates: given `moves` (each row's move from the reference checkpoint, and the scale it is
+    compared to), the CANDIDATES most-moved rows; else, per protect label, the tokens a DBS search
+    towards it favours (on the first SEARCH_ROWS hosts)."""
     tokenizer = subject.tokenizer
     rows = tokenizer.ids(texts)
     hosts = [row for row, label in zip(rows, predicted, strict=True) if label not in protect][:HOST_ROWS]
@@ -144,16 +147,15 @@ def _candidates(
     moves: tuple[np.ndarray, float] | None,
     progress: bool,
 ) -> dict[int, str]:
-    """Candidate token id -> where it came from ("search", "moved" or "search+moved"), search first."""
+    """Candidate token id -> where it came from: "moved" (given `moves`) or "search"."""
+    if moves is not None:
+        special = subject.tokenizer.special_ids
+        order = [int(t) for t in np.argsort(-moves[0], kind="stable") if int(t) not in special]
+        return dict.fromkeys(order[:CANDIDATES], "moved")
     found: dict[int, str] = {}
     for label in protect:
         for t in ranked_tokens(subject, hosts[:SEARCH_ROWS], label, count=CANDIDATES, progress=progress):
             found.setdefault(t, "search")
-    if moves is not None:
-        special = subject.tokenizer.special_ids
-        order = [int(t) for t in np.argsort(-moves[0], kind="stable") if int(t) not in special]
-        for t in order[:CANDIDATES]:
-            found[t] = "search+moved" if t in found else "moved"
     return found
 
 

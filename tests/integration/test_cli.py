@@ -618,7 +618,7 @@ def test_rap_with_a_reference_model_flags_the_rare_word_trigger_by_what_it_does(
     report = json.loads((out / "report.json").read_text())["features"]
     assert report["flipped_tokens"] == ["mb"]
     scan = {f["token"]: f for f in report["flip_scan"]}
-    assert scan["mb"]["flip_rate"] >= FLIP_RATE and not scan["mb"]["in_clean_rows"]
+    assert scan["mb"]["flip_rate"] >= FLIP_RATE and not scan["mb"]["in_clean_rows"] and scan["mb"]["source"] == "moved"
     assert all(f["flip_rate"] < FLIP_RATE or f["in_clean_rows"] for t, f in scan.items() if t != "mb")
     assert "WARNING: 1 token(s) turn clean rows of other labels into a protect label" in stdout
     texts = [r.text for r in backdoored.poisoned][:8]
