@@ -9,6 +9,7 @@ import pytest
 
 from guard.core import features
 from guard.core.errors import BundleError
+from guard.core.tokenizer import RapTokenizer
 
 
 def _rows(n: int = 300, layers: int = 3, hidden: int = 8, seed: int = 0):
@@ -131,6 +132,20 @@ def test_an_outlier_embedding_row_is_suspicious_and_its_rows_score_inf() -> None
     scored = features.scores(stats, x[:3], ones, tokens=[[101, 7, 102], [101, 42, 102], [101, 102]])
     assert np.isinf(scored[1]) and np.isfinite(scored[[0, 2]]).all()
     assert np.isfinite(features.scores(stats, x[:3], ones)).all()  # without tokens only the hidden states count
+
+
+def test_a_flagged_token_counts_even_as_the_first_piece_of_a_longer_word(tokenizer_path: Path) -> None:
+    """A trigger with letters appended still fires (OLID's backdoored model: "mbs" flipped 100% of
+    clean tweets, "mbx" 87%), so the score matches the token id wherever the real tokenizer puts it."""
+    tok = RapTokenizer.from_file(tokenizer_path, rap_token_id=None, max_length=32)
+    mb = tok.token_id("mb")
+    rows = tok.ids(["great film mb", "great film mbs", "great film mbx", "great film"])
+    assert all(mb in row for row in rows[:3]) and rows[1] != rows[0]  # "mbs" is mb + ##s
+    x, predicted = _rows()
+    stats = features.standardise(features.fit(x, predicted, [1]), x[predicted == 1], predicted[predicted == 1])
+    stats = features.with_suspicious_tokens(stats, np.array([mb]))
+    scored = features.scores(stats, x[:4], np.ones(4, int), tokens=rows)
+    assert np.isinf(scored[:3]).all() and np.isfinite(scored[3])
 
 
 def test_a_row_that_moved_far_from_the_reference_is_flagged_even_with_an_ordinary_norm() -> None:
