@@ -44,6 +44,7 @@ from guard.core.types import Example
 log = logging.getLogger("bench.feature_scores")
 FRR_TARGETS = (0.005, 0.01, 0.03, 0.05)
 HEADLINE_FRR = 0.01
+FRR_LIMIT = 0.015  # `best` is the lowest FAR among the scores whose test FRR meets the issue's target
 SPLIT_SEED = 13
 Score = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (features, predicted labels) -> score, flag high
 
@@ -168,7 +169,8 @@ def _table(rows: list[dict]) -> str:
         f"{HEADLINE_FRR:.0%} FRR on the other half;",
         "test FAR (FRR) over inputs the model predicts as the target; AUC over the same inputs.",
         "`bounds / dan`: the FAR ratio of BadActs' share of neurons out of bounds to DAN's (above 1: it lets",
-        "more through). bench/feature_scores.py.",
+        f"more through); `best`: the lowest FAR among the scores with test FRR <= {FRR_LIMIT:.1%}.",
+        "bench/feature_scores.py.",
         "",
         "| dataset | attack | " + " | ".join(f"{s}: FAR (FRR) | {s}: AUC" for s in scores) + " | bounds / dan | best |",
         "|---|---|" + "---|---|" * len(scores) + "---|---|",
@@ -177,7 +179,8 @@ def _table(rows: list[dict]) -> str:
     for dataset, attack in dict.fromkeys((r["dataset"], r["attack"]) for r in headline):
         by = {r["score"]: r for r in headline if (r["dataset"], r["attack"]) == (dataset, attack)}
         cells = [f"{by[s]['test_far']:.1%} ({by[s]['test_frr']:.1%}) | {by[s]['auc']:.3f}" for s in scores if s in by]
-        best = min(by.values(), key=lambda r: (r["test_far"], -r["auc"]))["score"]
+        within = [r for r in by.values() if r["test_frr"] <= FRR_LIMIT]
+        best = min(within, key=lambda r: (r["test_far"], -r["auc"]))["score"] if within else "none"
         ratio = by["bounds"]["test_far"] / by["dan"]["test_far"] if by["dan"]["test_far"] else float("inf")
         lines.append(f"| {dataset} | {attack} | " + " | ".join(cells) + f" | {ratio:.2f} | {best} |")
     return "\n".join(lines) + "\n"
