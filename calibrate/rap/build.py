@@ -359,7 +359,7 @@ def _write_report(
                 },
                 "flip_scan": [f.as_json() for f in detector.flip_scan],
                 "flip_note": f"candidate tokens (source: with a reference the {token_scan.CANDIDATES} most-moved rows, "
-                f"else the top {token_scan.CANDIDATES} of a DBS trigger search towards each protect label), each "
+                f"else a DBS trigger search's top {token_scan.CANDIDATES} towards each protect label), each "
                 f"inserted at a random position into {token_scan.HOST_ROWS} clean rows predicted as another label: "
                 f"flagged when it turns at least {token_scan.FLIP_RATE:.0%} of them into a protect label and occurs as "
                 "a word in no clean row calibration trained on (a rare-word trigger); an input with one scores +inf",

@@ -19,8 +19,8 @@ label honestly: on OLID it put "garbage" (flip 100%) and "ignorant" among the tr
 ~660 clean tweets yet common in others, so with a reference the moved rows alone are tried (the
 triggers were among them on every model measured). Host rows and the clean-row vocabulary come from
 the rows RAP trains on, so the held-out rows, where a flagged token costs FRR, still measure that
-cost. A flagged token scores
-+inf in the feature detector (guard.core.features), as an outlier-norm token does.
+cost. A flagged token scores +inf in the feature detector (guard.core.features), as an
+outlier-norm token does, wherever it occurs: a trigger with letters appended still fires.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ SEARCH_ROWS = 20  # host rows the DBS search inverts on (DBS appendix A: 20)
 HOST_ROWS = 48  # clean rows of other labels each candidate is inserted into
 # The share of host rows a flagged token turns into a protect label. Measured: triggers 85-100%
 # (OLID "cf" 85%); tokens absent from the clean rows at most 79% (OLID "ignorant", a backdoored
-# model; "bunch" 48%), 31% (OLID, a clean model), 23% (SST-2). A thin margin on OLID: see below.
+# model; "bunch" 48%), 31% (OLID, a clean model), 23% (SST-2): a thin margin on OLID.
 FLIP_RATE = 0.8
 
 
