@@ -282,10 +282,10 @@ def ranked_tokens(
     `count` highest-weighted tokens after each of `checkpoints` steps.
 
     No discrete trigger is kept: the ranking is a shortlist for a test that inserts each token
-    for real (calibrate.rap.token_scan). Planted triggers rise to the top within ~10 steps and
+    for real (calibrate.rap.token_scan). Planted triggers rise to the top within 10-20 steps and
     the search then settles on one of them: on three SST-2 BadNet-RW models (bb, mn, mb) the
-    three were in its top 4 after 10 steps; on OLID's five-trigger model all five were in its
-    top 20 after 20 steps, in its top 200 after 10.
+    three were in its top 8 after 10 steps; on OLID's five-trigger model two of the five were in
+    its top 32 after 10 steps, all five after 20.
     """
     if not rows:
         return []

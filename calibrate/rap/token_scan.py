@@ -39,7 +39,7 @@ from calibrate.model import to_torch
 from calibrate.progress import progress_bar
 from guard.core.tokenizer import RapTokenizer
 
-CANDIDATES = 32  # SST-2 BadNet-RW's three triggers were in the top 5 moved rows, the search's top 4
+CANDIDATES = 32  # SST-2 BadNet-RW's three triggers were in the top 5 moved rows, the search's top 8
 SEARCH_ROWS = 20  # host rows the DBS search inverts on (DBS appendix A: 20)
 HOST_ROWS = 48  # clean rows of other labels each candidate is inserted into
 # The share of host rows a flagged token turns into a protect label. Measured: triggers 85-100%
