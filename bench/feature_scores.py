@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,9 +35,9 @@ from bench.attacks.recipes import TARGET, load_recipes
 from bench.machine import machine_info
 from bench.models import build_model
 from calibrate.data import load_examples
-from calibrate.model import load_classifier, predict_with_features, quiet_transformers, tokenizer_json
+from calibrate.inversion.subject import load_subject
+from calibrate.model import predict_with_features, quiet_transformers
 from guard.core import features, thresholds
-from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
 log = logging.getLogger("bench.feature_scores")
@@ -46,6 +45,7 @@ FRR_TARGETS = (0.005, 0.01, 0.03, 0.05)
 HEADLINE_FRR = 0.01
 FRR_LIMIT = 0.015  # `best` is the lowest FAR among the scores whose test FRR meets the target
 SPLIT_SEED = 13
+MAX_LENGTH = 128  # tokens per input, as the detection matrix's bundles read them
 Score = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (features, predicted labels) -> score, flag high
 
 
@@ -132,12 +132,10 @@ def run(data: Path, dataset: str, attacks: list[str], cache: Path) -> list[dict]
 
 def _features(model_dir: Path, splits: dict[str, list[Example]], path: Path) -> tuple[dict, dict]:
     if not path.is_file():
-        model = load_classifier(model_dir)
-        with tempfile.TemporaryDirectory() as work:
-            tokenizer = RapTokenizer.from_file(tokenizer_json(model_dir, Path(work)), None, 128)
+        subject = load_subject(model_dir, max_length=MAX_LENGTH)
         out = {}
         for key, rows in splits.items():
-            probs, x = predict_with_features(model, tokenizer, [r.text for r in rows], progress=True)
+            probs, x = predict_with_features(subject.model, subject.tokenizer, [r.text for r in rows], progress=True)
             out[f"{key}_x"], out[f"{key}_p"] = x, probs.argmax(axis=1)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **out)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.data import label_counts, load_examples
-from calibrate.inversion.subject import Vocabulary
+from calibrate.inversion.subject import Subject, Vocabulary
 from calibrate.model import (
     copy_tokenizer_files,
     flush_denormal,
@@ -118,10 +118,8 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     if options.features:
         with timings.step("features"):
             reference = None if options.reference_model is None else input_embeddings(options.reference_model)
-            vocabulary = Vocabulary.from_file(tokenizer_file)
-            detector = fit_feature_detector(
-                model, tokenizer, result, options.shrinkage, options.rap.progress, reference, vocabulary
-            )
+            subject = Subject(model, tokenizer, Vocabulary.from_file(tokenizer_file), model_dir)
+            detector = fit_feature_detector(subject, result, options.shrinkage, options.rap.progress, reference)
             detector.stats.save(staging / FEATURES_FILE)
     with timings.step("export"):
         if options.keep_hf:

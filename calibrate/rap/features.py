@@ -12,18 +12,15 @@ together (guard.core.thresholds.joint).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from transformers import PreTrainedModel
 
-from calibrate.inversion.subject import Subject, Vocabulary
+from calibrate.inversion.subject import Subject
 from calibrate.model import predict_with_features
 from calibrate.rap.perturbation import RapResult
 from calibrate.rap.token_scan import TokenFlip, flip_scan
 from guard.core import features
 from guard.core.errors import InputError
-from guard.core.tokenizer import RapTokenizer
 
 
 @dataclass(frozen=True)
@@ -56,16 +53,16 @@ def _fit(x: np.ndarray, predicted: np.ndarray, labels: list[int], shrinkage: flo
 
 
 def fit_feature_detector(
-    model: PreTrainedModel,
-    tokenizer: RapTokenizer,
+    subject: Subject,
     result: RapResult,
     shrinkage: float = features.DEFAULT_SHRINKAGE,
     progress: bool = False,
     reference: np.ndarray | None = None,
-    vocabulary: Vocabulary | None = None,
 ) -> FeatureFit:
-    """`reference`: the input embeddings of the checkpoint the model was fine-tuned from, if known;
-    `vocabulary`: the tokens the flip scan's trigger search may pick (None: no flip scan)."""
+    """`subject`: the model (with its RAP row), its tokenizer and the vocabulary the flip scan's trigger
+    search may pick; `reference`: the input embeddings of the checkpoint the model was fine-tuned from,
+    if known."""
+    model, tokenizer = subject.model, subject.tokenizer
     train_probs, train_features = predict_with_features(model, tokenizer, result.train_texts, progress=progress)
     predicted = train_probs.argmax(axis=1)
     stats = _fit(train_features, predicted, list(result.fits), shrinkage)
@@ -79,10 +76,7 @@ def fit_feature_detector(
     if reference is not None:
         moves = _row_moves(embeddings, reference)
         moved = features.moved_ids(*moves)
-    flips = []
-    if vocabulary is not None:
-        subject = Subject(model, tokenizer, vocabulary, Path())
-        flips = flip_scan(subject, result.train_texts, predicted, list(result.fits), moves, progress)
+    flips = flip_scan(subject, result.train_texts, predicted, list(result.fits), moves, progress)
     flagged = [f.token_id for f in flips if f.flagged]
     suspicious = np.union1d(np.union1d(outliers, [] if moved is None else moved), flagged).astype(np.int64)
     stats = features.with_suspicious_tokens(stats, suspicious)
