@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 from bench.attacks.ep import EpOptions, poison_embedding
@@ -72,6 +73,11 @@ def build_model(
 def model_name(attack: str, train_seed: int | None) -> str:
     """The cache folder of one trained model: the attack's name, `-t<seed>` for a retrained copy."""
     return attack if train_seed is None else f"{attack}-t{train_seed}"
+
+
+def attack_of(model: str) -> str:
+    """The attack a `model_name` was trained for ("style-t1" -> "style")."""
+    return re.sub(r"-t\d+$", "", model)
 
 
 def _poisoned_sample(recipe: Recipe, clean: list[Example]) -> tuple[list[Example], int]:

@@ -2,6 +2,7 @@
 
     python -m bench.repair --data ../shared/data/sst2
     python -m bench.repair --data ../shared/data/sst2 --attacks badnet-rw style --defences none pure pure+rap
+    python -m bench.repair --data ../shared/data/sst2 --attacks style --train-seed 1   # a retrained model
 
 Per attack model of bench/models.py (MiniLM fine-tuned on SST-2; trained first if not
 cached, ~15 min each), every defence:
@@ -38,7 +39,9 @@ Time measured on 2 cores with the defaults, per attack: FT and FTH ~1 min each, 
 about 1 h 45 min for the five attacks.
 Every stage is cached under <cache>/repair/<attack>/<defence>.json, repaired models
 under <cache>/repaired/<attack>-<method>/, so a killed run resumes where it stopped.
-Writes bench/results/repair.{json,md,png}.
+Writes bench/results/repair.{json,md,png}; rows of attacks not in this run stay when they were
+measured with the same budget. `--train-seed N` measures the models the detection matrix retrained
+with that seed (`<attack>-tN`, trained first if not cached).
 """
 
 from __future__ import annotations
@@ -249,7 +252,7 @@ def main() -> None:
         test=load_examples(args.data / "test.tsv"),
     )
     budget = _budget(args)
-    cases = recipe_cases(args.data, args.attacks, args.cache / "models", rows.test)
+    cases = recipe_cases(args.data, args.attacks, args.cache / "models", rows.test, args.train_seed)
     results = [row for case in cases for row in bench_attack(case, rows, budget, args.cache, args.defences)]
     counts = {"train": len(rows.train), "prune_dev": len(rows.prune_dev), "rap_dev": len(rows.rap_dev)}
     write_repair(args.out, results, {**settings_of(budget), "rows": counts}, machine_info())
@@ -273,6 +276,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="the sst2 folder (train/dev/test.tsv, poison/)")
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=MODELS, help="attack models (+ clean)")
     p.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=DEFENCES)
+    p.add_argument(
+        "--train-seed", type=int, help="measure the attack models retrained with this seed (<attack>-t<seed>)"
+    )
     p.add_argument("--train-rows", type=int, default=1000, help="clean SST-2 train rows repairs fine-tune on")
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs of FT, FTH and MEFT/PURE's last phase")
     p.add_argument("--maxent-steps", type=int, default=200, help="MEFT's maximum-entropy step budget")

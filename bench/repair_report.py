@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.models import attack_of  # noqa: E402
 from calibrate.report import markdown_table  # noqa: E402
 
 COLUMNS = ["attack", "defence", "cacc", "asr", "residual_asr", "test_frr", "test_far", "seconds"]
@@ -22,11 +23,24 @@ MAX_CACC_DROP = 0.02
 
 
 def write_repair(out: Path, rows: list[dict], budget: dict, machine: dict) -> None:
-    """repair.json ({machine, rows, budget}), repair.md and repair.png; `budget`: options and row counts as JSON."""
+    """repair.json ({machine, rows, budget}), repair.md and repair.png; `budget`: options and row counts as JSON.
+
+    Rows already there for attacks (models) not in `rows` stay if they were measured with the same budget."""
     out.mkdir(parents=True, exist_ok=True)
+    rows = _kept_rows(out / "repair.json", rows, budget) + rows
     (out / "repair.json").write_text(json.dumps({"machine": machine, "rows": rows, "budget": budget}, indent=2) + "\n")
     plot_residual_asr(out / "repair.png", rows)
     (out / "repair.md").write_text(_markdown(rows, budget, machine))
+
+
+def _kept_rows(path: Path, rows: list[dict], budget: dict) -> list[dict]:
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if old.get("budget") != budget:
+        return []
+    fresh = {r["attack"] for r in rows}
+    return [r for r in old["rows"] if r["attack"] not in fresh]
 
 
 def pivot(rows: list[dict], value: str) -> list[dict]:
@@ -90,11 +104,11 @@ def _combined_checks(by: dict, attacks: list[str], combined: str) -> list[str]:
     lines = []
     for attack in attacks:
         row = by.get((attack, combined))
-        if row is None or attack not in WORD_AND_SENTENCE + PARAPHRASE:
+        if row is None or attack_of(attack) not in WORD_AND_SENTENCE + PARAPHRASE:
             continue
         frr_ok = row["test_frr"] <= MAX_TEST_FRR
         shown = f"{combined} on {attack}: residual ASR {row['residual_asr']:.1%} at test FRR {row['test_frr']:.1%}"
-        if attack in WORD_AND_SENTENCE:
+        if attack_of(attack) in WORD_AND_SENTENCE:
             lines.append(_check(frr_ok and row["residual_asr"] <= 0.05, f"{shown} (target <= 5%)"))
             continue
         parts = [by[(attack, d)]["residual_asr"] for d in (repair, "rap") if (attack, d) in by]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.attacks.recipes import Recipe, load_recipes, zoo_recipes
-from bench.models import build_model
+from bench.models import build_model, model_name
 from calibrate.inversion.subject import Subject
 from calibrate.inversion.unlearn import accuracy
 from calibrate.model import predict_probs
@@ -52,16 +52,19 @@ class Case:
     poisoned_test: list[Example]  # triggered test rows with their ORIGINAL labels
 
 
-def recipe_cases(data_dir: Path, names: Iterable[str], model_cache: Path, test: list[Example]) -> list[Case]:
-    """The cases for recipe names, training any model not in `model_cache` yet (bench.models)."""
+def recipe_cases(
+    data_dir: Path, names: Iterable[str], model_cache: Path, test: list[Example], train_seed: int | None = None
+) -> list[Case]:
+    """The cases for recipe names, training any model not in `model_cache` yet (bench.models);
+    `train_seed`: the models retrained with that seed (cases named `<attack>-t<seed>`)."""
     recipes = load_recipes(data_dir)
     cases = []
     for name in names:
         recipe = recipes[name]
-        info = build_model(recipe, data_dir, model_cache)
+        info = build_model(recipe, data_dir, model_cache, train_seed=train_seed)
         poison_test = recipe.poison_test or recipes[CONTROL_TRIGGERS].poison_test
-        target = recipe.settings["target"]
-        cases.append(Case(name, Path(info["dir"]), recipe.backdoored, target, true_trigger(recipe), poison_test(test)))
+        target, case = recipe.settings["target"], model_name(name, train_seed)
+        cases.append(Case(case, Path(info["dir"]), recipe.backdoored, target, true_trigger(recipe), poison_test(test)))
     return cases
 
 

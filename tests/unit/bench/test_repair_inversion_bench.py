@@ -207,5 +207,33 @@ def test_pivot_and_target_checks() -> None:
     assert len(checks) == 4
 
 
+def test_repair_results_merge_other_models_of_the_same_budget(tmp_path: Path) -> None:
+    def row(attack: str, defence: str, asr: float, frr: float | None = None) -> dict:
+        return {"attack": attack, "defence": defence, "asr": asr, "residual_asr": asr, "cacc": 0.9, "test_frr": frr}
+
+    budget = {**settings_of(REPAIR_BUDGET), "rows": {"train": 10, "prune_dev": 5, "rap_dev": 5}}
+    write_repair(tmp_path, [row("badnet-sl", "none", 1.0)], budget, MACHINE)
+    retrained = [
+        row("style-t1", "none", 0.8),
+        row("style-t1", "rap", 0.5, 0.01),
+        row("style-t1", "pure+rap", 0.4, 0.01),
+    ]
+    pruned = {"pruned_heads": 4, "heads": 72, "accuracy_checks": 2}
+    pruned |= {"dev_accuracy_before": 0.9, "dev_accuracy_pruned": 0.85, "dev_accuracy_after": 0.88}
+    write_repair(tmp_path, retrained + [{**row("style-t1", "pure", 0.6), "details": pruned}], budget, MACHINE)
+    stored = json.loads((tmp_path / "repair.json").read_text())["rows"]
+    assert [(r["attack"], r["defence"]) for r in stored][:2] == [("badnet-sl", "none"), ("style-t1", "none")]
+    # a retrained model is judged by its attack's target (paraphrase: below its repair and RAP alone)
+    assert "- met: pure+rap on style-t1" in (tmp_path / "repair.md").read_text()
+
+    write_repair(tmp_path, [row("badnet-sl", "none", 0.9)], budget, MACHINE)  # the same model again: replaced
+    assert [
+        r["asr"] for r in json.loads((tmp_path / "repair.json").read_text())["rows"] if r["attack"] == "badnet-sl"
+    ] == [0.9]
+    other = {**budget, "rows": {"train": 20, "prune_dev": 5, "rap_dev": 5}}
+    write_repair(tmp_path, [row("ep", "none", 1.0)], other, MACHINE)  # another budget: the old rows go
+    assert [r["attack"] for r in json.loads((tmp_path / "repair.json").read_text())["rows"]] == ["ep"]
+
+
 def _budget_json(budget: inversion.Budget, repair: int) -> dict:
     return {**settings_of(budget), "rows": {"repair": repair}}
