@@ -34,9 +34,15 @@ def write_rows(out: Path, rows: list[dict], details: dict, machine: dict) -> Non
         kept_details = {k: v for k, v in old.get("details", {}).items() if k not in details}
     rows = kept + rows
     details = kept_details | details
-    path.write_text(json.dumps({"machine": machine, "rows": rows, "details": details}, indent=2) + "\n")
+    path.write_text(_json(machine, rows, details))
     plot_matrix(out / "detection_matrix.png", rows)
     (out / "detection_matrix.md").write_text(_markdown(rows, machine))
+
+
+def _json(machine: dict, rows: list[dict], details: dict) -> str:
+    """The result file with one row per line (a row's curve holds hundreds of numbers)."""
+    body = ",\n".join(json.dumps(r) for r in rows)
+    return f'{{"machine": {json.dumps(machine)},\n"rows": [\n{body}\n],\n"details": {json.dumps(details, indent=1)}}}\n'
 
 
 def _key(row: dict) -> tuple:

@@ -88,11 +88,24 @@ def score_operating(
 
 
 def score_curve(clean: np.ndarray, poisoned: np.ndarray) -> tuple[list[float], list[float]]:
-    """Test (FRR, FAR) for every threshold between observed scores."""
+    """Test (FRR, FAR) for every threshold between observed scores, kept as the corners of that
+    staircase (rounded to 1e-6): a point between two others of the same FRR or the same FAR is
+    left out, which changes no line drawn through the points."""
     grid = np.unique(np.concatenate([clean, poisoned, [np.inf]]))
-    frr = [rap.flagged_share(clean, t) for t in grid]
-    far = [1.0 - rap.flagged_share(poisoned, t) for t in grid]
-    return frr, far
+    frr = np.array([rap.flagged_share(clean, t) for t in grid])
+    far = np.array([1.0 - rap.flagged_share(poisoned, t) for t in grid])
+    return curve_corners(frr, far)
+
+
+def curve_corners(frr: np.ndarray, far: np.ndarray) -> tuple[list[float], list[float]]:
+    """The points of a monotone (FRR, FAR) curve that are not inside a run of equal FRR or equal FAR."""
+    frr, far = np.asarray(frr, dtype=float), np.asarray(far, dtype=float)
+    inside = np.zeros(len(frr), dtype=bool)
+    if len(frr) > 2:
+        inside[1:-1] = ((frr[:-2] == frr[1:-1]) & (frr[1:-1] == frr[2:])) | (
+            (far[:-2] == far[1:-1]) & (far[1:-1] == far[2:])
+        )
+    return frr[~inside].round(6).tolist(), far[~inside].round(6).tolist()
 
 
 # ------------------------------------------------------------------ the detectors

@@ -73,3 +73,14 @@ def test_score_operating_fits_on_dev_and_counts_test_rates() -> None:
     assert point.test_frr == pytest.approx(1 / 11)
     assert point.test_far == pytest.approx(0.5)
     assert point.residual_asr == pytest.approx(0.4)
+
+
+def test_a_curve_keeps_the_corners_of_its_staircase_only() -> None:
+    from bench.detectors.runs import curve_corners, score_curve
+
+    # FRR 0 while FAR falls over three thresholds, then FRR rises at FAR 0: the inner points go
+    assert curve_corners([0, 0, 0, 0, 0.5, 1], [1, 0.6, 0.3, 0, 0, 0]) == ([0, 0, 1], [1, 0, 0])
+    assert curve_corners([0.0, 1.0], [1.0, 0.0]) == ([0.0, 1.0], [1.0, 0.0])
+    frr, far = score_curve(np.array([0.1, 0.2, 0.9]), np.array([0.3, 0.4, 0.5, 0.6]))
+    assert (frr[0], far[0]) == (0.0, 1.0) and (frr[-1], far[-1]) == (1.0, 0.0)
+    assert all(a <= b for a, b in zip(frr, frr[1:], strict=False))
