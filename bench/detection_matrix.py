@@ -47,7 +47,7 @@ from bench.attacks.recipes import TARGET, load_recipes
 from bench.detectors import strip
 from bench.detectors.classifier import Classifier
 from bench.detectors.ngram import TrigramLM, normalize
-from bench.detectors.runs import DetectorRun, Inputs, run_guard, run_onion, run_strip
+from bench.detectors.runs import DetectorRun, Inputs, refused_run, run_guard, run_onion, run_strip
 from bench.machine import machine_info
 from bench.matrix_report import write_rows
 from bench.models import build_model, model_name
@@ -56,6 +56,7 @@ from calibrate.model import default_base_model, input_embeddings, quiet_transfor
 from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.options import PAPER, CalibrateOptions, RapOptions
 from guard.core import features
+from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
@@ -103,9 +104,19 @@ def main() -> None:
     write_rows(args.out, rows, details, machine_info())
 
 
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """A bundle `calibrate rap` would not build for this model, and why."""
+
+    reason: str
+
+
 def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model):
     bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors)
-    inputs, cacc = _inputs(next(iter(bundles.values())), dev, test, poisoned)
+    built = [b for b in bundles.values() if not isinstance(b, Refused)]
+    if not built:  # the test rows are predicted through a bundle's graph: build the guard's
+        built = [_bundle(model_dir, dev, cache / "bundles" / f"{name}-s{seed}", _guard_options(seed), reference=True)]
+    inputs, cacc = _inputs(built[0], dev, test, poisoned)
     jobs = _detector_jobs(bundles, inputs, args, language_model)
     where = cache / "matrix" / name / f"s{seed}"
     runs = {key: _cached(where / f"{key}.json", key, job) for key, job in jobs.items()}
@@ -114,12 +125,12 @@ def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language
 
 def _seed_bundles(name: str, model_dir: Path, dev: list[Example], seed: int, cache: Path, detectors) -> dict:
     """The bundles the chosen detectors read: the guard's default, RAP as published, one with int8 graphs."""
-    bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed)
+    bundles, folder, guard = {}, cache / "bundles", _guard_options(seed)
     if set(GUARD_DETECTORS + ("strip", "onion")) & set(detectors):
         bundles["guard"] = _bundle(model_dir, dev, folder / f"{name}-s{seed}", guard, reference=True)
     if "rap-paper" in detectors:
         paper = RapOptions((TARGET,), seed=seed, **PAPER)
-        bundles["paper"] = _bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", paper, features=False)
+        bundles["paper"] = _paper_bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", paper)
     if NOREF_DETECTOR in detectors:
         bundles["noref"] = _bundle(model_dir, dev, folder / f"{name}-noref-s{seed}", guard)
     if INT8_DETECTOR in detectors:
@@ -127,12 +138,32 @@ def _seed_bundles(name: str, model_dir: Path, dev: list[Example], seed: int, cac
     return bundles
 
 
+def _paper_bundle(model_dir: Path, dev: list[Example], out: Path, paper: RapOptions) -> Path | Refused:
+    """RAP as published, or why it refused this model (cached beside the bundles, as they are)."""
+    refusal = out.with_name(out.name + ".refused")
+    if refusal.is_file():
+        return Refused(refusal.read_text(encoding="utf-8"))
+    try:
+        return _bundle(model_dir, dev, out, paper, features=False)
+    except InputError as refused:  # no positive threshold on any rung of its ladder
+        log.warning("   rap-paper refused: %s", refused)
+        refusal.parent.mkdir(parents=True, exist_ok=True)
+        refusal.write_text(str(refused), encoding="utf-8")
+        return Refused(str(refused))
+
+
+def _guard_options(seed: int) -> RapOptions:
+    return RapOptions((TARGET,), seed=seed)
+
+
 def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
     """One job per detector row (STRIP: one per replacement ratio), each run only when not cached."""
     both = ("rap", "features")
     jobs = {}
     for detector in args.detectors:
-        if detector == "rap-paper":
+        if detector == "rap-paper" and isinstance(bundles["paper"], Refused):
+            jobs[detector] = lambda: refused_run("rap-paper", inputs, bundles["paper"].reason)
+        elif detector == "rap-paper":
             jobs[detector] = lambda: _renamed(run_guard(bundles["paper"], inputs, TARGET, ("rap",)), "rap-paper")
         elif detector in GUARD_DETECTORS:
             jobs[detector] = lambda d=detector: run_guard(bundles["guard"], inputs, TARGET, tuple(d.split("+")))
@@ -187,6 +218,7 @@ def _row(dataset: str, attack: str, detector: str, seed: int, cacc: float, asr: 
         "passes_per_input": run["passes_per_input"],
         "ms_per_input": run["ms_per_input"],
         "curve": run["curve"] if point["frr_target"] == 0.01 else None,
+        **({"refused": run["params"]["refused"]} if "refused" in run["params"] else {}),
     }
 
 

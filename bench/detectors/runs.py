@@ -42,7 +42,7 @@ class Operating:
     """One operating point: the threshold chosen for an FRR target and what it did."""
 
     frr_target: float
-    threshold: float
+    threshold: float | None  # None: no bundle (refused_run)
     dev_frr: float
     test_frr: float
     test_far: float
@@ -186,6 +186,13 @@ def _flags(scores, limits) -> np.ndarray:
     if limits.features is not None:
         flagged |= np.nan_to_num(scores.feature_scores, nan=-np.inf) > limits.features
     return flagged
+
+
+def refused_run(detector: str, inputs: Inputs, reason: str) -> DetectorRun:
+    """A detector whose calibration refused this model: the user gets no bundle, so nothing is
+    flagged (FRR 0, FAR 1, residual ASR = ASR); `params["refused"]` says why."""
+    points = [Operating(frr, None, 0.0, 0.0, 1.0, inputs.asr) for frr in FRR_TARGETS]  # no threshold
+    return DetectorRun(detector, points, ([], []), 1.0, 0.0, {"refused": reason})
 
 
 def run_strip(bundle_dir: Path, inputs: Inputs, options: strip.StripOptions) -> DetectorRun:

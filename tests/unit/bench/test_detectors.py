@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 
 import numpy as np
@@ -84,3 +85,28 @@ def test_a_curve_keeps_the_corners_of_its_staircase_only() -> None:
     frr, far = score_curve(np.array([0.1, 0.2, 0.9]), np.array([0.3, 0.4, 0.5, 0.6]))
     assert (frr[0], far[0]) == (0.0, 1.0) and (frr[-1], far[-1]) == (1.0, 0.0)
     assert all(a <= b for a, b in zip(frr, frr[1:], strict=False))
+
+
+def test_a_refused_calibration_is_a_row_that_flags_nothing(monkeypatch, tmp_path) -> None:
+    """RAP as published may find no positive threshold (OLID badnets): the matrix records that the
+    user gets no guard (FRR 0, FAR 1, residual ASR = ASR) and why, instead of stopping."""
+    from bench import detection_matrix
+    from guard.core.errors import InputError
+
+    def calibrate(model_dir, dev, out, rap, **options):
+        if out.name.endswith("-paper-s13"):
+            raise InputError("RAP could not separate clean inputs for label 1")
+        return out
+
+    monkeypatch.setattr(detection_matrix, "_bundle", calibrate)
+    bundles = detection_matrix._seed_bundles("badnets", tmp_path, [], 13, tmp_path, ["rap-paper", "rap"])
+    assert isinstance(bundles["paper"], detection_matrix.Refused) and bundles["guard"].name == "badnets-s13"
+    inputs = runs.Inputs(dev=[], clean=["a"], poisoned=["b", "c"], asr=0.9, pool=[])
+    options = argparse.Namespace(detectors=["rap-paper"], strip_ratios=[], strip_test_inputs=1)
+    run = detection_matrix._detector_jobs(bundles, inputs, options, None)["rap-paper"]().as_json()
+    row = detection_matrix._row("offenseval", "badnets", "rap-paper", 13, 0.8, 0.9, run, run["operating"][1])
+    assert (row["frr_target"], row["test_frr"], row["test_far"], row["residual_asr"]) == (0.01, 0.0, 1.0, 0.9)
+    assert "could not separate" in row["refused"]
+    monkeypatch.setattr(detection_matrix, "_bundle", None)  # the refusal is cached: no second calibration
+    again = detection_matrix._seed_bundles("badnets", tmp_path, [], 13, tmp_path, ["rap-paper"])
+    assert again["paper"] == bundles["paper"]
