@@ -113,10 +113,7 @@ class Refused:
 
 def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model):
     bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors)
-    built = [b for b in bundles.values() if not isinstance(b, Refused)]
-    if not built:  # the test rows are predicted through a bundle's graph: build the guard's
-        built = [_bundle(model_dir, dev, cache / "bundles" / f"{name}-s{seed}", _guard_options(seed), reference=True)]
-    inputs, cacc = _inputs(built[0], dev, test, poisoned)
+    inputs, cacc = _inputs(next(b for b in bundles.values() if not isinstance(b, Refused)), dev, test, poisoned)
     jobs = _detector_jobs(bundles, inputs, args, language_model)
     where = cache / "matrix" / name / f"s{seed}"
     runs = {key: _cached(where / f"{key}.json", key, job) for key, job in jobs.items()}
@@ -125,12 +122,16 @@ def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language
 
 def _seed_bundles(name: str, model_dir: Path, dev: list[Example], seed: int, cache: Path, detectors) -> dict:
     """The bundles the chosen detectors read: the guard's default, RAP as published, one with int8 graphs."""
-    bundles, folder, guard = {}, cache / "bundles", _guard_options(seed)
-    if set(GUARD_DETECTORS + ("strip", "onion")) & set(detectors):
-        bundles["guard"] = _bundle(model_dir, dev, folder / f"{name}-s{seed}", guard, reference=True)
+    bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed)
+    paper = None
     if "rap-paper" in detectors:
-        paper = RapOptions((TARGET,), seed=seed, **PAPER)
-        bundles["paper"] = _paper_bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", paper)
+        options = RapOptions((TARGET,), seed=seed, **PAPER)
+        paper = _paper_bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", options)
+    # a refused paper bundle leaves the test rows to be predicted through the guard's graph
+    if set(GUARD_DETECTORS + ("strip", "onion")) & set(detectors) or isinstance(paper, Refused):
+        bundles["guard"] = _bundle(model_dir, dev, folder / f"{name}-s{seed}", guard, reference=True)
+    if paper is not None:
+        bundles["paper"] = paper
     if NOREF_DETECTOR in detectors:
         bundles["noref"] = _bundle(model_dir, dev, folder / f"{name}-noref-s{seed}", guard)
     if INT8_DETECTOR in detectors:
@@ -150,10 +151,6 @@ def _paper_bundle(model_dir: Path, dev: list[Example], out: Path, paper: RapOpti
         refusal.parent.mkdir(parents=True, exist_ok=True)
         refusal.write_text(str(refused), encoding="utf-8")
         return Refused(str(refused))
-
-
-def _guard_options(seed: int) -> RapOptions:
-    return RapOptions((TARGET,), seed=seed)
 
 
 def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:

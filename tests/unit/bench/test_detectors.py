@@ -107,6 +107,11 @@ def test_a_refused_calibration_is_a_row_that_flags_nothing(monkeypatch, tmp_path
     row = detection_matrix._row("offenseval", "badnets", "rap-paper", 13, 0.8, 0.9, run, run["operating"][1])
     assert (row["frr_target"], row["test_frr"], row["test_far"], row["residual_asr"]) == (0.01, 0.0, 1.0, 0.9)
     assert "could not separate" in row["refused"]
-    monkeypatch.setattr(detection_matrix, "_bundle", None)  # the refusal is cached: no second calibration
+
+    def calibrate_guard_only(model_dir, dev, out, rap, **options):
+        assert not out.name.endswith("-paper-s13"), "the refusal is cached: no second calibration"
+        return out
+
+    monkeypatch.setattr(detection_matrix, "_bundle", calibrate_guard_only)
     again = detection_matrix._seed_bundles("badnets", tmp_path, [], 13, tmp_path, ["rap-paper"])
     assert again["paper"] == bundles["paper"]
