@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,11 +152,21 @@ async def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) 
     raise RuntimeError("server did not become ready")
 
 
-async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, protect_label: int) -> LoadResult:
-    """aiohttp, not httpx: on 2 shared cores the client's own CPU cost must stay small."""
+async def closed_loop(
+    url: str,
+    texts: list[str],
+    concurrency: int,
+    seconds: float,
+    protect_label: int,
+    cursor: Iterator[int] | None = None,
+) -> LoadResult:
+    """aiohttp, not httpx: on 2 shared cores the client's own CPU cost must stay small.
+
+    `cursor` numbers the requests: one cursor per server, shared by all its windows, walks the
+    test set once through instead of sending its first few hundred sentences every window."""
     result = LoadResult([], 0, 0, 0, 0, seconds)
     stop_at = time.perf_counter() + seconds
-    counter = iter(range(10**9))
+    counter = itertools.count() if cursor is None else cursor
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as client:
 
@@ -181,12 +193,14 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: flo
     return result
 
 
-async def measured(url: str, pid: int, texts: list[str], concurrency: int, seconds: float, protect: int) -> LoadResult:
+async def measured(
+    url: str, pid: int, texts: list[str], concurrency: int, seconds: float, protect: int, cursor: Iterator[int]
+) -> LoadResult:
     """One measured window: the load, the server's CPU seconds and its batch tokens over it."""
     before = await batch_tokens(url)
     window = CpuWindow(pid)
     window.start()
-    result = await closed_loop(url, texts, concurrency, seconds, protect)
+    result = await closed_loop(url, texts, concurrency, seconds, protect, cursor)
     window.stop()
     after = await batch_tokens(url)
     result.server_cpu_s = window.cpu_s
@@ -280,13 +294,15 @@ def _check_graph(log_path: str, server: str, backend: str) -> None:
 
 async def _interleaved(urls: dict, pids: dict, args, texts: list[str], protect: int) -> list[dict]:
     rows = []
+    cursors = {key: itertools.count() for key in urls}
     for concurrency in CONCURRENCY:
         totals = {key: LoadResult([], 0, 0, 0, 0, 0.0) for key in urls}
         for round_ in range(args.rounds):
             order = list(urls)[round_ % len(urls) :] + list(urls)[: round_ % len(urls)]
             for key in order:
-                await closed_loop(urls[key], texts, concurrency, args.warmup, protect)
-                _add(totals[key], await measured(urls[key], pids[key], texts, concurrency, args.seconds, protect))
+                await closed_loop(urls[key], texts, concurrency, args.warmup, protect, cursors[key])
+                window = await measured(urls[key], pids[key], texts, concurrency, args.seconds, protect, cursors[key])
+                _add(totals[key], window)
         for (server, backend), total in totals.items():
             rows.append(row(server, backend, concurrency, total))
             print(json.dumps(rows[-1]), flush=True)
