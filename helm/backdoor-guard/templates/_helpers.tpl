@@ -21,8 +21,19 @@ app.kubernetes.io/name: {{ include "backdoor-guard.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{- define "backdoor-guard.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The `helm test` pod's labels: the release's, but NOT the pods' selector labels, so neither the
+Service nor the PodDisruptionBudget selects it; the NetworkPolicy lets it in by these. */}}
+{{- define "backdoor-guard.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "backdoor-guard.name" . | trunc 58 | trimSuffix "-" }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
 {{- define "backdoor-guard.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+helm.sh/chart: {{ include "backdoor-guard.chart" . }}
 {{ include "backdoor-guard.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
