@@ -7,6 +7,7 @@ import functools
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -54,8 +55,43 @@ def site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield url, root
 
 
-def fetch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60, env=env)
+def fetch(
+    *args: str, env: dict | None = None, python: tuple[str, ...] = (sys.executable,)
+) -> subprocess.CompletedProcess:
+    return subprocess.run([*python, str(SCRIPT), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+# The script run as on Python 3.11.0-3.11.3, which have no tarfile extraction filters: no
+# tarfile.data_filter, and extractall() takes no `filter` (a TypeError).
+BEFORE_FILTERS = (
+    sys.executable,
+    "-c",
+    """
+import runpy, sys, tarfile
+del tarfile.data_filter
+unfiltered = tarfile.TarFile.extractall
+def extractall(self, path=".", members=None, *, numeric_owner=False):
+    return unfiltered(self, path, members, numeric_owner=numeric_owner)
+tarfile.TarFile.extractall = extractall
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""",
+)
+# pyproject allows Python >= 3.11; filters came with 3.11.4. Debian bookworm's python3 (the base of
+# deploy/docker/buildah-local.sh) is 3.11.2.
+FIRST_WITH_FILTERS = (3, 11, 4)
+
+
+def _oldest_python_without_filters() -> str | None:
+    for candidate in ("/usr/bin/python3.11", shutil.which("python3.11")):
+        if not candidate or not Path(candidate).exists():
+            continue
+        version = subprocess.run(
+            [candidate, "-c", "import sys; print(*sys.version_info[:3])"], capture_output=True, text=True, timeout=30
+        )
+        if tuple(map(int, version.stdout.split())) < FIRST_WITH_FILTERS:
+            return candidate
+    return None
 
 
 def _sha(path: Path) -> str:
@@ -156,3 +192,36 @@ def test_downloads_into_the_bundle_volume_not_tmp(site: tuple[str, Path], tmp_pa
     assert proc.returncode == 0, stderr
     assert ".bundle.tar.gz.partial" not in {p.name for p in into.iterdir()}  # deleted once unpacked
     assert load_bundle(into).manifest.model.labels == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("python", ["before-filters", "oldest-allowed"])
+def test_works_on_pythons_without_extraction_filters(site: tuple[str, Path], tmp_path: Path, python: str) -> None:
+    """Before: extractall(filter="data") raised an uncaught TypeError on Python 3.11.0-3.11.3."""
+    if python == "oldest-allowed":
+        found = _oldest_python_without_filters()
+        if found is None:
+            pytest.skip(f"no Python 3.11 older than {FIRST_WITH_FILTERS} here (Debian bookworm's python3 is 3.11.2)")
+        command: tuple[str, ...] = (found,)
+    else:
+        command = BEFORE_FILTERS
+    url, root = site
+    digest = _sha(root / "bundle.tar.gz")
+    done = fetch("--url", f"{url}/bundle.tar.gz", "--sha256", digest, "--into", str(tmp_path / "ok"), python=command)
+    assert done.returncode == 0, done.stderr
+    assert load_bundle(tmp_path / "ok").manifest.model.labels == ["negative", "positive"]
+
+    for name, info in (("evil.tar.gz", tarfile.TarInfo("../escaped.txt")), ("link.tar.gz", _link("manifest.json"))):
+        with tarfile.open(root / name, "w:gz") as tar:
+            tar.addfile(info)
+        into = tmp_path / name
+        done = fetch("--url", f"{url}/{name}", "--sha256", _sha(root / name), "--into", str(into), python=command)
+        assert done.returncode == 1 and "error: cannot fetch the bundle" in done.stderr, done.stderr
+        assert list(into.iterdir()) == []
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def _link(name: str) -> tarfile.TarInfo:
+    """A symlink member pointing out of the destination."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return info

@@ -58,7 +58,7 @@ def fetch(url: str, into: Path, sha256: str, timeout: float) -> None:
             raise ValueError(f"sha256 of {url} is {digest.hexdigest()}, expected {sha256}")
         with tarfile.open(archive, mode="r:gz") as tar:
             members = [m for m in tar.getmembers() if m.name.lstrip("./") != PARTIAL]
-            tar.extractall(into, members=members, filter="data")  # refuses absolute paths, links out, devices
+            _extract(tar, members, into)
     except BaseException:
         _empty(into)  # nothing is left of an archive that failed
         raise
@@ -66,6 +66,24 @@ def fetch(url: str, into: Path, sha256: str, timeout: float) -> None:
         archive.unlink(missing_ok=True)
     if not (into / "manifest.json").is_file():
         raise ValueError(f"{url} has no manifest.json at its top level (make it with: tar -C bundle -czf FILE .)")
+
+
+def _extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], into: Path) -> None:
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(into, members=members, filter="data")  # refuses absolute paths, links out, devices
+        return
+    # Python before 3.11.4 (Debian bookworm's 3.11.2) has no extraction filters: extractall
+    # would take `filter` for an unknown keyword (TypeError) and, without it, follow any path.
+    # A bundle is regular files in directories, so anything else is refused here.
+    root = into.resolve()
+    for member in members:
+        target = (root / member.name).resolve()
+        if target != root and root not in target.parents:
+            raise ValueError(f"{member.name!r} would be extracted outside the destination {into}")
+        if not (member.isfile() or member.isdir()):
+            raise ValueError(f"{member.name!r} is not a regular file or directory")
+        member.mode = 0o755 if member.isdir() else 0o644  # as the data filter leaves them: no setuid, readable
+    tar.extractall(into, members=members)
 
 
 def _check_url(url: str) -> None:
