@@ -249,6 +249,46 @@ def test_autoscaling_on_cpu_or_on_the_guards_queue() -> None:
     assert fixed.one("Deployment")["spec"]["replicas"] == 2
 
 
+CPU_HPA = {"enabled": True, "metric": "cpu", "targetCPUUtilizationPercentage": 70}
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_the_sidecar_cpu_hpa_scales_on_the_guard_container(kube: str) -> None:
+    """Before: a pod-level Resource metric, which the HPA cannot compute when the classifier
+    container has no CPU request (it then never scales)."""
+    classifier = {"name": "sentiment", "image": "registry.example.com/sentiment-classifier:1.4.2"}
+    values = {**CASES["sidecar-url"], "sidecar": {"classifier": classifier}, "autoscaling": CPU_HPA}
+    hpa = render(values, kube).one("HorizontalPodAutoscaler")
+    kubernetes_validate.validate(hpa, kube, strict=True)
+    assert hpa["spec"]["metrics"] == [
+        {
+            "type": "ContainerResource",
+            "containerResource": {
+                "name": "cpu",
+                "container": "guard",
+                "target": {"type": "Utilization", "averageUtilization": 70},
+            },
+        }
+    ]
+
+
+def test_the_chart_refuses_a_cpu_hpa_that_cannot_be_computed() -> None:
+    # null deletes a default value in Helm: no CPU request nor limit left.
+    no_request = {**CASES["standalone-pvc"], "resources": {"requests": {"cpu": None}, "limits": {"cpu": None}}}
+    with pytest.raises(helm.HelmError, match="needs resources.requests.cpu"):
+        render(no_request)
+    # A limit alone is a request too (Kubernetes copies it).
+    limit_only = {**CASES["standalone-pvc"], "resources": {"requests": {"cpu": None}}}
+    assert render(limit_only).one("HorizontalPodAutoscaler")["spec"]["metrics"][0]["type"] == "Resource"
+    # Before 1.27 (no ContainerResource by default) the pod's utilisation needs the classifier's request.
+    bare = {"name": "sentiment", "image": "registry.example.com/sentiment-classifier:1.4.2"}
+    sidecar = {**CASES["sidecar-url"], "autoscaling": CPU_HPA}
+    with pytest.raises(helm.HelmError, match="needs a CPU request on sidecar.classifier"):
+        render({**sidecar, "sidecar": {"classifier": bare}}, "1.26.0")
+    pod_level = render(sidecar, "1.26.0").one("HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert pod_level[0]["type"] == "Resource"
+
+
 def test_pod_disruption_budget_selects_the_pods_and_can_be_turned_off() -> None:
     manifests = render("standalone-pvc")
     pdb = manifests.one("PodDisruptionBudget")["spec"]

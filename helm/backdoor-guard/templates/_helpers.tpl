@@ -283,3 +283,22 @@ an exec of `sleep`, which your image must have). */}}
 {{- end }}
 - {{- toYaml $classifier | nindent 2 }}
 {{- end }}
+
+{{/* A CPU HPA's utilisation is usage / request: the chart refuses one that cannot be computed.
+Sidecar topology: on the guard container's own CPU (ContainerResource, on by default from
+Kubernetes 1.27); before 1.27 on the pod's, which needs a CPU request on your classifier too.
+A limit alone counts (Kubernetes then sets the request to it). "true" when ContainerResource. */}}
+{{- define "backdoor-guard.hpaOnGuardContainer" -}}
+{{- if not (or (dig "requests" "cpu" "" .Values.resources) (dig "limits" "cpu" "" .Values.resources)) }}
+{{- fail "autoscaling.metric=cpu needs resources.requests.cpu (CPU utilisation is usage / request), or use autoscaling.metric=pendingRequests" }}
+{{- end }}
+{{- if eq .Values.topology "sidecar" }}
+{{- if semverCompare ">=1.27-0" .Capabilities.KubeVersion.Version }}true
+{{- else }}
+{{- $classifier := .Values.sidecar.classifier.resources | default dict }}
+{{- if not (or (dig "requests" "cpu" "" $classifier) (dig "limits" "cpu" "" $classifier)) }}
+{{- fail "autoscaling.metric=cpu before Kubernetes 1.27 scales on the pod's CPU utilisation, which needs a CPU request on sidecar.classifier too (resources.requests.cpu), or use autoscaling.metric=pendingRequests" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
