@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # (or .venv is removed), so repeated `make test` starts straight away.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-deps
+.PHONY: setup demo test test-fast test-deps lock
 
 setup: $(STAMP)
 
@@ -29,11 +29,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: setup
 	$(BIN)/calibrate demo
 
-# System tools the tests run for real: Prometheus and promtool (tests/integration/test_prometheus.py).
+# System tools the tests run for real: Prometheus and promtool (tests/integration/test_prometheus.py),
+# Go (tests/upstreams: a real Go upstream whose encoding/json binds keys case-insensitively).
 test-deps:
-	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && command -v go >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus golang-go; }
 
 test: setup test-deps
 	$(BIN)/ruff check .
@@ -43,3 +44,17 @@ test: setup test-deps
 test-fast: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "unit and not slow"
+
+# The serving image's hashed lock files (deploy/docker/install.sh installs exactly these): run after
+# changing the core, [serve] or [otel] dependencies. requirements-serve.lock resolves for every
+# platform (amd64 and arm64 images) and adds setuptools, the build backend of pyproject.toml, so the
+# project itself is built without downloading anything; requirements-gpu.lock is the VARIANT=gpu
+# ONNX Runtime with NVIDIA's wheels (x86_64 only), constrained to the serve lock.
+UV := uv==0.13.9
+LOCK_DIR := deploy/docker
+lock: setup
+	$(BIN)/pip install -q $(UV)
+	printf 'setuptools>=68\n' | $(BIN)/uv pip compile -q --generate-hashes --universal --python-version 3.11 \
+		--extra serve --extra otel pyproject.toml - -o $(LOCK_DIR)/requirements-serve.lock
+	printf 'onnxruntime-gpu[cuda,cudnn]\n' | $(BIN)/uv pip compile -q --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -c $(LOCK_DIR)/requirements-serve.lock - -o $(LOCK_DIR)/requirements-gpu.lock

@@ -514,7 +514,7 @@ def demo_bundle() -> Path:
     return bundle
 
 
-STAGES = ("bypass", "fault", "overload", "fuzz", "shutdown", "upstream")
+STAGES = ("bypass", "fault", "overload", "fuzz", "shutdown", "upstream", "sidecar")
 
 
 def _kept_cases(rerun: list[str]) -> list[Case]:
@@ -525,12 +525,23 @@ def _kept_cases(rerun: list[str]) -> list[Case]:
     return [Case(**r) for r in rows if r["kind"] not in rerun]  # a stage's cases are of its kind
 
 
+def _sidecar_stage(bundle: Path, model_dir: Path) -> list[Case]:
+    from bench.robustness_sidecar import all_cases  # it imports this module's Case and guard_thread
+
+    return all_cases(bundle, model_dir, CACHE / "go")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.robustness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--bundle", type=Path, help="guard bundle (default: build the demo's into bench/.cache/robustness)"
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="the bundle's Hugging Face model dir, for the HF-handler upstream (default: beside it)",
     )
     parser.add_argument("--fuzz-examples", type=int, default=60, help="schemathesis examples per operation")
     parser.add_argument(
@@ -551,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "fuzz": lambda: [fuzz_case(bundle, args.fuzz_examples)],
         "shutdown": lambda: [shutdown_case(bundle)],
         "upstream": lambda: upstream_cases(bundle),
+        "sidecar": lambda: _sidecar_stage(bundle, args.model or bundle.parent / "model"),
     }
     chosen = args.stages.split(",")
     cases = [] if set(chosen) == set(STAGES) else _kept_cases(chosen)

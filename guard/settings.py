@@ -27,6 +27,11 @@ DEFAULT_PASSTHROUGH = (
 )
 
 
+# String values under these keys are structure in the bodies upstreams take (OIP tensors, HF parameters).
+DEFAULT_STRUCTURAL_KEYS = ("id", "name", "datatype", "content_type", "function_to_apply")
+# A form body holds percent-encoded fields an upstream binds one by one: never readable as one text.
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
 DETECTORS = ("rap", "features", "none")  # "none" stands alone: a bare classifier
 
 
@@ -127,7 +132,11 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Time a client has to send its headers, and then its body (408 or closed above)."
     )
     max_connections: int = Field(
-        256, ge=1, description="Requests handled at once; more get a fast 429 (connections beyond 2x are refused)."
+        256,
+        ge=1,
+        description="Requests handled at once (counted from a complete request head); more get a fast 429, "
+        "except health and metrics probes. Open connections are bounded at 2x: above that, the oldest one "
+        "still awaiting a request head is closed (counted in guard_connections_dropped_total).",
     )
     long_text: Literal["windows", "refuse"] = Field(
         "windows",
@@ -165,9 +174,25 @@ class Settings(BaseSettings):
     )
     model_name: str = Field("guard", description="Model name in the Open Inference Protocol paths and in metrics.")
     upstream: str | None = Field(None, description="Sidecar mode: forward clean requests to this base URL.")
-    upstream_text_pointer: str = Field(
-        "/inputs",
-        description='JSON pointer to the text in proxied bodies (HF style `{"inputs": ...}`; OIP: /inputs/0/data).',
+    upstream_text_pointer: str | None = Field(
+        None,
+        description="Sidecar: check only the texts at this JSON pointer (e.g. /inputs), for an upstream known to "
+        "read that one field. Default: every string value at any depth is checked (except upstream_structural_keys).",
+    )
+    upstream_structural_keys: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STRUCTURAL_KEYS),
+        description="Sidecar: keys whose string values are structure, not text, and are not checked (compared "
+        "case-insensitively): OIP tensor names and types, request ids.",
+    )
+    upstream_query_keys: list[str] = Field(
+        default_factory=list,
+        description="Sidecar: query parameters a forwarded request may carry (their values are checked as texts); "
+        "any other query parameter is 422, since an upstream may bind text from it.",
+    )
+    upstream_text_content_types: list[str] = Field(
+        default_factory=list,
+        description="Sidecar: media types (e.g. text/plain) whose body is one UTF-8 text, checked whole and "
+        "forwarded as is. Bodies of any other type than JSON are 415. Form types cannot be listed.",
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="Timeout for the upstream call (504 above).")
     upstream_passthrough: list[str] = Field(
@@ -184,6 +209,12 @@ class Settings(BaseSettings):
     canary_interval_s: float = Field(
         0.0, ge=0, description="Replay one bundle canary (held-out clean row) every N seconds for live FRR; 0 = off."
     )
+    live_rates_min_observations: int = Field(
+        50,
+        ge=1,
+        description="Observations (feedback, canaries or probes) a source needs in its window before its live "
+        "FAR/FRR gauge is exported: one answer is not a rate.",
+    )
     otel_endpoint: str | None = Field(
         None,
         description="OTLP/HTTP endpoint for OpenTelemetry traces (e.g. http://otel-collector:4318/v1/traces): "
@@ -196,9 +227,18 @@ class Settings(BaseSettings):
 
     @field_validator("upstream_text_pointer")
     @classmethod
-    def _pointer(cls, value: str) -> str:
-        if value and not value.startswith("/"):
+    def _pointer(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
             raise ValueError("a JSON pointer starts with '/' (e.g. /inputs)")
+        return value
+
+    @field_validator("upstream_text_content_types")
+    @classmethod
+    def _text_types(cls, value: list[str]) -> list[str]:
+        value = [v.strip().lower() for v in value]
+        for kind in value:
+            if kind in FORM_TYPES or "/" not in kind:
+                raise ValueError(f"{kind!r} cannot be read as one text (a media type like text/plain, not a form)")
         return value
 
     @field_validator("detectors")

@@ -40,6 +40,10 @@ class InvalidInput(ServerError):
     status_code, error_type = 422, "invalid_input"
 
 
+class UnsupportedMediaType(ServerError):
+    status_code, error_type = 415, "unsupported_media_type"
+
+
 class TooManyRequests(ServerError):
     status_code, error_type = 429, "queue_full"
 

@@ -11,16 +11,22 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import unicodedata
+from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.api.errors import error_response
 
-# The guard's own endpoints that need no key: probes, scrapes and the API docs.
+# The guard's own GET endpoints that need no key: probes, scrapes and the API docs. Exact paths and
+# GET only: any other method or path may reach the sidecar's upstream, so it needs the key.
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/docs", "/redoc", "/openapi.json"}
+    {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"}
 )
+DOCS_ASSETS = "/docs/assets/"  # served from the package, never forwarded
 FEEDBACK_PATH = "/v1/feedback"
+# Answered at any load: a liveness probe refused with 429 under a flood would restart a busy pod.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 class BodyError(Exception):
@@ -63,9 +69,18 @@ class RequestLimits:
                 431,
                 {},
             )
+        if not _plain_path(scope.get("raw_path") or scope.get("path", "").encode()):
+            return (
+                "the path has a '.' or '..' segment or a backslash (plain or encoded): upstreams resolve them "
+                "differently",
+                "invalid_path",
+                400,
+                {},
+            )
         if not _authorized(scope, settings):
             return ("missing or wrong API key", "unauthorized", 401, {"WWW-Authenticate": "Bearer"})
-        if self.active >= settings.max_connections:
+        probe = scope["method"] in ("GET", "HEAD") and scope.get("path") in PROBE_PATHS
+        if self.active >= settings.max_connections and not probe:
             return (
                 f"{self.active} requests in progress; the limit is {settings.max_connections}",
                 "too_many_requests",
@@ -119,9 +134,24 @@ class RequestLimits:
         await error_response(self.state, message, error_type, status, headers)(scope, receive, send)
 
 
+def _plain_path(raw_path: bytes) -> bool:
+    """No segment is '.' or '..' once percent-decoded (repeatedly), NFKC-normalised and stripped of
+    ';' parameters, and no backslash: upstreams (and proxies in front of them) collapse or split
+    such paths after the guard has routed and authorised the request by its literal path."""
+    path = raw_path.decode("latin-1")
+    for _ in range(4):  # %252e -> %2e -> .
+        if (decoded := unquote(path)) == path:
+            break
+        path = decoded
+    else:
+        return False  # still decoding after 4 rounds: refuse rather than guess
+    segments = (unicodedata.normalize("NFKC", s.split(";", 1)[0]) for s in path.split("/"))
+    return "\\" not in path and all(segment not in (".", "..") for segment in segments)
+
+
 def _authorized(scope: Scope, settings) -> bool:
     path = scope.get("path", "")
-    if path in OPEN_PATHS or path.startswith("/docs/"):
+    if scope.get("method") == "GET" and (path in OPEN_PATHS or path.startswith(DOCS_ASSETS)):
         return True
     key = settings.feedback_api_key if path == FEEDBACK_PATH and settings.feedback_api_key else settings.api_key
     if key is None:
