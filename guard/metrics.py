@@ -42,8 +42,13 @@ disable_created_metrics()  # *_created series double the exposition and no dashb
 
 
 class GuardMetrics:
+    """`registry` is what the service port's /metrics serves; `scrape_registry`, served only on
+    `metrics_port`, adds the per-request score observations to it."""
+
     def __init__(self, registry: CollectorRegistry, backend: str) -> None:
         self.registry = registry
+        self.scrape_registry = CollectorRegistry()
+        self.scrape_registry.register(registry)  # a registry is a collector: everything, collected at scrape time
         self.backend = backend
         self.requests = Counter(
             "guard_requests_total",
@@ -100,10 +105,11 @@ class GuardMetrics:
         )
         self.rap_delta = Histogram(
             "guard_rap_delta",
-            "Live RAP deltas (compare with calibration to see drift).",
+            "Live RAP deltas (compare with calibration to see drift). Served on metrics_port only, never on "
+            "the service port's /metrics: two scrapes around one request would give its score to any client.",
             ["label"],
             buckets=DELTA_BUCKETS,
-            registry=registry,
+            registry=self.scrape_registry,
         )
         self.calibrated_frr = Gauge(
             "guard_calibrated_frr", "FRR target the thresholds were set for.", ["label"], registry=registry
@@ -150,6 +156,15 @@ class GuardMetrics:
             "guard_detectors",
             "Constant 1, labelled with the detectors that check inputs (none: a bare, unchecked classifier).",
             ["detectors"],
+            registry=registry,
+        )
+        self.connections_dropped = Counter(
+            "guard_connections_dropped_total",
+            "Connections the server closed without an answer, by reason: head_timeout (no complete request head "
+            "within read_timeout_s), shed (the oldest awaiting a head, closed at the open-connection bound), "
+            "refused (at the bound with no connection awaiting a head), invalid_head (a 400 for a head that does "
+            "not parse or is too large).",
+            ["reason"],
             registry=registry,
         )
         self.batch_tokens = Counter(

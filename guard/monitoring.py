@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from guard.core.types import Example, Verdict
 from guard.metrics import GuardMetrics
 
@@ -23,9 +25,11 @@ class WindowedRate:
     def __init__(self, window: int = 1000) -> None:
         self._values: deque[bool] = deque(maxlen=window)
 
-    def record(self, value: bool) -> float:
+    def record(self, value: bool) -> None:
         self._values.append(value)
-        return self.value or 0.0
+
+    def __len__(self) -> int:
+        return len(self._values)
 
     @property
     def value(self) -> float | None:
@@ -56,22 +60,31 @@ class DecisionLog:
 
 
 class LiveRates:
-    """Feeds guard_false_accept_ratio / guard_false_reject_ratio by source."""
+    """Feeds guard_false_accept_ratio / guard_false_reject_ratio by source.
 
-    def __init__(self, metrics: GuardMetrics, window: int = 1000) -> None:
+    A source's gauge appears only once its window holds `min_observations`: before that a
+    handful of answers (one forged feedback call) would read as a rate and page someone.
+    """
+
+    def __init__(self, metrics: GuardMetrics, min_observations: int, window: int = 1000) -> None:
         self._metrics = metrics
         self._far: dict[str, WindowedRate] = {}
         self._frr: dict[str, WindowedRate] = {}
+        self._min_observations = min_observations
         self._window = window
 
     def record(self, source: str, poisoned: bool, flagged: bool) -> None:
         """A poisoned input let through is a false accept; a clean one flagged a false reject."""
         if poisoned:
-            rate = self._far.setdefault(source, WindowedRate(self._window)).record(not flagged)
-            self._metrics.false_accept_ratio.labels(source).set(rate)
+            self._update(self._far, self._metrics.false_accept_ratio, source, not flagged)
         else:
-            rate = self._frr.setdefault(source, WindowedRate(self._window)).record(flagged)
-            self._metrics.false_reject_ratio.labels(source).set(rate)
+            self._update(self._frr, self._metrics.false_reject_ratio, source, flagged)
+
+    def _update(self, rates: dict[str, WindowedRate], gauge: Gauge, source: str, wrong: bool) -> None:
+        rate = rates.setdefault(source, WindowedRate(self._window))
+        rate.record(wrong)
+        if len(rate) >= self._min_observations:
+            gauge.labels(source).set(rate.value)
 
 
 def load_probe_rows(path: Path) -> list[Example]:

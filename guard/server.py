@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import h11
 import uvicorn
 import yaml
+from prometheus_client import Counter
 from pydantic import ValidationError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -23,6 +24,7 @@ from guard.api.service import measure_capacity, serving_backend, special_tokens_
 from guard.core.bundle import load_bundle
 from guard.core.errors import InputError
 from guard.logs import configure_server_logging
+from guard.metrics import GuardMetrics
 from guard.settings import Settings
 from guard.tracing import traced
 
@@ -56,7 +58,7 @@ def serve(overrides: dict, verbose: bool = False) -> None:
             port=settings.port,
             log_config=None,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-            **connection_limits(settings),
+            **connection_limits(settings, app.state.metrics),
         )
 
 
@@ -68,10 +70,10 @@ def metrics_server(app, settings: Settings) -> Iterator[None]:
         return
     from prometheus_client import make_asgi_app
 
+    scrape = make_asgi_app(app.state.metrics.scrape_registry)  # the service port's metrics and the scores
     config = uvicorn.Config(
-        make_asgi_app(app.state.registry), host=settings.host, port=settings.metrics_port, log_config=None,
-        lifespan="off", access_log=False,
-    )  # fmt: skip
+        scrape, host=settings.host, port=settings.metrics_port, log_config=None, lifespan="off", access_log=False
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="guard-metrics", daemon=True)
     thread.start()
@@ -82,19 +84,59 @@ def metrics_server(app, settings: Settings) -> Iterator[None]:
         thread.join(timeout=5)
 
 
-def connection_limits(settings: Settings) -> dict:
-    """uvicorn options that bound what one connection can hold: head size and time, connections."""
+def connection_limits(settings: Settings, metrics: GuardMetrics) -> dict:
+    """uvicorn options that bound what one connection can hold: head size and time, open connections.
+
+    No uvicorn `limit_concurrency`: it counts every open connection, those still sending their
+    head included, and answers 503 above it, probes included. Requests in progress are bounded by
+    the app (RequestLimits, 429 above max_connections), open connections by `OpenConnections`.
+    """
     return {
-        "http": head_timeout_protocol(settings.read_timeout_s),
+        "http": head_timeout_protocol(settings, metrics),
         # h11 drops heads past twice the limit (400, unparsed); the app answers a counted 431 between.
         "h11_max_incomplete_event_size": 2 * settings.max_header_bytes,
-        "limit_concurrency": 2 * settings.max_connections,  # the app answers 429 above max_connections first
     }
 
 
-def head_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing connections that take longer than `timeout_s` to send a request head."""
-    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": timeout_s})
+def head_timeout_protocol(settings: Settings, metrics: GuardMetrics) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing connections that take longer than `read_timeout_s` to send a request
+    head, with one bounded table of this server's open connections (2 x max_connections)."""
+    table = OpenConnections(2 * settings.max_connections, metrics.connections_dropped)
+    attributes = {"head_timeout_s": settings.read_timeout_s, "open_connections": table}
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), attributes)
+
+
+class OpenConnections:
+    """A server's open connections, oldest first, at most `limit`: a new one past the limit closes the
+    oldest connection still awaiting a request head (a slow or idle client) rather than being refused,
+    so a probe that sends its head at once gets through a flood of unfinished heads. Every connection
+    closed without an answer is counted in `dropped`, by reason."""
+
+    def __init__(self, limit: int, dropped: Counter) -> None:
+        self.limit = limit
+        self._dropped = dropped
+        self._open: dict[HeadTimeoutProtocol, None] = {}  # insertion order: oldest first
+
+    def admit(self, conn: HeadTimeoutProtocol) -> None:
+        self._open[conn] = None
+        if len(self._open) <= self.limit:
+            return
+        oldest = next((c for c in self._open if c is not conn and c.awaiting_head()), None)
+        if oldest is None:  # every other connection carries a request: only the new one can go
+            self.drop(conn, "refused")
+        else:
+            self.drop(oldest, "shed")
+
+    def drop(self, conn: HeadTimeoutProtocol, reason: str) -> None:
+        self._open.pop(conn, None)  # now, not at connection_lost: it must not be picked twice
+        self._dropped.labels(reason).inc()
+        conn.close()
+
+    def count(self, reason: str) -> None:
+        self._dropped.labels(reason).inc()
+
+    def discard(self, conn: HeadTimeoutProtocol) -> None:
+        self._open.pop(conn, None)
 
 
 class HeadTimeoutProtocol(H11Protocol):
@@ -103,25 +145,33 @@ class HeadTimeoutProtocol(H11Protocol):
 
     head_timeout_s = 10.0
     drain_wait_s = 1.0  # on shutdown, how long a fresh connection may still send its request
+    open_connections: OpenConnections  # one per server, set by head_timeout_protocol
     _head_timer: asyncio.TimerHandle | None = None
     _draining = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
+        self.open_connections.admit(self)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answer the request that was on the wire, then close
-        if self._awaiting_head():
+        if self.awaiting_head():
             self._arm()  # bytes of a head arrived, the head is not complete yet
         else:
             self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.open_connections.discard(self)
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 could not parse the head, or it grew past h11_max_incomplete_event_size: 400, then closed."""
+        self.open_connections.count("invalid_head")
+        super().send_400_response(msg)
 
     def shutdown(self) -> None:
         """uvicorn closes every connection without a request in progress at once, including one
@@ -133,12 +183,18 @@ class HeadTimeoutProtocol(H11Protocol):
             return
         super().shutdown()
 
+    def close(self) -> None:
+        """Close at once, without an answer (a head that timed out, a connection shed)."""
+        self._disarm()
+        self.transport.close()
+
+    def awaiting_head(self) -> bool:
+        """No request in progress and no complete head yet (a fresh or a keep-alive connection)."""
+        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
     def _close_unused(self) -> None:
         if self.cycle is None and not self.transport.is_closing():
             super().shutdown()
-
-    def _awaiting_head(self) -> bool:
-        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -151,5 +207,5 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self._awaiting_head():
-            self.transport.close()
+        if self.awaiting_head() and not self.transport.is_closing():
+            self.open_connections.drop(self, "head_timeout")

@@ -196,7 +196,7 @@ def uvicorn_thread(app) -> Iterator[str]:
     port = sock.getsockname()[1]
     from guard.server import connection_limits
 
-    limits = connection_limits(app.state.settings)
+    limits = connection_limits(app.state.settings, app.state.metrics)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5, **limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()

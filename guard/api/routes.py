@@ -135,9 +135,21 @@ async def model_ready(name: str, svc: Svc):
     return schemas.HealthResponse(status="ready")
 
 
-@guarded.post("/v1/feedback", response_model=schemas.FeedbackResponse, tags=["guard"])
+async def feedback_enabled(request: Request) -> None:
+    """Feedback moves gauges that page people: without a key of its own, anyone could forge it."""
+    if request.app.state.settings.feedback_api_key is None:
+        raise NotFound("feedback is off: set feedback_api_key (the key of whoever provides the ground truth)")
+
+
+@guarded.post(
+    "/v1/feedback",
+    response_model=schemas.FeedbackResponse,
+    dependencies=[Depends(feedback_enabled)],
+    tags=["guard"],
+)
 async def feedback(body: schemas.FeedbackRequest, svc: Svc):
-    """Ground truth for an earlier decision (its server-issued decision_id): feeds the live FAR/FRR gauges."""
+    """Ground truth for an earlier decision (its server-issued decision_id): feeds the live FAR/FRR gauges.
+    Off (404) unless `feedback_api_key` is set."""
     decision = svc.decisions.pop(body.decision_id)
     if decision is None:
         raise NotFound(f"no recent decision with decision_id {body.decision_id!r} (or feedback was already given)")

@@ -154,7 +154,7 @@ class GuardService:
             detectors=self.detectors,
         )
         self.decisions = DecisionLog()
-        self.rates = LiveRates(metrics)
+        self.rates = LiveRates(metrics, settings.live_rates_min_observations)
         self._started = False
         self._canaries: asyncio.Task | None = None
 

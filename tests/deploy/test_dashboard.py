@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from guard.api import create_app
+from guard.server import metrics_server
 from guard.settings import Settings
 from tests.deploy import promql
 from tests.deploy.conftest import ROOT, tool
@@ -29,6 +30,7 @@ from tests.server_fixtures import (
     TRIGGERED,
     StubBackend,
     build_stub_bundle,
+    free_port,
     running_echo_upstream,
     running_prometheus,
     uvicorn_thread,
@@ -41,6 +43,7 @@ BUILTIN_VARIABLES = {"__rate_interval", "__range", "__interval"}
 # Grafana's variables, as the live test resolves them.
 SUBSTITUTIONS = {"$job": promql.JOB, "$instance": ".*", "$__rate_interval": "30s", "$__range": "2m"}
 QUERY_DEADLINE_S = 30
+LABELLER = {"Authorization": "Bearer labeller"}  # feedback is off without feedback_api_key
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +140,9 @@ def _send_traffic(url: str, backend: StubBackend) -> None:
         assert checked.status_code == 200, checked.text
         decision = checked.json()["decision_id"]
         poisoned = http.post("/v1/check", json={"text": TRIGGERED}).json()["decision_id"]
-        assert http.post("/v1/feedback", json={"decision_id": decision, "poisoned": False}).status_code == 200
-        assert http.post("/v1/feedback", json={"decision_id": poisoned, "poisoned": True}).status_code == 200
+        for decision_id, truth in ((decision, False), (poisoned, True)):
+            answer = http.post("/v1/feedback", json={"decision_id": decision_id, "poisoned": truth}, headers=LABELLER)
+            assert answer.status_code == 200, answer.text
         proxied = http.post("/classify", json={"inputs": CLEAN})
         assert proxied.status_code == 200, proxied.text
         assert http.post("/v1/check", json={"texts": []}).status_code == 422  # an error answer, counted by reason
@@ -158,14 +162,24 @@ def _query(prometheus: str, expr: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_every_query_returns_data_from_a_real_guard(dashboard: dict, upstream: str, tmp_path: Path) -> None:
+    """Scraped on metrics_port, as a deployment that wants the delta heatmap must be (it is served there only)."""
     backend = StubBackend()
     settings = Settings(
-        bundle=build_stub_bundle(tmp_path / "bundle"), upstream=upstream, failure_mode="open", access_log=False
+        bundle=build_stub_bundle(tmp_path / "bundle"),
+        upstream=upstream,
+        failure_mode="open",
+        access_log=False,
+        metrics_port=free_port(),
+        feedback_api_key="labeller",
+        live_rates_min_observations=1,  # one feedback each way, and the live FAR/FRR panels have data
     )
     binary = tool("prometheus", "run `make test-deps` (Debian/Ubuntu: apt-get install prometheus)")
+    app = create_app(settings, backend=backend)
+    scraped = f"http://{settings.host}:{settings.metrics_port}"
     with (
-        uvicorn_thread(create_app(settings, backend=backend)) as url,
-        running_prometheus(binary, url, tmp_path, promql.JOB, rule_files=[RULES]) as prometheus,
+        uvicorn_thread(app) as url,
+        metrics_server(app, settings),
+        running_prometheus(binary, scraped, tmp_path, promql.JOB, rule_files=[RULES]) as prometheus,
     ):
         deadline = time.monotonic() + QUERY_DEADLINE_S
         while not _query(prometheus, f'up{{job="{promql.JOB}"}} == 1') and time.monotonic() < deadline:

@@ -158,7 +158,7 @@ async def test_scan_probes_go_into_a_bundle_whose_canary_replays_them(scanned, b
     assert (bundle_dir / "probes.jsonl").read_text() == probes_path.read_text()
     assert json.loads((bundle_dir / "report.json").read_text())["probes"] == len(load_probe_rows(probes_path))
 
-    app = create_app(Settings(bundle=bundle_dir, canary_interval_s=0.01))
+    app = create_app(Settings(bundle=bundle_dir, canary_interval_s=0.01, live_rates_min_observations=1))
     async with asgi_client(app) as client:
         far = None
         for _ in range(300):

@@ -44,7 +44,7 @@ def test_decision_log_is_bounded_and_pops_once() -> None:
 
 def test_live_rates_feed_the_gauges_by_source() -> None:
     metrics = GuardMetrics(CollectorRegistry(), "stub")
-    rates = LiveRates(metrics, window=10)
+    rates = LiveRates(metrics, min_observations=1, window=10)
     rates.record("feedback", poisoned=True, flagged=False)  # false accept
     rates.record("feedback", poisoned=True, flagged=True)
     rates.record("canary", poisoned=False, flagged=True)  # false reject
@@ -53,9 +53,24 @@ def test_live_rates_feed_the_gauges_by_source() -> None:
     assert gauge(metrics, "guard_false_reject_ratio", "feedback") is None
 
 
+def test_a_rate_is_exported_only_past_the_minimum_observations() -> None:
+    """One forged feedback call used to set the live FRR to 1.0 and page the on-call."""
+    metrics = GuardMetrics(CollectorRegistry(), "stub")
+    rates = LiveRates(metrics, min_observations=3, window=10)
+    rates.record("feedback", poisoned=False, flagged=True)
+    rates.record("feedback", poisoned=False, flagged=True)
+    rates.record("canary", poisoned=False, flagged=False)
+    rates.record("feedback", poisoned=True, flagged=False)  # a false accept: FAR has its own count
+    assert gauge(metrics, "guard_false_reject_ratio", "feedback") is None
+    assert gauge(metrics, "guard_false_accept_ratio", "feedback") is None
+    rates.record("feedback", poisoned=False, flagged=False)
+    assert gauge(metrics, "guard_false_reject_ratio", "feedback") == pytest.approx(2 / 3)
+    assert gauge(metrics, "guard_false_reject_ratio", "canary") is None  # one canary so far
+
+
 async def test_replay_counts_only_protect_label_predictions() -> None:
     metrics = GuardMetrics(CollectorRegistry(), "stub")
-    rates = LiveRates(metrics)
+    rates = LiveRates(metrics, min_observations=1)
     canaries = [Example("clean positive", 1), Example("clean negative", 0)]
     probes = [Example("triggered", 0)]
     answers = {"clean positive": verdict(1, False), "clean negative": verdict(0, False), "triggered": verdict(1, True)}
@@ -85,7 +100,9 @@ async def test_a_failing_check_does_not_stop_the_replay() -> None:
             raise RuntimeError("backend hiccup")
         return [verdict(1, True)]
 
-    task = asyncio.create_task(replay_canaries([Example("x", 1)], [], 0.01, check, {1}, LiveRates(metrics)))
+    task = asyncio.create_task(
+        replay_canaries([Example("x", 1)], [], 0.01, check, {1}, LiveRates(metrics, min_observations=1))
+    )
     while calls < 3:
         await asyncio.sleep(0.01)
     task.cancel()

@@ -53,7 +53,13 @@ ARCHITECTURE_METRICS = {
     "guard_detectors",
     "guard_batch_tokens_total",
     "guard_flags_total",
+    "guard_connections_dropped_total",
 }
+# Served on metrics_port only: per-request observations would give a client its request's score.
+SCORE_METRICS = {"guard_rap_delta"}
+# Feedback is on only with a key of its own; one answer counts towards the live rates here.
+FEEDBACK_ON = {"feedback_api_key": "labeller", "live_rates_min_observations": 1}
+LABELLER = {"Authorization": "Bearer labeller"}
 # What `guard serve` measures before it starts; given here so the stub's row counts stay exact.
 STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)
 
@@ -243,8 +249,19 @@ async def test_oip_model_metadata_and_readiness(make_settings, stub: StubBackend
 # ---------------------------------------------------------------- /v1/feedback
 
 
-async def test_feedback_scores_earlier_decisions(make_settings, stub: StubBackend) -> None:
+async def test_feedback_is_off_without_its_own_key(make_settings, stub: StubBackend) -> None:
+    """Any client could forge ground truth: one POST used to set the live FRR to 1.0."""
     async with asgi_client(_app(make_settings, stub)) as client:
+        decision = (await client.post("/v1/check", json={"text": CLEAN})).json()["decision_id"]
+        forged = await client.post("/v1/feedback", json={"decision_id": decision, "poisoned": False})
+        exposition = await _metrics(client)
+    body = _assert_error(forged, 404, "not_found")
+    assert "feedback_api_key" in body["error"]
+    assert metric_value(exposition, "guard_false_reject_ratio", source="feedback") is None
+
+
+async def test_feedback_scores_earlier_decisions(make_settings, stub: StubBackend) -> None:
+    async with asgi_client(_app(make_settings, stub, **FEEDBACK_ON), headers=LABELLER) as client:
         allowed = (await client.post("/v1/check", json={"text": CLEAN})).json()["decision_id"]
         flagged = (await client.post("/v1/classify", json={"text": TRIGGERED})).headers["x-guard-decision-id"]
         missed = await client.post("/v1/feedback", json={"decision_id": allowed, "poisoned": True})
@@ -263,7 +280,7 @@ async def test_feedback_scores_earlier_decisions(make_settings, stub: StubBacken
 
 
 async def test_feedback_takes_the_oip_decision_id(make_settings, stub: StubBackend) -> None:
-    async with asgi_client(_app(make_settings, stub)) as client:
+    async with asgi_client(_app(make_settings, stub, **FEEDBACK_ON), headers=LABELLER) as client:
         infer = await client.post("/v2/models/guard/infer", json=_oip(CLEAN) | {"id": "oip-7"})
         by_client_id = await client.post("/v1/feedback", json={"decision_id": "oip-7", "poisoned": False})
         decision = infer.json()["parameters"]["decision_id"]
@@ -273,7 +290,7 @@ async def test_feedback_takes_the_oip_decision_id(make_settings, stub: StubBacke
 
 
 async def test_a_reused_request_id_cannot_overwrite_an_earlier_decision(make_settings, stub: StubBackend) -> None:
-    async with asgi_client(_app(make_settings, stub)) as client:
+    async with asgi_client(_app(make_settings, stub, **FEEDBACK_ON), headers=LABELLER) as client:
         first = await client.post("/v1/check", json={"text": TRIGGERED}, headers={"X-Request-ID": "same"})
         second = await client.post("/v1/check", json={"text": CLEAN}, headers={"X-Request-ID": "same"})
         by_request_id = await client.post("/v1/feedback", json={"decision_id": "same", "poisoned": True})
@@ -284,7 +301,7 @@ async def test_a_reused_request_id_cannot_overwrite_an_earlier_decision(make_set
 
 
 async def test_feedback_true_outcomes_lower_the_live_rates(make_settings, stub: StubBackend) -> None:
-    async with asgi_client(_app(make_settings, stub)) as client:
+    async with asgi_client(_app(make_settings, stub, **FEEDBACK_ON), headers=LABELLER) as client:
         ids = [
             (await client.post("/v1/check", json={"text": text})).json()["decision_id"]
             for text in (CLEAN, TRIGGERED, TRIGGERED)
@@ -327,21 +344,24 @@ async def test_not_ready_before_the_lifespan_ran(make_settings, stub: StubBacken
 
 
 async def test_metrics_lists_every_declared_metric(make_settings, stub: StubBackend) -> None:
-    declared = {family.name for family in GuardMetrics(CollectorRegistry(), "stub").registry.collect()}
-    async with asgi_client(_app(make_settings, stub)) as client:
+    families = list(GuardMetrics(CollectorRegistry(), "stub").scrape_registry.collect())
+    declared = {f.name for f in families}
+    app = _app(make_settings, stub)
+    async with asgi_client(app) as client:
         await client.post("/v1/check", json={"texts": [CLEAN, TRIGGERED]})
         response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     exposed = {line.split()[2] for line in response.text.splitlines() if line.startswith("# TYPE ")}
-    missing = {name for name in declared if not any(e == name or e.startswith(name + "_") for e in exposed)}
-    assert not missing
-    assert {n if n in exposed else n + "_total" for n in declared} == ARCHITECTURE_METRICS
+    on_port = {name for name in declared if any(e == name or e.startswith(name + "_") for e in exposed)}
+    assert on_port == declared - SCORE_METRICS
+    assert {f.name + "_total" if f.type == "counter" else f.name for f in families} == ARCHITECTURE_METRICS
+    scores = app.state.metrics.scrape_registry  # what metrics_port serves
+    assert scores.get_sample_value("guard_rap_delta_count", {"label": "positive"}) == 2
     text = response.text
     assert metric_value(text, "guard_requests_total", decision="block", mode="enforce") == 1
     assert metric_value(text, "guard_calibrated_frr", label="positive") == 0.01
     assert metric_value(text, "guard_calibrated_far", attack="badnet-rw") == 0.0
-    assert metric_value(text, "guard_rap_delta_count", label="positive") == 2
     assert metric_value(text, "guard_model_info", model="guard") == 1
     assert metric_value(text, "guard_inference_duration_seconds_count", **{"pass": "1", "backend": "stub"}) >= 2
     assert metric_value(text, "guard_request_duration_seconds_count", endpoint="/v1/check") == 1
@@ -483,7 +503,7 @@ async def test_queue_full_is_429_with_retry_after(make_settings, stub: StubBacke
 
 
 async def test_canaries_feed_the_live_frr_gauge(make_settings, stub: StubBackend) -> None:
-    app = create_app(make_settings(canary_interval_s=0.02), backend=stub)
+    app = create_app(make_settings(canary_interval_s=0.02, live_rates_min_observations=1), backend=stub)
     async with asgi_client(app) as client:
         value = None
         for _ in range(200):
