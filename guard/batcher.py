@@ -11,10 +11,14 @@ goes, and the queued rows nearest to its length join it while padding stays with
 batch (a share of 1 turns grouping off: first come, first served). The queue is bounded: a submit that would overflow it
 raises `QueueFullError` at once (the caller answers 429); nothing is dropped.
 
-Admission is deadline-aware: `admit` estimates when new rows would finish from the
-measured seconds per row and refuses at once (429, with Retry-After) what cannot
-finish before its deadline, instead of queueing it to time out. Rows submitted with
-`priority` (the second pass of an admitted request) go to the front of the queue.
+Admission is deadline-aware: `admit` costs work in padded tokens (rows x longest row x
+passes), the queue's pending work too (with the later passes of admitted work, see
+`admitted`), and estimates when new rows would finish from
+the measured seconds per padded token; it refuses at once (429, with Retry-After) what
+cannot finish before its deadline, instead of queueing it to time out. The rate never
+drops below the one measured at start on full-width rows (`calibrate`): cheap requests
+cannot make a long one look cheap. Rows submitted with `priority` (the second pass of an
+admitted request) go to the front of the queue.
 
 The worker is supervised: a failing batch fails only its own rows; if the worker
 itself dies it is restarted, and `healthy` is False until it runs again (or while
@@ -24,11 +28,12 @@ one batch has run longer than `stall_after_s`), which readiness reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,7 +45,7 @@ from guard.core.types import EncodedBatch
 log = logging.getLogger(__name__)
 # Length-aware batching looks this many batches deep into the queue for rows of similar length.
 GROUPING_WINDOW_BATCHES = 4
-RATE_SMOOTHING = 0.2  # weight of the newest batch in the seconds-per-row estimate
+RATE_SMOOTHING = 0.2  # weight of the newest measure in a MeasuredRate
 # Admit work only if its estimate fits in this share of the time left: the estimate counts backend
 # compute, not a CPU shared with other work or the event loop's lag, which can double it.
 ADMISSION_HEADROOM = 0.5
@@ -56,6 +61,40 @@ class QueueFullError(GuardError):
 
 class BatcherClosedError(GuardError):
     """The batcher is shutting down and takes no new work."""
+
+
+class MeasuredRate:
+    """Seconds per unit of work (a padded token, a character), smoothed over the work that ran.
+
+    Never below `floor`, the rate measured at start on the most efficient work (full-width
+    rows): what ran cheaply cannot make other work look cheaper than that. 0 before any measure.
+    """
+
+    def __init__(self) -> None:
+        self.floor = 0.0
+        self._smoothed: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self._smoothed or 0.0
+
+    def calibrate(self, seconds_per_unit: float) -> None:
+        """The rate measured at start: the floor, and the estimate until work runs."""
+        self.floor = self._smoothed = seconds_per_unit
+
+    def observe(self, seconds: float, units: int) -> None:
+        if units <= 0:
+            return
+        rate, old = seconds / units, self._smoothed
+        smoothed = rate if old is None else old + RATE_SMOOTHING * (rate - old)
+        self._smoothed = max(self.floor, smoothed)  # held at the floor, a slowdown shows at once
+
+
+def padded_tokens(rows: Sequence[Sequence[int]], passes: int = 1) -> int:
+    """What `passes` passes over `rows` cost the backend, batched together: rows x longest row per
+    pass (pass 2 rows are one token longer: the RAP id)."""
+    longest = max((len(r) for r in rows), default=0)
+    return len(rows) * (passes * longest + passes - 1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +123,7 @@ class _Row:
     tag: str
     enqueued: float
     future: asyncio.Future = field(repr=False)
+    cost: int = 0  # padded tokens: the longest row of its submit, which it is batched with
 
 
 class Batcher:
@@ -113,7 +153,10 @@ class Batcher:
         self._restarting = False
         self._running: list[_Row] = []  # the batch in the backend now
         self._running_since: float | None = None
-        self.seconds_per_row: float | None = None  # measured; None until the first batch
+        self._queued_tokens = 0  # the padded tokens of the queued rows
+        self._running_tokens = 0  # the padded tokens of the batch in the backend now
+        self._reserved_tokens = 0  # later passes of admitted work, not queued yet
+        self.seconds_per_token = MeasuredRate()  # per padded token; `calibrate` sets its floor
         self.restarts = 0
 
     @property
@@ -139,31 +182,48 @@ class Batcher:
             await self._worker
         self._executor.shutdown(wait=True)
 
-    def estimated_wait_s(self, rows: int) -> float:
-        """Seconds until `rows` more rows would be done, at the measured rate (0 before one)."""
-        per_row = self.seconds_per_row or 0.0
-        return (len(self._queue) + len(self._running) + rows) * per_row
+    def calibrate(self, seconds_per_token: float) -> None:
+        """The backend's seconds per padded token, measured at start on full-width rows."""
+        self.seconds_per_token.calibrate(seconds_per_token)
 
-    def admit(self, rows: int, deadline: float, passes: int = 1) -> None:
+    def estimated_wait_s(self, tokens: int) -> float:
+        """Seconds until `tokens` more padded tokens would be done, after the queue's (0 before a measure)."""
+        pending = self._queued_tokens + self._running_tokens + self._reserved_tokens
+        return (pending + tokens) * self.seconds_per_token.seconds
+
+    def admit(self, rows: Sequence[Sequence[int]], deadline: float, passes: int = 1) -> None:
         """Refuse now (QueueFullError) work that cannot finish by `deadline` (perf_counter time).
 
-        `rows` are queued now; `passes` x rows is the work to finish (the second pass
-        joins the queue later, at its front).
+        `rows` are queued now; `passes` passes over them are the work to finish (the
+        second pass joins the queue later, at its front), costed in padded tokens.
         """
         if self._closing:
             raise BatcherClosedError("the guard is shutting down")
-        if len(self._queue) + rows > self.max_queue:
+        tokens = padded_tokens(rows, passes)
+        if len(self._queue) + len(rows) > self.max_queue:
             raise QueueFullError(
-                f"queue full ({len(self._queue)} rows waiting, limit {self.max_queue})", self._retry_after(rows)
+                f"queue full ({len(self._queue)} rows waiting, limit {self.max_queue})", self._retry_after(tokens)
             )
-        wait = self.estimated_wait_s(rows * passes)
+        wait = self.estimated_wait_s(tokens)
         budget = deadline - time.perf_counter()
-        if wait > ADMISSION_HEADROOM * budget:
+        if budget <= 0 or wait > ADMISSION_HEADROOM * budget:
             raise QueueFullError(
                 f"the guard is at capacity: this request would finish in about {wait:.2f} s, "
                 f"too close to its {budget:.2f} s deadline",
-                self._retry_after(rows),
+                self._retry_after(tokens),
             )
+
+    @contextlib.contextmanager
+    def admitted(self, rows: Sequence[Sequence[int]], deadline: float, passes: int = 1) -> Iterator[None]:
+        """`admit`, then while the work runs count its later passes as pending: they join the
+        queue at its front, ahead of work admitted meanwhile (counted again once queued: at worst)."""
+        self.admit(rows, deadline, passes)
+        later = padded_tokens(rows, passes) - padded_tokens(rows)
+        self._reserved_tokens += later
+        try:
+            yield
+        finally:
+            self._reserved_tokens -= later
 
     async def submit(
         self, rows: Sequence[Sequence[int]], tag: str = "", priority: bool = False
@@ -175,13 +235,16 @@ class Batcher:
         """
         if self._closing:
             raise BatcherClosedError("the guard is shutting down")
+        cost = max((len(r) for r in rows), default=0)
         if not priority and len(self._queue) + len(rows) > self.max_queue:
             raise QueueFullError(
-                f"queue full ({len(self._queue)} rows waiting, limit {self.max_queue})", self._retry_after(len(rows))
+                f"queue full ({len(self._queue)} rows waiting, limit {self.max_queue})",
+                self._retry_after(cost * len(rows)),
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        entries = [_Row(r, tag, now, loop.create_future()) for r in rows]
+        entries = [_Row(r, tag, now, loop.create_future(), cost) for r in rows]
+        self._queued_tokens += cost * len(entries)
         if priority:
             self._queue.extendleft(reversed(entries))
         else:
@@ -192,8 +255,13 @@ class Batcher:
         timing = Timing(max((r[1] for r in results), default=0.0), max((r[2] for r in results), default=0.0))
         return logits, timing
 
-    def _retry_after(self, rows: int) -> float:
-        return max(1.0, math.ceil(self.estimated_wait_s(rows)))
+    def _retry_after(self, tokens: int) -> float:
+        return max(1.0, math.ceil(self.estimated_wait_s(tokens)))
+
+    def _dequeued(self, row: _Row) -> _Row:
+        """`row` left the queue for good (into a batch, or skipped)."""
+        self._queued_tokens -= row.cost
+        return row
 
     async def _supervise(self) -> None:
         """Run the worker; if it dies, fail the batch it held and start it again."""
@@ -207,7 +275,7 @@ class Batcher:
                 self._restarting = True
                 log.exception("batcher worker failed (restart %d): %s", self.restarts, exc)
                 self._fail(self._running, BackendError(f"the batcher failed: {exc}"))
-                self._running, self._running_since = [], None
+                self._running, self._running_since, self._running_tokens = [], None, 0
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 self._restarting = False
@@ -228,8 +296,9 @@ class Batcher:
             idle = False
             if batch:
                 self._running, self._running_since = batch, time.perf_counter()
+                self._running_tokens = len(batch) * max(len(r.ids) for r in batch)
                 await self._execute(batch)
-                self._running, self._running_since = [], None
+                self._running, self._running_since, self._running_tokens = [], None, 0
 
     async def _fill(self) -> None:
         """When the queue holds less than a batch, give it `max_wait` to fill."""
@@ -254,12 +323,12 @@ class Batcher:
         while self._queue and len(batch) < self.max_batch_size:
             row = self._queue[0]
             if row.future.done():  # its request timed out or was cancelled: skip the work
-                self._queue.popleft()
+                self._dequeued(self._queue.popleft())
                 continue
             width = max(longest, len(row.ids))
             if batch and width * (len(batch) + 1) > self.max_batch_tokens:
                 break
-            batch.append(self._queue.popleft())
+            batch.append(self._dequeued(self._queue.popleft()))
             longest = width
         return batch
 
@@ -274,6 +343,8 @@ class Batcher:
             row = self._queue.popleft()
             if not row.future.done():  # a done row's request timed out or was cancelled: skip the work
                 window.append(row)
+            else:
+                self._dequeued(row)
         if not window:
             return []
         head, rest = window[0], window[1:]
@@ -290,7 +361,7 @@ class Batcher:
                 continue
             chosen.add(i + 1)
             longest, real = width, real + n
-        batch = [row for i, row in enumerate(window) if i in chosen]
+        batch = [self._dequeued(row) for i, row in enumerate(window) if i in chosen]
         self._queue.extendleft(reversed([row for i, row in enumerate(window) if i not in chosen]))
         return batch
 
@@ -308,7 +379,7 @@ class Batcher:
         for row, out in zip(batch, logits, strict=True):
             if not row.future.done():
                 row.future.set_result((out, started - row.enqueued, compute))
-        self._measure(compute, len(batch))
+        self.seconds_per_token.observe(compute, int(encoded.input_ids.size))
         stats = BatchStats(
             len(batch),
             int(encoded.input_ids.size),
@@ -321,11 +392,6 @@ class Batcher:
             self._on_batch(stats)
         except Exception:  # metrics must never cost a request its answer
             log.exception("batch statistics callback failed")
-
-    def _measure(self, compute_s: float, rows: int) -> None:
-        per_row = compute_s / rows
-        old = self.seconds_per_row
-        self.seconds_per_row = per_row if old is None else old + RATE_SMOOTHING * (per_row - old)
 
     @staticmethod
     def _fail(rows: list[_Row], exc: BaseException) -> None:

@@ -16,40 +16,143 @@ Two schedules:
   protected label. Compute = (1 + share of protect-label traffic) x bare.
 - fused: pass 1 and pass 2 for every text submitted together, so both land in
   the same backend batch. One round trip (lowest latency), 2 x bare compute.
+
+Work is admitted before it is done, against the request's deadline: tokenisation
+(`Tokenizing`: one thread, costed in characters) and then the backend passes (the
+batcher, costed in padded tokens). What cannot finish in time is refused (429), so a
+timeout is never the client's doing, and it is never let through (see GuardFailure).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import heapq
+import itertools
+import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 import numpy as np
 
-from guard.batcher import Batcher, BatcherClosedError, QueueFullError, Timing
+from guard.batcher import ADMISSION_HEADROOM, Batcher, BatcherClosedError, MeasuredRate, QueueFullError, Timing
 from guard.core import features, rap
 from guard.core.errors import GuardError, InputError
-from guard.core.tokenizer import RapTokenizer, Windows
+from guard.core.tokenizer import ClassifierWindow, RapTokenizer, Windows
 from guard.core.types import LabelThresholds, Verdict
 
 Schedule = Literal["fused", "lazy"]
 BARE = ("none",)
+T = TypeVar("T")
+BACKEND_FAULTS = ("backend", "nonfinite")  # the failures failure_mode=open may let through
 
 
 class GuardFailure(GuardError):
     """The guard could not finish its check (backend error, non-finite output, timeout).
 
     `probs` holds pass-1 probabilities when pass 1 finished: failure_mode=open
-    can then still answer with an (unchecked) prediction.
+    can then still answer with an (unchecked) prediction, for a backend fault only.
     """
 
     def __init__(self, message: str, reason: str, probs: np.ndarray | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.probs = probs
+
+    @property
+    def backend_fault(self) -> bool:
+        """A backend error or non-finite output. A timeout is not: a client could aim for one
+        (admitted work that ran late), so it must never become an unchecked pass."""
+        return self.reason in BACKEND_FAULTS
+
+
+@dataclass(order=True)
+class _Job:
+    chars: int  # the cost: the queue runs the cheapest job first
+    order: int  # then the oldest
+    work: Callable[[], object] = field(compare=False)
+    deadline: float = field(compare=False)
+    result: asyncio.Future = field(compare=False, repr=False)
+
+
+class Tokenizing:
+    """Tokenisation in one dedicated thread, admitted like the backend's work.
+
+    Each job is costed in characters (its most, `RapTokenizer.tokenising_chars`) and the
+    cheapest waiting job runs next, so a short request never waits behind queued megabytes,
+    only behind the job in the thread. A job that could not finish by its deadline behind
+    the running job and the cheaper waiting ones is refused at once (QueueFullError, 429);
+    one still waiting at its deadline (overtaken by cheaper ones) is refused then, undone.
+    Long texts never stall the event loop, nor crowd other requests out of a thread pool.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-tokenize")
+        self.seconds_per_char = MeasuredRate()  # `calibrate` sets its floor at start
+        self._waiting: list[_Job] = []  # a heap
+        self._running: _Job | None = None
+        self._order = itertools.count()
+
+    def admit(self, chars: int, deadline: float) -> None:
+        ahead = sum(j.chars for j in self._waiting if j.chars <= chars and not j.result.done())
+        if self._running is not None:
+            ahead += self._running.chars
+        wait = (ahead + chars) * self.seconds_per_char.seconds
+        budget = deadline - time.perf_counter()
+        if budget <= 0 or wait > ADMISSION_HEADROOM * budget:
+            raise QueueFullError(
+                f"the guard's tokeniser is at capacity: this request would be read in about {wait:.2f} s, "
+                f"too close to its {budget:.2f} s deadline",
+                max(1.0, math.ceil(wait)),
+            )
+
+    async def run(self, work: Callable[[], T], chars: int, deadline: float) -> T:
+        """`work()` in the tokeniser thread, once admitted for `chars` characters."""
+        self.admit(chars, deadline)
+        job = _Job(chars, next(self._order), work, deadline, asyncio.get_running_loop().create_future())
+        heapq.heappush(self._waiting, job)
+        self._dispatch()
+        result, seconds = await job.result
+        self.seconds_per_char.observe(seconds, chars)
+        return result
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _dispatch(self) -> None:
+        while self._running is None and self._waiting:
+            job = heapq.heappop(self._waiting)
+            if job.result.done():  # its caller left
+                continue
+            if time.perf_counter() >= job.deadline:
+                job.result.set_exception(QueueFullError("the guard's tokeniser is at capacity", 1.0))
+                continue
+            self._start(job)
+
+    def _start(self, job: _Job) -> None:
+        self._running = job
+        loop = asyncio.get_running_loop()
+        done = self._executor.submit(_timed, job.work)
+        done.add_done_callback(lambda future: loop.call_soon_threadsafe(self._finished, job, future))
+
+    def _finished(self, job: _Job, done: Future) -> None:
+        self._running = None
+        if not job.result.done():
+            error = done.exception()
+            if error is None:
+                job.result.set_result(done.result())
+            else:
+                job.result.set_exception(error)
+        self._dispatch()
+
+
+def _timed(work: Callable[[], T]) -> tuple[T, float]:
+    started = time.perf_counter()
+    return work(), time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -84,7 +187,7 @@ class GuardPipeline:
         thresholds: Mapping[int, float | LabelThresholds],
         schedule: Schedule = "lazy",
         timeout_s: float = 10.0,
-        classifier_max_length: int | None = None,
+        classifier_max_length: ClassifierWindow = None,
         statistic: rap.Statistic = "prob",
         tracer=None,
         feature_stats: features.FeatureStats | None = None,
@@ -107,39 +210,51 @@ class GuardPipeline:
         self.statistic = statistic
         self.tracer = tracer  # an OpenTelemetry tracer when tracing is on (guard.tracing)
         self.detectors = tuple(detectors)
+        self.tokenizing = Tokenizing()
 
     @property
     def bare(self) -> bool:
         """No detector: one pass, the prediction only."""
         return self.detectors == BARE
 
-    async def windows(self, texts: Sequence[str]) -> Windows:
-        """Tokenise in a worker thread: a long text must not stall the event loop."""
-        return await asyncio.to_thread(self.tokenizer.windows, list(texts), self.classifier_max_length)
+    def deadline(self) -> float:
+        """The perf_counter time by which a check starting now must be done."""
+        return time.perf_counter() + self.timeout_s
 
-    async def check(self, texts: Sequence[str], windows: Windows | None = None) -> CheckResult:
+    def close(self) -> None:
+        self.tokenizing.close()
+
+    async def windows(self, texts: Sequence[str], deadline: float | None = None) -> Windows:
+        """Tokenise in the tokeniser thread, once admitted (QueueFullError if it cannot be done in time)."""
+        texts = list(texts)
+        chars = self.tokenizer.tokenising_chars(texts, self.classifier_max_length)
+        work = functools.partial(self.tokenizer.windows, texts, self.classifier_max_length)
+        return await self.tokenizing.run(work, chars, self.deadline() if deadline is None else deadline)
+
+    async def check(
+        self, texts: Sequence[str], windows: Windows | None = None, deadline: float | None = None
+    ) -> CheckResult:
         """Verdicts for `texts`; raises GuardFailure on backend error, non-finite output or deadline.
 
-        InputError (the text cannot be read), QueueFullError (no capacity before the
-        deadline) and BatcherClosedError are the caller's to answer, never guard failures.
+        `deadline` (perf_counter time; default: `timeout_s` from now) bounds the whole
+        check, tokenisation (when `windows` is not given) included. InputError (the text
+        cannot be read), QueueFullError (no capacity before the deadline) and
+        BatcherClosedError are the caller's to answer, never guard failures.
         """
-        deadline = time.perf_counter() + self.timeout_s
+        deadline = self.deadline() if deadline is None else deadline
+        windows = windows or await self.windows(texts, deadline)
         state: dict[str, np.ndarray] = {}
         fused = self.schedule == "fused" and self.uses_rap  # the feature detector alone needs no pass 2
         run = self._bare if self.bare else self._fused if fused else self._lazy
         try:
-            return await asyncio.wait_for(self._run(run, texts, windows, deadline, state), self.timeout_s)
+            with self.batcher.admitted(windows.rows, deadline, passes=1 if self.bare else 2):  # both, at worst
+                return await asyncio.wait_for(run(windows, state), deadline - time.perf_counter())
         except TimeoutError:
             raise GuardFailure(f"guard check exceeded {self.timeout_s:g} s", "timeout", state.get("probs")) from None
         except (QueueFullError, BatcherClosedError, InputError, GuardFailure):
             raise
         except Exception as exc:  # BackendError, or anything the runtime raised
             raise GuardFailure(f"backend failed: {exc}", "backend", state.get("probs")) from exc
-
-    async def _run(self, run, texts, windows: Windows | None, deadline: float, state: dict) -> CheckResult:
-        windows = windows or await self.windows(texts)
-        self.batcher.admit(len(windows.rows), deadline, passes=1 if self.bare else 2)  # both passes, at worst
-        return await run(windows, state)
 
     def _span(self, name: str, rows: int):
         if self.tracer is None:

@@ -84,8 +84,9 @@ class Settings(BaseSettings):
     failure_mode: Literal["closed", "open"] = Field(
         "closed",
         description=(
-            "On guard failure (backend error, timeout): closed answers 503; "
-            "open lets the request through, counted and marked."
+            "On a backend fault (backend error, non-finite output): closed answers 503; open lets the request "
+            "through, counted and marked. A timeout is always 503 (a client could aim for one); work that cannot "
+            "finish in time gets 429 before it starts."
         ),
     )
     max_batch_size: int = Field(32, ge=1, description="Most rows (texts, both passes counted) in one backend call.")
@@ -122,6 +123,15 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="Per-request deadline for the guard check.")
     max_text_chars: int = Field(20000, ge=1, description="Longest text accepted (413 above).")
     max_texts_per_request: int = Field(64, ge=1, description="Most texts in one request (413 above).")
+    max_request_chars: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most characters in one request, all its texts together (413 above). Default: the text the queue can "
+            "hold in windows (max_queue rows of half the guard's window, at 4 characters per token, about English "
+            "text's), and at least max_text_chars. Tokenising is also admitted against the deadline (429)."
+        ),
+    )
     max_body_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, description="Largest request body, checked before it is read or parsed (413 above)."
     )
@@ -149,8 +159,9 @@ class Settings(BaseSettings):
         None,
         ge=4,
         description=(
-            "Tokens the protected classifier reads, [CLS] and [SEP] included (default: the bundle's record; "
-            "set it in sidecar mode when the upstream reads more, e.g. 512)."
+            "Tokens the protected classifier reads, [CLS] and [SEP] included. Default: as a sidecar, the whole "
+            "text (in windows; set it to the upstream's window, e.g. 512, to check no more); standalone, the "
+            "bundle's record, else the guard's own window."
         ),
     )
     special_tokens: Literal["text", "special"] | None = Field(

@@ -1,8 +1,10 @@
 """The guard as the HTTP layer sees it: limits, the pipeline, failure modes, bookkeeping.
 
 Input the guard cannot read is the client's error (422/413) and never a guard failure,
-so it can never be let through by failure_mode=open. A guard failure (backend error,
-non-finite output, timeout) is 503 when closed and counted when open.
+so it can never be let through by failure_mode=open. Work that cannot be done before
+its deadline is refused at once (429). A backend fault (backend error, non-finite
+output) is 503 when closed and counted when open; a timeout is always 503 (counted):
+a client could aim for one, so it is never let through unchecked.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from guard.batcher import Batcher
 from guard.core.backends.base import Backend, load_backend, precision_of
 from guard.core.bundle import Bundle
 from guard.core.errors import BundleError, InputError
-from guard.core.tokenizer import RapTokenizer, Windows
+from guard.core.tokenizer import ALL_TOKENS, ClassifierWindow, RapTokenizer, Windows
 from guard.core.types import RapCheck, Verdict
 from guard.metrics import GuardMetrics
 from guard.monitoring import DecisionLog, LiveRates, load_probe_rows, replay_canaries
@@ -32,6 +34,9 @@ from guard.settings import Settings
 log = logging.getLogger(__name__)
 
 WARMUP_TEXT = "warm-up request for the guard"
+# Tokeniser rate probe: CJK text, the slowest per character of the scripts measured (about 4x English).
+TOKENIZER_PROBE = "我们今天去公园玩了很久" * 2000
+CHARS_PER_TOKEN = 4  # about what English WordPiece text takes: sizes the default max_request_chars
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,12 @@ class Outcome:
 class Capacity:
     """What this machine computes, measured once at start on full-width rows."""
 
-    seconds_per_row: float
+    seconds_per_row: float  # one full-width row: the guard's max_length tokens
     full_request_seconds: float  # max_texts_per_request texts, both passes
+
+    def seconds_per_token(self, max_length: int) -> float:
+        """Seconds per padded token, from rows of `max_length` tokens."""
+        return self.seconds_per_row / max_length
 
     def default_queue(self, settings: Settings) -> int:
         """Rows the backend works through within one request timeout."""
@@ -77,8 +86,18 @@ def measure_capacity(backend: Backend, tokenizer: RapTokenizer, settings: Settin
     backend.infer(batch)
     started = time.perf_counter()
     backend.infer(batch)
-    per_row = max((time.perf_counter() - started) / rows, 1e-6)
+    per_token = (time.perf_counter() - started) / batch.input_ids.size
+    per_row = max(per_token * tokenizer.max_length, 1e-6)
     return Capacity(per_row, per_row * 2 * settings.max_texts_per_request)
+
+
+def measure_tokenizer(tokenizer: RapTokenizer) -> float:
+    """Seconds per character the tokeniser takes (reading the whole of a slow script), after one untimed run."""
+    texts = [TOKENIZER_PROBE]
+    tokenizer.windows(texts, ALL_TOKENS)
+    started = time.perf_counter()
+    tokenizer.windows(texts, ALL_TOKENS)
+    return max((time.perf_counter() - started) / len(TOKENIZER_PROBE), 1e-9)
 
 
 def serving_backend(settings: Settings, bundle_dir: Path) -> Backend:
@@ -103,6 +122,15 @@ def chosen_detectors(settings: Settings, bundle: Bundle) -> tuple[str, ...]:
             "rebuild it with `calibrate rap` or choose another --detectors"
         )
     return chosen
+
+
+def classifier_window(settings: Settings, bundle: Bundle) -> ClassifierWindow:
+    """What the guard must read of each text: the configured window; as a sidecar without one, every token
+    (the upstream's window is unknown: a Hugging Face pipeline reads 512); standalone the bundle's record,
+    else the guard's own window (it is the classifier)."""
+    if settings.classifier_max_length is not None:
+        return settings.classifier_max_length
+    return ALL_TOKENS if settings.upstream else bundle.manifest.model.classifier_max_length
 
 
 def special_tokens_mode(settings: Settings) -> str:
@@ -146,7 +174,7 @@ class GuardService:
             thresholds,
             settings.schedule,
             settings.request_timeout_s,
-            settings.classifier_max_length or bundle.manifest.model.classifier_max_length,
+            classifier_window(settings, bundle),
             bundle.manifest.statistic,
             tracer,
             feature_stats=stats,
@@ -171,8 +199,9 @@ class GuardService:
         self.capacity = capacity
         self.batcher.max_queue = self.settings.max_queue or capacity.default_queue(self.settings)
         self.batcher.start()
+        self.pipeline.tokenizing.seconds_per_char.calibrate(await asyncio.to_thread(measure_tokenizer, self.tokenizer))
         await self.pipeline.check([WARMUP_TEXT])  # first run allocates; keep it off the first user's clock
-        self.batcher.seconds_per_row = capacity.seconds_per_row  # the warm-up's first run is no measure
+        self.batcher.calibrate(capacity.seconds_per_token(self.tokenizer.max_length))  # the warm-up is no measure
         self._publish_static_metrics()
         if self.pipeline.bare:
             log.warning(
@@ -190,6 +219,7 @@ class GuardService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._canaries
         await self.batcher.stop()
+        self.pipeline.close()
         self.backend.close()
 
     def validate(self, texts: list[str]) -> None:
@@ -204,18 +234,31 @@ class GuardService:
                 raise PayloadTooLarge(
                     f"text {i} has {len(text)} characters; the limit is {self.settings.max_text_chars}"
                 )
+        chars, limit = sum(len(text) for text in texts), self.max_request_chars
+        if chars > limit:
+            raise PayloadTooLarge(f"this request has {chars} characters in all; the limit is {limit}")
 
-    async def windows(self, texts: list[str]) -> Windows:
-        """Limits, then the tokens: unreadable text is 422, text past the window 413 (long_text=refuse)."""
+    @property
+    def max_request_chars(self) -> int:
+        """The setting, or the text the queue can hold in windows: max_queue rows of half a window of new
+        tokens each, at CHARS_PER_TOKEN; at least one text of max_text_chars. It bounds the tokeniser's
+        work; the rows the tokens need are checked against the queue after (413)."""
+        if self.settings.max_request_chars is not None:
+            return self.settings.max_request_chars
+        stride = max(self.tokenizer.text_window // 2, 1)  # new tokens per window past a text's first
+        return max(self.settings.max_text_chars, self.batcher.max_queue * stride * CHARS_PER_TOKEN)
+
+    async def windows(self, texts: list[str], deadline: float) -> Windows:
+        """Limits, then the tokens: unreadable text is 422, text past the window 413 (long_text=refuse),
+        tokenising that cannot be done before `deadline` 429."""
         self.validate(texts)
         try:
-            windows = await self.pipeline.windows(texts)
+            windows = await self.pipeline.windows(texts, deadline)
         except InputError as exc:
             raise InvalidInput(str(exc)) from None
         if self.settings.long_text == "refuse" and len(windows.rows) > len(texts):
             raise PayloadTooLarge(
-                f"a text has {max(windows.lengths)} tokens; the guard reads {self.tokenizer.text_window} "
-                "(long_text=refuse)"
+                f"a text is longer than the {self.tokenizer.text_window} tokens the guard reads (long_text=refuse)"
             )
         if len(windows.rows) > self.batcher.max_queue:
             raise PayloadTooLarge(
@@ -230,9 +273,10 @@ class GuardService:
         endpoints), so failing open is impossible when pass 1 itself failed. The sidecar
         only needs a decision and can let the request through.
         """
-        windows = await self.windows(texts)
+        deadline = self.pipeline.deadline()  # tokenising and both passes, all within request_timeout_s
+        windows = await self.windows(texts, deadline)
         try:
-            result = await self.pipeline.check(texts, windows)
+            result = await self.pipeline.check(texts, windows, deadline)
         except GuardFailure as failure:
             return self._failed(failure, need_prediction)
         outcome = Outcome(result.verdicts, result.queue_seconds, result.compute_seconds, decision_id=uuid.uuid4().hex)
@@ -242,7 +286,8 @@ class GuardService:
     def _failed(self, failure: GuardFailure, need_prediction: bool) -> Outcome:
         self.metrics.requests.labels("error", self.settings.mode).inc()
         log.warning("guard check failed (%s): %s", failure.reason, failure)
-        if self.settings.failure_mode == "closed":
+        # failure_mode=open covers backend faults only: a timeout is a failure a client could aim for
+        if self.settings.failure_mode == "closed" or not failure.backend_fault:
             raise GuardUnavailable(f"the guard could not check this request ({failure.reason}); failing closed")
         if need_prediction and failure.probs is None:  # not let through, so not counted as allowed
             raise GuardUnavailable(f"the classifier could not run ({failure.reason}); no prediction to return")

@@ -12,9 +12,14 @@ text tokens and pass 2 fills `max_length` exactly. Pass-2 rows are built from
 pass-1 rows, never tokenised twice.
 
 A protected classifier may read more text than the guard's window (a sidecar in
-front of a 512-token model). `windows` then cuts the text tokens it reads into
-overlapping windows, each a pass-1 row of its own; the guard flags the text when
-any window flags.
+front of a 512-token model, or `ALL_TOKENS`: one whose window is unknown). `windows`
+then cuts the text tokens it reads into overlapping windows, each a pass-1 row of its
+own; the guard flags the text when any window flags.
+
+Only what the windows use is tokenised: a text is read in growing prefixes until one
+yields `PREFIX_MARGIN_TOKENS` more tokens than needed, or the text ends. Never cut by
+characters alone: characters can yield no token at all (zero-width, control, combining
+marks the normaliser strips), so 10,000 of them before a trigger must not hide it.
 """
 
 from __future__ import annotations
@@ -32,12 +37,18 @@ from guard.core.types import EncodedBatch
 
 RAP_POSITION = 1  # right after [CLS]
 SpecialTokens = Literal["text", "special"]
+ALL_TOKENS: Literal["all"] = "all"  # a classifier window: every token of the text (a window not known)
+ClassifierWindow = int | Literal["all"] | None  # None: the guard's own window
+# A cut can change only the tokens of the word (or special token) it splits: WordPiece reads a word of up
+# to 100 characters (at most 100 tokens, one [UNK] beyond), so tokens this far before the cut are final.
+PREFIX_MARGIN_TOKENS = 128
+FIRST_PREFIX_CHARS_PER_TOKEN = 8  # the first prefix read: this many characters per token needed
 
 
 @dataclass(frozen=True)
 class Windows:
     """Pass-1 rows for a batch of texts: `owner[i]` is the text row `i` belongs to;
-    `lengths[t]` is how many text tokens text `t` has (before any window)."""
+    `lengths[t]` is how many text tokens of text `t` the classifier reads (before any window)."""
 
     rows: list[list[int]]
     owner: list[int]
@@ -112,7 +123,7 @@ class RapTokenizer:
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Unpadded pass-1 token ids, one row per text (its first window)."""
-        return [self._row(content[: self.text_window]) for content in self._content(texts)]
+        return [self._row(content) for content in self._content(texts, self.text_window)]
 
     def perturbed_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Unpadded pass-2 token ids: the RAP id right after [CLS]."""
@@ -124,24 +135,42 @@ class RapTokenizer:
             raise BundleError("this tokenizer has no RAP token id; it cannot build pass-2 inputs")
         return [[*row[:RAP_POSITION], self.rap_token_id, *row[RAP_POSITION:]] for row in rows]
 
-    def windows(self, texts: Sequence[str], classifier_max_length: int | None = None) -> Windows:
+    def windows(self, texts: Sequence[str], classifier_max_length: ClassifierWindow = None) -> Windows:
         """Pass-1 rows covering every text token a classifier of that window reads.
 
-        `classifier_max_length` (default: the guard's own) is the protected classifier's
-        window, [CLS] and [SEP] included. Text it reads beyond `text_window` tokens is
-        covered by windows that overlap by half, so any span of up to half a window lies
-        whole inside one of them. A text with no token the model reads is an InputError.
+        `classifier_max_length` is the protected classifier's window, [CLS] and [SEP]
+        included: None is the guard's own, `ALL_TOKENS` every token of the text. Text it
+        reads beyond `text_window` tokens is covered by windows that overlap by half, so
+        any span of up to half a window lies whole inside one of them. A text with no
+        token the model reads is an InputError.
         """
-        reads = self.text_window if classifier_max_length is None else max(classifier_max_length - 2, 1)
         rows, owner, lengths = [], [], []
-        for i, content in enumerate(self._content(texts)):
+        for i, content in enumerate(self._content(texts, self.reads(classifier_max_length))):
             if not any(t not in self._special_ids for t in content):
                 raise InputError(f"text {i} is empty: it has no token the model reads")
-            for start in window_starts(min(len(content), reads), self.text_window):
+            for start in window_starts(len(content), self.text_window):
                 rows.append(self._row(content[start : start + self.text_window]))
                 owner.append(i)
             lengths.append(len(content))
         return Windows(rows, owner, lengths)
+
+    def reads(self, classifier_max_length: ClassifierWindow) -> int | None:
+        """Text tokens a classifier of that window reads (None: all of them)."""
+        if classifier_max_length == ALL_TOKENS:
+            return None
+        return self.text_window if classifier_max_length is None else max(classifier_max_length - 2, 1)
+
+    def tokenising_chars(self, texts: Sequence[str], classifier_max_length: ClassifierWindow = None) -> int:
+        """The most characters `windows` tokenises for these texts: the cost to admit before the work.
+
+        A text read whole costs its length; one read in prefixes at worst costs every prefix
+        tried, until the whole text (under 3 x its length).
+        """
+        _check_texts(texts)
+        reads = self.reads(classifier_max_length)
+        if reads is None:
+            return sum(len(text) for text in texts)
+        return sum(sum(_prefix_sizes(len(text), reads)) for text in texts)
 
     def pad(self, rows: Sequence[Sequence[int]]) -> EncodedBatch:
         """Pad rows to the longest one; attention mask marks real tokens."""
@@ -150,14 +179,45 @@ class RapTokenizer:
     def _row(self, content: Sequence[int]) -> list[int]:
         return [self.cls_id, *content, self.sep_id]
 
-    def _content(self, texts: Sequence[str]) -> list[list[int]]:
-        """Text token ids without [CLS]/[SEP], untruncated."""
+    def _content(self, texts: Sequence[str], reads: int | None) -> list[list[int]]:
+        """Text token ids without [CLS]/[SEP]: the first `reads` of each text (None: all).
+
+        Tokenises growing prefixes (see `_prefix_sizes`); a prefix's tokens are kept only
+        when it yields `PREFIX_MARGIN_TOKENS` more than needed, so the cut changed none of them.
+        """
         _check_texts(texts)
+        if reads is None:
+            return self._encode(texts)
+        contents: list[list[int]] = [[] for _ in texts]
+        todo = list(range(len(texts)))
+        for size in _prefix_sizes(max((len(text) for text in texts), default=0), reads):
+            if not todo:
+                break
+            encoded = self._encode([texts[i][:size] for i in todo])
+            todo_next = []
+            for i, ids in zip(todo, encoded, strict=True):
+                if len(texts[i]) <= size or len(ids) >= reads + PREFIX_MARGIN_TOKENS:
+                    contents[i] = ids[:reads]
+                else:
+                    todo_next.append(i)
+            todo = todo_next
+        return contents
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         try:
             encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         except Exception as exc:  # tokenizers raises TypeError/Exception on text it cannot read
             raise InputError(_unreadable(texts, exc)) from None
         return [list(enc.ids) for enc in encodings]
+
+
+def _prefix_sizes(length: int, reads: int) -> list[int]:
+    """Characters of each prefix tried for a text of `length` characters: doubling, the last one whole."""
+    sizes, size = [], FIRST_PREFIX_CHARS_PER_TOKEN * (reads + PREFIX_MARGIN_TOKENS)
+    while size < length:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, length]
 
 
 def window_starts(length: int, window: int) -> list[int]:

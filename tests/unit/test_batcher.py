@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from guard.batcher import Batcher, BatcherClosedError, BatchStats, QueueFullError
+from guard.batcher import Batcher, BatcherClosedError, BatchStats, MeasuredRate, QueueFullError, padded_tokens
 from guard.core.types import EncodedBatch
 
 pytestmark = pytest.mark.anyio
@@ -274,13 +274,13 @@ async def test_work_that_cannot_meet_its_deadline_is_refused_at_once() -> None:
     backend = Recorder()
     backend.gate = threading.Event()
     async with Running(backend, max_queue=10_000) as batcher:
-        batcher.seconds_per_row = 0.01
+        batcher.calibrate(0.01)  # seconds per padded token; these rows are one token wide
         held = asyncio.create_task(batcher.submit([[1]] * 50))  # 0.5 s of work queued
         await wait_until(backend.entered.is_set)
         now = asyncio.get_running_loop().time()
-        batcher.admit(10, time.perf_counter() + 5.0)  # fits
+        batcher.admit([[1]] * 10, time.perf_counter() + 5.0)  # fits
         with pytest.raises(QueueFullError, match="capacity") as refused:
-            batcher.admit(10, time.perf_counter() + 0.1, passes=2)
+            batcher.admit([[1]] * 10, time.perf_counter() + 0.1, passes=2)
         assert refused.value.retry_after_s >= 1
         assert asyncio.get_running_loop().time() - now < 0.05  # refused now, not after the deadline
         backend.gate.set()
@@ -307,14 +307,80 @@ async def test_admission_keeps_headroom_for_an_estimate_that_runs_late() -> None
     backend = Recorder()
     backend.gate = threading.Event()
     async with Running(backend, max_queue=10_000) as batcher:
-        batcher.seconds_per_row = 0.01
+        batcher.calibrate(0.01)
         held = asyncio.create_task(batcher.submit([[1]] * 60))  # ~0.6 s queued
         await wait_until(backend.entered.is_set)
-        batcher.admit(5, time.perf_counter() + 2.0)  # ~0.65 s of a 2 s budget: admitted
+        batcher.admit([[1]] * 5, time.perf_counter() + 2.0)  # ~0.65 s of a 2 s budget: admitted
         with pytest.raises(QueueFullError, match="too close"):
-            batcher.admit(5, time.perf_counter() + 1.0)  # ~0.65 s of a 1 s budget: refused
+            batcher.admit([[1]] * 5, time.perf_counter() + 1.0)  # ~0.65 s of a 1 s budget: refused
         backend.gate.set()
         await held
+
+
+# ---------------------------------------------------------------- the cost model: padded tokens (issue 28)
+
+
+def test_a_request_costs_rows_x_longest_row_x_passes() -> None:
+    rows = [[1] * 10, [1] * 3]
+    assert padded_tokens(rows) == 2 * 10
+    assert padded_tokens(rows, passes=2) == 2 * 10 + 2 * 11  # pass 2 rows carry the RAP id
+    assert padded_tokens([]) == 0
+
+
+def test_the_rate_follows_slower_work_but_never_drops_below_its_calibrated_floor() -> None:
+    rate = MeasuredRate()
+    assert rate.seconds == 0.0  # nothing measured: nothing refused
+    rate.calibrate(1e-3)
+    for _ in range(50):
+        rate.observe(1e-3, 100)  # 1e-5 s per unit: cheap work
+    assert rate.seconds == 1e-3
+    rate.observe(0.5, 100)  # 5e-3 s per unit: a slower machine now
+    assert rate.seconds == pytest.approx(1e-3 + 0.2 * (5e-3 - 1e-3))
+
+
+async def test_long_rows_are_refused_where_as_many_short_rows_fit() -> None:
+    """Admission used to cost a row the same whatever its length."""
+    async with Running(Recorder()) as batcher:
+        batcher.calibrate(1e-3)
+        batcher.admit([[1] * 5] * 100, time.perf_counter() + 2.0)  # 100 x 5 x 1 ms = 0.5 s
+        with pytest.raises(QueueFullError, match="capacity"):
+            batcher.admit([[1] * 60] * 100, time.perf_counter() + 2.0)  # 100 x 60 x 1 ms = 6 s
+
+
+async def test_cheap_batches_cannot_make_a_long_request_look_cheap() -> None:
+    """The measured attack: many one-token rows pulled a per-row estimate down ~60x."""
+    async with Running(Recorder(), max_queue=10_000) as batcher:
+        batcher.calibrate(1e-3)
+        for _ in range(10):
+            await batcher.submit([[1]] * 64)  # the recorder answers at once: ~1e-6 s per token
+        assert batcher.seconds_per_token.seconds == 1e-3
+        with pytest.raises(QueueFullError):
+            batcher.admit([[1] * 32] * 208, time.perf_counter() + 10.0, passes=2)  # 13,520 tokens: 13.5 s
+
+
+async def test_queued_and_running_work_is_counted_in_padded_tokens() -> None:
+    backend = Recorder()
+    backend.gate = threading.Event()
+    async with Running(backend, max_batch_size=10) as batcher:
+        batcher.calibrate(1e-3)
+        held = asyncio.create_task(batcher.submit([[1] * 50] * 10))  # running: 500 tokens
+        await wait_until(backend.entered.is_set)
+        queued = asyncio.create_task(batcher.submit([[2] * 20, [2]]))  # queued: 2 rows padded to 20
+        await wait_until(lambda: batcher.pending == 2)
+        assert batcher.estimated_wait_s(0) == pytest.approx((500 + 40) * 1e-3)
+        assert batcher.estimated_wait_s(100) == pytest.approx((500 + 40 + 100) * 1e-3)
+        backend.gate.set()
+        await asyncio.gather(held, queued)
+        assert batcher.estimated_wait_s(0) == 0.0
+
+
+async def test_the_later_passes_of_admitted_work_count_until_it_ends() -> None:
+    """Pass 2 joins the queue at its front: work admitted meanwhile must count it."""
+    async with Running(Recorder()) as batcher:
+        batcher.calibrate(1e-3)
+        with batcher.admitted([[1] * 9] * 4, time.perf_counter() + 5.0, passes=2):
+            assert batcher.estimated_wait_s(0) == pytest.approx(4 * 10 * 1e-3)
+        assert batcher.estimated_wait_s(0) == 0.0
 
 
 # ------------------------------------------------------------------ length-aware batching
