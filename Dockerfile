@@ -19,6 +19,8 @@ WORKDIR /src
 COPY pyproject.toml /src/
 COPY guard /src/guard
 COPY deploy/docker/install.sh /src/deploy/docker/install.sh
+COPY deploy/docker/requirements-serve.lock /src/deploy/docker/requirements-serve.lock
+COPY deploy/docker/requirements-gpu.lock /src/deploy/docker/requirements-gpu.lock
 RUN sh /src/deploy/docker/install.sh /src /opt/guard "${VARIANT}"
 
 # ---------------------------------------------------------------- runtime
@@ -30,9 +32,14 @@ LABEL org.opencontainers.image.title="backdoor-guard" \
       io.backdoor-guard.variant="${VARIANT}"
 
 # A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can check it without a passwd lookup.
+# The base image's own pip (python:*-slim has one; Debian's python3 has none) goes too: nothing
+# is installed at run time.
 RUN groupadd --system --gid 10001 guard \
     && useradd --system --uid 10001 --gid guard --no-create-home --home-dir /nonexistent \
-       --shell /usr/sbin/nologin guard
+       --shell /usr/sbin/nologin guard \
+    && if python3 -m pip --version >/dev/null 2>&1; then \
+         python3 -m pip uninstall --yes --disable-pip-version-check pip setuptools wheel; \
+       fi
 
 COPY --from=build /opt/guard /opt/guard
 

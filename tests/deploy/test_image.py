@@ -14,18 +14,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.deploy import dockerfile
 from tests.deploy.conftest import ROOT, tool
 from tests.server_fixtures import CLEAN, build_onnx_bundle, free_port, metric_value, stop_process, wait_http
 
 DOCKERFILE = ROOT / "Dockerfile"
+LOCKS = ROOT / "deploy" / "docker"
 INSTALL_TIMEOUT_S = 600
 # What a slim Debian Python image has on PATH; the ENV line prepends the virtualenv to it.
 BASE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -72,6 +76,64 @@ def test_the_runtime_stage_is_slim_non_root_and_healthchecked(image: dockerfile.
     assert "/readyz" in " ".join(dockerfile.exec_form(runtime.last("HEALTHCHECK")))
     # Only the virtualenv comes from the build stage: no source tree, no build tools.
     assert [c.args for c in runtime.all("COPY")] == ["--from=build /opt/guard /opt/guard"]
+    # ...and the base image's own pip goes (the virtualenv's: test_the_serving_environment_is_exactly_the_lock).
+    assert any("pip uninstall --yes" in r.args and " pip " in r.args for r in runtime.all("RUN"))
+
+
+@dataclass(frozen=True)
+class Locked:
+    requirement: Requirement
+    hashes: int
+
+
+def lock(name: str) -> dict[str, Locked]:
+    """A `uv pip compile --generate-hashes` file: `name==version [; marker] \\` then `--hash=` lines."""
+    entries: dict[str, Locked] = {}
+    current = None
+    for line in (LOCKS / name).read_text(encoding="utf-8").splitlines():
+        text = line.strip().removesuffix("\\").strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith("--hash=sha256:"):
+            entries[current] = Locked(entries[current].requirement, entries[current].hashes + 1)
+            continue
+        requirement = Requirement(text)
+        current = f"{canonicalize_name(requirement.name)} {requirement.marker or ''}"
+        entries[current] = Locked(requirement, 0)
+    return entries
+
+
+def _pyproject_requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    extras = project["project"]["optional-dependencies"]
+    return [Requirement(r) for r in project["project"]["dependencies"] + extras["serve"] + extras["otel"]] + [
+        Requirement(r) for r in project["build-system"]["requires"]
+    ]
+
+
+def test_the_serving_locks_pin_and_hash_every_package_pyproject_asks_for() -> None:
+    """Before: install.sh ran `pip install .[serve,otel]`, so every build took whatever was newest.
+    A dependency added to pyproject without `make lock` fails here."""
+    serve, gpu = lock("requirements-serve.lock"), lock("requirements-gpu.lock")
+    for entries in (serve, gpu):
+        for key, locked in entries.items():
+            (spec,) = locked.requirement.specifier
+            assert spec.operator == "==" and locked.hashes >= 1, key
+    versions: dict[str, set[str]] = {}  # a name may be locked once per Python version (markers)
+    for e in serve.values():
+        versions.setdefault(canonicalize_name(e.requirement.name), set()).add(
+            next(iter(e.requirement.specifier)).version
+        )
+    for wanted in _pyproject_requirements():
+        name = canonicalize_name(wanted.name)
+        assert name in versions, f"{wanted} is not in requirements-serve.lock: run `make lock`"
+        assert all(wanted.specifier.contains(v, prereleases=True) for v in versions[name]), f"{wanted}: locked {name}"
+    gpu_versions = {
+        canonicalize_name(e.requirement.name): next(iter(e.requirement.specifier)).version for e in gpu.values()
+    }
+    assert "onnxruntime-gpu" in gpu_versions
+    for name in gpu_versions.keys() & versions.keys():  # constrained to the serve lock
+        assert gpu_versions[name] in versions[name], name
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +181,24 @@ def test_the_serving_environment_has_onnx_runtime_and_no_torch(installed: Instal
     assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr
     transformers = subprocess.run([python, "-c", "import transformers"], capture_output=True)
     assert transformers.returncode != 0
+
+
+@pytest.mark.slow
+def test_the_serving_environment_is_exactly_the_lock(installed: Installed) -> None:
+    """What install.sh leaves: the lock's packages for this platform at their locked versions and the
+    project, without pip or setuptools (nothing is installed at run time)."""
+    python = str(installed.venv / "bin" / "python")
+    listing = "import importlib.metadata as m\nfor d in m.distributions(): print(d.metadata['Name'], d.version)"
+    done = subprocess.run([python, "-c", listing], capture_output=True, text=True, check=True)
+    present = {canonicalize_name(n): v for n, v in (line.split() for line in done.stdout.splitlines())}
+    expected = {
+        canonicalize_name(e.requirement.name): str(next(iter(e.requirement.specifier)).version)
+        for e in lock("requirements-serve.lock").values()
+        if e.requirement.marker is None or e.requirement.marker.evaluate()
+    }
+    del expected["setuptools"]
+    assert present == {**expected, "backdoor-guard": present.get("backdoor-guard", "missing")}
+    assert not list((installed.venv / "bin").glob("pip*"))
 
 
 @pytest.fixture(scope="module")
