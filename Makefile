@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # (or .venv is removed), so repeated `make test` starts straight away.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-deps lock
+.PHONY: setup demo test test-fast test-deps lock chart chart-readme
 
 setup: $(STAMP)
 
@@ -58,3 +58,12 @@ lock: setup
 		--extra serve --extra otel pyproject.toml - -o $(LOCK_DIR)/requirements-serve.lock
 	printf 'onnxruntime-gpu[cuda,cudnn]\n' | $(BIN)/uv pip compile -q --generate-hashes --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -c $(LOCK_DIR)/requirements-serve.lock - -o $(LOCK_DIR)/requirements-gpu.lock
+
+# The self-contained Helm chart: helm/backdoor-guard with deploy/'s alert rules and Grafana dashboard
+# copied in, as dist/backdoor-guard/ and the `helm package` archive dist/backdoor-guard-<version>.tgz.
+chart: setup
+	$(BIN)/python helm/build_chart.py dist
+
+# The chart's README.md, from the `# --` comments of its values.yaml (a test checks it is current).
+chart-readme: setup
+	$(BIN)/python helm/chart_readme.py

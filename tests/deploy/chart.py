@@ -9,8 +9,13 @@ which is why pyproject pins helm-python-sdk.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +27,24 @@ from helm_python import _native
 from tests.deploy.conftest import ROOT
 
 CHART = ROOT / "helm" / "backdoor-guard"
+BUILD = ROOT / "helm" / "build_chart.py"
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 RELEASE, NAMESPACE = "guard", "ml"
 
 
 @functools.cache
+def built() -> Path:
+    """The chart as `make chart` builds it (helm/build_chart.py), in a temporary directory:
+    what the tests render and lint. CHART itself lacks the files copied in from deploy/."""
+    into = Path(tempfile.mkdtemp(prefix="chart-"))
+    atexit.register(shutil.rmtree, into, True)
+    subprocess.run([sys.executable, str(BUILD), str(into)], check=True, capture_output=True, timeout=120)
+    return into / CHART.name
+
+
+@functools.cache
 def chart() -> helm.Chart:
-    return helm.Chart.load(CHART)
+    return helm.Chart.load(built())
 
 
 def ci_values() -> dict[str, dict]:
@@ -55,16 +71,24 @@ class Manifests:
         return {o["kind"] for o in self.objects}
 
 
-def render(values: dict, kube_version: str, api_versions: Iterable[str] = ()) -> Manifests:
+def render(
+    values: dict,
+    kube_version: str,
+    api_versions: Iterable[str] = (),
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    source: helm.Chart | None = None,
+) -> Manifests:
+    """`helm template` of `source` (default: the built chart)."""
     options = {
-        "name": RELEASE,
-        "namespace": NAMESPACE,
+        "name": release,
+        "namespace": namespace,
         "is_install": True,
         "kube_version": kube_version,
         "api_versions": list(api_versions),
     }
     rendered: dict[str, str] = json.loads(
-        _native.call_string("helm_render", chart()._raw(), json.dumps(values), json.dumps(options))
+        _native.call_string("helm_render", (source or chart())._raw(), json.dumps(values), json.dumps(options))
     )
     objects = [
         doc
@@ -79,7 +103,7 @@ def render(values: dict, kube_version: str, api_versions: Iterable[str] = ()) ->
 
 def lint(values: dict, kube_version: str) -> list[dict]:
     """`helm lint --strict` findings of warning level and above (info, such as 'icon is recommended', is left out)."""
-    report = helm.lint(Path(CHART), values, strict=True, kube_version=kube_version)
+    report = helm.lint(built(), values, strict=True, kube_version=kube_version)
     return [m for m in report["messages"] if m["severity"] >= 2] + [{"error": e} for e in report["errors"]]
 
 

@@ -74,7 +74,6 @@ def test_rules_use_only_the_guards_metrics_and_labels() -> None:
         assert promql.unknown_references(rule["expr"], known) == [], rule.get("alert") or rule.get("record")
         used = set(re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", rule["expr"]))
         assert used <= recorded, f"{rule.get('alert')} uses unrecorded {used - recorded}"
-        assert 'job="backdoor-guard"' in rule["expr"] or used, rule  # scoped to the guard's job
 
 
 @pytest.mark.parametrize("case", yaml.safe_load(RULES_TEST.read_text())["tests"], ids=lambda c: c["name"][:40])
@@ -91,27 +90,70 @@ def test_rule_test_inputs_are_series_the_guard_really_exposes(case: dict) -> Non
 PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
 
 
-def test_the_charts_prometheus_rule_selects_the_releases_own_job(tmp_path: Path) -> None:
-    """Before: the rules hard-coded job="backdoor-guard", which a nameOverride (the job the
-    ServiceMonitor gives the targets) silently left without data. The chart's PrometheusRule
-    is rules.yml with the release's job."""
-    values = {**chart.ci_values()["standalone-url"], "nameOverride": "sentiment-guard"}
-    manifests = chart.render(values, "v1.31.0", (PROMETHEUS_RULE_API, chart.SERVICE_MONITOR_API))
-    groups = manifests.one("PrometheusRule")["spec"]["groups"]
-    exprs = [rule["expr"] for group in groups for rule in group["rules"]]
-    assert len(exprs) == len(_rules()) and all('job="backdoor-guard"' not in e for e in exprs)
-    assert sum('job="sentiment-guard"' in e for e in exprs) == sum(
-        'job="backdoor-guard"' in r["expr"] for r in _rules()
-    )
-    monitor = manifests.one("ServiceMonitor")["spec"]
-    assert manifests.one("Service")["metadata"]["labels"][monitor["jobLabel"]] == "sentiment-guard"
-    rendered = tmp_path / "rendered-rules.yml"
-    rendered.write_text(yaml.safe_dump({"groups": groups}), encoding="utf-8")
-    checked = promtool("check", "rules", str(rendered))
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+# Every series selector in a PromQL expression: guard metrics, recorded series (level:metric:ops)
+# and `up`, with their {matchers}. Function names, `by (...)` labels and durations are left out.
+_SERIES = re.compile(r"(?<![\w:])(up|guard_\w+|\w+:\w+:\w+)(?![\w:(])\s*(\{[^}]*\})?")
 
-    default = chart.render(chart.ci_values()["standalone-url"], "v1.31.0", (PROMETHEUS_RULE_API,))
-    assert default.one("PrometheusRule")["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2) or "") for m in _SERIES.finditer(expr)]
+
+
+def test_every_selector_of_every_rule_names_the_guards_job() -> None:
+    """What the chart replaces per release: a selector without the job would read every release's series."""
+    for rule in _rules():
+        found = _selectors(rule["expr"])
+        assert found, rule
+        for name, matchers in found:
+            assert 'job="backdoor-guard"' in matchers, f"{rule.get('alert') or rule.get('record')}: {name}{matchers}"
+
+
+def _release_rules(release: str, namespace: str) -> tuple[list[dict], dict]:
+    values = {**chart.ci_values()["standalone-url"], "nameOverride": "sentiment-guard"}
+    manifests = chart.render(values, "v1.31.0", (PROMETHEUS_RULE_API, chart.SERVICE_MONITOR_API), release, namespace)
+    groups = manifests.one("PrometheusRule")["spec"]["groups"]
+    return [rule for group in groups for rule in group["rules"]], manifests.one("Service")
+
+
+RELEASES = [("guard", "ml"), ("canary", "ml"), ("guard", "team-b")]
+
+
+def test_two_releases_rules_never_read_or_write_each_others_series(tmp_path: Path) -> None:
+    """Before: every release's rules selected job="backdoor-guard" (the chart name), so recorded
+    series collided, alerts aggregated across releases and GuardDown stayed silent while any other
+    release was up. Now each release's selectors name its own job (the Service's name, which the
+    ServiceMonitor makes the job) and namespace, and its recorded series carry the namespace."""
+    written: dict[tuple, str] = {}
+    for release, namespace in RELEASES:
+        rules, service = _release_rules(release, namespace)
+        scope = f'job="{service["metadata"]["name"]}", namespace="{namespace}"'
+        assert len(rules) == len(_rules())
+        for rule in rules:
+            for name, matchers in _selectors(rule["expr"]):
+                assert scope in matchers, f"{release}/{namespace} {rule.get('alert') or rule.get('record')}: {name}"
+            if "record" in rule:
+                key = (rule["record"], service["metadata"]["name"], rule["labels"]["namespace"])
+                assert key not in written, f"{release}/{namespace} writes {key}, as {written.get(key)} does"
+                written[key] = f"{release}/{namespace}"
+        (down,) = [r for r in rules if r.get("alert") == "GuardDown"]
+        assert down["expr"] == f"absent(up{{{scope}}} == 1)"
+        rendered = tmp_path / f"{release}-{namespace}.yml"
+        rendered.write_text(yaml.safe_dump({"groups": [{"name": "r", "rules": rules}]}), encoding="utf-8")
+        checked = promtool("check", "rules", str(rendered))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_charts_prometheus_rule_is_rules_yml_scoped_to_the_release() -> None:
+    manifests = chart.render(chart.ci_values()["standalone-url"], "v1.31.0", (PROMETHEUS_RULE_API,))
+    expected = RULES.read_text().replace(
+        'job="backdoor-guard"', f'job="{chart.RELEASE}-backdoor-guard", namespace="ml"'
+    )
+    groups = yaml.safe_load(expected)["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            if "record" in rule:
+                rule["labels"] = {"namespace": chart.NAMESPACE}
+    assert manifests.one("PrometheusRule")["spec"]["groups"] == groups
     assert "PrometheusRule" not in chart.render(chart.ci_values()["standalone-url"], "v1.31.0").kinds()  # no CRD
 
 
