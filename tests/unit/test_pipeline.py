@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 from guard.batcher import Batcher, QueueFullError
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
-from guard.pipeline import GuardFailure, GuardPipeline
+from guard.pipeline import GuardFailure, GuardPipeline, Tokenizing
 from tests.server_fixtures import CLEAN, CLEAN_DELTA, NEGATIVE, P_CONFIDENT, RAP_ID, TRIGGERED, StubBackend
 
 pytestmark = pytest.mark.anyio
@@ -87,6 +90,7 @@ async def test_timeout_is_a_guard_failure(running, stub: StubBackend) -> None:
     with pytest.raises(GuardFailure) as caught:
         await running("lazy", timeout_s=0.05).check([CLEAN])
     assert caught.value.reason == "timeout" and caught.value.probs is None
+    assert not caught.value.backend_fault  # never let through by failure_mode=open
 
 
 async def test_timeout_in_pass2_keeps_the_pass1_probabilities(running, stub: StubBackend) -> None:
@@ -101,7 +105,7 @@ async def test_backend_error_is_a_guard_failure(running, stub: StubBackend) -> N
     stub.fail = RuntimeError("onnxruntime exploded")
     with pytest.raises(GuardFailure) as caught:
         await running("lazy").check([CLEAN])
-    assert caught.value.reason == "backend" and caught.value.probs is None
+    assert caught.value.reason == "backend" and caught.value.probs is None and caught.value.backend_fault
     assert isinstance(caught.value.__cause__, RuntimeError)
 
 
@@ -173,3 +177,66 @@ async def test_a_suspicious_token_in_a_later_window_is_flagged(tokenizer: RapTok
         await batcher.stop()
     assert [v.flagged_by for v in result.verdicts] == [(), ("features",)]
     assert stub.pass2_rows == 0  # the feature detector alone runs no pass 2
+
+
+# ---------------------------------------------------------------- tokenising, admitted (issue 28)
+
+
+async def test_tokenising_that_cannot_be_done_in_time_is_refused_before_it_starts(running, stub: StubBackend) -> None:
+    pipeline = running("lazy")
+    pipeline.tokenizing.seconds_per_char.calibrate(1e-3)
+    long = "good " * 2000  # read in prefixes of up to 18,792 characters in all: ~19 s at 1 ms a character
+    with pytest.raises(QueueFullError, match="tokeniser"):
+        await pipeline.check([long])
+    assert pipeline.tokenizing._running is None and not stub.calls
+    assert (await pipeline.check([CLEAN])).verdicts[0].label == 1  # 10 characters: 10 ms
+
+
+async def _blocked(tokenizing: Tokenizing) -> tuple[threading.Event, asyncio.Task]:
+    """Hold the tokeniser thread until the event is set."""
+    gate = threading.Event()
+    held = asyncio.create_task(tokenizing.run(lambda: gate.wait(5), 1, time.perf_counter() + 10))
+    while tokenizing._running is None:
+        await asyncio.sleep(0.001)
+    return gate, held
+
+
+async def test_the_cheapest_waiting_tokenising_runs_next() -> None:
+    """Six queued megabyte requests made a one-text request wait 11.7 s: now it waits for the running one only."""
+    tokenizing, ran = Tokenizing(), []
+    gate, held = await _blocked(tokenizing)
+    deadline = time.perf_counter() + 10
+    big = [asyncio.create_task(tokenizing.run(lambda i=i: ran.append(f"big{i}"), 1_000_000, deadline)) for i in (1, 2)]
+    small = asyncio.create_task(tokenizing.run(lambda: ran.append("small"), 10, deadline))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(held, small, *big)
+    assert ran == ["small", "big1", "big2"]
+    tokenizing.close()
+
+
+async def test_tokenising_admission_counts_the_running_and_cheaper_waiting_work() -> None:
+    tokenizing = Tokenizing()
+    tokenizing.seconds_per_char.calibrate(1e-3)
+    gate, held = await _blocked(tokenizing)
+    waiting = asyncio.create_task(tokenizing.run(lambda: None, 3_000, time.perf_counter() + 10))
+    await asyncio.sleep(0.01)
+    tokenizing.admit(1_000, time.perf_counter() + 3)  # 1 + 1,000 characters: ~1 s of a 3 s budget
+    with pytest.raises(QueueFullError):
+        tokenizing.admit(3_000, time.perf_counter() + 10)  # 1 + 3,000 + 3,000: ~6 s of 10
+    gate.set()
+    await asyncio.gather(held, waiting)
+    tokenizing.close()
+
+
+async def test_tokenising_still_waiting_at_its_deadline_is_refused_undone() -> None:
+    tokenizing, ran = Tokenizing(), []
+    gate, held = await _blocked(tokenizing)
+    late = asyncio.create_task(tokenizing.run(lambda: ran.append("late"), 10, time.perf_counter() + 0.05))
+    await asyncio.sleep(0.1)
+    gate.set()
+    await held
+    with pytest.raises(QueueFullError):
+        await late
+    assert not ran
+    tokenizing.close()
