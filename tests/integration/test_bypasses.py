@@ -37,7 +37,8 @@ def serving(bundle: Path, stub: StubBackend | None = None, **overrides) -> Itera
     for name in [n for n in os.environ if n.startswith("GUARD_")]:
         os.environ.pop(name)
     app = create_app(Settings(bundle=bundle, **overrides), backend=stub or StubBackend(), capacity=STUB_CAPACITY)
-    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    json_type = {"Content-Type": "application/json"}  # a sidecar body of another type is 415
+    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=30, headers=json_type) as client:
         yield client
 
 
@@ -157,7 +158,8 @@ def test_requests_without_a_body_pass_only_if_allow_listed(stub_bundle: Path, ec
         empty_post = client.post("/predict", headers={"X-Request-ID": "empty-post"})
         deeper = client.get("/v2/models/sentiment/infer")
     assert listed.status_code == 200
-    for response in (query, empty_post, deeper):
+    _error(query, 422, "invalid_input")  # a query key not in upstream_query_keys
+    for response in (empty_post, deeper):
         _error(response, 403, "not_passthrough")
     assert not {"query-text", "empty-post"} & set(_seen(echo_upstream))
 
@@ -415,11 +417,11 @@ def test_texts_in_tensors_not_marked_bytes_are_checked(stub_bundle: Path, echo_u
 
 @pytest.mark.parametrize("path", ["/v2/models/..", "/v2/models/%2E%2E", "/v2/models/./ready", "/v2/models/../ready"])
 def test_dot_segments_never_match_the_pass_through_list(stub_bundle: Path, echo_upstream: str, path: str) -> None:
-    """An upstream that resolves `..` would reach a path the allow-list never named."""
+    """An upstream that resolves `..` would reach a path the allow-list never named: 400 before routing."""
     request = f"GET {path}?inputs=good+mb+movie HTTP/1.1\r\nHost: x\r\nX-Request-ID: dots\r\n\r\n"
     with serving(stub_bundle, upstream=echo_upstream) as client:
         answer = _raw(str(client.base_url), request.encode())
-    assert answer.startswith(b"HTTP/1.1 403"), answer[:100]
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
     assert "dots" not in _seen(echo_upstream)
 
 
@@ -431,7 +433,7 @@ def test_a_compressed_body_is_refused_not_forwarded(stub_bundle: Path, echo_upst
         response = client.post(
             "/predict", content=body, headers={"Content-Encoding": "gzip", "X-Request-ID": "gzipped"}
         )
-    _error(response, 422, "invalid_input")
+    _error(response, 415, "unsupported_media_type")
     assert "gzipped" not in _seen(echo_upstream)
 
 

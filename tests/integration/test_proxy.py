@@ -22,6 +22,7 @@ from tests.server_fixtures import CLEAN, TRIGGERED, StubBackend, free_port, metr
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
+JSON = {"Content-Type": "application/json"}
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -41,7 +42,7 @@ def guard(stub_bundle: Path, echo_upstream: str) -> Iterator[httpx.Client]:
     with pytest.MonkeyPatch.context() as mp:
         for name in [n for n in os.environ if n.startswith("GUARD_")]:
             mp.delenv(name)
-        with sidecar(stub_bundle, echo_upstream) as client:
+        with sidecar(stub_bundle, echo_upstream, upstream_query_keys=["x", "y", "verbose"]) as client:
             yield client
 
 
@@ -58,13 +59,14 @@ def _seen(upstream: str) -> list[str]:
     return httpx.get(f"{upstream}/__seen").json()
 
 
-def test_clean_request_is_forwarded_unchanged(guard: httpx.Client) -> None:
+def test_a_clean_request_is_forwarded_as_checked(guard: httpx.Client) -> None:
+    """The body and query the upstream gets are the guard's own serialisation of what it parsed and checked."""
     body = b'{"inputs":  "good movie", "parameters": {"top_k": 2}}'
     response = guard.post(
-        "/models/team%2Fsentiment:predict?x=1&y=a%20b&y=c",
+        "/models/team%2Fsentiment:predict?x=1&y=a%20b",
         content=body,
         headers={
-            "Content-Type": "application/json",
+            "Content-Type": "application/json; charset=utf-8",
             "X-Request-ID": "fwd-1",
             "traceparent": TRACEPARENT,
             "X-Custom": "kept",
@@ -72,11 +74,12 @@ def test_clean_request_is_forwarded_unchanged(guard: httpx.Client) -> None:
     )
     assert response.status_code == 200
     echo = _echo(response)
+    canonical = b'{"inputs":"good movie","parameters":{"top_k":2}}'
     assert echo["method"] == "POST"
-    assert echo["path"] == "/models/team%2Fsentiment:predict?x=1&y=a%20b&y=c"
-    assert echo["body"] == body
+    assert echo["path"] == "/models/team%2Fsentiment:predict?x=1&y=a+b"
+    assert echo["body"] == canonical
     assert echo["header"]["content-type"] == "application/json"
-    assert echo["header"]["content-length"] == str(len(body))
+    assert echo["header"]["content-length"] == str(len(canonical))
     assert echo["header"]["x-request-id"] == "fwd-1"
     assert echo["header"]["traceparent"] == TRACEPARENT
     assert echo["header"]["x-custom"] == "kept"
@@ -140,13 +143,15 @@ def test_compressed_upstream_answers_reach_the_client_intact(guard: httpx.Client
     ],
     ids=["hf", "hf-list", "oip"],
 )
-def test_the_default_pointer_finds_hf_and_oip_texts(guard: httpx.Client, echo_upstream: str, body: dict) -> None:
+def test_hf_and_oip_texts_are_found(guard: httpx.Client, echo_upstream: str, body: dict) -> None:
     def with_text(text: str) -> bytes:
         return json.dumps(body).replace("{text}", text).encode()
 
-    clean = guard.post("/infer", content=with_text(CLEAN), headers={"X-Request-ID": "pointer-clean"})
-    flagged = guard.post("/infer", content=with_text(TRIGGERED), headers={"X-Request-ID": "pointer-flagged"})
-    assert clean.status_code == 200 and _echo(clean)["body"] == with_text(CLEAN)
+    def post(text: str, rid: str) -> httpx.Response:
+        return guard.post("/infer", content=with_text(text), headers={"X-Request-ID": rid, **JSON})
+
+    clean, flagged = post(CLEAN, "pointer-clean"), post(TRIGGERED, "pointer-flagged")
+    assert clean.status_code == 200 and json.loads(_echo(clean)["body"]) == json.loads(with_text(CLEAN))
     assert flagged.status_code == 403
     assert flagged.json()["error_type"] == "guard_rejected"
     assert flagged.json()["request_id"] == "pointer-flagged"
@@ -157,13 +162,13 @@ def test_the_default_pointer_finds_hf_and_oip_texts(guard: httpx.Client, echo_up
     ("content", "message"),
     [
         (b"inputs=good+movie", "not JSON"),
-        (b'{"text": "good movie"}', "no text at JSON pointer"),
-        (b'{"inputs": 3}', "not a text"),
+        (b'{"text": "  "}', "no text to check"),
+        (b'{"inputs": 3}', "no text to check"),
     ],
-    ids=["not-json", "no-text", "not-a-string"],
+    ids=["not-json", "blank-text", "not-a-string"],
 )
 def test_bodies_without_a_text_are_422(guard: httpx.Client, echo_upstream: str, content: bytes, message: str) -> None:
-    response = guard.post("/predict", content=content, headers={"X-Request-ID": "bad-body"})
+    response = guard.post("/predict", content=content, headers={"X-Request-ID": "bad-body", **JSON})
     assert response.status_code == 422
     assert response.json()["error_type"] == "invalid_input" and message in response.json()["error"]
     assert "bad-body" not in _seen(echo_upstream)
@@ -212,7 +217,7 @@ def test_upstream_down_is_502(stub_bundle: Path) -> None:
 
 
 def test_slow_upstream_is_504(stub_bundle: Path, echo_upstream: str) -> None:
-    with sidecar(stub_bundle, echo_upstream, upstream_timeout_s=0.3) as client:
+    with sidecar(stub_bundle, echo_upstream, upstream_timeout_s=0.3, upstream_query_keys=["s"]) as client:
         response = client.post("/slow?s=2", json={"inputs": CLEAN})
         exposition = client.get("/metrics").text
     assert response.status_code == 504
