@@ -138,7 +138,7 @@ def test_hf_handler_pairs_are_checked(stub_bundle: Path, hf_upstream: str, body:
 
 def test_hf_handler_reads_past_the_guards_window_and_so_does_the_guard(stub_bundle: Path, hf_upstream: str) -> None:
     """No classifier_max_length set: the sidecar checks the whole text, as the pipeline (128 tokens) reads it."""
-    text = " ".join(["good", *["movie"] * 80, "mb"])  # the trigger at token 82: past the guard's 29-token window
+    text = " ".join([*["movie"] * 80, "good", "mb"])  # past the guard's 29-token window (the stub needs "good" near)
     body = json.dumps({"inputs": text, "parameters": {"truncation": True}}).encode()
     with sidecar(stub_bundle, hf_upstream) as guard:
         attack(guard, hf_upstream, "/", body, JSON, 403)
