@@ -42,7 +42,7 @@ import numpy as np
 from guard.batcher import ADMISSION_HEADROOM, Batcher, BatcherClosedError, MeasuredRate, QueueFullError, Timing
 from guard.core import features, rap
 from guard.core.errors import GuardError, InputError
-from guard.core.tokenizer import ClassifierWindow, RapTokenizer, Windows
+from guard.core.tokenizer import ClassifierWindow, RapTokenizer, Reading, Windows
 from guard.core.types import LabelThresholds, Verdict
 
 Schedule = Literal["fused", "lazy"]
@@ -82,7 +82,7 @@ class _Job:
 class Tokenizing:
     """Tokenisation in one dedicated thread, admitted like the backend's work.
 
-    Each job is costed in characters (its most, `RapTokenizer.tokenising_chars`) and the
+    Each job is costed in characters (a round of `Reading`: exact) and the
     cheapest waiting job runs next, so a short request never waits behind queued megabytes,
     only behind the job in the thread. A job that could not finish by its deadline behind
     the running job and the cheaper waiting ones is refused at once (QueueFullError, 429);
@@ -148,6 +148,11 @@ class Tokenizing:
             else:
                 job.result.set_exception(error)
         self._dispatch()
+
+
+def _round(reading: Reading) -> Windows | None:
+    """One round of tokenising; the windows after the last."""
+    return reading.windows() if reading.read_round() else None
 
 
 def _timed(work: Callable[[], T]) -> tuple[T, float]:
@@ -225,11 +230,14 @@ class GuardPipeline:
         self.tokenizing.close()
 
     async def windows(self, texts: Sequence[str], deadline: float | None = None) -> Windows:
-        """Tokenise in the tokeniser thread, once admitted (QueueFullError if it cannot be done in time)."""
-        texts = list(texts)
-        chars = self.tokenizer.tokenising_chars(texts, self.classifier_max_length)
-        work = functools.partial(self.tokenizer.windows, texts, self.classifier_max_length)
-        return await self.tokenizing.run(work, chars, self.deadline() if deadline is None else deadline)
+        """Tokenise in the tokeniser thread, each round of prefixes admitted for its characters
+        (QueueFullError if it cannot be done in time)."""
+        deadline = self.deadline() if deadline is None else deadline
+        reading = self.tokenizer.reading(list(texts), self.classifier_max_length)
+        windows = None
+        while windows is None:
+            windows = await self.tokenizing.run(functools.partial(_round, reading), reading.round_chars, deadline)
+        return windows
 
     async def check(
         self, texts: Sequence[str], windows: Windows | None = None, deadline: float | None = None

@@ -96,7 +96,7 @@ def measure_tokenizer(tokenizer: RapTokenizer) -> float:
     texts = [TOKENIZER_PROBE]
     tokenizer.windows(texts, ALL_TOKENS)
     started = time.perf_counter()
-    tokenizer.windows(texts, ALL_TOKENS)
+    tokenizer.windows(texts, ALL_TOKENS)  # one round: every character once
     return max((time.perf_counter() - started) / len(TOKENIZER_PROBE), 1e-9)
 
 

@@ -144,8 +144,19 @@ class RapTokenizer:
         any span of up to half a window lies whole inside one of them. A text with no
         token the model reads is an InputError.
         """
+        reading = self.reading(texts, classifier_max_length)
+        while not reading.read_round():
+            pass
+        return reading.windows()
+
+    def reading(self, texts: Sequence[str], classifier_max_length: ClassifierWindow = None) -> Reading:
+        """`windows`, a round of tokenising at a time (for a caller that admits each round's cost)."""
+        return Reading(self, texts, self.reads(classifier_max_length))
+
+    def windows_of(self, contents: Sequence[Sequence[int]]) -> Windows:
+        """The windows over each text's tokens (see `windows`)."""
         rows, owner, lengths = [], [], []
-        for i, content in enumerate(self._content(texts, self.reads(classifier_max_length))):
+        for i, content in enumerate(contents):
             if not any(t not in self._special_ids for t in content):
                 raise InputError(f"text {i} is empty: it has no token the model reads")
             for start in window_starts(len(content), self.text_window):
@@ -160,18 +171,6 @@ class RapTokenizer:
             return None
         return self.text_window if classifier_max_length is None else max(classifier_max_length - 2, 1)
 
-    def tokenising_chars(self, texts: Sequence[str], classifier_max_length: ClassifierWindow = None) -> int:
-        """The most characters `windows` tokenises for these texts: the cost to admit before the work.
-
-        A text read whole costs its length; one read in prefixes at worst costs every prefix
-        tried, until the whole text (under 3 x its length).
-        """
-        _check_texts(texts)
-        reads = self.reads(classifier_max_length)
-        if reads is None:
-            return sum(len(text) for text in texts)
-        return sum(sum(_prefix_sizes(len(text), reads)) for text in texts)
-
     def pad(self, rows: Sequence[Sequence[int]]) -> EncodedBatch:
         """Pad rows to the longest one; attention mask marks real tokens."""
         return _pad(rows, self.pad_id)
@@ -179,29 +178,12 @@ class RapTokenizer:
     def _row(self, content: Sequence[int]) -> list[int]:
         return [self.cls_id, *content, self.sep_id]
 
-    def _content(self, texts: Sequence[str], reads: int | None) -> list[list[int]]:
-        """Text token ids without [CLS]/[SEP]: the first `reads` of each text (None: all).
-
-        Tokenises growing prefixes (see `_prefix_sizes`); a prefix's tokens are kept only
-        when it yields `PREFIX_MARGIN_TOKENS` more than needed, so the cut changed none of them.
-        """
-        _check_texts(texts)
-        if reads is None:
-            return self._encode(texts)
-        contents: list[list[int]] = [[] for _ in texts]
-        todo = list(range(len(texts)))
-        for size in _prefix_sizes(max((len(text) for text in texts), default=0), reads):
-            if not todo:
-                break
-            encoded = self._encode([texts[i][:size] for i in todo])
-            todo_next = []
-            for i, ids in zip(todo, encoded, strict=True):
-                if len(texts[i]) <= size or len(ids) >= reads + PREFIX_MARGIN_TOKENS:
-                    contents[i] = ids[:reads]
-                else:
-                    todo_next.append(i)
-            todo = todo_next
-        return contents
+    def _content(self, texts: Sequence[str], reads: int) -> list[list[int]]:
+        """Text token ids without [CLS]/[SEP]: the first `reads` of each text."""
+        reading = Reading(self, texts, reads)
+        while not reading.read_round():
+            pass
+        return reading.contents
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         try:
@@ -211,13 +193,42 @@ class RapTokenizer:
         return [list(enc.ids) for enc in encodings]
 
 
-def _prefix_sizes(length: int, reads: int) -> list[int]:
-    """Characters of each prefix tried for a text of `length` characters: doubling, the last one whole."""
-    sizes, size = [], FIRST_PREFIX_CHARS_PER_TOKEN * (reads + PREFIX_MARGIN_TOKENS)
-    while size < length:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, length]
+class Reading:
+    """Texts tokenised in rounds of growing prefixes: each round's cost (`round_chars`) is known before it runs.
+
+    A prefix's tokens are kept only when it yields `PREFIX_MARGIN_TOKENS` more than the
+    `reads` needed (the cut changed none of them) or it is the whole text; the others are
+    read again, twice as far, in the next round. `reads` None: every token, in one round.
+    """
+
+    def __init__(self, tokenizer: RapTokenizer, texts: Sequence[str], reads: int | None) -> None:
+        _check_texts(texts)
+        self._tokenizer, self._texts, self._reads = tokenizer, list(texts), reads
+        self.contents: list[list[int]] = [[] for _ in self._texts]
+        self._todo = list(range(len(self._texts)))
+        longest = max((len(text) for text in self._texts), default=0)
+        self._size = longest if reads is None else FIRST_PREFIX_CHARS_PER_TOKEN * (reads + PREFIX_MARGIN_TOKENS)
+
+    @property
+    def round_chars(self) -> int:
+        """Characters the next round tokenises."""
+        return sum(min(len(self._texts[i]), self._size) for i in self._todo)
+
+    def read_round(self) -> bool:
+        """Tokenise the next round; True once every text is read."""
+        if self._todo:
+            encoded = self._tokenizer._encode([self._texts[i][: self._size] for i in self._todo])
+            todo = []
+            for i, ids in zip(self._todo, encoded, strict=True):
+                if len(self._texts[i]) <= self._size or len(ids) >= self._reads + PREFIX_MARGIN_TOKENS:
+                    self.contents[i] = ids[: self._reads]
+                else:
+                    todo.append(i)
+            self._todo, self._size = todo, 2 * self._size
+        return not self._todo
+
+    def windows(self) -> Windows:
+        return self._tokenizer.windows_of(self.contents)
 
 
 def window_starts(length: int, window: int) -> list[int]:

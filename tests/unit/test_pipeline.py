@@ -184,8 +184,8 @@ async def test_a_suspicious_token_in_a_later_window_is_flagged(tokenizer: RapTok
 
 async def test_tokenising_that_cannot_be_done_in_time_is_refused_before_it_starts(running, stub: StubBackend) -> None:
     pipeline = running("lazy")
-    pipeline.tokenizing.seconds_per_char.calibrate(1e-3)
-    long = "good " * 2000  # read in prefixes of up to 18,792 characters in all: ~19 s at 1 ms a character
+    pipeline.tokenizing.seconds_per_char.calibrate(1e-2)
+    long = "good " * 2000  # its first round reads 1,256 characters: ~12.6 s at 10 ms a character
     with pytest.raises(QueueFullError, match="tokeniser"):
         await pipeline.check([long])
     assert pipeline.tokenizing._running is None and not stub.calls
