@@ -75,7 +75,9 @@ def guard_thread(bundle: Path, backend=None, **overrides) -> Iterator[str]:
     app = create_app(settings, backend=backend or load_backend("onnx", bundle, 1))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", **connection_limits(settings)))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, lifespan="on", **connection_limits(settings, app.state.metrics))
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

@@ -40,9 +40,12 @@ def go_available() -> bool:
 
 def build_go(workdir: Path) -> Path:
     """Compile the Go upstream (standard library only) into `workdir`."""
+    workdir = workdir.resolve()  # go wants absolute cache paths
     binary = workdir / "go-upstream"
     env = {**os.environ, "GOCACHE": str(workdir / "gocache"), "GOPATH": str(workdir / "gopath"), "GO111MODULE": "off"}
-    subprocess.run(["go", "build", "-o", str(binary), str(GO_SOURCE)], check=True, env=env, capture_output=True)
+    built = subprocess.run(["go", "build", "-o", str(binary), str(GO_SOURCE)], env=env, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise RuntimeError(f"go build failed: {built.stderr.strip()}")
     return binary
 
 

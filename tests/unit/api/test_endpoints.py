@@ -471,16 +471,18 @@ async def test_timeout_fails_closed(make_settings, stub: StubBackend) -> None:
     assert metric_value(exposition, "guard_requests_total", decision="error", mode="enforce") == 1
 
 
-async def test_timeout_in_pass2_fails_open_with_the_prediction(make_settings, stub: StubBackend) -> None:
+async def test_a_timeout_in_pass2_is_503_even_when_failing_open(make_settings, stub: StubBackend) -> None:
+    """A client can make a check slow; failure_mode=open must never turn that into an unchecked pass (issue 28)."""
     async with asgi_client(_app(make_settings, stub, request_timeout_s=0.1, failure_mode="open")) as client:
         stub.delay_pass2_s = 0.3
         response = await client.post("/v1/check", json={"text": TRIGGERED})
         stub.delay_pass2_s = 0.0
         exposition = await _metrics(client)
-    assert response.status_code == 200
-    assert response.headers["x-guard-failure-mode"] == "open; unchecked (timeout)"
-    assert response.json()["results"][0]["label"] == 1
-    assert metric_value(exposition, "guard_failure_mode_allowed_total", reason="timeout") == 1
+    body = _assert_error(response, 503, "guard_unavailable")
+    assert "timeout" in body["error"]
+    assert "x-guard-failure-mode" not in response.headers
+    assert metric_value(exposition, "guard_failure_mode_allowed_total", reason="timeout") is None
+    assert metric_value(exposition, "guard_requests_total", decision="error", mode="enforce") == 1
 
 
 async def test_queue_full_is_429_with_retry_after(make_settings, stub: StubBackend) -> None:
