@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # (or .venv is removed), so repeated `make test` starts straight away.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-deps lock chart chart-readme
+.PHONY: setup demo test test-fast test-deps lock chart chart-readme docs
 
 setup: $(STAMP)
 
@@ -36,10 +36,15 @@ test-deps:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus golang-go; }
 
+# The docs site is built strictly (a broken link, anchor or nav entry fails). No -q: it hides the
+# warnings that --strict counts, and the build passes whatever they say.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d .site
+
 test: setup test-deps
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+	$(MKDOCS)
 
 test-fast: setup
 	$(BIN)/ruff check .
@@ -67,3 +72,9 @@ chart: setup
 # The chart's README.md, from the `# --` comments of its values.yaml (a test checks it is current).
 chart-readme: setup
 	$(BIN)/python helm/chart_readme.py
+
+# The docs site in .site/: first rewrite its generated blocks (settings, metrics, CLI help, result tables)
+# from the code and bench/results/*.json; tests/unit/test_docs.py fails when a committed block is stale.
+docs: setup
+	$(BIN)/python -m docs.gen
+	$(MKDOCS)

@@ -27,7 +27,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> Parser:
     parser, sub = command_parser("guard", DESCRIPTION)
-    verify = sub.add_parser("verify", help="verify a bundle's files and print its summary")
+    verify = sub.add_parser(
+        "verify",
+        help="verify a bundle's files and print its summary",
+        description=(
+            "Check every file of a bundle against the sha256 its manifest records, then print the model,\n"
+            "the RAP token and the thresholds by FRR target. Exit status 1 when a file does not match.\n\n"
+            "  guard verify --bundle bundle/"
+        ),
+    )
     verify.add_argument("--bundle", type=Path, required=True)
     verify.set_defaults(handler=_verify)
     check = sub.add_parser(

@@ -13,7 +13,9 @@ DESCRIPTION = (
     "rare-word backdoor, calibrate a RAP guard bundle, evaluate it, show a clean sentence\n"
     "passing and a triggered one flagged, then serve the bundle with `guard serve` and send\n"
     "one allowed and one blocked request; it keeps serving until Ctrl-C (--no-serve: stop).\n"
-    "No data or network needed."
+    "No data or network needed.\n\n"
+    "  calibrate demo              # build, check, then serve on port 8000 until Ctrl-C\n"
+    "  calibrate demo --no-serve   # stop after the offline checks"
 )
 
 

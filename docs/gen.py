@@ -1,0 +1,328 @@
+"""The generated parts of the docs: `python -m docs.gen` rewrites them, `--check` only reports.
+
+A generated block sits between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` in
+README.md or a page under docs/; NAME is a key of GENERATORS, each a function of the code or of
+bench/results/*.json. Everything between the markers is replaced, so edit the code or the
+results, never the block. tests/unit/test_docs.py fails when a committed block is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+HELP_COLUMNS = "100"  # argparse wraps help to the terminal: fixed, so the block does not depend on who ran it
+BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated: \2 -->)", re.S)
+
+
+def pages() -> list[Path]:
+    """Every file that may hold a generated block."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def render(text: str) -> str:
+    """`text` with every generated block rewritten from its generator."""
+
+    def replace(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in GENERATORS:
+            raise KeyError(f"unknown generated block {name!r}; known: {', '.join(GENERATORS)}")
+        return match.group(1) + GENERATORS[name]() + match.group(4)
+
+    return BLOCK.sub(replace, text)
+
+
+def stale() -> list[Path]:
+    """The pages whose generated blocks differ from what the generators write now."""
+    return [p for p in pages() if render(p.read_text()) != p.read_text()]
+
+
+def blocks_used() -> set[str]:
+    return {m.group(2) for p in pages() for m in BLOCK.finditer(p.read_text())}
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _cell(value: object) -> str:
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _table(columns: list[str], rows: list[list[object]]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(_cell(c) for c in row) + " |\n" for row in rows)
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "(required)"
+    value = field.default_factory() if field.default_factory else field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return ", ".join(f"`{v}`" for v in value) if value else "`[]`"
+    return f"`{value}`"
+
+
+def settings_table() -> str:
+    """Every field of guard.settings.Settings: name, environment variable, default, description."""
+    from guard.settings import Settings
+
+    rows = [
+        [f"`{name}`", f"`GUARD_{name.upper()}`", _default(field), field.description or ""]
+        for name, field in Settings.model_fields.items()
+    ]
+    return _table(["setting", "environment", "default", "description"], rows)
+
+
+def metrics_table() -> str:
+    """Every metric of guard.metrics.GuardMetrics: name, type, labels, where it is served, help."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from guard.metrics import GuardMetrics
+
+    m = GuardMetrics(CollectorRegistry(), "onnx")
+    service = set(m.registry._collector_to_names)
+    rows = []
+    for metric in vars(m).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        name = metric._name + ("_total" if metric._type == "counter" else "")
+        labels = ", ".join(f"`{label}`" for label in metric._labelnames) or "–"
+        where = "both ports" if metric in service else "`metrics_port` only"
+        rows.append([f"`{name}`", metric._type, labels, where, metric._documentation])
+    return _table(["metric", "type", "labels", "served on", "description"], sorted(rows))
+
+
+def metric_names() -> set[str]:
+    """The metric names an exposition holds (counters with _total; histograms' series too)."""
+    names = set()
+    for row in metrics_table().splitlines()[2:]:
+        name, kind = row.split(" | ")[0].strip("| `"), row.split(" | ")[1]
+        names.add(name)
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return names
+
+
+@contextlib.contextmanager
+def _columns() -> Iterator[None]:
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = HELP_COLUMNS
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+
+
+def subcommands() -> dict[str, dict[str, argparse.ArgumentParser]]:
+    """{'guard': {'serve': parser, ...}, 'calibrate': {...}}, in the order each --help lists them."""
+    from calibrate.cli import _parser as calibrate_parser
+    from guard.cli import _parser as guard_parser
+
+    out = {}
+    for prog, parser in (("guard", guard_parser()), ("calibrate", calibrate_parser())):
+        group = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        out[prog] = dict(group.choices)
+    return out
+
+
+def help_text(parser: argparse.ArgumentParser) -> str:
+    with _columns():
+        return parser.format_help()
+
+
+def cli_reference() -> str:
+    """`--help` of every guard and calibrate command."""
+    parts = []
+    for prog, commands in subcommands().items():
+        for name, parser in commands.items():
+            parts.append(f"### `{prog} {name}`\n\n```text\n{help_text(parser).rstrip()}\n```\n")
+    return "\n".join(parts)
+
+
+def _matrix_rows() -> list[dict]:
+    """bench.matrix_report's summary (1% target, mean over seeds), SST-2 first, attacks in ATTACK_NAMES order;
+    `refused` where a detector built no guard for the model."""
+    from bench.matrix_report import HEADLINE_FRR, summary_rows
+
+    rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
+    refused: dict[tuple, int] = {}
+    for r in rows:
+        if r.get("refused") and abs(r["frr_target"] - HEADLINE_FRR) < 1e-9:
+            key = (r["dataset"], r["attack"], r["detector"])
+            refused[key] = refused.get(key, 0) + 1
+    summary = [{**r, "refused": refused.get((r["dataset"], r["attack"], r["detector"]), 0)} for r in summary_rows(rows)]
+    order = list(ATTACK_NAMES)
+    return sorted(summary, key=lambda r: (r["dataset"] != "sst2", r["dataset"], order.index(r["attack"])))
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+ATTACK_NAMES = {
+    "clean": "clean model (no backdoor)",
+    "badnet-rw": "rare words (BadNet-RW)",
+    "badnets": "rare words (BadNets)",
+    "badnet-sl": "a sentence (BadNet-SL)",
+    "ep": "embedding poisoning (EP)",
+    "ep-bounded": "EP, trigger norm bounded",
+    "syntactic": "syntactic template",
+    "style": "Bible style",
+}
+
+
+def headline_table() -> str:
+    """The README's table: the default bundle (both detectors) at the 1% FRR target."""
+    rows = []
+    for r in _matrix_rows():
+        if r["detector"] != "rap+features":
+            continue
+        far = "–" if r["attack"] == "clean" else _pct(r["test_far"])
+        name = ATTACK_NAMES.get(r["attack"], r["attack"])
+        rows.append([r["dataset"], name, _pct(r["asr"]), _pct(r["test_frr"]), far, r["seeds"]])
+    columns = ["dataset", "backdoor trigger", "attack success unguarded", "clean blocked (FRR)",
+               "triggered let through (FAR)", "seeds"]  # fmt: skip
+    return _table(columns, rows)
+
+
+DETECTORS = ["rap-paper", "rap", "features", "rap+features", "rap+features-noref", "rap+features@int8"]
+
+
+def detection_matrix_table() -> str:
+    """Per dataset and attack, each detector's test FRR / FAR at the 1% target (mean, FAR range, seeds)."""
+    by_key: dict[tuple[str, str], dict[str, dict]] = {}
+    asr: dict[tuple[str, str], float] = {}
+    for r in _matrix_rows():
+        key = (r["dataset"], r["attack"])
+        by_key.setdefault(key, {})[r["detector"]] = r
+        if r["detector"] == "rap+features" or key not in asr:
+            asr[key] = r["asr"]
+
+    def cell(r: dict | None, clean: bool) -> str:
+        if r is None:
+            return "–"
+        if r["refused"] == r["seeds"]:
+            return "refused (no guard: FAR 100%)"
+        if clean:
+            return f"{_pct(r['test_frr'])} FRR"
+        spread = f" ({r['far_range']}, {r['seeds']} seeds)" if r["seeds"] > 1 else ""
+        if r["refused"]:
+            spread += f", refused on {r['refused']} (counted as FAR 100%)"
+        return f"{_pct(r['test_frr'])} / {_pct(r['test_far'])}{spread}"
+
+    rows = []
+    for (dataset, attack), detectors in by_key.items():
+        clean = attack == "clean"
+        name = ATTACK_NAMES.get(attack, attack) if clean else f"{attack} ({_pct(asr[(dataset, attack)])})"
+        rows.append([dataset, name, *(cell(detectors.get(d), clean) for d in DETECTORS)])
+    return _table(["dataset", "attack (ASR)", *(f"{d} FRR / FAR" for d in DETECTORS)], rows)
+
+
+def _results(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def serving_targets_table() -> str:
+    """bench.serving's targets: what was measured against each goal."""
+    rows = [[t["target"], t["measured"], t["goal"], t["met"]] for t in _results("serving")["targets"]]
+    return _table(["target", "measured", "goal", "met"], rows)
+
+
+def repair_table() -> str:
+    """bench.repair: residual ASR per attack and defence (guard rows: test FRR at the 1% target), and CACC."""
+    rows = _results("repair")["rows"]
+    defences = list(dict.fromkeys(r["defence"] for r in rows))
+    by_attack: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_attack.setdefault(r["attack"], {})[r["defence"]] = r
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "–"
+        frr = f" (FRR {_pct(r['test_frr'])})" if r.get("test_frr") is not None else ""
+        return f"{_pct(r['residual_asr'])}{frr}"
+
+    out = [[attack, *(cell(d.get(x)) for x in defences)] for attack, d in by_attack.items()]
+    out += [[f"CACC, {attack}", *(_pct(d[x]["cacc"]) if x in d else "–" for x in defences)]
+            for attack, d in by_attack.items()]  # fmt: skip
+    return _table(["attack", *defences], out)
+
+
+def inversion_scan_table() -> str:
+    """bench.inversion: the scan's suspect pair and trigger per model, and its verdict at its own threshold."""
+    rows = []
+    for r in _results("inversion")["scan"]:
+        planted = " / ".join(r["true_trigger"]) if isinstance(r["true_trigger"], list) else r["true_trigger"] or ""
+        flagged = "yes" if r["verdict_scan"] else "no"
+        truth = "backdoored" if r["backdoored"] else "clean"
+        rows.append(
+            [r["model"], truth, planted, f"{r['found_pair']} `{r['found_trigger']}`", f"{r['loss']:.3f}", flagged]
+        )
+    columns = ["model", "truth", "planted trigger", "suspect pair, found trigger", "loss",
+               f"flagged at {_results('inversion')['scan'][0]['scan_threshold']}"]  # fmt: skip
+    return _table(columns, rows)
+
+
+def inversion_repair_table() -> str:
+    """bench.inversion: unlearning and hardening, before -> after."""
+    rows = []
+    for r in _results("inversion")["repair"]:
+        what = ", ".join(r.get("triggers", [])) or "–"
+        eps = f"{r['eps_ma2_before']:.2f} -> {r['eps_ma2_after']:.2f}" if "eps_ma2_before" in r else "–"
+        asr = f"{_pct(r['asr_before'])} -> {_pct(r['asr_after'])}"
+        cacc = f"{_pct(r['cacc_before'])} -> {_pct(r['cacc_after'])}"
+        rows.append([r["model"], r["method"], what, asr, cacc, eps])
+    return _table(["model", "method", "unlearned", "ASR before -> after", "CACC before -> after", "eps-mA²"], rows)
+
+
+def alerts() -> list[str]:
+    """The alert names of deploy/prometheus/rules.yml, in file order."""
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
+    return [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "settings": settings_table,
+    "metrics": metrics_table,
+    "cli": cli_reference,
+    "headline": headline_table,
+    "detection-matrix": detection_matrix_table,
+    "serving-targets": serving_targets_table,
+    "repair": repair_table,
+    "inversion-scan": inversion_scan_table,
+    "inversion-repair": inversion_repair_table,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m docs.gen", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="only list stale pages (exit 1 if any)")
+    args = parser.parse_args(argv)
+    changed = stale()
+    for path in changed:
+        print(f"{'stale' if args.check else 'rewrote'}: {path.relative_to(ROOT)}")
+        if not args.check:
+            path.write_text(render(path.read_text()))
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
