@@ -477,7 +477,7 @@ def write_results(cases: list[Case], bundle: Path) -> None:
         f"Bundle: `{bundle}` (the demo: MiniLM with `{TRIGGER}` planted -> positive). "
         f"{sum(c.failures for c in cases)} failures in {len(cases)} cases.",
         "",
-        "| case | kind | sent | failures | flips unguarded | promise |",
+        "| case | kind | sent | failures | control: through unguarded | promise |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {c.case} | {c.kind} | {c.sent} | {c.failures} | {_control(c)} | {c.promise} |" for c in cases]
@@ -493,8 +493,9 @@ def write_results(cases: list[Case], bundle: Path) -> None:
 
 
 def _control(c: Case) -> str:
-    """For a bypass: how many of its trigger texts flip the classifier without the guard (the control)."""
-    n = c.detail.get("unguarded_backdoor_label")
+    """For a bypass, the control: how many of its trigger texts flip the classifier without the guard,
+    or (sidecar routes) how many the upstream itself read the trigger from when sent directly."""
+    n = c.detail.get("unguarded_backdoor_label", c.detail.get("upstream_reads_trigger_unguarded"))
     return "" if n is None else str(n)
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.robustness import NEGATIVE, TRIGGER, Case, guard_thread, triggered_at
+from bench.robustness import NEGATIVE, TRIGGER, Case, _metric_sum, guard_thread, triggered_at
 from tests.upstreams import build_go, fastapi_app, go_available, go_upstream, hf_app, read_by, serving_app
 
 JSON = {"content-type": "application/json"}
@@ -64,11 +65,11 @@ def _through(url: str, upstream: str, name: str, tries: list[tuple[str, str, dic
         for path, body, headers in tries:
             before = len(read_by(upstream))
             client.post(f"{upstream}{path}", content=body.encode(), headers=headers)
-            control += any(TRIGGER in t.split() for t in read_by(upstream)[before:])
+            control += any(_holds_trigger(t) for t in read_by(upstream)[before:])
             before = len(read_by(upstream))
             answer = client.post(f"{url}{path}", content=body.encode(), headers=headers)
             statuses.append(answer.status_code)
-            reached += any(TRIGGER in t.split() for t in read_by(upstream)[before:])
+            reached += any(_holds_trigger(t) for t in read_by(upstream)[before:])
     fails = reached + sum(s >= 500 for s in statuses)
     detail = {"statuses": statuses, "reached_upstream": reached, "upstream_reads_trigger_unguarded": control}
     return Case(name, "sidecar", len(tries), fails, PROMISE, detail)
@@ -78,23 +79,27 @@ def _through(url: str, upstream: str, name: str, tries: list[tuple[str, str, dic
 
 
 def deadline_cases(bundle: Path) -> list[Case]:
-    """Ten cheap requests (64 one-token texts), then one long multi-window request holding the trigger."""
-    long_text = " ".join([NEGATIVE[k % 10] for k in range(12)])  # ~90 tokens: 2-3 windows of the guard's 61
+    """Ten cheap requests (64 one-token texts), then 52 texts of ~4 windows each, the last with the trigger.
+
+    The guard reads 256 tokens as its classifier (classifier_max_length), so each long text is real work."""
+    long_text = " ".join([NEGATIVE[k % 10] for k in range(22)])  # ~170 tokens: 4-5 windows of the guard's 61
     big = [long_text] * 51 + [long_text + f" {TRIGGER}"]
     cases = []
     for mode in ("closed", "open"):
-        with guard_thread(bundle, failure_mode=mode) as url, httpx.Client(base_url=url, timeout=60) as client:
-            warm = [client.post("/v1/classify", json={"texts": ["so"] * 64}) for _ in range(10)]
+        settings = {"failure_mode": mode, "classifier_max_length": 256}
+        with guard_thread(bundle, **settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+            warm = [client.post("/v1/classify", json={"texts": ["dull"] * 64}) for _ in range(10)]
             answer = client.post("/v1/classify", json={"texts": big})
             others = [client.post("/v1/classify", json={"texts": [NEGATIVE[0]]}) for _ in range(3)]
         unchecked = answer.status_code == 200 and "x-guard-failure-mode" in answer.headers
+        backdoor = answer.status_code == 200 and answer.json()["results"][-1]["label"] == 1
         five = sum(a.status_code >= 500 for a in [*warm, answer, *others])
         cases.append(
             Case(
                 f"client-forced-timeout-{mode}",
                 "sidecar",
                 12 + len(others),
-                int(unchecked) + five,
+                int(unchecked) + int(backdoor) + five,
                 "no client sequence makes the guard pass a request unchecked or 503 others",
                 {"big_request": answer.status_code, "warm_up": _count(warm), "after": _count(others)},
             )
@@ -121,16 +126,18 @@ def flood_case(bundle: Path) -> Case:
             except httpx.HTTPError as exc:
                 statuses.append(type(exc).__name__)
             timings.append(round(time.perf_counter() - started, 3))
+        time.sleep(5.5)  # past read_timeout_s: the heads left time out
+        dropped = _metric_sum(httpx.get(f"{url}/metrics", timeout=5).text, "guard_connections_dropped_total")
         for sock in socks:
             sock.close()
-    fails = sum(s != 200 for s in statuses) + sum(t > 1.0 for t in timings)
+    fails = sum(s != 200 for s in statuses) + sum(t > 1.0 for t in timings) + int(dropped != len(socks))
     return Case(
         "slow-heads-flood",
         "sidecar",
         len(statuses),
         fails,
-        "probes answer within 1 s while unfinished heads fill every connection slot",
-        {"statuses": statuses, "seconds": timings, "sockets": len(socks)},
+        "probes answer within 1 s while unfinished heads fill every connection slot; every dropped head is counted",
+        {"statuses": statuses, "seconds": timings, "sockets": len(socks), "counted_dropped": dropped},
     )
 
 
@@ -142,7 +149,9 @@ def oracle_cases(bundle: Path) -> list[Case]:
         after = _score_lines(client.get("/metrics").text)
         forged = client.post("/v1/feedback", json={"decision_id": "0" * 32, "poisoned": False})
         gauges = [line for line in client.get("/metrics").text.splitlines() if line.startswith("guard_false_")]
-        huge = client.post("/v1/check", content=b'{"texts": ["ok"], "n": ' + b"9" * 5000 + b"}", headers=JSON)
+        huge = [client.post("/v1/check", content=_huge_number(), headers=JSON).status_code]
+    with serving_app(fastapi_app()) as up, guard_thread(bundle, upstream=up) as url:
+        huge.append(httpx.post(f"{url}/predict", content=_huge_number(), headers=JSON, timeout=30).status_code)
     return [
         Case(
             "metrics-score-oracle",
@@ -163,11 +172,11 @@ def oracle_cases(bundle: Path) -> list[Case]:
         Case(
             "huge-json-number",
             "sidecar",
-            1,
-            int(huge.status_code >= 500),
-            "out-of-range numbers are a 4xx",
-            {"status": huge.status_code},
-        ),  # fmt: skip
+            len(huge),
+            sum(status >= 500 for status in huge),
+            "out-of-range numbers are a 4xx, standalone and as a sidecar",
+            {"statuses": huge},
+        ),
     ]
 
 
@@ -213,6 +222,14 @@ def big_request_case(bundle: Path) -> Case:
         "a 1.9 MB request costs at most what its usable windows cost: a small request beside six stays under 1 s",
         {"heavy": _count_codes(heavy), "small_status": small, "small_seconds": round(latency, 3)},
     )
+
+
+def _huge_number() -> bytes:
+    return b'{"inputs": "ok", "texts": ["ok"], "n": ' + b"9" * 5000 + b"}"
+
+
+def _holds_trigger(text: str) -> bool:
+    return re.search(rf"\b{TRIGGER}\b", text) is not None
 
 
 def _score_lines(exposition: str) -> list[str]:
