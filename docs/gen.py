@@ -291,6 +291,32 @@ def inversion_repair_table() -> str:
     return _table(["model", "method", "unlearned", "ASR before -> after", "CACC before -> after", "eps-mA²"], rows)
 
 
+def robustness_table() -> str:
+    """bench.robustness: per kind of attempt, the cases, requests sent and failures (a promise broken)."""
+    kinds: dict[str, list[dict]] = {}
+    for case in _results("robustness")["cases"]:
+        kinds.setdefault(case["kind"], []).append(case)
+    rows = [
+        [kind, len(cases), sum(c["sent"] for c in cases), sum(c["failures"] for c in cases)]
+        for kind, cases in kinds.items()
+    ]
+    return _table(["kind", "cases", "requests sent", "failures"], rows)
+
+
+def overload_table() -> str:
+    """bench.robustness: offered load against the measured capacity, and how it was answered."""
+    rows = []
+    for case in _results("robustness")["cases"]:
+        if case["kind"] != "overload":
+            continue
+        d = case["detail"]
+        offered = f"{d['offered_rps']:.0f} ({d['offered_rps'] / d['capacity_rps']:.1f}x)"
+        p99 = [f"{d['admitted_p99_ms']:.0f}", f"{d['refused_p99_ms']:.0f}"]
+        rows.append([case["case"], offered, d["sent"], _pct(d["429"] / d["sent"]), d["503"], d["lost"], *p99])
+    columns = ["case", "offered rps (x capacity)", "sent", "429", "503", "lost", "admitted p99 ms", "429 p99 ms"]
+    return _table(columns, rows)
+
+
 def alerts() -> list[str]:
     """The alert names of deploy/prometheus/rules.yml, in file order."""
     import yaml
@@ -309,6 +335,8 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "repair": repair_table,
     "inversion-scan": inversion_scan_table,
     "inversion-repair": inversion_repair_table,
+    "robustness": robustness_table,
+    "overload": overload_table,
 }
 
 
