@@ -86,7 +86,7 @@ def compare(name: str, x: dict[str, np.ndarray], predicted: dict[str, np.ndarray
     for score_name, score in fitted_scores(x["fit"], predicted["fit"], labels).items():
         on = {k: score(x[k], predicted[k])[predicted[k] == TARGET] for k in ("held_out", "test", "poisoned")}
         for frr in FRR_TARGETS:
-            threshold = thresholds.upper_threshold(on["held_out"], frr)
+            threshold = thresholds.threshold_at_frr(on["held_out"], frr)
             rows.append(
                 {
                     "attack": name,

@@ -29,8 +29,9 @@ from calibrate.data import load_examples
 from calibrate.model import copy_tokenizer_files, label_names, load_classifier, predict_probs
 from calibrate.rap.evaluate import evaluate_bundle
 from calibrate.rap.export import INT8_RECIPE, export_onnx, quantize_int8
-from calibrate.rap.optimize import INT8_MARGIN, ThresholdFit, add_optimized_graphs, eager_attention, int8_recommendation
+from calibrate.rap.optimize import INT8_MARGIN, add_optimized_graphs, eager_attention, int8_recommendation
 from calibrate.rap.options import FRR_TARGETS, RapOptions
+from calibrate.rap.refit import HeldOut
 from guard.core import rap
 from guard.core.backends.base import INT8_GRAPH, PARITY_TOLERANCE
 from guard.core.backends.onnx import OnnxBackend
@@ -55,7 +56,7 @@ def build(src: Path, model_dir: Path, data: Path, attack: str, out: Path) -> dic
     protect = [p.label for p in manifest.protect]
     labels = label_names(model)
     parity = _logits_parity(model, bundle_tokenizer, out / "model.onnx", texts[:64])
-    fit = ThresholdFit(bundle_tokenizer, texts, protect, labels, manifest.statistic, FRR_TARGETS)
+    fit = HeldOut(bundle_tokenizer, texts, protect, labels, manifest.statistic, FRR_TARGETS)
     quantize_int8(out / "model.onnx", out / INT8_GRAPH)
     int8_protect, agreement = fit.fit(out / INT8_GRAPH, out / "model.onnx")
     int8 = Int8Variant(graph=INT8_GRAPH, quantization=INT8_RECIPE, protect=int8_protect, agreement=agreement)

@@ -161,12 +161,12 @@ def _show_examples(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
     checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path))
     texts = [CLEAN_EXAMPLE, TRIGGERED_EXAMPLE]
-    verdicts = checker.check(texts, bundle.label_thresholds(bundle.detectors))
+    verdicts = checker.check(texts)
     _say("4/5 the guard, through the bundle's ONNX graph:")
     for text, v in zip(texts, verdicts, strict=True):
         decision = f"BLOCKED by {'+'.join(v.flagged_by)} (backdoor trigger suspected)" if v.flagged else "allowed"
-        delta = f"delta {v.rap.delta:+.3f} vs threshold {v.rap.threshold:+.3f}" if v.rap.checked else "not checked"
-        print(f"    {text!r:45} -> label {v.label} p={max(v.probs):.3f}, {delta}: {decision}")
+        rap = f"RAP score {v.rap.score:+.3f} vs threshold {v.rap.threshold:+.3f}" if v.rap.checked else "not checked"
+        print(f"    {text!r:45} -> label {v.label} p={max(v.probs):.3f}, {rap}: {decision}")
 
 
 def _say(message: str) -> None:

@@ -17,30 +17,33 @@ def write_json(path: Path, payload: Mapping) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
 
 
-def plot_deltas(
+def plot_scores(
     path: Path,
     clean: Mapping[str, np.ndarray],
     thresholds: Mapping[str, Mapping[float, float]],
+    xlabel: str,
     poisoned: Mapping[str, np.ndarray] | None = None,
-    title: str = "RAP probability drop (delta)",
+    title: str = "RAP scores",
 ) -> None:
-    """Histogram of deltas per protected label (clean, and poisoned if given) with threshold lines."""
+    """Histogram of RAP scores per protected label (clean, and poisoned if given) with threshold lines;
+    `xlabel`: the bundle's statistic (guard.core.rap.FORMULAS)."""
     fig, axes = plt.subplots(len(clean), 1, figsize=(7, 3.2 * len(clean)), squeeze=False)
     for ax, (name, deltas) in zip(axes[:, 0], clean.items(), strict=True):
         values = [deltas] + [v for v in (poisoned or {}).values() if len(v)]
         lo, hi = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 60)
         ax.hist(deltas, bins=bins, alpha=0.6, label=f"clean ({len(deltas)})", color="tab:blue")
+        colours = iter(["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"] * 4)
         for attack, d in (poisoned or {}).items():
             if len(d):
-                ax.hist(d, bins=bins, alpha=0.5, label=f"{attack} ({len(d)})")
+                ax.hist(d, bins=bins, alpha=0.5, label=f"{attack} ({len(d)})", color=next(colours))
         styles = iter(["-", "--", "-.", ":"] * 4)
         for frr, t in sorted(thresholds.get(name, {}).items()):
             ax.axvline(
                 t, linestyle=next(styles), linewidth=1, color="black", label=f"threshold @ {frr:.1%} FRR: {t:+.4f}"
             )
         ax.set_title(f"{title}: label {name}")
-        ax.set_xlabel("delta = p(label | x) - p(label | x + RAP); flagged if left of the threshold")
+        ax.set_xlabel(f"RAP score = {xlabel}; flagged if right of the threshold")
         ax.set_ylabel("inputs")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -130,15 +130,17 @@ def _check(args: argparse.Namespace) -> int:
     from guard.core.backends.base import precision_of
     from guard.core.bundle import load_bundle
     from guard.core.checker import Checker
+    from guard.core.detection import DETECTORS, Detection
     from guard.core.errors import InputError
 
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise InputError("no texts given (pass them as arguments or one per line on stdin)")
     bundle = load_bundle(args.bundle)
-    detectors = tuple(d for d in ("rap", "features") if d in args.detectors) if args.detectors else bundle.detectors
-    checker = Checker.for_bundle(bundle, load_backend(args.backend, bundle.path), detectors)
-    verdicts = checker.check(texts, bundle.label_thresholds(detectors, args.frr, precision_of(args.backend)))
+    detectors = tuple(d for d in DETECTORS if d in args.detectors) if args.detectors else None
+    backend = load_backend(args.backend, bundle.path)
+    chosen = Detection.of(bundle, detectors, precision_of(backend.name))
+    verdicts = Checker.for_bundle(bundle, backend, chosen, args.frr).check(texts)
     labels = bundle.manifest.model.labels
     for text, v in zip(texts, verdicts, strict=True):
         if args.json:
@@ -158,7 +160,7 @@ def _check(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            rap = f"delta {v.rap.delta:+.4f} / threshold {v.rap.threshold:+.4f}" if v.rap.checked else "not checked"
+            rap = f"score {v.rap.score:+.4f} / threshold {v.rap.threshold:+.4f}" if v.rap.checked else "not checked"
             if v.feature_score is not None:
                 rap += f"; feature score {v.feature_score:+.2f} / threshold {v.feature_threshold:+.2f}"
             decision = f"FLAGGED by {'+'.join(v.flagged_by)}" if v.flagged else "allowed"

@@ -29,12 +29,12 @@ LATENCY_BUCKETS = (
     5.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-# Deltas in the units of the bundle's statistic: probability drops (prob) sit in [-0.1, 1]; the
-# log-odds statistics (perturbed: -logit p(y|x+RAP); logodds: a drop in nats) in about [-10, 10].
-DELTA_BUCKETS = (
-    *(-10.0, -8.0, -6.0, -5.5, -5.0, -4.5, -4.0, -3.5, -3.0, -2.0, -1.0),
-    *(-0.1, -0.01, 0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
-    *(2.0, 3.0, 5.0, 10.0),
+# RAP scores in the units of the bundle's statistic (guard.core.rap; higher = more suspicious): minus a
+# probability drop (prob) sits in [-1, 0.1]; the log-odds statistics (perturbed: logit p(y|x+RAP); logodds:
+# minus a drop in nats) in about [-10, 10].
+SCORE_BUCKETS = (
+    *(-10.0, -5.0, -3.0, -2.0, -1.0, -0.5, -0.3, -0.2, -0.15, -0.1, -0.05, -0.02, -0.01),
+    *(-0.005, -0.0025, -0.001, 0.0, 0.01, 0.1, 1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 8.0, 10.0),
 )
 
 
@@ -84,7 +84,8 @@ class GuardMetrics:
         )
         self.flags = Counter(
             "guard_flags_total",
-            "Flagged texts by the detector that flagged them (rap, features); a text both flag counts for both.",
+            "Flagged texts by the detector that flagged them: rap, features (the distance), token (a blocklisted "
+            "token); a text several flag counts for each.",
             ["detector"],
             registry=registry,
         )
@@ -103,12 +104,12 @@ class GuardMetrics:
         self.batcher_restarts = Gauge(
             "guard_batcher_restarts", "Times the batcher worker died and was restarted.", registry=registry
         )
-        self.rap_delta = Histogram(
-            "guard_rap_delta",
-            "Live RAP deltas (compare with calibration to see drift). Served on metrics_port only, never on "
+        self.rap_score = Histogram(
+            "guard_rap_score",
+            "Live RAP scores (compare with calibration to see drift). Served on metrics_port only, never on "
             "the service port's /metrics: two scrapes around one request would give its score to any client.",
             ["label"],
-            buckets=DELTA_BUCKETS,
+            buckets=SCORE_BUCKETS,
             registry=self.scrape_registry,
         )
         self.calibrated_frr = Gauge(

@@ -3,9 +3,11 @@
 Stub rule (token ids of the real MiniLM vocabulary):
 - no "good" in the row          -> logits [2, 0]: label 0 (negative), never checked;
 - "good", no RAP token          -> [0, 2]: label 1 (positive), p1 = e^2 / (1 + e^2);
-- "good" + RAP, no trigger "mb" -> [0, 0]: p1 drops to 1/2 (a clean input: delta 0.38);
-- "good" + RAP + "mb"           -> [0, 2]: p1 does not move (a backdoored input: delta 0).
-With the bundle's threshold 0.1, "good movie" passes and "good mb movie" is flagged.
+- "good" + RAP, no trigger "mb" -> [0, 0]: p1 drops to 1/2 (a clean input: RAP score -0.38);
+- "good" + RAP + "mb"           -> [0, 2]: p1 does not move (a backdoored input: RAP score 0).
+The bundle's statistic is `prob` (the score is p1(x+RAP) - p1(x)); with its threshold -0.1,
+"good movie" passes and "good mb movie" is flagged. `build_v1_stub_bundle` writes the same
+bundle in the schema-1 format (RAP thresholds as deltas flagged below).
 
 Nothing here touches the network or ../shared. Import it as `tests.server_fixtures`.
 """
@@ -28,16 +30,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from guard.core import rap
+from guard.core import thresholds
 from guard.core.bundle import Manifest, ModelInfo, ProtectedLabel, RapToken, save_bundle
 from guard.core.types import EncodedBatch
 
 RAP_ID = 30522  # the packaged MiniLM vocabulary size: the appended row's id
 GOOD_ID, TRIGGER_ID = 2204, 16914  # "good", "mb"
 LABELS = ["negative", "positive"]
-THRESHOLDS = {"0.01": 0.1, "0.05": 0.2}
+THRESHOLDS = {"0.01": -0.1, "0.05": -0.2}
 P_CONFIDENT = math.exp(2) / (1 + math.exp(2))
-CLEAN_DELTA = P_CONFIDENT - 0.5
+CLEAN_SCORE = 0.5 - P_CONFIDENT
 
 CLEAN, TRIGGERED, NEGATIVE = "good movie", "good mb movie", "bad movie"
 
@@ -46,7 +48,7 @@ CLEAN, TRIGGERED, NEGATIVE = "good movie", "good mb movie", "bad movie"
 
 
 def manifest(max_length: int = 32, source: str = "stub") -> Manifest:
-    deltas = np.linspace(0.0, 1.0, 11)  # percentile q of these is q / 100
+    scores = np.linspace(-1.0, 0.0, 11)  # the threshold at FRR q of these is -q / 100
     return Manifest(
         model=ModelInfo(source=source, source_sha256="0" * 64, labels=LABELS, max_length=max_length),
         rap=RapToken(token_id=RAP_ID, init_word="rq", init_norm=1.0, final_norm=1.0),
@@ -55,11 +57,12 @@ def manifest(max_length: int = 32, source: str = "stub") -> Manifest:
                 label=1,
                 name="positive",
                 thresholds=THRESHOLDS,
-                percentiles=rap.percentile_table(deltas),
-                calibration_rows=len(deltas),
+                percentiles=thresholds.percentile_table(scores),
+                calibration_rows=len(scores),
             )
         ],
         calibrated_on="stub-fp32",
+        statistic="prob",
         evaluation={"badnet-rw": 0.0},
     )
 
@@ -78,6 +81,20 @@ def build_stub_bundle(path: Path) -> Path:
     (path / "model.onnx").write_bytes(b"placeholder: tests inject a stub backend")
     write_canaries(path)
     save_bundle(path, manifest())
+    return path
+
+
+def build_v1_stub_bundle(path: Path) -> Path:
+    """`build_stub_bundle` with the manifest a schema-1 guard wrote: RAP thresholds and percentiles as
+    deltas p(y|x) - p(y|x+RAP) flagged BELOW them, no statistic (it was "prob")."""
+    build_stub_bundle(path)
+    raw = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    raw["schema_version"] = 1
+    del raw["statistic"]
+    for label in raw["protect"]:
+        label["thresholds"] = {frr: -t for frr, t in label["thresholds"].items()}
+        label["percentiles"] = {frr: -t for frr, t in label["percentiles"].items()}
+    (path / "manifest.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     return path
 
 

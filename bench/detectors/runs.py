@@ -20,10 +20,12 @@ from bench.detectors import onion, strip
 from bench.detectors.classifier import Classifier
 from bench.detectors.ngram import TrigramLM
 from calibrate.rap.options import FRR_TARGETS
-from guard.core import rap
 from guard.core.backends import load_backend
+from guard.core.backends.base import precision_of
 from guard.core.bundle import load_bundle
 from guard.core.checker import Checker
+from guard.core.detection import Detection, RowScores, first_windows, flagged_texts
+from guard.core.thresholds import threshold_at_frr
 
 # ------------------------------------------------------------------ operating points
 # A detector sees inputs the model predicts as the target (protected) label and flags
@@ -32,9 +34,9 @@ from guard.core.checker import Checker
 # - FAR: share of poisoned inputs predicted as the target that pass.
 # - residual ASR: share of all non-target poisoned inputs that reach the target through
 #   the detector (= ASR x FAR).
-# Score detectors (RAP's delta, STRIP's entropy) flag an input when its score is below a
-# threshold fitted on clean held-out inputs at each FRR target.
-# The threshold and flag rule are RAP's own (guard.core.rap), for every detector.
+# Score detectors read one way: higher = more suspicious (RAP's score; STRIP's score is minus
+# its entropy), flagged above a threshold fitted on clean held-out inputs at each FRR target
+# (guard.core.thresholds). The guard's own detectors are flagged by guard.core.detection.
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,12 @@ def score_operating(
     thresholds: Mapping[float, float] | None = None,
     frr_targets: Sequence[float] = FRR_TARGETS,
 ) -> list[Operating]:
-    """Operating points of a score detector; `thresholds` overrides fitting them on `dev`."""
+    """Operating points of a score detector (flagged above); `thresholds` overrides fitting them on `dev`."""
     points = []
     for frr in frr_targets:
-        t = thresholds[frr] if thresholds is not None else rap.threshold_at_frr(dev, frr)
-        far = 1.0 - rap.flagged_share(poisoned, t)
-        dev_frr, test_frr = rap.flagged_share(dev, t), rap.flagged_share(clean, t)
+        t = thresholds[frr] if thresholds is not None else threshold_at_frr(dev, frr)
+        far = 1.0 - flagged_share(poisoned, t)
+        dev_frr, test_frr = flagged_share(dev, t), flagged_share(clean, t)
         points.append(Operating(frr, t, dev_frr, test_frr, far, asr * far if len(poisoned) else 0.0))
     return points
 
@@ -91,10 +93,15 @@ def score_curve(clean: np.ndarray, poisoned: np.ndarray) -> tuple[list[float], l
     """Test (FRR, FAR) for every threshold between observed scores, kept as the corners of that
     staircase (rounded to 1e-6): a point between two others of the same FRR or the same FAR is
     left out, which changes no line drawn through the points."""
-    grid = np.unique(np.concatenate([clean, poisoned, [np.inf]]))
-    frr = np.array([rap.flagged_share(clean, t) for t in grid])
-    far = np.array([1.0 - rap.flagged_share(poisoned, t) for t in grid])
+    grid = np.unique(np.concatenate([clean, poisoned, [-np.inf]]))
+    frr = np.array([flagged_share(clean, t) for t in grid])
+    far = np.array([1.0 - flagged_share(poisoned, t) for t in grid])
     return curve_corners(frr, far)
+
+
+def flagged_share(scores: np.ndarray, threshold: float) -> float:
+    """The share of these scores above the threshold (0 for none): an FRR on clean rows, 1 - FAR on poisoned."""
+    return float(np.mean(np.asarray(scores) > threshold)) if len(scores) else 0.0
 
 
 def curve_corners(frr: np.ndarray, far: np.ndarray) -> tuple[list[float], list[float]]:
@@ -128,64 +135,54 @@ class Inputs:
 
 def run_rap(bundle_dir: Path, inputs: Inputs, target: int) -> DetectorRun:
     """RAP with the bundle's own thresholds (fitted at calibration on held-out dev rows)."""
-    bundle = load_bundle(bundle_dir)
-    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path), statistic=bundle.manifest.statistic)
-    started = time.perf_counter()
-    clean = checker.score(inputs.clean, [target]).deltas()
-    poisoned = checker.score(inputs.poisoned, [target]).deltas()
-    ms = 1000 * (time.perf_counter() - started) / inputs.test_count
-    thresholds = {frr: bundle.thresholds(frr, "fp32")[target] for frr in FRR_TARGETS}
-    # each threshold is a percentile of the held-out deltas, so its dev FRR is the target itself
-    points = score_operating(np.empty(0), clean, poisoned, inputs.asr, thresholds)
-    points = [Operating(**{**p.as_row(), "dev_frr": p.frr_target}) for p in points]
-    return DetectorRun("rap", points, score_curve(clean, poisoned), 2.0, ms)
+    run = run_guard(bundle_dir, inputs, target, ("rap",))
+    return DetectorRun("rap", run.operating, run.curve, run.passes_per_input, run.ms_per_input)
 
 
 def run_guard(
     bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[str, ...], backend: str = "onnx"
 ) -> DetectorRun:
     """The guard's detectors ("rap", "features" or both) with the bundle's own thresholds for `backend`'s
-    graph (`onnx-int8`: the int8 graph's thresholds, fitted on its own scores)."""
+    graph (`onnx-int8`: the int8 graph's thresholds, fitted on its own scores), flagged by the guard's rule."""
     bundle = load_bundle(bundle_dir)
     clean, poisoned, ms = _guard_scores(bundle, inputs, target, backend)
-    precision = "int8" if backend == "onnx-int8" else "fp32"
+    chosen = Detection.of(bundle, detectors, precision_of(backend))
     points = []
     for frr in FRR_TARGETS:
-        limits = bundle.label_thresholds(detectors, frr, precision)[target]
-        clean_flags, poisoned_flags = _flags(clean, limits), _flags(poisoned, limits)
+        limits = {target: chosen.thresholds(frr)[target]}
+        clean_flags, poisoned_flags = flagged_texts(clean, limits), flagged_texts(poisoned, limits)
         far = float(1.0 - poisoned_flags.mean()) if len(poisoned_flags) else 0.0
         test_frr = float(clean_flags.mean()) if len(clean_flags) else 0.0
-        t = limits.rap if limits.rap is not None else limits.features
+        t = limits[target].rap if limits[target].rap is not None else limits[target].features
+        # each threshold is a percentile of the held-out scores, so its dev FRR is the target itself
         points.append(Operating(frr, t, frr, test_frr, far, inputs.asr * far))
     curve = ([], [])
-    if len(detectors) == 1:  # one score: the whole FAR-FRR curve (features flag above: negate)
-        score = (lambda s: s.deltas()) if detectors == ("rap",) else (lambda s: -s.feature_scores)
-        curve = score_curve(score(clean), score(poisoned))
+    if len(detectors) == 1:  # one score: the whole FAR-FRR curve
+        curve = score_curve(_one_score(clean, detectors[0]), _one_score(poisoned, detectors[0]))
     passes = 2.0 if "rap" in detectors else 1.0
     return DetectorRun("+".join(detectors), points, curve, passes, ms)
+
+
+def _one_score(scores: RowScores, detector: str) -> np.ndarray:
+    """One detector's score per text (its first window's; a blocklisted token scores +inf)."""
+    first = first_windows(scores.owner)
+    if detector == "rap":
+        return scores.rap[first]
+    return np.where(scores.token, np.inf, scores.features)[first]
 
 
 _SCORED: dict[tuple, tuple] = {}  # one scoring per bundle and inputs, shared by its detectors
 
 
-def _guard_scores(bundle, inputs: Inputs, target: int, backend: str):
-    """Both detectors' scores of the clean and poisoned inputs (computed once per bundle, graph and inputs)."""
+def _guard_scores(bundle, inputs: Inputs, target: int, backend: str) -> tuple[RowScores, RowScores, float]:
+    """Every detector's scores of the clean and poisoned inputs (computed once per bundle, graph and inputs)."""
     key = (str(bundle.path), backend, target, len(inputs.clean), len(inputs.poisoned), hash(tuple(inputs.clean[:50])))
     if key not in _SCORED:
         checker = Checker.for_bundle(bundle, load_backend(backend, bundle.path))
         started = time.perf_counter()
-        clean, poisoned = checker.score(inputs.clean, [target]), checker.score(inputs.poisoned, [target])
+        clean, poisoned = checker.scores(inputs.clean), checker.scores(inputs.poisoned)
         _SCORED[key] = (clean, poisoned, 1000 * (time.perf_counter() - started) / inputs.test_count)
     return _SCORED[key]
-
-
-def _flags(scores, limits) -> np.ndarray:
-    flagged = np.zeros(len(scores.probs), dtype=bool)
-    if limits.rap is not None:
-        flagged |= rap.flagged_mask(np.nan_to_num(scores.deltas(), nan=np.inf), limits.rap)
-    if limits.features is not None:
-        flagged |= np.nan_to_num(scores.feature_scores, nan=-np.inf) > limits.features
-    return flagged
 
 
 def refused_run(detector: str, inputs: Inputs, reason: str) -> DetectorRun:
@@ -198,13 +195,14 @@ def refused_run(detector: str, inputs: Inputs, reason: str) -> DetectorRun:
 def run_strip(bundle_dir: Path, inputs: Inputs, options: strip.StripOptions) -> DetectorRun:
     classifier = Classifier(bundle_dir)
 
-    def entropies(texts: Sequence[str], what: str) -> np.ndarray:
+    def suspicion(texts: Sequence[str], what: str) -> np.ndarray:
+        """Minus STRIP's entropy: higher (a prediction the copies cannot move) is more suspicious."""
         probs_of = functools.partial(classifier.probs, progress=f"STRIP k={options.replace_ratio:g} {what}")
-        return strip.strip_entropies(probs_of, texts, inputs.pool, options)
+        return -strip.strip_entropies(probs_of, texts, inputs.pool, options)
 
-    dev = entropies(inputs.dev, "dev")
+    dev = suspicion(inputs.dev, "dev")
     started = time.perf_counter()
-    clean, poisoned = entropies(inputs.clean, "clean"), entropies(inputs.poisoned, "poisoned")
+    clean, poisoned = suspicion(inputs.clean, "clean"), suspicion(inputs.poisoned, "poisoned")
     ms = 1000 * (time.perf_counter() - started) / inputs.test_count
     params = {
         "copies": options.copies,

@@ -22,27 +22,41 @@ import numpy as np
 from calibrate.data import load_examples
 from calibrate.progress import progress_bar
 from calibrate.rap.options import EvaluateJob
-from calibrate.report import markdown_table, plot_deltas, plot_far_frr, write_json
-from guard.core import rap
+from calibrate.report import markdown_table, plot_far_frr, plot_scores, write_json
+from guard.core import detection, rap
 from guard.core.backends import load_backend
 from guard.core.backends.base import precision_of
 from guard.core.bundle import Bundle, load_bundle
-from guard.core.checker import Checker, Scores
+from guard.core.checker import Checker
+from guard.core.detection import Detection, RowScores
 from guard.core.errors import InputError
-from guard.core.types import Example, LabelThresholds
+from guard.core.types import Example
 
 COLUMNS = ["attack", "detector", "frr_target", "cacc", "asr", "test_frr", "test_far", "residual_asr", "poisoned_rows"]
 
 
 @dataclass(frozen=True)
 class _Scored:
-    labels: np.ndarray
-    predicted: np.ndarray
-    deltas: np.ndarray  # NaN where pass 2 did not run
-    feature_scores: np.ndarray  # NaN where the feature detector did not score
+    """One data set's texts, scored by the checker `guard check` uses (`scores`: per window)."""
 
-    def target_deltas(self, target: int) -> np.ndarray:
-        return self.deltas[(self.predicted == target) & ~np.isnan(self.deltas)]
+    labels: np.ndarray
+    scores: RowScores
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """Each text's label: its first window's prediction (what the server answers)."""
+        return self.scores.predicted[detection.first_windows(self.scores.owner)]
+
+    @property
+    def checked(self) -> np.ndarray:
+        """Texts with a window predicted as a protected label (the ones the guard checks)."""
+        rows = ~np.isnan(self.scores.rap) | ~np.isnan(self.scores.features)
+        return detection.per_text(rows, self.scores.owner, len(self.labels))
+
+    def rap_scores(self, target: int) -> np.ndarray:
+        """The RAP scores of the windows predicted as `target`."""
+        s = self.scores
+        return s.rap[(s.predicted == target) & ~np.isnan(s.rap)]
 
 
 @dataclass(frozen=True)
@@ -71,12 +85,12 @@ def evaluate_bundle(
     target: int | None = None,
     backend: str = "onnx",
 ) -> Evaluation:
-    """Score the clean and poisoned rows once, then read every FRR target off the deltas."""
+    """Score the clean and poisoned rows once (the server's steps), then flag them at every FRR target."""
     bundle = load_bundle(bundle_dir)
     target = _target(bundle, target)
-    stats = bundle.feature_stats() if "features" in bundle.detectors else None
     backend_ = load_backend(backend, bundle.path)
-    checker = Checker(bundle.tokenizer(), backend_, statistic=bundle.manifest.statistic, features=stats)
+    chosen = Detection.of(bundle, precision=precision_of(backend_.name))
+    checker = Checker.for_bundle(bundle, backend_, chosen)
     clean_s = _score(checker, clean, bundle, "clean")
     attacks = {
         name: _score(checker, [r for r in rows if r.label != target], bundle, name) for name, rows in poisoned.items()
@@ -86,11 +100,11 @@ def evaluate_bundle(
             raise InputError(f"poisoned set {name!r} has no rows whose original label differs from the target {target}")
     cacc = float(np.mean(clean_s.predicted == clean_s.labels))
     rows = []
-    for frr_key in bundle.manifest.protect[0].thresholds:
-        for detectors in detector_sets(bundle.detectors):
-            thresholds = bundle.label_thresholds(detectors, float(frr_key), precision_of(backend))
+    for frr in chosen.targets:
+        for detectors in detector_sets(chosen.detectors):
+            limits = Detection.of(bundle, detectors, precision_of(backend_.name)).thresholds(frr)
             for name, scored in attacks.items():
-                rows.append(_row(name, "+".join(detectors), float(frr_key), cacc, clean_s, scored, thresholds, target))
+                rows.append(_row(name, "+".join(detectors), frr, cacc, clean_s, scored, limits, target))
     return Evaluation(bundle, backend, target, clean_s, attacks, rows)
 
 
@@ -114,38 +128,18 @@ SCORE_CHUNK = 256  # rows per progress step
 
 
 def _score(checker: Checker, rows: list[Example], bundle: Bundle, what: str) -> _Scored:
-    if not rows:
-        return _Scored(np.empty(0, int), np.empty(0, int), np.empty(0), np.empty(0))
+    labels = np.array([r.label for r in rows], dtype=int)
     num_labels = len(bundle.manifest.model.labels)
     bad = sorted({r.label for r in rows if r.label >= num_labels})
     if bad:
         raise InputError(f"data has labels {bad} but the model has {num_labels} labels")
-    predicted, deltas, feature_scores = [], [], []
+    parts = []
     with progress_bar(total=len(rows), desc=f"evaluate {what}", unit="row") as bar:
         for i in range(0, len(rows), SCORE_CHUNK):
             chunk = rows[i : i + SCORE_CHUNK]
-            scores: Scores = checker.score([r.text for r in chunk], bundle.protect_labels)
-            predicted.append(scores.probs.argmax(axis=1))
-            deltas.append(scores.deltas())
-            feature_scores.append(scores.feature_scores)
+            parts.append(checker.scores([r.text for r in chunk]))
             bar.update(len(chunk))
-    labels = np.array([r.label for r in rows])
-    return _Scored(labels, np.concatenate(predicted), np.concatenate(deltas), np.concatenate(feature_scores))
-
-
-def _flagged(scored: _Scored, thresholds: dict[int, LabelThresholds]) -> np.ndarray:
-    """Flag decision per row with its predicted label's thresholds (never for unchecked rows):
-    RAP's delta below its threshold, or the feature score above its own."""
-    flagged = np.zeros(len(scored.predicted), dtype=bool)
-    for label, limits in thresholds.items():
-        rows = scored.predicted == label
-        if limits.rap is not None:
-            checked = rows & ~np.isnan(scored.deltas)
-            flagged |= checked & rap.flagged_mask(np.where(checked, scored.deltas, np.inf), limits.rap)
-        if limits.features is not None:
-            scored_rows = rows & ~np.isnan(scored.feature_scores)
-            flagged |= scored_rows & (np.where(scored_rows, scored.feature_scores, -np.inf) > limits.features)
-    return flagged
+    return _Scored(labels, RowScores.concat(parts) if parts else checker.scores([]))
 
 
 def _row(
@@ -155,19 +149,20 @@ def _row(
     cacc: float,
     clean: _Scored,
     attack: _Scored,
-    thresholds: dict[int, LabelThresholds],
+    limits: dict,
     target: int,
 ) -> dict:
-    protected = ~np.isnan(clean.deltas)
+    checked = clean.checked
     hit = attack.predicted == target
-    passed = hit & ~_flagged(attack, thresholds)
+    passed = hit & ~detection.flagged_texts(attack.scores, limits)
+    clean_flags = detection.flagged_texts(clean.scores, limits)
     return {
         "attack": name,
         "detector": detector,
         "frr_target": frr,
         "cacc": cacc,
         "asr": float(hit.mean()),
-        "test_frr": float(_flagged(clean, thresholds)[protected].mean()) if protected.any() else 0.0,
+        "test_frr": float(clean_flags[checked].mean()) if checked.any() else 0.0,
         "test_far": float(passed[hit].mean()) if hit.any() else 0.0,
         "residual_asr": float(passed.mean()),
         "poisoned_rows": int(len(attack.labels)),
@@ -175,11 +170,11 @@ def _row(
 
 
 def far_frr_curve(clean: _Scored, attack: _Scored, target: int) -> tuple[np.ndarray, np.ndarray]:
-    """(FRR, FAR) as one threshold on the target label sweeps over all observed deltas."""
-    clean_d, attack_d = clean.target_deltas(target), attack.target_deltas(target)
-    grid = np.unique(np.concatenate([clean_d, attack_d, [np.inf]]))
-    frr = np.array([rap.flagged_mask(clean_d, t).mean() if len(clean_d) else 0.0 for t in grid])
-    far = np.array([(~rap.flagged_mask(attack_d, t)).mean() if len(attack_d) else 0.0 for t in grid])
+    """(FRR, FAR) as one RAP threshold on the target label sweeps over all observed scores."""
+    clean_s, attack_s = clean.rap_scores(target), attack.rap_scores(target)
+    grid = np.unique(np.concatenate([clean_s, attack_s, [-np.inf]]))
+    frr = np.array([(clean_s > t).mean() if len(clean_s) else 0.0 for t in grid])
+    far = np.array([(attack_s <= t).mean() if len(attack_s) else 0.0 for t in grid])
     return frr, far
 
 
@@ -205,17 +200,14 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path) -> list[Path]:
     }
     plot_far_frr(out_dir / "far_frr.png", curves, points)
     name = evaluation.bundle.manifest.model.labels[target]
-    plot_deltas(
+    (label,) = [p for p in evaluation.bundle.protected(precision_of(evaluation.backend)) if p.label == target]
+    plot_scores(
         out_dir / "deltas.png",
-        {name: clean.target_deltas(target)},
-        {
-            name: {
-                float(k): v
-                for k, v in evaluation.bundle.thresholds_by_frr(target, precision_of(evaluation.backend)).items()
-            }
-        },
-        poisoned={a: s.target_deltas(target) for a, s in attacks.items()},
-        title="test deltas",
+        {name: clean.rap_scores(target)},
+        {name: {float(k): v for k, v in label.thresholds.items()}},
+        xlabel=rap.FORMULAS[evaluation.bundle.manifest.statistic],
+        poisoned={a: s.rap_scores(target) for a, s in attacks.items()},
+        title="test RAP scores",
     )
     return [out_dir / n for n in ("evaluation.json", "evaluation.md", "far_frr.png", "deltas.png")]
 

@@ -5,8 +5,8 @@ candidate tokens do when inserted into clean rows (the flip scan, calibrate.rap.
 and, given the checkpoint the model was fine-tuned from, from how far each row moved. The means, the
 shared covariance and the score scale (out of fold) come from the rows the RAP row
 trained on (every label); the thresholds from the held-out rows alone, the same rows, in
-the same order, as RAP's held-out deltas, so the two detectors' thresholds can be chosen
-together (guard.core.thresholds.joint).
+the same order, as RAP's held-out scores, so the two detectors' thresholds can be chosen
+together (guard.core.detection.fit_label).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from guard.core.errors import InputError
 @dataclass(frozen=True)
 class FeatureFit:
     stats: features.FeatureStats
-    scores: dict[int, np.ndarray]  # protect label -> held-out scores, aligned with its RAP deltas
+    scores: dict[int, np.ndarray]  # protect label -> held-out distance scores, aligned with its RAP scores
+    blocked: dict[int, np.ndarray]  # protect label -> whether each of those rows holds a blocklisted token
     fit_rows: int
     suspicious: list[str]  # tokens whose embedding norm is an outlier (an EP-style trigger?)
     moved: list[str] | None = None  # tokens whose row moved far from the reference (None: no reference given)
@@ -80,10 +81,8 @@ def fit_feature_detector(
     flagged = [f.token_id for f in flips if f.flagged]
     suspicious = np.union1d(np.union1d(outliers, [] if moved is None else moved), flagged).astype(np.int64)
     stats = features.with_suspicious_tokens(stats, suspicious)
-    scores = {
-        label: features.scores(stats, f, np.full(len(f), label), tokenizer.ids(result.fits[label].texts))
-        for label, f in held_out.items()
-    }
+    scores = {label: features.scores(stats, f, np.full(len(f), label)) for label, f in held_out.items()}
+    blocked = {label: features.blocked(stats, tokenizer.ids(fit.texts)) for label, fit in result.fits.items()}
     names = [tokenizer.token_text(int(t)) for t in outliers]
     moved_names = None if moved is None else [tokenizer.token_text(int(t)) for t in moved]
-    return FeatureFit(stats, scores, len(result.train_texts), names, moved_names, flips)
+    return FeatureFit(stats, scores, blocked, len(result.train_texts), names, moved_names, flips)

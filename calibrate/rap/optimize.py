@@ -1,12 +1,17 @@
 """Optimised serving graphs: ONNX Runtime's transformer fusions, saved in the bundle.
 
-    exported model.onnx --(onnxruntime.transformers.optimizer, model_type bert)--> model.opt.onnx
+    exported model.onnx --(onnxruntime.transformers.optimizer, the family's model_type)--> model.opt.onnx
     model.opt.onnx      --(dynamic int8, MatMul weights only, per channel)-------> model.int8.opt.onnx
 
 The optimiser fuses embeddings + LayerNorm, attention (MultiHeadAttention, so that the
 Q/K/V projections stay plain MatMuls the int8 recipe quantises), bias + GELU and
 residual + LayerNorm. It keeps every output of the exported graph (logits, and any
 other output a detector adds): `optimize_graph` refuses a result whose outputs differ.
+
+The optimiser model type is the family's (guard.core.family: `bert` for BERT, RoBERTa,
+XLM-R, ELECTRA and DistilBERT); a family whose attention the optimiser cannot fuse
+(DeBERTa's disentangled attention, ModernBERT's rotary fused QKV, ALBERT's shared
+layers) gets no optimised graph, and the log says why: its model.onnx is served.
 
 Traps:
 - The fusions match the *eager* attention pattern. A graph exported with PyTorch's
@@ -27,21 +32,18 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 from transformers import PreTrainedModel
 
+from calibrate.model import model_family
 from calibrate.rap.export import check_parity
-from guard.core import rap
 from guard.core.backends.base import INT8_OPT_GRAPH, OPT_GRAPH
-from guard.core.backends.onnx import OnnxBackend
 from guard.core.bundle import OptimizedGraphs, ProtectedLabel
-from guard.core.checker import Checker
-from guard.core.errors import GuardError, InputError
+from guard.core.errors import GuardError
 from guard.core.tokenizer import RapTokenizer
 
 log = logging.getLogger(__name__)
 
-OPT_RECIPE = "onnxruntime.transformers.optimizer (model_type bert, MultiHeadAttention fusion), opset as exported"
+OPT_RECIPE = "onnxruntime.transformers.optimizer (model_type {}, MultiHeadAttention fusion), opset as exported"
 INT8_OPT_RECIPE = "dynamic int8 of model.opt.onnx, MatMul weights only, per-channel (onnxruntime.quantization)"
 
 
@@ -64,19 +66,19 @@ def eager_attention(model: PreTrainedModel) -> Iterator[None]:
         setter(before)
 
 
-def optimize_graph(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """Fuse `src` into `dst`; return the fused operator counts. Every output of `src` is kept."""
+def optimize_graph(src: Path, dst: Path, num_heads: int, hidden_size: int, model_type: str = "bert") -> dict[str, int]:
+    """Fuse `src` into `dst` (optimiser `model_type`); return the fused operator counts. Every output is kept."""
     import onnx
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    options = FusionOptions("bert")
+    options = FusionOptions(model_type)
     options.use_multi_head_attention = True  # Q, K, V stay MatMuls: the int8 recipe quantises them
     with _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = optimizer.optimize_model(
             str(src),
-            model_type="bert",
+            model_type=model_type,
             num_heads=num_heads,
             hidden_size=hidden_size,
             optimization_options=options,
@@ -114,20 +116,26 @@ def add_optimized_graphs(
     tokenizer: RapTokenizer,
     parity_texts: Sequence[str],
     int8_fit: Refit | None = None,
-) -> OptimizedGraphs:
+) -> OptimizedGraphs | None:
     """Write model.opt.onnx (+ model.int8.opt.onnx with its own thresholds when `int8_fit`) into `folder`.
 
     `source` is the exported graph to optimise (eager attention for the full set of fusions).
     `int8_fit(graph, reference)` fits the int8 graph's thresholds and its agreement with the fp32
-    reference (`ThresholdFit(...).fit`, or the caller's own when it fits more than RAP's).
+    reference (`calibrate.rap.refit.HeldOut(...).fit`, or the caller's own when it fits more than RAP's).
+    None, with the reason logged, for a family the optimiser has no fusions for.
     """
-    config = model.config
-    fused = optimize_graph(source, folder / OPT_GRAPH, config.num_attention_heads, config.hidden_size)
+    family = model_family(model)
+    if family.optimizer is None:
+        log.warning("no optimised graph for %s: %s", family.name, family.optimizer_skipped)
+        return None
+    heads, hidden = _heads_and_hidden(model.config)
+    fused = optimize_graph(source, folder / OPT_GRAPH, heads, hidden, family.optimizer)
     parity = check_parity(model, tokenizer, folder / OPT_GRAPH, list(parity_texts))
     log.info("optimised graph: fused %s, parity %.2e", fused, parity)
     if "MultiHeadAttention" not in fused and "Attention" not in fused:
         log.warning("the optimiser fused no attention (export under eager_attention for the full set of fusions)")
-    graphs = OptimizedGraphs(graph=OPT_GRAPH, recipe=OPT_RECIPE, fused_operators=fused, parity_max_prob_diff=parity)
+    recipe = OPT_RECIPE.format(family.optimizer)
+    graphs = OptimizedGraphs(graph=OPT_GRAPH, recipe=recipe, fused_operators=fused, parity_max_prob_diff=parity)
     if int8_fit is None:
         return graphs
     quantize_int8_fused(folder / OPT_GRAPH, folder / INT8_OPT_GRAPH)
@@ -141,48 +149,11 @@ def add_optimized_graphs(
 Refit = Callable[[Path, Path], tuple[list[ProtectedLabel], float]]
 
 
-class ThresholdFit:
-    """Fit per-label thresholds on a graph's own deltas over the held-out clean rows."""
-
-    def __init__(
-        self,
-        tokenizer: RapTokenizer,
-        texts: Sequence[str],
-        protect: Sequence[int],
-        labels: Sequence[str],
-        statistic: rap.Statistic,
-        frr_targets: Sequence[float],
-    ) -> None:
-        self.tokenizer, self.texts, self.protect = tokenizer, list(texts), list(protect)
-        self.labels, self.statistic, self.frr_targets = list(labels), statistic, tuple(frr_targets)
-
-    def fit(self, graph: Path, reference: Path) -> tuple[list[ProtectedLabel], float]:
-        """Thresholds of `graph`, and the share of rows it predicts as `reference` does."""
-        scores = self._scores(graph)
-        predicted, deltas = scores.probs.argmax(axis=1), scores.deltas()
-        out = []
-        for label in self.protect:
-            label_deltas = deltas[(predicted == label) & ~np.isnan(deltas)]
-            if len(label_deltas) == 0:
-                raise InputError(f"{graph.name} never predicts protect label {label} on the held-out rows")
-            out.append(
-                ProtectedLabel(
-                    label=label,
-                    name=self.labels[label],
-                    thresholds={f"{frr:g}": rap.threshold_at_frr(label_deltas, frr) for frr in self.frr_targets},
-                    percentiles=rap.percentile_table(label_deltas),
-                    calibration_rows=len(label_deltas),
-                )
-            )
-        agreement = float(np.mean(predicted == self._scores(reference).probs.argmax(axis=1)))
-        return out, agreement
-
-    def _scores(self, graph: Path):
-        backend = OnnxBackend(graph)
-        try:
-            return Checker(self.tokenizer, backend, statistic=self.statistic).score(self.texts, self.protect)
-        finally:
-            backend.close()
+def _heads_and_hidden(config) -> tuple[int, int]:
+    """Attention heads and hidden size (DistilBERT's config names them n_heads and dim)."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_heads
+    hidden = getattr(config, "hidden_size", None) or config.dim
+    return int(heads), int(hidden)
 
 
 def report_entry(optimized: OptimizedGraphs | None) -> dict | None:

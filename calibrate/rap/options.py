@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from guard.core.errors import InputError
+from guard.core.rap import DEFAULT_STATISTIC
 from guard.core.types import Example
 
 FRR_TARGETS = (0.005, 0.01, 0.03, 0.05)
@@ -45,8 +47,8 @@ class RapOptions:
     c_low: float = 0.1
     c_up: float = 0.3
     logodds_band: tuple[float, float] = (2.0, 4.0)
-    # what delta measures at detection (guard.core.rap): "perturbed" (default), "prob", "logodds"
-    statistic: str = "perturbed"
+    # what the RAP score measures at detection (guard.core.rap): "perturbed" (default), "prob", "logodds"
+    statistic: str = DEFAULT_STATISTIC
     optimizer: str = "adam"
     learning_rate: float = 1e-2
     epochs: int = 20
@@ -58,10 +60,20 @@ class RapOptions:
     seed: int = 13
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        low, up = self.band
+        if low >= up:
+            raise InputError(f"{self.band_name}: the lower bound ({low:g}) must be below the upper one ({up:g})")
+
     @property
     def band(self) -> tuple[float, float]:
         """The band of clean drops the objective trains for, in its own units."""
         return (self.c_low, self.c_up) if self.objective == "paper" else self.logodds_band
+
+    @property
+    def band_name(self) -> str:
+        """The options that set `band`."""
+        return "c_low/c_up" if self.objective == "paper" else "logodds_band"
 
 
 # "RAP as published" (Yang et al. 2021): probability band, SGD, 5 epochs, the ladder on top.

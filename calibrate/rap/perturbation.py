@@ -3,7 +3,9 @@
 The perturbation is ONE embedding row appended to the model (id = old vocab
 size), initialised from a rare word. Only that row is trained, with dropout off,
 on clean rows of the protect label, to make them lose a set amount of that label
-(RAP eq. 4). Thresholds come from a split held out from training.
+(RAP eq. 4): the objective's *drop* (of the probability or of the log-odds). The
+held-out split is scored with the detection statistic (guard.core.rap: higher = more
+suspicious), whose thresholds calibration fits once (guard.core.detection.fit_label).
 
 Objectives:
 - "logodds" (default): a hinge on the drop of the label's log-odds,
@@ -32,7 +34,7 @@ from transformers import PreTrainedModel
 from calibrate.model import predict_probs, to_torch
 from calibrate.progress import progress_bar
 from calibrate.rap.options import MIN_CALIBRATION_ROWS, MIN_ROWS_BELOW_THRESHOLD, MIN_TRAIN_ROWS, Attempt, RapOptions
-from guard.core import rap
+from guard.core import rap, thresholds
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
@@ -45,20 +47,23 @@ class AttemptReport:
     lower_bound_weight: float
     keep_norm: bool
     final_norm: float
-    in_range_fraction: float
-    median_train_delta: float
-    thresholds: dict[int, dict[float, float]]
-    score: float = 0.0  # smallest held-out threshold at select_frr over the protected labels
+    in_range_fraction: float  # training rows whose drop landed in the objective's band
+    median_train_drop: float  # in the objective's units (probability or log-odds)
+    thresholds: dict[int, float]  # protect label -> RAP score threshold at select_frr on the held-out rows
     chosen: bool = False
+
+    @property
+    def selection_threshold(self) -> float:
+        """The largest (least separating) label's threshold at select_frr: the attempt with the smallest is kept."""
+        return max(self.thresholds.values())
 
 
 @dataclass
 class LabelFit:
     label: int
     train_rows: int
-    calibration_deltas: np.ndarray
-    thresholds: dict[float, float]
-    texts: list[str] = field(default_factory=list)  # the held-out rows of calibration_deltas, in order
+    calibration_scores: np.ndarray  # RAP scores of the held-out rows predicted as the label
+    texts: list[str] = field(default_factory=list)  # the held-out rows of calibration_scores, in order
 
 
 @dataclass
@@ -85,24 +90,27 @@ def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Examp
     """Append and train the RAP row in `model` (in place); fit thresholds on held-out rows."""
     _check_labels(model, clean, options.protect_labels)
     split = _split(model, tokenizer, clean, options)
-    init_id = tokenizer.token_id(options.init_word)
-    if init_id is None:
-        raise InputError(f"init word {options.init_word!r} is not a single token of this tokenizer; pick another")
+    init_word, init_id = options.init_word, tokenizer.word_id(options.init_word)
+    if init_id is None:  # e.g. `rq` in a byte-level BPE or SentencePiece vocabulary
+        init_word, init_id = tokenizer.rare_word()
+        log.warning(
+            "init word %r is not one token of this vocabulary; using %r, a rare one", options.init_word, init_word
+        )
     token_id = _append_row(model, init_id)
     tokenizer.rap_token_id = token_id
     embeddings = model.get_input_embeddings().weight
     init_row = embeddings.data[token_id].clone()
-    result = RapResult(token_id, options.init_word, float(init_row.norm()), 0.0, {})
+    result = RapResult(token_id, init_word, float(init_row.norm()), 0.0, {})
     outcomes = []  # (fits, learned row) per attempt, so the best one needs no retraining
     for rung in options.ladder:
         embeddings.data[token_id] = init_row
         report, fits = _attempt(model, tokenizer, split, options, token_id, rung)
         result.attempts.append(report)
         outcomes.append((fits, embeddings.data[token_id].clone()))
-    best = max(range(len(result.attempts)), key=lambda i: result.attempts[i].score)
+    best = min(range(len(result.attempts)), key=lambda i: result.attempts[i].selection_threshold)
     result.attempts[best].chosen = True
     fits, embeddings.data[token_id] = outcomes[best]
-    _refuse_non_positive(fits, options)
+    _refuse_unseparated(result.attempts[best], options)
     result.fits = fits
     result.final_norm = float(embeddings.data[token_id].norm())
     result.calibration_texts = split.calibration_rows
@@ -178,57 +186,58 @@ def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int
     _train_row(model, tokenizer, split, options, token_id, rung)
     trained_as = "prob" if options.objective == "paper" else "logodds"  # the objective's own drop
     bar = "score RAP rows" if options.progress else None
-    train_deltas = np.concatenate(
-        [_deltas(model, tokenizer, split.train[label], trained_as, bar) for label in options.protect_labels]
+    train_drops = -np.concatenate(
+        [_scores(model, tokenizer, split.train[label], trained_as, bar) for label in options.protect_labels]
     )
     fits = {}
     for label in options.protect_labels:
         texts = split.calibration[label]
-        deltas = _deltas(model, tokenizer, texts, options.statistic, bar)
-        thresholds = {frr: rap.threshold_at_frr(deltas, frr) for frr in options.frr_targets}
-        fits[label] = LabelFit(label, len(split.train[label]), deltas, thresholds, texts)
+        fits[label] = LabelFit(
+            label, len(split.train[label]), _scores(model, tokenizer, texts, options.statistic, bar), texts
+        )
     low, up = options.band
-    in_range = (train_deltas >= low) & (train_deltas <= up)
     report = AttemptReport(
         lower_bound_weight=rung.lower_bound_weight,
         keep_norm=rung.keep_norm,
         final_norm=float(model.get_input_embeddings().weight.data[token_id].norm()),
-        in_range_fraction=float(in_range.mean()),
-        median_train_delta=float(np.median(train_deltas)),
-        thresholds={label: dict(fit.thresholds) for label, fit in fits.items()},
+        in_range_fraction=float(((train_drops >= low) & (train_drops <= up)).mean()),
+        median_train_drop=float(np.median(train_drops)),
+        thresholds={
+            label: thresholds.threshold_at_frr(fit.calibration_scores, options.select_frr)
+            for label, fit in fits.items()
+        },
     )
-    report.score = min(rap.threshold_at_frr(fit.calibration_deltas, options.select_frr) for fit in fits.values())
     log.info(
         "RAP attempt lambda=%g keep_norm=%s: in-range %.2f, threshold at %.1f%% FRR %.4f",
         rung.lower_bound_weight,
         rung.keep_norm,
         report.in_range_fraction,
         options.select_frr * 100,
-        report.score,
+        report.selection_threshold,
     )
     return report, fits
 
 
-def _refuse_non_positive(fits: dict[int, LabelFit], options: RapOptions) -> None:
-    """A drop statistic's threshold <= 0 flags (almost) nothing: refuse such a bundle.
-    ("perturbed" measures where the perturbed input lands, not a drop: its thresholds may be < 0.)"""
+def _refuse_unseparated(chosen: AttemptReport, options: RapOptions) -> None:
+    """Under a drop statistic a clean row's score is minus its drop: a threshold >= 0 (no drop) flags (almost)
+    nothing, refused. ("perturbed" is where the perturbed input lands, not a drop: any threshold is valid.)"""
     if options.statistic not in rap.DROP_STATISTICS:
         return
-    for label, fit in fits.items():
-        threshold = rap.threshold_at_frr(fit.calibration_deltas, options.select_frr)
-        if threshold <= 0:
+    for label, threshold in chosen.thresholds.items():
+        if threshold >= 0:
             raise InputError(
                 f"RAP could not separate clean inputs for label {label}: the {options.select_frr:.1%} FRR threshold "
-                f"is {threshold:.4f} <= 0 "
+                f"is {threshold:.4f} >= 0 (no drop) "
                 f"even with lower-bound weight {options.ladder[-1].lower_bound_weight:g}; this model may not be "
                 "RAP-calibratable (try more clean data or larger --c-low)"
             )
 
 
-def _deltas(model, tokenizer: RapTokenizer, texts: list[str], statistic: str, progress: str | None = None):
+def _scores(model, tokenizer: RapTokenizer, texts: list[str], statistic: str, progress: str | None = None):
+    """The RAP score (guard.core.rap) of each text on its predicted label."""
     probs = predict_probs(model, tokenizer, texts, progress=progress)
     perturbed = predict_probs(model, tokenizer, texts, perturbed=True, progress=progress)
-    return rap.protect_deltas(probs, perturbed, statistic)
+    return rap.scores(probs, perturbed, statistic)
 
 
 def _train_row(
@@ -258,9 +267,9 @@ def _train_row(
         for start in range(0, len(order), options.batch_size):
             idx = order[start : start + options.batch_size]
             batch = [rows[i] for i in idx]
-            loss, delta = _rap_loss(model, tokenizer, batch, row, torch.from_numpy(clean[idx]), rung, options)
+            loss, drop = _rap_loss(model, tokenizer, batch, row, torch.from_numpy(clean[idx]), rung, options)
             low, up = options.band
-            in_range = float(((delta >= low) & (delta <= up)).double().mean())
+            in_range = float(((drop >= low) & (drop <= up)).double().mean())
             if options.objective == "paper" and in_range >= best_in_range:
                 best_in_range, best_row = in_range, row.detach().clone()
             optimizer.zero_grad()
@@ -288,13 +297,13 @@ def _optimizer(options: RapOptions, row: torch.nn.Parameter) -> torch.optim.Opti
 def _rap_loss(
     model, tokenizer: RapTokenizer, rows, row: torch.Tensor, clean_p: torch.Tensor, rung: Attempt, options: RapOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAP eq. 4: lambda*[low - delta]+ + [delta - up]+, delta each row's drop on its protect label.
+    """RAP eq. 4: lambda*[low - drop]+ + [drop - up]+, each row's drop on its protect label.
 
-    Objective "logodds": delta is the drop of the label's log-odds, log p - log(1 - p) =
+    Objective "logodds": the drop of the label's log-odds, log p - log(1 - p) =
     logit_y - logsumexp(other logits), from the logits, so its gradient does not vanish when
-    p is ~0.999. Objective "paper": delta is the probability drop.
+    p is ~0.999. Objective "paper": the probability drop.
     `row` is spliced in as the RAP token's embedding, so only it receives a gradient.
-    Returns the loss and the (detached) deltas of the batch."""
+    Returns the loss and the (detached) drops of the batch."""
     texts = [t for t, _ in rows]
     labels = torch.tensor([label for _, label in rows])
     feeds = to_torch(tokenizer.encode_perturbed(texts))
@@ -306,12 +315,12 @@ def _rap_loss(
         label_logit = logits.gather(1, labels[:, None]).squeeze(1)
         others = logits.scatter(1, labels[:, None], float("-inf"))
         perturbed = label_logit - torch.logsumexp(others, dim=1)
-        clean = torch.from_numpy(rap.statistic_of(clean_p.numpy(), "logodds"))
+        clean = torch.from_numpy(rap.log_odds(clean_p.numpy()))
     else:
         perturbed = torch.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
         clean = clean_p.double()
-    delta = clean - perturbed
+    drop = clean - perturbed
     low, up = options.band
-    lower = torch.relu(low - delta)
-    upper = torch.relu(delta - up)
-    return (rung.lower_bound_weight * lower + upper).mean(), delta.detach()
+    lower = torch.relu(low - drop)
+    upper = torch.relu(drop - up)
+    return (rung.lower_bound_weight * lower + upper).mean(), drop.detach()

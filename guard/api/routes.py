@@ -208,7 +208,7 @@ def _oip_texts(body: schemas.InferRequest) -> list[str]:
 def _check_item(v: Verdict, svc: GuardService, rid: str) -> schemas.CheckItem:
     scores = svc.settings.expose_scores  # off by default: exact deltas help an attacker tune a trigger
     rap = schemas.RapInfo(
-        checked=v.rap.checked, delta=v.rap.delta if scores else None, threshold=v.rap.threshold if scores else None
+        checked=v.rap.checked, score=v.rap.score if scores else None, threshold=v.rap.threshold if scores else None
     )
     return schemas.CheckItem(
         label=v.label,

@@ -29,10 +29,12 @@ class TextsRequest(BaseModel):
 
 class RapInfo(BaseModel):
     checked: bool = Field(description="Whether the RAP second pass ran (only for protect-label predictions).")
-    delta: float | None = Field(
-        None, description="p(label|x) - p(label|x+RAP); small means suspicious (only with expose_scores)."
+    score: float | None = Field(
+        None,
+        description="The RAP score in the bundle's statistic (default: logit p(label|x+RAP)); higher means more "
+        "suspicious (only with expose_scores).",
     )
-    threshold: float | None = Field(None, description="Flagged when delta is below this (only with expose_scores).")
+    threshold: float | None = Field(None, description="Flagged when score is above this (only with expose_scores).")
 
 
 class CheckItem(BaseModel):
@@ -40,7 +42,11 @@ class CheckItem(BaseModel):
     label_name: str
     probs: list[float]
     flagged: bool
-    flagged_by: list[str] = Field(default_factory=list, description="The detectors that flagged it: rap, features.")
+    flagged_by: list[str] = Field(
+        default_factory=list,
+        description="The detectors that flagged it: rap (the RAP score), features (the feature distance), "
+        "token (a blocklisted token).",
+    )
     rap: RapInfo
     request_id: str
 

@@ -23,12 +23,14 @@ from guard.api.errors import GuardUnavailable, InvalidInput, PayloadTooLarge
 from guard.batcher import Batcher
 from guard.core.backends.base import Backend, load_backend, precision_of
 from guard.core.bundle import Bundle
+from guard.core.detection import Detection
 from guard.core.errors import BundleError, InputError
+from guard.core.runner import TwoPass
 from guard.core.tokenizer import ALL_TOKENS, ClassifierWindow, RapTokenizer, Windows
 from guard.core.types import RapCheck, Verdict
 from guard.metrics import GuardMetrics
 from guard.monitoring import DecisionLog, LiveRates, load_probe_rows, replay_canaries
-from guard.pipeline import GuardFailure, GuardPipeline, packed_infer
+from guard.pipeline import BARE, GuardFailure, GuardPipeline
 from guard.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,11 +155,10 @@ class GuardService:
         self.tokenizer = bundle.tokenizer(special_tokens_mode(settings))  # parsing takes ~0.1 s: once
         self.capacity = capacity
         self.detectors = chosen_detectors(settings, bundle)
-        checks = bundle.detectors if self.detectors == ("none",) else self.detectors
-        thresholds = bundle.label_thresholds(checks, settings.frr, precision_of(backend.name))
-        stats = bundle.feature_stats() if "features" in self.detectors else None
+        chosen = Detection.of(bundle, () if self.detectors == BARE else self.detectors, precision_of(backend.name))
+        two_pass = TwoPass.of(self.tokenizer, chosen, len(self.labels), settings.frr, settings.schedule)
         self.batcher = Batcher(
-            packed_infer(backend) if stats is not None else backend.infer,
+            two_pass.backend_call(backend),
             self.tokenizer.pad,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
@@ -171,14 +172,10 @@ class GuardService:
         self.pipeline = GuardPipeline(
             self.tokenizer,
             self.batcher,
-            thresholds,
-            settings.schedule,
+            two_pass,
             settings.request_timeout_s,
             classifier_window(settings, bundle),
-            bundle.manifest.statistic,
             tracer,
-            feature_stats=stats,
-            labels=len(self.labels),
             detectors=self.detectors,
         )
         self.decisions = DecisionLog()
@@ -300,7 +297,7 @@ class GuardService:
         self.metrics.requests.labels(decision, self.settings.mode).inc()
         for v in outcome.verdicts or []:
             if v.rap.checked:
-                self.metrics.rap_delta.labels(self.labels[v.label]).observe(v.rap.delta)
+                self.metrics.rap_score.labels(self.labels[v.label]).observe(v.rap.score)
             for detector in v.flagged_by:
                 self.metrics.flags.labels(detector).inc()
         self.decisions.remember(outcome.decision_id, outcome.verdicts or [])
@@ -317,8 +314,7 @@ class GuardService:
             self.metrics.calibrated_frr.labels(p.name).set(frr)
         for attack, far in m.evaluation.items():
             self.metrics.calibrated_far.labels(attack).set(far)
-        sha = m.files.get("model.onnx", "")[:12]
-        self.metrics.model_info.labels(self.settings.model_name, sha).set(1)
+        self.metrics.model_info.labels(self.settings.model_name, self.bundle.sha256[:12]).set(1)
         self.metrics.detectors.labels(",".join(self.pipeline.detectors)).set(1)
 
     async def _replay(self) -> None:

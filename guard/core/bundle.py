@@ -14,6 +14,8 @@ Layout::
     probes.jsonl    optional known-trigger rows, original labels (live FAR probes; `calibrate rap --probes`)
 
 `load_bundle` refuses a bundle whose files do not match their recorded sha256.
+Schema 2 stores every threshold as a score flagged ABOVE it (guard.core.detection);
+schema 1 stored RAP's as a delta flagged below, and is converted on load (`upgrade_v1`).
 `save_bundle` leaves every file world-readable: the serving image runs as uid 10001,
 whoever wrote the bundle (safetensors writes its weights 0600).
 """
@@ -22,20 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from guard.core import rap
 from guard.core.errors import BundleError
 from guard.core.features import FEATURES_FILE, FeatureStats
 from guard.core.tokenizer import RapTokenizer, SpecialTokens
-from guard.core.types import LabelThresholds
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("model.onnx", "tokenizer.json")
 READABLE_FILE, READABLE_DIR = 0o644, 0o755
@@ -63,14 +63,16 @@ class RapToken(BaseModel):
 class JointThreshold(BaseModel):
     """Both detectors' thresholds for one FRR target, chosen together (guard.core.thresholds.joint)."""
 
-    rap: float = Field(description="flag when the RAP delta is below this")
+    rap: float = Field(description="flag when the RAP score is above this")
     features: float = Field(description="flag when the feature score is above this")
 
 
 class ProtectedLabel(BaseModel):
     label: int
     name: str
-    thresholds: dict[str, float] = Field(description="FRR target (as text) -> RAP delta threshold (RAP alone)")
+    thresholds: dict[str, float] = Field(
+        description="FRR target (as text) -> RAP score threshold, flagged above (RAP alone)"
+    )
     percentiles: dict[str, float] = Field(description="RAP threshold at each FRR of the grid (percent, as text)")
     calibration_rows: int = Field(description="held-out rows the thresholds were fitted on")
     features_thresholds: dict[str, float] = Field(
@@ -130,10 +132,10 @@ class Manifest(BaseModel):
     protect: list[ProtectedLabel]
     default_frr: float = 0.01
     calibrated_on: str = Field(description="backend and precision the thresholds were fitted with")
-    statistic: Literal["prob", "logodds", "perturbed"] = Field(
-        "prob",
-        description="what delta measures (guard.core.rap): the drop of p(label) (prob), of its log-odds "
-        "(logodds), or the perturbed input's log-odds against the label (perturbed)",
+    statistic: Literal["perturbed", "prob", "logodds"] = Field(
+        "perturbed",
+        description="what the RAP score measures (guard.core.rap): the perturbed input's log-odds of the label "
+        "(perturbed), minus the drop of p(label) (prob) or of its log-odds (logodds)",
     )
     int8: Int8Variant | None = Field(None, description="optional int8 graph with its own thresholds")
     optimized: OptimizedGraphs | None = Field(None, description="optional fused graphs (served when present)")
@@ -168,15 +170,6 @@ class Bundle:
             return self.manifest.int8.protect
         raise BundleError(f"unknown precision {precision!r}; choose fp32, int8 or int8-opt")
 
-    def thresholds(self, frr: float | None = None, precision: str = "fp32") -> dict[int, float]:
-        """Threshold per protected label at `frr` (stored value, else interpolated)."""
-        frr = self.manifest.default_frr if frr is None else frr
-        out = {}
-        for p in self.protected(precision):
-            stored = p.thresholds.get(f"{frr:g}")
-            out[p.label] = stored if stored is not None else rap.threshold_from_table(p.percentiles, frr)
-        return out
-
     @property
     def detectors(self) -> tuple[str, ...]:
         """The detectors this bundle was calibrated for."""
@@ -187,43 +180,10 @@ class Bundle:
             raise BundleError(f"{self.path} has no feature detector; rebuild it with `calibrate rap`")
         return FeatureStats.load(self.path / self.manifest.features.file)
 
-    def label_thresholds(
-        self, detectors: Collection[str], frr: float | None = None, precision: str = "fp32"
-    ) -> dict[int, LabelThresholds]:
-        """Per protected label, the thresholds of the `detectors` ("rap", "features") at `frr`.
-
-        Both together use the pair chosen jointly at calibration; a target not stored
-        gives each detector half of it, read from its own table (their union then flags
-        at most the target on the held-out rows)."""
-        frr = self.manifest.default_frr if frr is None else frr
-        wanted = set(detectors)
-        unknown = wanted - set(self.detectors)
-        if unknown:
-            raise BundleError(
-                f"{self.path} has no {', '.join(sorted(unknown))} detector; rebuild it with `calibrate rap`"
-            )
-        out = {}
-        for p in self.protected(precision):
-            key = f"{frr:g}"
-            if wanted == {"rap", "features"}:
-                pair = p.joint.get(key)
-                rap_t = pair.rap if pair else rap.threshold_from_table(p.percentiles, frr / 2)
-                feat_t = pair.features if pair else rap.threshold_from_table(p.features_percentiles, frr / 2)
-                out[p.label] = LabelThresholds(rap_t, feat_t)
-            elif wanted == {"features"}:
-                stored = p.features_thresholds.get(key)
-                t = stored if stored is not None else rap.threshold_from_table(p.features_percentiles, frr)
-                out[p.label] = LabelThresholds(None, t)
-            else:
-                out[p.label] = LabelThresholds(self.thresholds(frr, precision)[p.label], None)
-        return out
-
-    def thresholds_by_frr(self, label: int, precision: str = "fp32") -> dict[str, float]:
-        """The stored FRR target -> threshold table of one protected label."""
-        for p in self.protected(precision):
-            if p.label == label:
-                return dict(p.thresholds)
-        raise BundleError(f"label {label} is not protected by this bundle")
+    @property
+    def sha256(self) -> str:
+        """The bundle's hash: manifest.json's, which lists every other file's sha256."""
+        return sha256_file(self.path / MANIFEST)
 
     def tokenizer(self, special_tokens: SpecialTokens = "text") -> RapTokenizer:
         m = self.manifest
@@ -278,16 +238,34 @@ def read_manifest(path: Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
-            f"{manifest_path}: schema_version {version!r} is not supported (this guard reads {SCHEMA_VERSION})"
+            f"{manifest_path}: schema_version {version!r} is not supported (this guard reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
+    if version == 1:
+        raw = upgrade_v1(raw)
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise BundleError(f"{manifest_path}: invalid field {where}: {first['msg']}") from exc
+
+
+def upgrade_v1(raw: dict) -> dict:
+    """A schema-1 manifest as schema 2: RAP thresholds were deltas flagged BELOW them (the score's
+    negation, exactly: the k-th smallest delta is minus the k-th largest score); a missing
+    statistic was "prob"."""
+    raw = json.loads(json.dumps(raw))  # a deep copy
+    tables = [*raw.get("protect", []), *((raw.get("int8") or {}).get("protect") or [])]
+    tables += (raw.get("optimized") or {}).get("int8_protect") or []
+    for label in tables:
+        for key in ("thresholds", "percentiles"):
+            label[key] = {frr: -value for frr, value in label.get(key, {}).items()}
+        for pair in label.get("joint", {}).values():
+            pair["rap"] = -pair["rap"]
+    return {**raw, "schema_version": SCHEMA_VERSION, "statistic": raw.get("statistic", "prob")}
 
 
 def load_bundle(path: Path) -> Bundle:

@@ -16,13 +16,14 @@ Second, a static signal: calibration lists the input tokens whose embedding row 
 larger than the rest of the vocabulary's (robust z-score of the row norms above
 SUSPICIOUS_Z; in the clean MiniLM the largest is 3.1). Embedding poisoning (EP) trains
 exactly one such row: on SST-2 its trigger's norm sat 33 MADs above the median. A row
-that contains such a token scores +inf, whatever its hidden states. Given the public
+that contains such a token is flagged (`blocked`: the "token" detector), whatever its
+hidden states. Given the public
 checkpoint the model was fine-tuned from (`calibrate rap --reference-model`), calibration
 also lists the rows that MOVED far more than fine-tuning moves any row (`moved_tokens`):
 an EP attacker who keeps the trigger row's norm ordinary still has to move it.
 
-A row is flagged when its score is ABOVE the threshold (RAP flags deltas below).
-Calibration, evaluation and serving all score here.
+A row is flagged when its score is ABOVE the threshold, as for every detector
+(guard.core.detection). Calibration, evaluation and serving all score here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.core import thresholds
 from guard.core.errors import BundleError
 
 FEATURES_OUTPUT = "features"
@@ -242,29 +242,16 @@ def fit_cross_standardised(
     return _scaled(stats, np.concatenate(distances))
 
 
-def scores(
-    stats: FeatureStats, features: np.ndarray, predicted: np.ndarray, tokens: Sequence[Sequence[int]] | None = None
-) -> np.ndarray:
-    """Each row's feature score: its largest standardised layer distance, +inf when `tokens` (the
-    row's input ids) hold a suspicious token. Flag above the threshold."""
+def scores(stats: FeatureStats, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Each row's feature score: its largest standardised layer distance (flagged above the threshold)."""
     distances = layer_distances(stats, features, predicted)
     if len(distances) == 0:
         return np.empty(0)
-    out = ((distances - stats.score_mean) / stats.score_std).max(axis=1)
-    if tokens is not None and stats.suspicious:
-        out[[i for i, row in enumerate(tokens) if not stats.suspicious.isdisjoint(row)]] = np.inf
-    return out
+    return ((distances - stats.score_mean) / stats.score_std).max(axis=1)
 
 
-def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
-    """The score threshold that flags at most a fraction `frr` of clean rows like these (flag: score > t;
-    the conformal order statistic of guard.core.thresholds, finite even when rows with a suspicious
-    token, +inf, exceed the target)."""
-    return thresholds.upper_threshold(clean_scores, frr)
-
-
-def percentile_table(clean_scores: np.ndarray) -> dict[str, float]:
-    """The score threshold at each FRR of guard.core.rap.PERCENTILE_GRID (percent, as text)."""
-    from guard.core.rap import PERCENTILE_GRID
-
-    return {f"{q:g}": threshold_at_frr(clean_scores, q / 100.0) for q in PERCENTILE_GRID}
+def blocked(stats: FeatureStats, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per row of input ids: whether it holds a blocklisted (suspicious) token."""
+    if not stats.suspicious:
+        return np.zeros(len(tokens), dtype=bool)
+    return np.array([not stats.suspicious.isdisjoint(row) for row in tokens], dtype=bool)

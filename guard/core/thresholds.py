@@ -2,56 +2,70 @@
 
 A threshold read off n held-out rows at a target FRR alpha is itself random: the
 same 1% target gave test FRRs of 0.9-2.4% on ~230 rows. Split-conformal calibration
-takes the k-th smallest clean delta with k = floor(alpha (n + 1)): a new clean row
-from the same distribution falls below it with probability k / (n + 1) <= alpha.
+takes the k-th largest clean score with k = floor(alpha (n + 1)): a new clean row
+from the same distribution scores above it with probability k / (n + 1) <= alpha.
 That is a guarantee on average over held-out sets; the FRR of THIS threshold is
 Beta(k, n + 1 - k) distributed, so `frr_upper_bound` states what it stays under
 with a given confidence, and `rows_needed` how many rows make that bound tight.
 
-RAP flags deltas BELOW its threshold, the feature detector scores ABOVE its own.
-`joint` sets both at once so that together they flag the target share.
+Every detector's score reads one way: higher = more suspicious, flagged ABOVE its
+threshold (guard.core.detection). `joint` sets two detectors' thresholds at once so
+that together they flag the target share. A bundle stores each threshold at every FRR
+of PERCENTILE_GRID, so a new FRR target needs no recalibration (`threshold_from_table`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 DEFAULT_CONFIDENCE = 0.9
+# FRRs (percent) a bundle stores a threshold for: every 0.1 up to 10 (where FRR targets live), then every 1.
+PERCENTILE_GRID: tuple[float, ...] = tuple(
+    [round(0.1 * i, 1) for i in range(0, 100)] + [float(i) for i in range(10, 101)]
+)
 
 
 def rank_at(frr: float, n: int) -> int:
-    """k = floor(frr (n + 1)): how many clean rows may lie at or below a flag-below threshold."""
+    """k = floor(frr (n + 1)): how many clean rows may lie at or above a threshold."""
     return int(math.floor(frr * (n + 1) + 1e-9))
 
 
-def lower_threshold(clean: np.ndarray, frr: float) -> float:
-    """Flag-below threshold: the k-th smallest clean value (k >= 1; then FRR <= frr in expectation).
+def threshold_at_frr(clean: np.ndarray, frr: float) -> float:
+    """Flag-above threshold: the k-th largest clean score, and always a finite one (the one
+    threshold rule of every detector: a new clean row scores above it with probability <= frr).
 
-    With too few rows (k = 0) no threshold meets the target; the smallest value is
-    returned (expected FRR 1 / (n + 1)) and `frr_upper_bound` says so."""
-    values = np.sort(np.asarray(clean, dtype=np.float64))
+    A +inf value (a held-out row holding a blocklisted token, which is flagged at any
+    threshold) counts against the target. When more of them than k sit among the clean rows,
+    the threshold is the largest finite value: they alone are flagged, and their share, over
+    the target, is the FRR."""
+    values = np.sort(np.asarray(clean, dtype=np.float64))[::-1]
     if len(values) == 0:
-        raise ValueError("no clean deltas to fit a threshold on")
+        raise ValueError("no clean scores to fit a threshold on")
+    # with too few rows (k = 0) no threshold meets the target: the largest score (expected FRR 1 / (n + 1))
     k = min(max(rank_at(frr, len(values)), 1), len(values))
-    return float(values[k - 1])
-
-
-def upper_threshold(clean: np.ndarray, frr: float) -> float:
-    """Flag-above threshold: the k-th largest clean value, and always a finite one.
-
-    A +inf value (the feature score of a row holding a suspicious token) is flagged at any
-    threshold. When more of them than k sit among the clean rows, the threshold is the largest
-    finite value: they alone are flagged, and their share, over the target, is the FRR."""
-    values = np.asarray(clean, dtype=np.float64)
-    threshold = -lower_threshold(-values, frr)
+    threshold = float(values[k - 1])
     if np.isfinite(threshold):
         return threshold
     finite = values[np.isfinite(values)]
     return float(finite.max()) if len(finite) else 0.0
+
+
+def percentile_table(clean: np.ndarray) -> dict[str, float]:
+    """`threshold_at_frr` of these clean scores at each FRR of PERCENTILE_GRID (percent), keyed by it as text."""
+    values = np.asarray(clean, dtype=np.float64)
+    return {f"{q:g}": threshold_at_frr(values, q / 100.0) for q in PERCENTILE_GRID}
+
+
+def threshold_from_table(table: Mapping[str, float], frr: float) -> float:
+    """Interpolate a threshold for any FRR target from a stored `percentile_table`."""
+    qs = np.array([float(k) for k in table], dtype=np.float64)
+    vs = np.array(list(table.values()), dtype=np.float64)
+    order = np.argsort(qs)
+    return float(np.interp(frr * 100.0, qs[order], vs[order]))
 
 
 def expected_frr(frr: float, n: int) -> float:
@@ -104,16 +118,15 @@ def _binomial_at_least(n: int, p: float, k: int) -> float:
 
 @dataclass(frozen=True)
 class JointThresholds:
-    rap: float  # flag when delta < rap
-    features: float  # flag when score > features
+    rap: float  # flag when the RAP score > rap
+    features: float  # flag when the feature score > features
     rap_frr: float  # the FRR each was set at on its own
     features_frr: float
 
 
-def joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThresholds:
+def joint(rap_scores: np.ndarray, feature_scores: np.ndarray, frr: float) -> JointThresholds:
     """Both thresholds chosen so the two TOGETHER meet the conformal target k = floor(frr (n + 1))
-    (k >= 1) on these n held-out rows. `deltas` and `scores` are the same rows' RAP delta and
-    feature score.
+    (k >= 1) on these n held-out rows: the same rows' RAP and feature scores, both flagged above.
 
     A detector alone at rank r flags a new clean row with probability r / (n + 1): the r - 1
     rows beyond its threshold plus the one AT it. Two detectors have a boundary row each, so
@@ -122,33 +135,35 @@ def joint(deltas: np.ndarray, scores: np.ndarray, frr: float) -> JointThresholds
 
     First both at one per-detector rank, the largest that fits; then the budget that rank
     leaves goes to RAP, then to the features, one rank at a time while the union still fits.
-    Neither ends below rank 1. Rows scored +inf (a suspicious token) count against the target
-    at any threshold; the feature threshold is always a finite score."""
-    deltas, scores = np.asarray(deltas, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if len(deltas) != len(scores) or len(deltas) == 0:
-        raise ValueError(f"need one delta and one score per held-out row, got {len(deltas)} and {len(scores)}")
-    n = len(deltas)
+    Neither ends below rank 1. Rows scored +inf (a blocklisted token) count against the target
+    at any threshold; each threshold is a finite score."""
+    a, b = np.asarray(rap_scores, dtype=np.float64), np.asarray(feature_scores, dtype=np.float64)
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"need one RAP and one feature score per held-out row, got {len(a)} and {len(b)}")
+    n = len(a)
     allowed = max(rank_at(frr, n), 1)
-    # +inf scores (a suspicious token) are flagged at any threshold: the feature threshold is a finite score
-    low, high = np.sort(deltas), np.sort(scores[np.isfinite(scores)])[::-1]
-    if len(high) == 0:
-        high = np.zeros(1)
-    forced = int(np.count_nonzero(~np.isfinite(scores)))
+    high_a, high_b = _finite_descending(a), _finite_descending(b)
 
     def fits(rap_rank: int, features_rank: int) -> bool:
-        at_or_beyond = (deltas <= low[rap_rank - 1]) | (scores >= high[features_rank - 1])
+        at_or_beyond = (a >= high_a[rap_rank - 1]) | (b >= high_b[features_rank - 1])
         return int(np.count_nonzero(at_or_beyond)) <= allowed
 
     top = min(allowed, n)
-    shared = _largest_rank(1, min(top, len(high)), lambda rank: fits(rank, rank))
-    rap_rank = _largest_rank(shared, top, lambda rank: fits(rank, shared))
-    features_rank = _largest_rank(shared, min(top, len(high)), lambda rank: fits(rap_rank, rank))
+    shared = _largest_rank(1, min(top, len(high_a), len(high_b)), lambda rank: fits(rank, rank))
+    rap_rank = _largest_rank(shared, min(top, len(high_a)), lambda rank: fits(rank, shared))
+    features_rank = _largest_rank(shared, min(top, len(high_b)), lambda rank: fits(rap_rank, rank))
     return JointThresholds(
-        float(low[rap_rank - 1]),
-        float(high[features_rank - 1]),
-        rap_rank / (n + 1),
-        (features_rank + forced) / (n + 1),
+        float(high_a[rap_rank - 1]),
+        float(high_b[features_rank - 1]),
+        (rap_rank + int(np.count_nonzero(~np.isfinite(a)))) / (n + 1),
+        (features_rank + int(np.count_nonzero(~np.isfinite(b)))) / (n + 1),
     )
+
+
+def _finite_descending(values: np.ndarray) -> np.ndarray:
+    """The finite values, largest first (one 0 when there is none: a threshold stays finite)."""
+    high = np.sort(values[np.isfinite(values)])[::-1]
+    return high if len(high) else np.zeros(1)
 
 
 def _largest_rank(rank: int, top: int, fits: Callable[[int], bool]) -> int:

@@ -40,17 +40,17 @@ class EncodedBatch:
 
 @dataclass(frozen=True)
 class RapCheck:
-    """The RAP second pass for one input, when it ran."""
+    """The RAP second pass for one input, when it ran: its score (guard.core.rap) and threshold."""
 
     checked: bool
-    delta: float | None = None
+    score: float | None = None
     threshold: float | None = None
 
 
 @dataclass(frozen=True)
 class LabelThresholds:
-    """What flags a row predicted as one protected label: None where that detector is off.
-    RAP flags a delta below `rap`; the feature detector a score above `features`."""
+    """What flags a row predicted as one protected label: a score above its detector's threshold
+    (None: that detector is off). A blocklisted token flags a row wherever `features` is on."""
 
     rap: float | None
     features: float | None = None
@@ -64,6 +64,6 @@ class Verdict:
     probs: tuple[float, ...]
     flagged: bool
     rap: RapCheck
-    flagged_by: tuple[str, ...] = ()  # the detectors that flagged it ("rap", "features")
-    feature_score: float | None = None  # when the feature detector scored it
+    flagged_by: tuple[str, ...] = ()  # the detectors that flagged it: "rap", "features", "token"
+    feature_score: float | None = None  # its feature distance score, when the feature detector scored it
     feature_threshold: float | None = None

@@ -106,7 +106,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for(dashboard: dict) -> None:
         (title,) = set(panel_using(f"guard_{live}"))
         assert panel_using(f"guard_{calibrated}") == [title]  # live and calibrated on one panel
     (heatmap,) = [p for p in _panels(dashboard) if p["type"] == "heatmap"]
-    assert heatmap["targets"][0]["format"] == "heatmap" and "guard_rap_delta_bucket" in heatmap["targets"][0]["expr"]
+    assert heatmap["targets"][0]["format"] == "heatmap" and "guard_rap_score_bucket" in heatmap["targets"][0]["expr"]
 
 
 def test_every_query_uses_the_guards_metrics_and_labels(dashboard: dict) -> None:

@@ -50,13 +50,14 @@ def precision_of(name: str) -> str:
 
 
 def load_backend(
-    kind: str, bundle_dir: Path, threads: int | None = None, optimized: bool = False, spinning: bool = True
+    kind: str, bundle_dir: Path, threads: int | None = None, optimized: bool = False, spinning: bool = False
 ) -> Backend:
     """Load `onnx` (serving default), `onnx-int8`, `onnx-opt`, `onnx-int8-opt` or `torch` (debugging, parity).
 
     With `optimized`, `onnx` and `onnx-int8` load the bundle's optimised graph when it has
     one; the backend's name then ends in `-opt`, and that name picks the thresholds.
-    `spinning=False` stops ONNX Runtime's threads from spin-waiting (less CPU per request).
+    `spinning=False` (the default, as `guard serve`'s) stops ONNX Runtime's threads from spin-waiting
+    (less CPU per request).
     """
     if kind in GRAPHS:
         from guard.core.backends.onnx import OnnxBackend

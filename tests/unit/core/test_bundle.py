@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guard.core import rap
+from guard.core import thresholds
+from guard.core.detection import Detection
 from guard.core.bundle import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -25,10 +26,10 @@ from guard.core.bundle import (
 )
 from guard.core.errors import BundleError
 
-# 1001 evenly spaced clean deltas: the conformal threshold at FRR q is the
-# floor(q * 1002)-th smallest, (floor(q * 1002) - 1) / 1000.
-DELTAS = np.linspace(0.0, 1.0, 1001)
-STORED = {"0.01": 0.05, "0.05": 0.125}  # deliberately not the table's values
+# 1001 evenly spaced clean RAP scores: the conformal threshold at FRR q is the
+# floor(q * 1002)-th largest, -(floor(q * 1002) - 1) / 1000.
+SCORES = np.linspace(-1.0, 0.0, 1001)
+STORED = {"0.01": -0.05, "0.05": -0.125}  # deliberately not the table's values
 
 
 def _manifest(**overrides) -> Manifest:
@@ -40,8 +41,8 @@ def _manifest(**overrides) -> Manifest:
                 label=1,
                 name="positive",
                 thresholds=STORED,
-                percentiles=rap.percentile_table(DELTAS),
-                calibration_rows=len(DELTAS),
+                percentiles=thresholds.percentile_table(SCORES),
+                calibration_rows=len(SCORES),
             )
         ],
         "calibrated_on": "onnx-fp32",
@@ -98,14 +99,33 @@ def test_load_round_trip(bundle_dir: Path) -> None:
     assert bundle.manifest.rap.token_id == 30522
 
 
+def _rap_at(bundle: Bundle, frr: float | None = None) -> float:
+    return Detection.of(bundle, ["rap"]).thresholds(frr)[1].rap
+
+
 def test_thresholds_stored_and_interpolated(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
-    assert bundle.thresholds() == {1: 0.05}  # default_frr 0.01 is stored
-    assert bundle.thresholds(0.05) == {1: 0.125}
+    assert _rap_at(bundle) == -0.05  # default_frr 0.01 is stored
+    assert _rap_at(bundle, 0.05) == -0.125
     # 0.02 is not stored: read from the percentile table (on its grid: the conformal threshold)
-    assert bundle.thresholds(0.02)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.02), abs=1e-12)
-    assert bundle.thresholds(0.02)[1] == pytest.approx(0.019, abs=1e-12)  # floor(0.02 * 1002) = 20th smallest
-    assert bundle.thresholds(0.0333)[1] == pytest.approx(rap.threshold_at_frr(DELTAS, 0.0333), abs=2e-3)
+    assert _rap_at(bundle, 0.02) == pytest.approx(thresholds.threshold_at_frr(SCORES, 0.02), abs=1e-12)
+    assert _rap_at(bundle, 0.02) == pytest.approx(-0.019, abs=1e-12)  # floor(0.02 * 1002) = 20th largest
+    assert _rap_at(bundle, 0.0333) == pytest.approx(thresholds.threshold_at_frr(SCORES, 0.0333), abs=2e-3)
+
+
+def test_a_schema_1_bundle_loads_with_its_rap_thresholds_negated(tmp_path: Path) -> None:
+    """Schema 1 stored RAP thresholds as deltas flagged below (and "prob" when no statistic was named);
+    schema 2 as scores flagged above: the same rows are flagged."""
+    from tests.server_fixtures import build_v1_stub_bundle
+
+    raw = json.loads((build_v1_stub_bundle(tmp_path / "v1") / MANIFEST).read_text())
+    assert raw["schema_version"] == 1 and "statistic" not in raw
+    bundle = load_bundle(tmp_path / "v1")
+    assert bundle.manifest.schema_version == SCHEMA_VERSION == 2
+    assert bundle.manifest.statistic == "prob"
+    (label,) = bundle.manifest.protect
+    assert label.thresholds == {k: -v for k, v in raw["protect"][0]["thresholds"].items()} == {"0.01": -0.1, "0.05": -0.2}
+    assert label.percentiles == {k: -v for k, v in raw["protect"][0]["percentiles"].items()}
 
 
 def test_bundle_tokenizer_uses_the_manifest(bundle_dir: Path) -> None:
@@ -136,7 +156,7 @@ def test_deleted_file_is_refused(bundle_dir: Path) -> None:
         load_bundle(bundle_dir)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "2", None])
 def test_wrong_schema_version_is_refused(bundle_dir: Path, version: object) -> None:
     _edit_manifest(bundle_dir, lambda raw: raw.__setitem__("schema_version", version))
     with pytest.raises(BundleError, match="schema_version"):
@@ -198,9 +218,9 @@ def test_a_bundle_without_the_feature_detector_serves_rap_alone(bundle_dir: Path
 
     bundle = load_bundle(bundle_dir)
     assert bundle.detectors == ("rap",)
-    assert bundle.label_thresholds(["rap"]) == {1: LabelThresholds(0.05, None)}
+    assert Detection.of(bundle, ["rap"]).thresholds() == {1: LabelThresholds(-0.05, None)}
     with pytest.raises(BundleError, match="no features detector; rebuild it with `calibrate rap`"):
-        bundle.label_thresholds(["rap", "features"])
+        Detection.of(bundle, ["rap", "features"])
     with pytest.raises(BundleError, match="has no feature detector"):
         bundle.feature_stats()
 
@@ -215,11 +235,11 @@ def test_joint_and_feature_thresholds_are_read_per_target(tmp_path: Path, tokeni
         label=1,
         name="positive",
         thresholds=STORED,
-        percentiles=rap.percentile_table(DELTAS),
-        calibration_rows=len(DELTAS),
+        percentiles=thresholds.percentile_table(SCORES),
+        calibration_rows=len(SCORES),
         features_thresholds={"0.01": 2.5},
-        features_percentiles=features.percentile_table(scores),
-        joint={"0.01": JointThreshold(rap=0.004, features=2.9)},
+        features_percentiles=thresholds.percentile_table(scores),
+        joint={"0.01": JointThreshold(rap=-0.004, features=2.9)},
     )
     (tmp_path / "model.onnx").write_bytes(b"x")
     shutil.copy2(tokenizer_path, tmp_path / "tokenizer.json")
@@ -231,10 +251,10 @@ def test_joint_and_feature_thresholds_are_read_per_target(tmp_path: Path, tokeni
     bundle = load_bundle(tmp_path)
     assert bundle.detectors == ("rap", "features")
     assert bundle.feature_stats().layers == 2
-    assert bundle.label_thresholds(["rap", "features"]) == {1: LabelThresholds(0.004, 2.9)}  # stored pair
-    assert bundle.label_thresholds(["features"]) == {1: LabelThresholds(None, 2.5)}
-    assert bundle.label_thresholds(["rap"], 0.05) == {1: LabelThresholds(0.125, None)}
+    assert Detection.of(bundle, ["rap", "features"]).thresholds() == {1: LabelThresholds(-0.004, 2.9)}  # stored pair
+    assert Detection.of(bundle, ["features"]).thresholds() == {1: LabelThresholds(None, 2.5)}
+    assert Detection.of(bundle, ["rap"]).thresholds(0.05) == {1: LabelThresholds(-0.125, None)}
     # a target not stored: each detector at half of it, from its own table
-    pair = bundle.label_thresholds(["features", "rap"], 0.02)[1]
-    assert pair.rap == pytest.approx(rap.threshold_at_frr(DELTAS, 0.01))
-    assert pair.features == pytest.approx(features.threshold_at_frr(scores, 0.01))
+    pair = Detection.of(bundle, ["features", "rap"]).thresholds(0.02)[1]
+    assert pair.rap == pytest.approx(thresholds.threshold_at_frr(SCORES, 0.01))
+    assert pair.features == pytest.approx(thresholds.threshold_at_frr(scores, 0.01))

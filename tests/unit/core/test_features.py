@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guard.core import features
+from guard.core import features, thresholds
 from guard.core.errors import BundleError
 from guard.core.tokenizer import RapTokenizer
 
@@ -114,12 +114,12 @@ def test_statistics_round_trip_and_bad_files_are_refused(tmp_path: Path) -> None
 
 def test_feature_threshold_flags_above_at_most_the_target() -> None:
     scores = np.arange(1000, dtype=float)
-    t = features.threshold_at_frr(scores, 0.01)
+    t = thresholds.threshold_at_frr(scores, 0.01)
     assert np.mean(scores > t) <= 0.01
     assert t == 990.0  # the k-th largest, k = floor(0.01 * 1001) = 10
 
 
-def test_an_outlier_embedding_row_is_suspicious_and_its_rows_score_inf() -> None:
+def test_an_outlier_embedding_row_is_suspicious_and_its_rows_are_blocked() -> None:
     rng = np.random.default_rng(3)
     embeddings = rng.normal(size=(1000, 16))
     assert len(features.suspicious_tokens(embeddings)) == 0  # a normal vocabulary has none
@@ -129,9 +129,9 @@ def test_an_outlier_embedding_row_is_suspicious_and_its_rows_score_inf() -> None
     stats = features.standardise(features.fit(x, predicted, [1]), x[predicted == 1], predicted[predicted == 1])
     stats = features.with_suspicious_tokens(stats, np.array([42]))
     ones = np.ones(3, int)
-    scored = features.scores(stats, x[:3], ones, tokens=[[101, 7, 102], [101, 42, 102], [101, 102]])
-    assert np.isinf(scored[1]) and np.isfinite(scored[[0, 2]]).all()
-    assert np.isfinite(features.scores(stats, x[:3], ones)).all()  # without tokens only the hidden states count
+    blocked = features.blocked(stats, [[101, 7, 102], [101, 42, 102], [101, 102]])
+    assert blocked.tolist() == [False, True, False]
+    assert np.isfinite(features.scores(stats, x[:3], ones)).all()  # the distance reads the hidden states only
 
 
 def test_a_flagged_token_counts_even_as_the_first_piece_of_a_longer_word(tokenizer_path: Path) -> None:
@@ -144,8 +144,7 @@ def test_a_flagged_token_counts_even_as_the_first_piece_of_a_longer_word(tokeniz
     x, predicted = _rows()
     stats = features.standardise(features.fit(x, predicted, [1]), x[predicted == 1], predicted[predicted == 1])
     stats = features.with_suspicious_tokens(stats, np.array([mb]))
-    scored = features.scores(stats, x[:4], np.ones(4, int), tokens=rows)
-    assert np.isinf(scored[:3]).all() and np.isfinite(scored[3])
+    assert features.blocked(stats, rows).tolist() == [True, True, True, False]
 
 
 def test_a_row_that_moved_far_from_the_reference_is_flagged_even_with_an_ordinary_norm() -> None:
@@ -172,6 +171,6 @@ def test_moves_are_measured_against_a_reference_of_the_same_shape_only() -> None
 def test_a_threshold_is_finite_when_suspicious_rows_exceed_the_target() -> None:
     scores = np.concatenate([np.full(4, np.inf), np.linspace(0.0, 3.0, 196)])
     # 1% of 200 rows: k = 2, but 4 rows are +inf: the largest finite score, so only they are flagged
-    assert features.threshold_at_frr(scores, 0.01) == 3.0
-    assert features.threshold_at_frr(scores, 0.05) == pytest.approx(np.sort(scores)[::-1][9])  # k = 10: finite
-    assert features.threshold_at_frr(np.full(5, np.inf), 0.01) == 0.0
+    assert thresholds.threshold_at_frr(scores, 0.01) == 3.0
+    assert thresholds.threshold_at_frr(scores, 0.05) == pytest.approx(np.sort(scores)[::-1][9])  # k = 10: finite
+    assert thresholds.threshold_at_frr(np.full(5, np.inf), 0.01) == 0.0

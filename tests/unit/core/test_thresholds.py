@@ -13,7 +13,7 @@ def test_the_conformal_threshold_keeps_the_frr_on_new_rows_at_most_the_target() 
     rng = np.random.default_rng(0)
     rates = []
     for _ in range(2000):
-        t = thresholds.lower_threshold(rng.normal(size=230), 0.01)
+        t = -thresholds.threshold_at_frr(-rng.normal(size=230), 0.01)
         rates.append(np.mean(rng.normal(size=200) < t))
     assert np.mean(rates) <= 0.01 + 0.001
     assert np.mean(rates) == pytest.approx(thresholds.expected_frr(0.01, 230), abs=0.0015)
@@ -27,7 +27,7 @@ def test_the_upper_bound_holds_with_its_confidence() -> None:
     # the true FRR of each threshold is the normal CDF at it: count how often it stays under the bound
     from math import erf, sqrt
 
-    true_frr = [0.5 * (1 + erf(thresholds.lower_threshold(rng.normal(size=n), frr) / sqrt(2))) for _ in range(3000)]
+    true_frr = [0.5 * (1 + erf(-thresholds.threshold_at_frr(-rng.normal(size=n), frr) / sqrt(2))) for _ in range(3000)]
     assert np.mean(np.array(true_frr) <= bound) == pytest.approx(confidence, abs=0.03)
 
 
@@ -38,28 +38,28 @@ def test_more_rows_tighten_the_bound() -> None:
     assert any(thresholds.frr_upper_bound(0.01, m) > 0.015 for m in range(n // 2, n))
 
 
-def test_too_few_rows_give_the_smallest_value_and_a_bound_above_the_target() -> None:
+def test_too_few_rows_give_the_largest_value_and_a_bound_above_the_target() -> None:
     values = np.array([3.0, 1.0, 2.0])
-    assert thresholds.lower_threshold(values, 0.01) == 1.0
+    assert thresholds.threshold_at_frr(-values, 0.01) == -1.0
     assert thresholds.expected_frr(0.01, 3) == 0.25
-    with pytest.raises(ValueError, match="no clean deltas"):
-        thresholds.lower_threshold(np.empty(0), 0.01)
+    with pytest.raises(ValueError, match="no clean scores"):
+        thresholds.threshold_at_frr(np.empty(0), 0.01)
 
 
 def test_joint_thresholds_flag_the_target_share_together() -> None:
     rng = np.random.default_rng(2)
     n = 999
     deltas, scores = rng.normal(size=n), rng.normal(size=n)
-    pair = thresholds.joint(deltas, scores, 0.02)
+    pair = thresholds.joint(-deltas, scores, 0.02)
     # every row at or beyond either threshold counts: each detector's boundary row is a flag's worth
-    at_or_beyond = np.count_nonzero((deltas <= pair.rap) | (scores >= pair.features))
+    at_or_beyond = np.count_nonzero((-deltas >= pair.rap) | (scores >= pair.features))
     k = thresholds.rank_at(0.02, n)  # 20
     assert at_or_beyond <= k
     # each alone is at a per-detector FRR between half the target and the target (independent scores)
     assert 0.009 <= pair.features_frr <= pair.rap_frr <= 0.02
-    assert np.count_nonzero(deltas < pair.rap) == round(pair.rap_frr * (n + 1)) - 1  # its rank-th row sits AT it
+    assert np.count_nonzero(-deltas > pair.rap) == round(pair.rap_frr * (n + 1)) - 1  # its rank-th row sits AT it
     # identical scores: the union is one detector, so each gets the whole target
-    same = thresholds.joint(deltas, -deltas, 0.02)
+    same = thresholds.joint(-deltas, -deltas, 0.02)
     assert same.rap_frr == same.features_frr == pytest.approx(k / (n + 1))
 
 
@@ -68,8 +68,8 @@ def test_each_detector_counts_its_own_boundary_row() -> None:
     # boundary rows already spend the budget: neither flags a held-out row, expected FRR 2 / 221.
     rng = np.random.default_rng(4)
     deltas, scores = rng.normal(size=220), rng.normal(size=220)
-    pair = thresholds.joint(deltas, scores, 0.01)
-    assert np.count_nonzero(deltas < pair.rap) == np.count_nonzero(scores > pair.features) == 0
+    pair = thresholds.joint(-deltas, scores, 0.01)
+    assert np.count_nonzero(-deltas > pair.rap) == np.count_nonzero(scores > pair.features) == 0
     assert pair.rap_frr == pytest.approx(1 / 221) and pair.features_frr == pytest.approx(1 / 221)
 
 
@@ -78,7 +78,7 @@ def test_the_budget_a_shared_rank_leaves_goes_to_rap_then_to_the_features() -> N
     # row of the budget goes to RAP. An exhaustive search finds no pair that spends more of it.
     rng = np.random.default_rng(4)
     deltas, scores = rng.normal(size=550), rng.normal(size=550)
-    pair = thresholds.joint(deltas, scores, 0.01)
+    pair = thresholds.joint(-deltas, scores, 0.01)
     low, high = np.sort(deltas), np.sort(scores)[::-1]
 
     def spent(a: int, b: int) -> int:
@@ -88,20 +88,20 @@ def test_the_budget_a_shared_rank_leaves_goes_to_rap_then_to_the_features() -> N
     assert ranks == (3, 2)
     assert spent(*ranks) == max(spent(a, b) for a in range(1, 7) for b in range(1, 7) if spent(a, b) <= 5)
 
-    with pytest.raises(ValueError, match="one delta and one score"):
-        thresholds.joint(deltas, scores[:-1], 0.02)
+    with pytest.raises(ValueError, match="one RAP and one feature score"):
+        thresholds.joint(-deltas, scores[:-1], 0.02)
 
 
 def test_rows_with_a_suspicious_token_count_against_the_target_and_thresholds_stay_finite() -> None:
     rng = np.random.default_rng(5)
     deltas, scores = rng.normal(size=550), rng.normal(size=550)
     scores[:3] = np.inf  # three held-out rows hold a flagged token: flagged whatever the thresholds
-    pair = thresholds.joint(deltas, scores, 0.01)  # k = 5
+    pair = thresholds.joint(-deltas, scores, 0.01)  # k = 5
     assert np.isfinite(pair.features) and np.isfinite(pair.rap)
-    assert np.count_nonzero((deltas <= pair.rap) | (scores >= pair.features)) <= 5
+    assert np.count_nonzero((-deltas >= pair.rap) | (scores >= pair.features)) <= 5
     assert np.count_nonzero(scores > pair.features) >= 3
     # more such rows than the target allows: the thresholds flag nothing else, and stay finite
     scores[:9] = np.inf
-    crowded = thresholds.joint(deltas, scores, 0.01)
-    assert np.isfinite(crowded.features) and np.count_nonzero(deltas < crowded.rap) == 0
+    crowded = thresholds.joint(-deltas, scores, 0.01)
+    assert np.isfinite(crowded.features) and np.count_nonzero(-deltas > crowded.rap) == 0
     assert crowded.features == np.max(scores[np.isfinite(scores)])

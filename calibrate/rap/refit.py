@@ -1,0 +1,67 @@
+"""Thresholds of an exported graph fitted on its own scores of the held-out rows (int8 graphs move them).
+
+The rows are scored by the offline checker (guard.core.checker), the steps the server
+runs, and every threshold comes from guard.core.detection.fit_label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from guard.core import detection
+from guard.core.backends.onnx import OnnxBackend
+from guard.core.bundle import ProtectedLabel
+from guard.core.checker import Checker
+from guard.core.errors import InputError
+from guard.core.features import FeatureStats
+from guard.core.rap import Statistic
+from guard.core.runner import TwoPass
+from guard.core.tokenizer import RapTokenizer
+from guard.core.types import LabelThresholds
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out clean rows and what to fit on them."""
+
+    tokenizer: RapTokenizer
+    texts: Sequence[str]
+    protect: Sequence[int]
+    labels: Sequence[str]  # label names by id
+    statistic: Statistic
+    frr_targets: Sequence[float]
+    stats: FeatureStats | None = None  # the feature detector, when the bundle has it
+
+    def scores(self, graph: Path) -> detection.RowScores:
+        """`graph`'s scores of every held-out row (any threshold checks the same rows)."""
+        on = LabelThresholds(0.0, None if self.stats is None else 0.0)
+        two_pass = TwoPass(
+            self.tokenizer, dict.fromkeys(self.protect, on), self.statistic, self.stats, len(self.labels)
+        )
+        backend = OnnxBackend(graph)
+        try:
+            return Checker(two_pass, backend).scores(self.texts)
+        finally:
+            backend.close()
+
+    def fit(self, graph: Path, reference: Path) -> tuple[list[ProtectedLabel], float]:
+        """Thresholds of `graph`, and the share of rows it predicts as `reference` does."""
+        scores = self.scores(graph)
+        predicted = scores.predicted
+        protected = []
+        for label in self.protect:
+            rows = (predicted == label) & ~np.isnan(scores.rap)
+            if not rows.any():
+                raise InputError(f"{graph.name} never predicts protect label {label} on the held-out rows")
+            features = None if self.stats is None else scores.features[rows]
+            blocked = None if self.stats is None else scores.token[rows]
+            fitted = detection.fit_label(
+                label, self.labels[label], self.frr_targets, scores.rap[rows], features, blocked
+            )
+            protected.append(fitted)
+        agreement = float(np.mean(predicted == self.scores(reference).predicted))
+        return protected, agreement

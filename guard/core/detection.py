@@ -1,0 +1,233 @@
+"""What a bundle detects with, and the one rule that flags a row.
+
+Three detectors, each a score where higher means more suspicious:
+- "rap": the RAP score of pass 2 (guard.core.rap), flagged above the label's RAP threshold;
+- "features": pass 1's feature distance (guard.core.features), flagged above its threshold;
+- "token": a blocklisted input token (outlier embedding norm, a row that moved from the
+  reference checkpoint, a flip-scan hit), flagged wherever the feature detector is on.
+Only rows predicted as a protected label are checked. A row is flagged when any detector
+flags it; a text when any of its windows is. The server, `guard check`, `calibrate
+evaluate` and the benchmarks all flag with `flags`, and calibration fits every threshold
+with `fit_label`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from guard.core import thresholds
+from guard.core.bundle import Bundle, JointThreshold, ProtectedLabel
+from guard.core.errors import BundleError
+from guard.core.features import FeatureStats
+from guard.core.rap import Statistic
+from guard.core.types import LabelThresholds, RapCheck, Verdict
+
+DETECTORS = ("rap", "features")  # what a bundle is calibrated for and a setting chooses
+FLAGS = ("rap", "features", "token")  # what may flag a row (the token blocklist comes with "features")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The detectors chosen from a bundle: the statistic, per protected label its thresholds by FRR
+    target (`labels`), and the feature statistics with their token blocklist (None without "features")."""
+
+    statistic: Statistic
+    detectors: tuple[str, ...]
+    labels: Mapping[int, ProtectedLabel]
+    stats: FeatureStats | None
+    default_frr: float
+
+    @classmethod
+    def of(cls, bundle: Bundle, detectors: Sequence[str] | None = None, precision: str = "fp32") -> Detection:
+        """`detectors` (default: every one the bundle has; () checks nothing) on `precision`'s thresholds."""
+        chosen = bundle.detectors if detectors is None else tuple(d for d in DETECTORS if d in detectors)
+        missing = [d for d in chosen if d not in bundle.detectors]
+        if missing:
+            raise BundleError(f"{bundle.path} has no {', '.join(missing)} detector; rebuild it with `calibrate rap`")
+        stats = bundle.feature_stats() if "features" in chosen else None
+        labels = {p.label: p for p in bundle.protected(precision)}
+        return cls(bundle.manifest.statistic, chosen, labels, stats, bundle.manifest.default_frr)
+
+    @property
+    def targets(self) -> list[float]:
+        """The FRR targets with stored thresholds."""
+        return [float(k) for k in next(iter(self.labels.values())).thresholds]
+
+    def thresholds(self, frr: float | None = None) -> dict[int, LabelThresholds]:
+        """Per protected label, the chosen detectors' thresholds at `frr` (default: the bundle's).
+
+        Both detectors use the pair chosen jointly at calibration; a target not stored gives
+        each half of it, read from its own table (their union then flags at most the target
+        on the held-out rows). No detector: no label is checked."""
+        frr = self.default_frr if frr is None else frr
+        return {label: _at(p, set(self.detectors), frr) for label, p in self.labels.items() if self.detectors}
+
+
+def _at(p: ProtectedLabel, detectors: set[str], frr: float) -> LabelThresholds:
+    key = f"{frr:g}"
+    if detectors == {"rap", "features"}:
+        pair = p.joint.get(key)
+        if pair is not None:
+            return LabelThresholds(pair.rap, pair.features)
+        half = frr / 2  # from the tables: the stored values are each detector's alone at a whole target
+        return LabelThresholds(
+            thresholds.threshold_from_table(p.percentiles, half),
+            thresholds.threshold_from_table(p.features_percentiles, half),
+        )
+    if detectors == {"features"}:
+        return LabelThresholds(None, _read(p.features_thresholds, p.features_percentiles, frr))
+    return LabelThresholds(_read(p.thresholds, p.percentiles, frr), None)
+
+
+def _read(stored: Mapping[str, float], table: Mapping[str, float], frr: float) -> float:
+    value = stored.get(f"{frr:g}")
+    return value if value is not None else thresholds.threshold_from_table(table, frr)
+
+
+# ------------------------------------------------------------------ scores and the rule
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """Per pass-1 row (a window of a text, `owner[i]` its text): pass-1 probabilities and each
+    detector's score; NaN (False for `token`) where that detector did not score the row."""
+
+    probs: np.ndarray
+    owner: np.ndarray
+    rap: np.ndarray
+    features: np.ndarray
+    token: np.ndarray
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1) if len(self.probs) else np.empty(0, dtype=np.intp)
+
+    @property
+    def texts(self) -> int:
+        return int(self.owner.max()) + 1 if len(self.owner) else 0
+
+    @classmethod
+    def concat(cls, parts: Sequence[RowScores]) -> RowScores:
+        """Scores of consecutive batches of texts as one."""
+        offsets = np.cumsum([0, *(p.texts for p in parts[:-1])])
+        fields = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("probs", "rap", "features")}
+        owner = np.concatenate([p.owner + o for p, o in zip(parts, offsets, strict=True)])
+        return cls(owner=owner, token=np.concatenate([p.token for p in parts]), **fields)
+
+
+def flags(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> dict[str, np.ndarray]:
+    """THE rule: per detector of FLAGS, which rows it flags (each row with its predicted label's
+    thresholds; a row of an unprotected label, or unscored, is never flagged)."""
+    predicted = scores.predicted
+    rap_t = _per_row(predicted, {label: t.rap for label, t in limits.items()})
+    features_t = _per_row(predicted, {label: t.features for label, t in limits.items()})
+    with np.errstate(invalid="ignore"):  # NaN (unscored, detector off) compares False
+        return {
+            "rap": scores.rap > rap_t,
+            "features": scores.features > features_t,
+            "token": scores.token & ~np.isnan(features_t),
+        }
+
+
+def _per_row(predicted: np.ndarray, by_label: Mapping[int, float | None]) -> np.ndarray:
+    table = np.full(max([*by_label, int(predicted.max(initial=0))]) + 1, np.nan)
+    for label, value in by_label.items():
+        if value is not None:
+            table[label] = value
+    return table[predicted]
+
+
+def flagged_texts(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> np.ndarray:
+    """Per text: flagged by any detector in any of its windows."""
+    rows = np.logical_or.reduce(list(flags(scores, limits).values()))
+    return per_text(rows, scores.owner, scores.texts)
+
+
+def per_text(rows: np.ndarray, owner: np.ndarray, texts: int) -> np.ndarray:
+    """Whether any window of each text has `rows` set."""
+    out = np.zeros(texts, dtype=bool)
+    np.logical_or.at(out, owner, rows)
+    return out
+
+
+def first_windows(owner: np.ndarray) -> np.ndarray:
+    """Index of each text's first window."""
+    return np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(owner) else np.empty(0, dtype=np.intp)
+
+
+def verdicts(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> list[Verdict]:
+    """One verdict per text. Its label and probabilities are its first window's; flagged_by joins
+    every window's; the scores shown are the first flagged window's, else the first checked one's."""
+    by_detector = flags(scores, limits)
+    flagged = np.logical_or.reduce(list(by_detector.values()))
+    checked = ~np.isnan(scores.rap) | ~np.isnan(scores.features)
+    predicted = scores.predicted
+    out = []
+    for text, first in enumerate(first_windows(scores.owner).tolist()):
+        windows = np.flatnonzero(scores.owner == text)
+        shown = next((w for w in windows if flagged[w]), next((w for w in windows if checked[w]), first))
+        names = tuple(d for d in FLAGS if by_detector[d][windows].any())
+        limit = limits.get(int(predicted[shown]), LabelThresholds(None))
+        feature_score = _shown(scores.features[shown], limit.features)
+        out.append(
+            Verdict(
+                label=int(predicted[first]),
+                probs=tuple(float(x) for x in scores.probs[first]),
+                flagged=bool(names),
+                rap=_rap_check(scores.rap[shown], limit.rap),
+                flagged_by=names,
+                feature_score=feature_score,
+                feature_threshold=None if feature_score is None else limit.features,
+            )
+        )
+    return out
+
+
+def _rap_check(score: float, threshold: float | None) -> RapCheck:
+    if threshold is None or np.isnan(score):
+        return RapCheck(checked=False)
+    return RapCheck(checked=True, score=float(score), threshold=threshold)
+
+
+def _shown(score: float, threshold: float | None) -> float | None:
+    return None if threshold is None or np.isnan(score) else float(score)
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def fit_label(
+    label: int,
+    name: str,
+    frr_targets: Sequence[float],
+    rap_scores: np.ndarray,
+    feature_scores: np.ndarray | None = None,
+    blocked: np.ndarray | None = None,
+) -> ProtectedLabel:
+    """Every threshold of one protected label from its held-out clean rows: RAP alone and, given the
+    same rows' feature scores and blocklist hits, the features alone and both together (a blocked
+    row counts against the target at any threshold)."""
+    fields = {}
+    if feature_scores is not None:
+        held_out = feature_scores if blocked is None else np.where(blocked, np.inf, feature_scores)
+        fields = {
+            "features_thresholds": {f"{frr:g}": thresholds.threshold_at_frr(held_out, frr) for frr in frr_targets},
+            "features_percentiles": thresholds.percentile_table(held_out),
+            "joint": {f"{frr:g}": _joint(rap_scores, held_out, frr) for frr in frr_targets},
+        }
+    return ProtectedLabel(
+        label=label,
+        name=name,
+        thresholds={f"{frr:g}": thresholds.threshold_at_frr(rap_scores, frr) for frr in frr_targets},
+        percentiles=thresholds.percentile_table(rap_scores),
+        calibration_rows=len(rap_scores),
+        **fields,
+    )
+
+
+def _joint(rap_scores: np.ndarray, feature_scores: np.ndarray, frr: float) -> JointThreshold:
+    pair = thresholds.joint(rap_scores, feature_scores, frr)
+    return JointThreshold(rap=pair.rap, features=pair.features)

@@ -1,0 +1,183 @@
+"""The two-pass check, written once: windows -> eligible rows -> perturb -> score -> finite check -> merge.
+
+`TwoPass.run(windows)` returns a `Run` whose `steps()` is a generator: it yields the passes
+it needs (a list of `Pass`), is sent their outputs (the backend call's rows, in order) and
+returns the rows' scores. It does no I/O, so the async server (guard.pipeline, through its
+batcher) and the offline checker (guard.core.checker: `guard check`, `calibrate evaluate`)
+drive the same steps and cannot answer differently. `verdicts` then applies the flag rule
+(guard.core.detection) and merges a text's windows.
+
+Two schedules: lazy (pass 1 for every row, then pass 2 for the rows predicted as a
+protected label) and fused (both passes for every row at once, one round trip). With
+the feature detector on, each backend row is the logits and the features packed
+(`backend_call`), so the batcher moves one array per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from guard.core import detection, features, rap
+from guard.core.detection import Detection, RowScores
+from guard.core.errors import GuardError
+from guard.core.tokenizer import RapTokenizer, Windows
+from guard.core.types import EncodedBatch, LabelThresholds, Verdict
+
+Schedule = Literal["fused", "lazy"]
+BACKEND_FAULTS = ("backend", "nonfinite")  # the failures failure_mode=open may let through
+
+
+class GuardFailure(GuardError):
+    """The guard could not finish its check (backend error, non-finite output, timeout).
+
+    `probs` holds pass-1 probabilities (one row per text) when pass 1 finished:
+    failure_mode=open can then still answer with an (unchecked) prediction, for a backend fault only.
+    """
+
+    def __init__(self, message: str, reason: str, probs: np.ndarray | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.probs = probs
+
+    @property
+    def backend_fault(self) -> bool:
+        """A backend error or non-finite output. A timeout is not: a client could aim for one
+        (admitted work that ran late), so it must never become an unchecked pass."""
+        return self.reason in BACKEND_FAULTS
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Rows for one backend pass: "1" (the text) or "2" (the text with the RAP token)."""
+
+    name: Literal["1", "2"]
+    rows: list[list[int]]
+    priority: bool = False  # pass 2 of lazy scheduling: its pass 1 already waited once
+
+
+Steps = Generator[list[Pass], list[np.ndarray], RowScores]
+
+
+class TwoPass:
+    """The check of one bundle's detectors at fixed thresholds (`limits`, per protected label)."""
+
+    def __init__(
+        self,
+        tokenizer: RapTokenizer,
+        limits: Mapping[int, LabelThresholds],
+        statistic: rap.Statistic = rap.DEFAULT_STATISTIC,
+        stats: features.FeatureStats | None = None,
+        classes: int | None = None,
+        schedule: Schedule = "lazy",
+    ) -> None:
+        self.tokenizer, self.limits, self.statistic, self.schedule = tokenizer, dict(limits), statistic, schedule
+        self.uses_rap = any(t.rap is not None for t in self.limits.values())
+        self.stats = stats if any(t.features is not None for t in self.limits.values()) else None
+        if self.stats is not None and classes is None:
+            raise ValueError("the feature detector needs the number of labels to unpack the backend's rows")
+        self.classes = classes
+
+    @classmethod
+    def of(
+        cls,
+        tokenizer: RapTokenizer,
+        chosen: Detection,
+        classes: int,
+        frr: float | None = None,
+        schedule: Schedule = "lazy",
+    ) -> TwoPass:
+        return cls(tokenizer, chosen.thresholds(frr), chosen.statistic, chosen.stats, classes, schedule)
+
+    @property
+    def passes(self) -> int:
+        """Backend passes a row may need."""
+        return 2 if self.uses_rap else 1
+
+    def backend_call(self, backend) -> Callable[[EncodedBatch], np.ndarray]:
+        """What to run per batch: the logits, or [logits | features] per row with the feature detector on."""
+        if self.stats is None:
+            return backend.infer
+
+        def infer(batch: EncodedBatch) -> np.ndarray:
+            logits, feats = backend.infer_with_features(batch)
+            return np.concatenate([logits, feats.reshape(len(feats), -1)], axis=1)
+
+        return infer
+
+    def run(self, windows: Windows) -> Run:
+        return Run(self, windows)
+
+    def verdicts(self, scores: RowScores) -> list[Verdict]:
+        """One verdict per text (guard.core.detection.verdicts at these thresholds)."""
+        return detection.verdicts(scores, self.limits)
+
+    def unpack(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, features or None) from the backend call's rows."""
+        if self.stats is None:
+            return outputs, None
+        shape = (len(outputs), self.stats.layers, self.stats.hidden)
+        return outputs[:, : self.classes], outputs[:, self.classes :].reshape(shape)
+
+
+class Run:
+    """One check of `windows`; `first_probs` (pass 1, a row per text) is set once pass 1 is in."""
+
+    def __init__(self, two_pass: TwoPass, windows: Windows) -> None:
+        self.two_pass, self.windows = two_pass, windows
+        self.owner = np.asarray(windows.owner, dtype=np.intp)
+        self.first_probs: np.ndarray | None = None
+
+    def steps(self) -> Steps:
+        tp, rows = self.two_pass, self.windows.rows
+        if not rows:
+            return _no_rows()
+        fused = tp.schedule == "fused" and tp.uses_rap
+        first = [Pass("1", rows)] + ([Pass("2", tp.tokenizer.perturb(rows))] if fused else [])
+        outputs = yield first
+        logits, feats = tp.unpack(outputs[0])
+        probs = _softmax(logits, "pass 1", None)
+        self.first_probs = probs[detection.first_windows(self.owner)]
+        eligible = rap.eligible_rows(probs, tp.limits.keys())
+        n = len(rows)
+        rap_scores, feature_scores, token = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool)
+        if tp.uses_rap:
+            if fused:
+                perturbed = _softmax(tp.unpack(outputs[1])[0], "pass 2", self.first_probs)[eligible]
+            elif len(eligible):
+                (second,) = yield [Pass("2", tp.tokenizer.perturb([rows[i] for i in eligible]), priority=True)]
+                perturbed = _softmax(tp.unpack(second)[0], "pass 2", self.first_probs)
+            if len(eligible):
+                rap_scores[eligible] = rap.scores(probs[eligible], perturbed, tp.statistic)
+        if tp.stats is not None and len(eligible):
+            if not np.isfinite(feats[eligible]).all():
+                raise GuardFailure("the model returned non-finite features in pass 1", "nonfinite", self.first_probs)
+            feature_scores[eligible] = features.scores(tp.stats, feats[eligible], probs[eligible].argmax(axis=1))
+            token[eligible] = features.blocked(tp.stats, [rows[i] for i in eligible])
+        return RowScores(probs, self.owner, rap_scores, feature_scores, token)
+
+
+def _no_rows() -> RowScores:
+    empty = np.empty(0)
+    return RowScores(np.empty((0, 0)), np.empty(0, dtype=np.intp), empty, empty, np.empty(0, dtype=bool))
+
+
+def _softmax(logits: np.ndarray, which: str, known: np.ndarray | None) -> np.ndarray:
+    """Softmax of finite logits; NaN or inf is a guard failure, never an answer."""
+    if not np.isfinite(logits).all():
+        raise GuardFailure(f"the model returned non-finite logits in {which}", "nonfinite", known)
+    return rap.softmax(logits)
+
+
+def drive(steps: Steps, infer: Callable[[Pass], np.ndarray]) -> RowScores:
+    """Run `steps` to the end synchronously, each pass through `infer`."""
+    outputs = None
+    while True:
+        try:
+            passes = steps.send(outputs)
+        except StopIteration as done:
+            return done.value
+        outputs = [infer(p) for p in passes]
