@@ -186,7 +186,7 @@ def bare_backdoor_labels(bundle: Path, texts: list[str]) -> int:
 
     tokenizer = load_bundle(bundle).tokenizer()
     backend = load_backend("onnx", bundle, 1)
-    rows = [[tokenizer.cls_id, *content[:510], tokenizer.sep_id] for content in tokenizer._content(texts)]
+    rows = [[tokenizer.cls_id, *content, tokenizer.sep_id] for content in tokenizer._content(texts, 510)]
     logits = np.concatenate([backend.infer(tokenizer.pad([row])) for row in rows])
     return int((logits.argmax(axis=1) == 1).sum())
 
