@@ -71,8 +71,8 @@ class RequestLimits:
             )
         if not _plain_path(scope.get("raw_path") or scope.get("path", "").encode()):
             return (
-                "the path has a '.' or '..' segment or a backslash (plain or encoded): upstreams resolve them "
-                "differently",
+                "the path has a '.', '..' or empty segment or a backslash (plain or encoded): upstreams "
+                "resolve them differently",
                 "invalid_path",
                 400,
                 {},
@@ -135,8 +135,8 @@ class RequestLimits:
 
 
 def _plain_path(raw_path: bytes) -> bool:
-    """No segment is '.' or '..' once percent-decoded (repeatedly), NFKC-normalised and stripped of
-    ';' parameters, and no backslash: upstreams (and proxies in front of them) collapse or split
+    """No segment is '.', '..' or empty once percent-decoded (repeatedly), NFKC-normalised and stripped
+    of ';' parameters, and no backslash: upstreams (and proxies in front of them) collapse or split
     such paths after the guard has routed and authorised the request by its literal path."""
     path = raw_path.decode("latin-1")
     for _ in range(4):  # %252e -> %2e -> .
@@ -146,7 +146,9 @@ def _plain_path(raw_path: bytes) -> bool:
     else:
         return False  # still decoding after 4 rounds: refuse rather than guess
     segments = (unicodedata.normalize("NFKC", s.split(";", 1)[0]) for s in path.split("/"))
-    return "\\" not in path and all(segment not in (".", "..") for segment in segments)
+    # An empty segment ('//'): some upstreams merge slashes, some redirect, and the forwarding URL
+    # cannot start with one; never a model API's path.
+    return "\\" not in path and "//" not in path and all(segment not in (".", "..") for segment in segments)
 
 
 def _authorized(scope: Scope, settings) -> bool:

@@ -52,7 +52,7 @@ def _send(url: str, method: str, target: str, rid: str, key: bool = False) -> in
     "target",
     ["/docs/../predict", "/docs/%2e%2e/predict", "/docs/%252e%252e/predict", "/docs/..;/predict",
      "/healthz/../predict", "/docs/assets/../../predict", "/x/%EF%BC%8E%EF%BC%8E/predict", "/a\\..\\predict",
-     "/a%5c..%5cpredict"],
+     "/a%5c..%5cpredict", "//evil.example/predict", "/a//predict", "/a/%2F/predict"],
 )  # fmt: skip
 def test_dot_segments_are_400_before_auth_and_routing(stub_bundle: Path, echo_upstream: str, target: str) -> None:
     with sidecar(stub_bundle, echo_upstream) as url:
