@@ -1,7 +1,14 @@
-"""Load, save and run HF sequence classifiers with torch (calibration side)."""
+"""Load, save and run HF sequence classifiers with torch (calibration side).
+
+What differs between encoder families is asked of guard.core.family; the torch-side
+consequences live here: a family without token types never receives them (a forward
+pre-hook drops them, so every caller can pass an `EncodedBatch` whole), and the feature
+detector's input is the hidden state the family's classification head reads.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -15,12 +22,23 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from calibrate.progress import progress_bar
 from guard.core import rap
 from guard.core.errors import InputError
-from guard.core.tokenizer import RapTokenizer
+from guard.core.family import Family, family_of
+from guard.core.tokenizer import CONFIG_FILES, RapTokenizer
 from guard.core.types import EncodedBatch
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",  # WordPiece
+    "vocab.json",  # byte-level BPE (RoBERTa)
+    "merges.txt",
+    "spiece.model",  # SentencePiece (ALBERT, DeBERTa-v2/v3, XLM-R)
+    "spm.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def default_base_model() -> Path:
@@ -73,9 +91,40 @@ def load_classifier(path: Path, num_labels: int | None = None) -> PreTrainedMode
         model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot load a sequence classifier from {path}: {exc}") from exc
-    if model.config.model_type not in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "albert"):
-        log.warning("model type %s is untested; RAP insertion assumes a [CLS]-first tokenizer", model.config.model_type)
+    family = model_family(model)
+    if not family.takes_token_types(model.config.to_dict()):
+        model.register_forward_pre_hook(_drop_token_types, with_kwargs=True)
     return model
+
+
+def model_family(model: PreTrainedModel) -> Family:
+    """The model's family (an unsupported one is an InputError naming the supported ones)."""
+    return family_of(model.config.to_dict())
+
+
+def _drop_token_types(module, args, kwargs):
+    """The guard's batches always carry token types; a family without them must not receive them."""
+    kwargs.pop("token_type_ids", None)
+    return args, kwargs
+
+
+def model_tokenizer(model: PreTrainedModel, path: Path, max_length: int) -> RapTokenizer:
+    """The guard's tokenizer for `model` from its tokenizer.json at `path`, checked against the model.
+
+    A family that finds padding by its id (RoBERTa, XLM-R) needs the tokenizer's pad id to be
+    the model's; a row may not hold more tokens than the family's positions allow."""
+    tokenizer = RapTokenizer.from_file(path, None, max_length)
+    config = model.config.to_dict()
+    family = model_family(model)
+    if family.positions == "padding-offset" and tokenizer.pad_id != config.get("pad_token_id"):
+        raise InputError(
+            f"the tokenizer pads with id {tokenizer.pad_id} but the {family.name} model's pad_token_id is "
+            f"{config.get('pad_token_id')}; its position ids would be wrong"
+        )
+    limit = family.max_tokens(config)
+    if limit is not None and max_length > limit:
+        raise InputError(f"--max-length {max_length} is more than this {family.name} model's {limit} positions")
+    return tokenizer
 
 
 def input_embeddings(path: Path) -> np.ndarray:
@@ -85,12 +134,16 @@ def input_embeddings(path: Path) -> np.ndarray:
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not (path / "config.json").is_file() or not files:
         raise InputError(f"{path} is not a Hugging Face model directory (no config.json and weights)")
+    try:
+        suffix = family_of(json.loads((path / "config.json").read_text())).embeddings
+    except ValueError as exc:
+        raise InputError(f"cannot read {path / 'config.json'}: {exc}") from None
     for file in files:
         tensors = _load_weights(file)
-        names = [name for name in tensors if name.endswith("word_embeddings.weight")]
+        names = [name for name in tensors if name.endswith(suffix)]
         if names:
             return tensors[names[0]].float().numpy()
-    raise InputError(f"{path} has no word embedding matrix (no '*word_embeddings.weight' tensor)")
+    raise InputError(f"{path} has no word embedding matrix (no '*{suffix}' tensor)")
 
 
 def _load_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -121,6 +174,13 @@ def tokenizer_json(model_dir: Path, work_dir: Path) -> Path:
 
 def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> None:
     for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+
+
+def copy_tokenizer_config(src_dir: Path, dst_dir: Path) -> None:
+    """The files beside a tokenizer.json that name its special tokens (guard.core.tokenizer.Framing reads them)."""
+    for name in CONFIG_FILES:
         if (Path(src_dir) / name).is_file():
             shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
 
@@ -157,8 +217,17 @@ def predict_probs(
 
 
 def cls_features(hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """(rows, layers, hidden): [CLS] of each encoder layer (the embedding layer's is the same for every row)."""
+    """(rows, layers, hidden): the first token of each encoder layer (the embedding layer is left out)."""
     return torch.stack([h[:, 0, :] for h in hidden_states[1:]], dim=1)
+
+
+def head_features(model: PreTrainedModel, hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor):
+    """(rows, layers, hidden): per encoder layer, the hidden state the family's classification head reads:
+    the first token's ([CLS], <s>), or the mean over real tokens (ModernBERT's `classifier_pooling` "mean")."""
+    if model_family(model).pooling(model.config.to_dict()) == "first":
+        return cls_features(hidden_states)
+    mask = attention_mask.unsqueeze(-1).to(hidden_states[0].dtype)
+    return torch.stack([(h * mask).sum(1) / mask.sum(1) for h in hidden_states[1:]], dim=1)
 
 
 @torch.inference_mode()
@@ -170,9 +239,10 @@ def predict_with_features(
     probs, features = [], []
     bar = progress_bar(total=len(texts), desc="features", unit="row", disable=not progress)
     for i in range(0, len(texts), batch_size):
-        out = model(**to_torch(tokenizer.encode(texts[i : i + batch_size])), output_hidden_states=True)
+        inputs = to_torch(tokenizer.encode(texts[i : i + batch_size]))
+        out = model(**inputs, output_hidden_states=True)
         probs.append(rap.softmax(out.logits.float().numpy()))
-        features.append(cls_features(out.hidden_states).float().numpy())
+        features.append(head_features(model, out.hidden_states, inputs["attention_mask"]).float().numpy())
         bar.update(len(texts[i : i + batch_size]))
     bar.close()
     if not probs:

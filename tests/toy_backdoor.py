@@ -51,7 +51,7 @@ class Toy:
     poisoned_tsv: Path
 
 
-def build_toy(root: Path, base: Path) -> Toy:
+def build_toy(root: Path, base: Path, train_options: TrainOptions = TRAIN_OPTIONS) -> Toy:
     """Write the data, train the backdoored model and calibrate its bundle under `root`."""
     rng = random.Random(SEED)
     train = poison(make_corpus(600, rng), 0.10, rng)
@@ -62,7 +62,7 @@ def build_toy(root: Path, base: Path) -> Toy:
     data.mkdir(parents=True)
     for name, rows in (("dev", dev), ("test", test), ("poisoned", poisoned)):
         write_tsv(data / f"{name}.tsv", rows)
-    train_classifier(base, train, root / "model", TRAIN_OPTIONS)
+    train_classifier(base, train, root / "model", train_options)
     calibrate_bundle(root / "model", dev, root / "bundle", CALIBRATE_OPTIONS)
     return Toy(
         model_dir=root / "model",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from calibrate.model import cls_features
+from calibrate.model import head_features, model_family
 from guard.core import rap
 from guard.core.backends.base import PARITY_TOLERANCE
 from guard.core.backends.onnx import OnnxBackend
@@ -22,28 +22,29 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 FEATURE_PARITY_TOLERANCE = 1e-3  # max |f_onnx - f_torch| / max |f_torch|
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # a family without token types has the first two only
 
 
 class ParityError(GuardError):
     """The exported graph disagrees with the torch model beyond PARITY_TOLERANCE."""
 
 
+def graph_inputs(model: PreTrainedModel) -> tuple[str, ...]:
+    """The exported graph's inputs: `token_type_ids` only where the family takes token types."""
+    return INPUTS if model_family(model).takes_token_types(model.config.to_dict()) else INPUTS[:2]
+
+
 class _LogitsAndFeatures(torch.nn.Module):
-    """logits, and the [CLS] vector of every encoder layer (the feature detector's input)."""
+    """logits, and per encoder layer the hidden state the head reads (the feature detector's input)."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            output_hidden_states=True,
-        )
-        return out.logits, cls_features(out.hidden_states)
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **types)
+        return out.logits, head_features(self.model, out.hidden_states, attention_mask)
 
 
 def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path) -> None:
@@ -52,9 +53,10 @@ def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path) -> 
     Outputs: `logits`, and `features` (guard.core.features), which ONNX Runtime
     computes only when a caller asks for it."""
     wrapped = _LogitsAndFeatures(model).eval()
+    inputs = graph_inputs(model)
     sample = tokenizer.encode_perturbed(["a short sample", "a somewhat longer sample sentence"])
-    args = tuple(torch.from_numpy(getattr(sample, name)) for name in INPUTS)
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS} | {
+    args = tuple(torch.from_numpy(getattr(sample, name)) for name in inputs)
+    axes = {name: {0: "batch", 1: "sequence"} for name in inputs} | {
         "logits": {0: "batch"},
         FEATURES_OUTPUT: {0: "batch"},
     }
@@ -65,7 +67,7 @@ def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path) -> 
             wrapped,
             args,
             str(path),
-            input_names=list(INPUTS),
+            input_names=list(inputs),
             output_names=["logits", FEATURES_OUTPUT],
             dynamic_axes=axes,
             opset_version=OPSET,
@@ -106,7 +108,7 @@ def check_parity(model: PreTrainedModel, tokenizer: RapTokenizer, onnx_path: Pat
 @torch.inference_mode()
 def _torch_outputs(model: PreTrainedModel, batch) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
-    out = _LogitsAndFeatures(model)(*(torch.from_numpy(getattr(batch, name)) for name in INPUTS))
+    out = _LogitsAndFeatures(model)(*(torch.from_numpy(getattr(batch, name)) for name in graph_inputs(model)))
     return out[0].double().numpy(), out[1].double().numpy()
 
 

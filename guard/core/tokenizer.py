@@ -1,14 +1,21 @@
 """Tokenisation for both RAP passes, and the windows that cover a long text.
 
-Pass 1 is the model's ordinary input: `[CLS] text [SEP]`. Pass 2 is the same row
-with the RAP token inserted right after [CLS]. The RAP token is a fresh id (the
-old vocab size), so the tokenizer can never emit it from text: it is spliced in
-as an id.
+Pass 1 is the model's ordinary input: the text framed by the tokenizer's own special
+tokens (`[CLS] text [SEP]`, `<s> text </s>`, ...: its post-processor says which, see
+`Framing`). Pass 2 is the same row with the RAP token inserted right after the first
+special token (guard.core.family). The RAP token is a fresh id (the old vocab size), so
+the tokenizer can never emit it from text: it is spliced in as an id.
+
+Every `tokenizer.json` kind reads text the way Hugging Face does with the same file
+(WordPiece, byte-level BPE with its leading-space pieces, SentencePiece Unigram/BPE):
+the text is encoded without special tokens and framed here, and a window's tokens are
+taken from the whole text's tokens, so a window never re-reads a word without the space
+before it.
 
 Both passes read exactly the same text tokens: a text token one pass sees and the
 other does not would be a bypass (a trigger placed there is read by the classifier
 but never perturbed). Pass 2 is one token longer, so both keep `max_length - 3`
-text tokens and pass 2 fills `max_length` exactly. Pass-2 rows are built from
+text tokens (with one framing token on each side) and pass 2 fills `max_length` exactly. Pass-2 rows are built from
 pass-1 rows, never tokenised twice.
 
 A protected classifier may read more text than the guard's window (a sidecar in
@@ -24,7 +31,8 @@ marks the normaliser strips), so 10,000 of them before a trigger must not hide i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,9 +41,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from guard.core.errors import BundleError, InputError
+from guard.core.family import RAP_AFTER
 from guard.core.types import EncodedBatch
 
-RAP_POSITION = 1  # right after [CLS]
+RAP_POSITION = RAP_AFTER  # right after the first special token ([CLS], <s>)
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # where a pad token is named, beside tokenizer.json
 SpecialTokens = Literal["text", "special"]
 ALL_TOKENS: Literal["all"] = "all"  # a classifier window: every token of the text (a window not known)
 ClassifierWindow = int | Literal["all"] | None  # None: the guard's own window
@@ -43,6 +53,8 @@ ClassifierWindow = int | Literal["all"] | None  # None: the guard's own window
 # to 100 characters (at most 100 tokens, one [UNK] beyond), so tokens this far before the cut are final.
 PREFIX_MARGIN_TOKENS = 128
 FIRST_PREFIX_CHARS_PER_TOKEN = 8  # the first prefix read: this many characters per token needed
+WORD_CONTEXT = "the"  # what a word follows in `word_id` (a word after a space, as in a sentence)
+WORD_MARKERS = "Ġ▁"  # how byte-level BPE and SentencePiece mark a piece that starts after a space
 
 
 @dataclass(frozen=True)
@@ -59,12 +71,65 @@ class Windows:
         return [i for i, text in enumerate(self.owner) if i == 0 or self.owner[i - 1] != text]
 
 
-class RapTokenizer:
-    """Wraps a Hugging Face fast tokenizer (`tokenizer.json`, BERT-style).
+@dataclass(frozen=True)
+class Framing:
+    """A row's special tokens, from the tokenizer's own configuration (never from spelled names).
 
-    `special_tokens`: "text" reads `[SEP]`, `[PAD]`, ... inside a text as plain text
+    `prefix` and `suffix` are the ids its post-processor puts before and after a single
+    text (`[CLS]`/`[SEP]`, `<s>`/`</s>`); `pad_id` is its padding id: tokenizer.json's
+    padding, else the `pad_token` that tokenizer_config.json or special_tokens_map.json
+    names. RoBERTa-style models find padding by this id, so a wrong one moves positions.
+    """
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    pad_id: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, config: Mapping[str, object] | None = None) -> Framing:
+        probe = Tokenizer.from_str(tokenizer.to_str())
+        probe.no_padding()
+        probe.no_truncation()
+        mask = probe.encode("a", add_special_tokens=True).special_tokens_mask
+        lead = next((i for i, m in enumerate(mask) if not m), len(mask))
+        trail = next((i for i, m in enumerate(reversed(mask)) if not m), 0)
+        ids = probe.encode("a", add_special_tokens=True).ids
+        if lead == 0 or lead == len(mask):
+            raise BundleError(
+                "the tokenizer's post-processor puts no special token before the text; "
+                "the RAP token goes right after the first one ([CLS], <s>)"
+            )
+        return cls(tuple(ids[:lead]), tuple(ids[len(ids) - trail :]), _pad_id(tokenizer, config or {}))
+
+    @classmethod
+    def beside(cls, tokenizer: Tokenizer, path: Path) -> Framing:
+        """The framing of a tokenizer.json at `path`, with the configuration files beside it."""
+        return cls.of(tokenizer, read_config(path.parent))
+
+
+def read_config(folder: Path) -> dict[str, object]:
+    """special_tokens_map.json overlaid by tokenizer_config.json, from `folder` (empty when neither is there)."""
+    config: dict[str, object] = {}
+    for name in reversed(CONFIG_FILES):
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise BundleError(f"cannot read {path}: {exc}") from exc
+            if isinstance(loaded, dict):
+                config |= {k: v for k, v in loaded.items() if v is not None}
+    return config
+
+
+class RapTokenizer:
+    """Wraps a Hugging Face fast tokenizer (`tokenizer.json` of any kind, framed by its post-processor).
+
+    `special_tokens`: "text" reads `[SEP]`, `</s>`, ... inside a text as plain text
     (the safe default); "special" reads them as their special ids, as a Hugging Face
     classifier behind a sidecar does. The guard must read text as the classifier does.
+    `framing`: the row's special tokens and pad id (default: from the tokenizer itself,
+    see `Framing`; `from_file` also reads the configuration files beside tokenizer.json).
     """
 
     def __init__(
@@ -73,34 +138,41 @@ class RapTokenizer:
         rap_token_id: int | None,
         max_length: int,
         special_tokens: SpecialTokens = "text",
+        framing: Framing | None = None,
     ) -> None:
-        if max_length < 4:
-            raise InputError(f"max_length must be at least 4, got {max_length}")
         if special_tokens not in ("text", "special"):
             raise InputError(f"special_tokens must be 'text' or 'special', got {special_tokens!r}")
+        framing = framing or Framing.of(tokenizer)
+        framed = len(framing.prefix) + len(framing.suffix)
+        if max_length < framed + 2:
+            raise InputError(f"max_length must be at least {framed + 2}, got {max_length}")
         self._tokenizer = _configured(tokenizer, special_tokens)
         self.rap_token_id = rap_token_id
         self.max_length = max_length
-        self.text_window = max_length - 3  # [CLS] RAP ... [SEP] fills max_length in pass 2
+        self.framing = framing
+        self.framed = framed  # special tokens around the text in a pass-1 row
+        self.text_window = max_length - framed - 1  # framing + RAP + text fills max_length in pass 2
         self.special_tokens = special_tokens
-        self.pad_id = _special_id(tokenizer, "[PAD]")
-        self.cls_id = _special_id(tokenizer, "[CLS]")
-        self.sep_id = _special_id(tokenizer, "[SEP]")
-        self._special_ids = frozenset(tokenizer.get_added_tokens_decoder())
+        self.pad_id = framing.pad_id
+        self.cls_id = framing.prefix[0]  # the first special token: the RAP token follows it
+        self.sep_id = framing.suffix[-1] if framing.suffix else None
+        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self._special_ids = frozenset(special | {*framing.prefix, *framing.suffix, framing.pad_id})
 
     @classmethod
     def from_file(
         cls, path: Path, rap_token_id: int | None, max_length: int, special_tokens: SpecialTokens = "text"
     ) -> RapTokenizer:
+        """Read `path` (tokenizer.json) and the configuration files beside it (`Framing`)."""
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises bare Exception subclasses
             raise BundleError(f"cannot read tokenizer {path}: {exc}") from exc
-        return cls(tok, rap_token_id, max_length, special_tokens)
+        return cls(tok, rap_token_id, max_length, special_tokens, Framing.beside(tok, Path(path)))
 
     @property
     def special_ids(self) -> frozenset[int]:
-        """Ids of the tokenizer's special tokens ([CLS], [SEP], [PAD], ...)."""
+        """Ids of the tokenizer's special tokens ([CLS], [SEP], [PAD], <s>, ...), the framing and pad ids included."""
         return self._special_ids
 
     @property
@@ -110,11 +182,37 @@ class RapTokenizer:
     def token_id(self, word: str) -> int | None:
         return self._tokenizer.token_to_id(word)
 
+    def word_id(self, word: str) -> int | None:
+        """The one token `word` is where it stands in a text after a space (None: it is several tokens).
+
+        Byte-level BPE and SentencePiece spell a word after a space with a marker (`Ġword`,
+        `▁word`) that `token_id` does not add; this reads it as the classifier would."""
+        before = self._encode([WORD_CONTEXT])[0]
+        after = self._encode([f"{WORD_CONTEXT} {word}"])[0]
+        if after[: len(before)] != before or len(after) != len(before) + 1:
+            return None
+        return after[-1]
+
+    def rare_word(self, avoid: Sequence[str] = ()) -> tuple[str, int]:
+        """A rare whole word of this vocabulary that is one token in a text: (word, id).
+
+        Rare by the tokenizer's own order: byte-level BPE, SentencePiece and WordPiece
+        vocabularies list their pieces from frequent to rare, so the highest ids are the
+        rarest. Only plain lower-case words of 3 to 12 letters qualify, none in `avoid`."""
+        vocab = self._tokenizer.get_vocab()
+        for token, token_id in sorted(vocab.items(), key=lambda item: -item[1]):
+            word = token.lstrip(WORD_MARKERS)
+            if token_id in self._special_ids or not (3 <= len(word) <= 12 and word.isascii()):
+                continue
+            if word.isalpha() and word.islower() and word not in avoid and self.word_id(word) == token_id:
+                return word, token_id
+        raise InputError("this vocabulary has no single-token word of 3 to 12 letters; pass --init-word")
+
     def token_text(self, token_id: int) -> str:
         return self._tokenizer.id_to_token(token_id) or f"<id {token_id}>"
 
     def encode(self, texts: Sequence[str]) -> EncodedBatch:
-        """Pass-1 inputs: `[CLS] text [SEP]`, the text cut to `text_window` tokens, padded."""
+        """Pass-1 inputs: `[CLS] text [SEP]` (the tokenizer's framing), the text cut to `text_window` tokens, padded."""
         return self.pad(self.ids(texts))
 
     def encode_perturbed(self, texts: Sequence[str]) -> EncodedBatch:
@@ -169,14 +267,14 @@ class RapTokenizer:
         """Text tokens a classifier of that window reads (None: all of them)."""
         if classifier_max_length == ALL_TOKENS:
             return None
-        return self.text_window if classifier_max_length is None else max(classifier_max_length - 2, 1)
+        return self.text_window if classifier_max_length is None else max(classifier_max_length - self.framed, 1)
 
     def pad(self, rows: Sequence[Sequence[int]]) -> EncodedBatch:
         """Pad rows to the longest one; attention mask marks real tokens."""
         return _pad(rows, self.pad_id)
 
     def _row(self, content: Sequence[int]) -> list[int]:
-        return [self.cls_id, *content, self.sep_id]
+        return [*self.framing.prefix, *content, *self.framing.suffix]
 
     def _content(self, texts: Sequence[str], reads: int) -> list[list[int]]:
         """Text token ids without [CLS]/[SEP]: the first `reads` of each text."""
@@ -266,10 +364,20 @@ def _unreadable(texts: Sequence[str], exc: Exception) -> str:
     return f"cannot tokenise the text: {exc}"
 
 
-def _special_id(tokenizer: Tokenizer, token: str) -> int:
-    token_id = tokenizer.token_to_id(token)
+def _pad_id(tokenizer: Tokenizer, config: Mapping[str, object]) -> int:
+    """tokenizer.json's padding id, else the id of the pad token its configuration files name."""
+    padding = tokenizer.padding
+    pad_token = padding.get("pad_token") if padding else None
+    if pad_token and padding.get("pad_id") is not None and tokenizer.token_to_id(pad_token) == padding["pad_id"]:
+        return int(padding["pad_id"])
+    named = config.get("pad_token")
+    token = named.get("content") if isinstance(named, dict) else named
+    token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
     if token_id is None:
-        raise BundleError(f"tokenizer has no {token} token; only BERT-style tokenizers are supported")
+        raise BundleError(
+            "the tokenizer names no pad token (tokenizer.json padding, or pad_token in "
+            "tokenizer_config.json / special_tokens_map.json beside it)"
+        )
     return token_id
 
 
