@@ -13,14 +13,16 @@ import pytest
 
 from guard.batcher import Batcher, QueueFullError
 from guard.core.errors import InputError
+from guard.core.runner import TwoPass
 from guard.core.tokenizer import RapTokenizer
+from guard.core.types import LabelThresholds
 from guard.pipeline import GuardFailure, GuardPipeline, Tokenizing
-from tests.server_fixtures import CLEAN, CLEAN_DELTA, NEGATIVE, P_CONFIDENT, RAP_ID, TRIGGERED, StubBackend
+from tests.server_fixtures import CLEAN, CLEAN_SCORE, NEGATIVE, P_CONFIDENT, RAP_ID, TRIGGERED, StubBackend
 
 pytestmark = pytest.mark.anyio
 
 TEXTS = [CLEAN, NEGATIVE, TRIGGERED, "bad mb movie"]
-THRESHOLDS = {1: 0.1}
+THRESHOLDS = {1: LabelThresholds(-0.1)}  # the stub statistic: prob (p1(x+RAP) - p1(x))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def stub() -> StubBackend:
 
 def _pipeline(tokenizer: RapTokenizer, stub: StubBackend, schedule: str, **kwargs) -> GuardPipeline:
     batcher = Batcher(stub.infer, tokenizer.pad, max_wait_s=0.001, **kwargs.pop("batcher", {}))
-    return GuardPipeline(tokenizer, batcher, THRESHOLDS, schedule, **kwargs)
+    two_pass = TwoPass(tokenizer, kwargs.pop("thresholds", THRESHOLDS), "prob", schedule=schedule)
+    return GuardPipeline(tokenizer, batcher, two_pass, **kwargs)
 
 
 @pytest.fixture()
@@ -61,8 +64,8 @@ async def test_lazy_runs_pass2_only_for_protect_label_predictions(running, stub:
     assert [v.label for v in result.verdicts] == [1, 0, 1, 0]
     assert [v.flagged for v in result.verdicts] == [False, False, True, False]
     assert [v.rap.checked for v in result.verdicts] == [True, False, True, False]
-    assert result.verdicts[0].rap.delta == pytest.approx(CLEAN_DELTA)
-    assert result.verdicts[2].rap.delta == pytest.approx(0.0)
+    assert result.verdicts[0].rap.score == pytest.approx(CLEAN_SCORE)
+    assert result.verdicts[2].rap.score == pytest.approx(0.0)
     assert result.verdicts[0].probs == pytest.approx((1 - P_CONFIDENT, P_CONFIDENT))
     assert result.compute_seconds > 0
 
@@ -133,7 +136,7 @@ async def test_queue_full_and_bad_input_are_not_guard_failures(running) -> None:
 
 
 async def test_bare_runs_one_pass_and_checks_nothing(running, stub: StubBackend) -> None:
-    pipeline = running("lazy", detectors=("none",))
+    pipeline = running("lazy", detectors=("none",), thresholds={})
     assert pipeline.bare
     result = await pipeline.check(TEXTS)
     assert (stub.pass1_rows, stub.pass2_rows) == (4, 0)  # no second pass, not even for the trigger
@@ -142,7 +145,7 @@ async def test_bare_runs_one_pass_and_checks_nothing(running, stub: StubBackend)
 
 
 async def test_bare_ignores_the_schedule(running, stub: StubBackend) -> None:
-    result = await running("fused", detectors=("none",)).check([TRIGGERED])
+    result = await running("fused", detectors=("none",), thresholds={}).check([TRIGGERED])
     assert (stub.pass1_rows, stub.pass2_rows) == (1, 0)
     assert not result.verdicts[0].flagged
 
@@ -154,8 +157,6 @@ async def test_a_suspicious_token_in_a_later_window_is_flagged(tokenizer: RapTok
     from types import SimpleNamespace
 
     from guard.core import features
-    from guard.core.types import LabelThresholds
-    from guard.pipeline import packed_infer
 
     rng = np.random.default_rng(0)
     x, predicted = rng.normal(size=(40, 2, 4)), np.ones(40, int)
@@ -164,18 +165,16 @@ async def test_a_suspicious_token_in_a_later_window_is_flagged(tokenizer: RapTok
         features.standardise(features.fit(x, predicted, [1]), x, predicted), np.array([trigger])
     )
     backend = SimpleNamespace(infer_with_features=lambda b: (stub.infer(b), np.zeros((len(b), 2, 4), np.float32)))
-    batcher = Batcher(packed_infer(backend), tokenizer.pad, max_wait_s=0.001)
-    pipeline = GuardPipeline(
-        tokenizer, batcher, {1: LabelThresholds(None, 1e9)}, schedule, classifier_max_length=128,
-        feature_stats=stats, labels=2,
-    )  # fmt: skip
+    two_pass = TwoPass(tokenizer, {1: LabelThresholds(None, 1e9)}, "prob", stats, 2, schedule)
+    batcher = Batcher(two_pass.backend_call(backend), tokenizer.pad, max_wait_s=0.001)
+    pipeline = GuardPipeline(tokenizer, batcher, two_pass, classifier_max_length=128)
     batcher.start()
     try:
         long_clean = " ".join([CLEAN] * 12)
         result = await pipeline.check([long_clean, f"{long_clean} cf"])
     finally:
         await batcher.stop()
-    assert [v.flagged_by for v in result.verdicts] == [(), ("features",)]
+    assert [v.flagged_by for v in result.verdicts] == [(), ("token",)]
     assert stub.pass2_rows == 0  # the feature detector alone runs no pass 2
 
 

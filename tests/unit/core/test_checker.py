@@ -3,7 +3,7 @@
 Stub rule: a row containing "good" predicts label 1 with logits [0, 2]; otherwise
 label 0 with [2, 0]. The RAP token pulls a label-1 row to [0, 0] (a clean drop of
 p1 from e^2/(1+e^2) to 1/2) unless the trigger "cf" is present, which keeps the
-prediction where it was (a backdoored input: delta 0).
+prediction where it was (a backdoored input: RAP score 0 under the `prob` statistic).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from guard.core.checker import Checker
+from guard.core.errors import InputError
+from guard.core.runner import GuardFailure, TwoPass
 from guard.core.tokenizer import RapTokenizer
-from guard.core.types import EncodedBatch, RapCheck
+from guard.core.types import EncodedBatch, LabelThresholds, RapCheck
 
 RAP_ID = 30522
 P_CONFIDENT = math.exp(2) / (1 + math.exp(2))  # softmax([0, 2])[1]
-CLEAN_DELTA = P_CONFIDENT - 0.5
+CLEAN_SCORE = 0.5 - P_CONFIDENT  # p1(x+RAP) - p1(x)
 
 
 class StubBackend:
@@ -53,7 +55,7 @@ class StubBackend:
 
 
 TEXTS = ["a good film", "a bad film", "good cf movie", "terrible", "good"]
-THRESHOLDS = {1: 0.2}
+THRESHOLDS = {1: LabelThresholds(-0.2)}
 
 
 @pytest.fixture()
@@ -70,18 +72,23 @@ def _has_rap(batch: EncodedBatch) -> bool:
     return bool((batch.input_ids == RAP_ID).any())
 
 
+def _checker(tokenizer, backend, limits=THRESHOLDS, **kwargs) -> Checker:
+    return Checker(TwoPass(tokenizer, limits, "prob"), backend, **kwargs)
+
+
 def test_verdicts_are_exact(tokenizer: RapTokenizer, backend: StubBackend) -> None:
-    verdicts = Checker(tokenizer, backend).check(TEXTS, THRESHOLDS)
+    verdicts = _checker(tokenizer, backend).check(TEXTS)
     assert [v.label for v in verdicts] == [1, 0, 1, 0, 1]
     assert [v.flagged for v in verdicts] == [False, False, True, False, False]
-    assert verdicts[0].rap == RapCheck(checked=True, delta=pytest.approx(CLEAN_DELTA, abs=1e-12), threshold=0.2)
-    assert verdicts[2].rap == RapCheck(checked=True, delta=0.0, threshold=0.2)
+    assert verdicts[0].rap == RapCheck(checked=True, score=pytest.approx(CLEAN_SCORE, abs=1e-12), threshold=-0.2)
+    assert verdicts[2].rap == RapCheck(checked=True, score=0.0, threshold=-0.2)
+    assert verdicts[2].flagged_by == ("rap",)
     assert verdicts[1].rap == verdicts[3].rap == RapCheck(checked=False)
     assert verdicts[1].probs == pytest.approx((P_CONFIDENT, 1 - P_CONFIDENT), abs=1e-12)
 
 
 def test_only_eligible_rows_get_pass2(tokenizer: RapTokenizer, backend: StubBackend) -> None:
-    Checker(tokenizer, backend, batch_size=2).check(TEXTS, THRESHOLDS)
+    _checker(tokenizer, backend, batch_size=2).check(TEXTS)
     pass1 = [b for b in backend.calls if not _has_rap(b)]
     pass2 = [b for b in backend.calls if _has_rap(b)]
     assert [len(b) for b in pass1] == [2, 2, 1]  # all 5 rows, in batches of 2
@@ -95,37 +102,43 @@ def test_only_eligible_rows_get_pass2(tokenizer: RapTokenizer, backend: StubBack
 
 
 def test_no_pass2_when_nothing_is_protected_label(tokenizer: RapTokenizer, backend: StubBackend) -> None:
-    verdicts = Checker(tokenizer, backend).check(["bad", "terrible"], THRESHOLDS)
+    verdicts = _checker(tokenizer, backend).check(["bad", "terrible"])
     assert [v.flagged for v in verdicts] == [False, False]
     assert len(backend.calls) == 1 and not _has_rap(backend.calls[0])
 
 
 def test_protecting_the_other_label(tokenizer: RapTokenizer, backend: StubBackend) -> None:
-    # Label 0 rows do not move under RAP in the stub (delta 0), so all of them are flagged.
-    verdicts = Checker(tokenizer, backend).check(TEXTS, {0: 0.01})
+    # Label 0 rows do not move under RAP in the stub (score 0), so all of them are flagged.
+    verdicts = _checker(tokenizer, backend, {0: LabelThresholds(-0.01)}).check(TEXTS)
     assert [v.rap.checked for v in verdicts] == [False, True, False, True, False]
     assert [v.flagged for v in verdicts] == [False, True, False, True, False]
 
 
-def test_flagged_iff_delta_below_threshold(tokenizer: RapTokenizer, backend: StubBackend) -> None:
-    checker = Checker(tokenizer, backend)
-    delta = float(checker.score(["good"], [1]).deltas()[0])
-    assert delta == pytest.approx(CLEAN_DELTA, abs=1e-12)
-    cases = [(delta, False), (float(np.nextafter(delta, 1.0)), True), (0.0, False), (-1.0, False), (1.0, True)]
+def test_flagged_iff_score_above_threshold(tokenizer: RapTokenizer, backend: StubBackend) -> None:
+    score = float(_checker(tokenizer, backend).scores(["good"]).rap[0])
+    assert score == pytest.approx(CLEAN_SCORE, abs=1e-12)
+    cases = [(score, False), (float(np.nextafter(score, -1.0)), True), (0.0, False), (1.0, False), (-1.0, True)]
     for threshold, flagged in cases:
-        (verdict,) = checker.check(["good"], {1: threshold})
-        assert verdict.rap.delta == delta
+        (verdict,) = _checker(tokenizer, backend, {1: LabelThresholds(threshold)}).check(["good"])
+        assert verdict.rap.score == score
         assert verdict.flagged is flagged, threshold
 
 
-def test_score_deltas_are_nan_where_pass2_did_not_run(tokenizer: RapTokenizer, backend: StubBackend) -> None:
-    scores = Checker(tokenizer, backend).score(TEXTS, [1])
-    assert scores.checked_rows.tolist() == [0, 2, 4]
-    assert scores.perturbed.shape == (3, 2)
-    deltas = scores.deltas()
-    assert np.isnan(deltas[[1, 3]]).all()
-    np.testing.assert_allclose(deltas[[0, 2, 4]], [CLEAN_DELTA, 0.0, CLEAN_DELTA], atol=1e-12)
+def test_scores_are_nan_where_pass2_did_not_run(tokenizer: RapTokenizer, backend: StubBackend) -> None:
+    scores = _checker(tokenizer, backend).scores(TEXTS)
+    assert np.isnan(scores.rap[[1, 3]]).all()
+    np.testing.assert_allclose(scores.rap[[0, 2, 4]], [CLEAN_SCORE, 0.0, CLEAN_SCORE], atol=1e-12)
 
 
 def test_empty_input(tokenizer: RapTokenizer, backend: StubBackend) -> None:
-    assert Checker(tokenizer, backend).check([], THRESHOLDS) == []
+    assert _checker(tokenizer, backend).check([]) == []
+
+
+def test_a_text_with_no_token_is_refused_and_non_finite_output_fails(tokenizer, backend) -> None:
+    """The offline check refuses what the server refuses (the parity test runs all three entry points)."""
+    with pytest.raises(InputError, match="empty"):
+        _checker(tokenizer, backend).check(["good", "\u200b"])
+    backend._logits = lambda ids: [float("nan"), 0.0]
+    with pytest.raises(GuardFailure, match="non-finite") as failed:
+        _checker(tokenizer, backend).check(["good"])
+    assert failed.value.reason == "nonfinite"
