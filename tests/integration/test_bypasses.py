@@ -368,8 +368,8 @@ def test_scores_are_opt_in(stub_bundle: Path) -> None:
     with serving(stub_bundle) as hidden, serving(stub_bundle, expose_scores=True) as shown:
         rap_hidden = hidden.post("/v1/check", json={"text": CLEAN}).json()["results"][0]["rap"]
         rap_shown = shown.post("/v1/check", json={"text": CLEAN}).json()["results"][0]["rap"]
-    assert rap_hidden == {"checked": True, "delta": None, "threshold": None}
-    assert rap_shown["delta"] is not None and rap_shown["threshold"] == 0.1
+    assert rap_hidden == {"checked": True, "score": None, "threshold": None}
+    assert rap_shown["score"] is not None and rap_shown["threshold"] == -0.1
 
 
 def test_every_rejection_is_counted_and_pending_is_live(stub_bundle: Path) -> None:

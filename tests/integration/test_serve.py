@@ -146,7 +146,7 @@ def test_metrics_on_their_own_port(onnx_bundle: Path) -> None:
         stop_process(proc)
     assert on_service_port.status_code == 404 and "metrics_port" in on_service_port.json()["error"]
     assert scraped.status_code == 200 and "guard_requests_total{decision=" in scraped.text
-    assert "# TYPE guard_rap_delta histogram" in scraped.text  # per-request scores: on metrics_port only
+    assert "# TYPE guard_rap_score histogram" in scraped.text  # per-request scores: on metrics_port only
 
 
 @pytest.mark.parametrize("schedule", ["lazy", "fused"])

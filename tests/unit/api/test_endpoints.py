@@ -20,7 +20,7 @@ from guard.api.service import Capacity
 from guard.metrics import GuardMetrics
 from tests.server_fixtures import (
     CLEAN,
-    CLEAN_DELTA,
+    CLEAN_SCORE,
     NEGATIVE,
     P_CONFIDENT,
     TRIGGERED,
@@ -39,7 +39,7 @@ ARCHITECTURE_METRICS = {
     "guard_queue_duration_seconds",
     "guard_batch_size",
     "guard_pending_requests",
-    "guard_rap_delta",
+    "guard_rap_score",
     "guard_calibrated_frr",
     "guard_calibrated_far",
     "guard_false_accept_ratio",
@@ -56,7 +56,7 @@ ARCHITECTURE_METRICS = {
     "guard_connections_dropped_total",
 }
 # Served on metrics_port only: per-request observations would give a client its request's score.
-SCORE_METRICS = {"guard_rap_delta"}
+SCORE_METRICS = {"guard_rap_score"}
 # Feedback is on only with a key of its own; one answer counts towards the live rates here.
 FEEDBACK_ON = {"feedback_api_key": "labeller", "live_rates_min_observations": 1}
 LABELLER = {"Authorization": "Bearer labeller"}
@@ -94,7 +94,7 @@ async def test_check_one_text(make_settings, stub: StubBackend) -> None:
     (item,) = body["results"]
     assert item["label"] == 1 and item["label_name"] == "positive" and item["flagged"] is False
     assert item["probs"] == pytest.approx([1 - P_CONFIDENT, P_CONFIDENT])
-    assert item["rap"] == {"checked": True, "delta": pytest.approx(CLEAN_DELTA), "threshold": 0.1}
+    assert item["rap"] == {"checked": True, "score": pytest.approx(CLEAN_SCORE), "threshold": -0.1}
     assert item["request_id"] == "req-1"
 
 
@@ -106,8 +106,8 @@ async def test_check_several_texts(make_settings, stub: StubBackend) -> None:
     assert [r["flagged"] for r in results] == [False, True, False]
     assert [r["label"] for r in results] == [1, 1, 0]
     assert [r["rap"]["checked"] for r in results] == [True, True, False]
-    assert results[1]["rap"]["delta"] == pytest.approx(0.0)
-    assert results[2]["rap"] == {"checked": False, "delta": None, "threshold": None}
+    assert results[1]["rap"]["score"] == pytest.approx(0.0)
+    assert results[2]["rap"] == {"checked": False, "score": None, "threshold": None}
 
 
 async def test_bare_mode_answers_unchecked_and_says_so(make_settings, stub: StubBackend, caplog) -> None:
@@ -119,7 +119,7 @@ async def test_bare_mode_answers_unchecked_and_says_so(make_settings, stub: Stub
     assert check.status_code == 200 and check.headers["X-Guard-Detectors"] == "none"
     results = check.json()["results"]
     assert [r["label"] for r in results] == [1, 1]
-    assert all(not r["flagged"] and r["rap"] == {"checked": False, "delta": None, "threshold": None} for r in results)
+    assert all(not r["flagged"] and r["rap"] == {"checked": False, "score": None, "threshold": None} for r in results)
     assert classify.status_code == 200  # the trigger passes: nothing checks it
     assert classify.headers["X-Guard-Detectors"] == "none"
     assert stub.pass2_rows == 0
@@ -357,7 +357,7 @@ async def test_metrics_lists_every_declared_metric(make_settings, stub: StubBack
     assert on_port == declared - SCORE_METRICS
     assert {f.name + "_total" if f.type == "counter" else f.name for f in families} == ARCHITECTURE_METRICS
     scores = app.state.metrics.scrape_registry  # what metrics_port serves
-    assert scores.get_sample_value("guard_rap_delta_count", {"label": "positive"}) == 2
+    assert scores.get_sample_value("guard_rap_score_count", {"label": "positive"}) == 2
     text = response.text
     assert metric_value(text, "guard_requests_total", decision="block", mode="enforce") == 1
     assert metric_value(text, "guard_calibrated_frr", label="positive") == 0.01
