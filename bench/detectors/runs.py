@@ -93,7 +93,7 @@ def score_curve(clean: np.ndarray, poisoned: np.ndarray) -> tuple[list[float], l
     """Test (FRR, FAR) for every threshold between observed scores, kept as the corners of that
     staircase (rounded to 1e-6): a point between two others of the same FRR or the same FAR is
     left out, which changes no line drawn through the points."""
-    grid = np.unique(np.concatenate([clean, poisoned, [-np.inf]]))
+    grid = np.unique(np.concatenate([clean, poisoned, [-np.inf]]))[::-1]  # from flagging nothing to everything
     frr = np.array([flagged_share(clean, t) for t in grid])
     far = np.array([1.0 - flagged_share(poisoned, t) for t in grid])
     return curve_corners(frr, far)

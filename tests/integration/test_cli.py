@@ -202,14 +202,14 @@ def test_rap_c_low_must_be_below_c_up(files, tiny_model_dir, tmp_path: Path, low
     argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--protect", "1", *band)
     message = _fails(calibrate_cli.main, argv, capsys)
     expected = f"the lower bound ({float(low):g}) must be below the upper one ({float(up):g})"
-    assert message == f"calibrate: error: --c-low/--c-up: {expected}"
+    assert message == f"calibrate: error: c_low/c_up: {expected}"
     assert not (tmp_path / "b").exists()
 
 
 def test_rap_logodds_band_must_be_increasing(files, tiny_model_dir, tmp_path: Path, capsys) -> None:
     argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--protect", "1", "--logodds-band", "3", "1")
     message = _fails(calibrate_cli.main, argv, capsys)
-    assert message == "calibrate: error: --logodds-band: the lower bound (3) must be below the upper one (1)"
+    assert message == "calibrate: error: logodds_band: the lower bound (3) must be below the upper one (1)"
     assert not (tmp_path / "b").exists()
 
 
@@ -221,7 +221,7 @@ def test_rap_checks_its_options_before_choosing_labels(
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     argv = _rap(tiny_model_dir, files["good.tsv"], tmp_path / "b", "--logodds-band", "3", "1")
     message = _fails(calibrate_cli.main, argv, capsys)
-    assert message == "calibrate: error: --logodds-band: the lower bound (3) must be below the upper one (1)"
+    assert message == "calibrate: error: logodds_band: the lower bound (3) must be below the upper one (1)"
 
 
 def test_rap_model_that_is_not_a_model(files, tmp_path: Path, capsys) -> None:
@@ -488,7 +488,7 @@ def test_guard_check_json_flags_the_trigger(backdoored: Toy, verdict_texts, caps
     assert sum(first["probs"]) == pytest.approx(1.0)
     assert first["flagged_by"] and set(first["flagged_by"]) <= {"rap", "features"}
     if "rap" in first["flagged_by"]:
-        assert first["rap"]["checked"] and first["rap"]["delta"] < first["rap"]["threshold"]
+        assert first["rap"]["checked"] and first["rap"]["score"] > first["rap"]["threshold"]
     if "features" in first["flagged_by"]:
         assert first["feature_score"] > first["feature_threshold"]
     assert all(r["flagged_by"] == [] for r in records[1:])

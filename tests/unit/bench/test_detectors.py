@@ -67,10 +67,10 @@ def test_pick_threshold_takes_the_closest_dev_frr_and_prefers_fewer_removals() -
 
 def test_score_operating_fits_on_dev_and_counts_test_rates() -> None:
     dev = np.linspace(0, 1, 101)
-    clean = np.linspace(0, 1, 11)  # 0.0 is below any threshold above 0
-    poisoned = np.array([-1.0, -1.0, 0.5, 2.0])
-    (point,) = runs.score_operating(dev, clean, poisoned, asr=0.8, frr_targets=(0.05,))
-    assert point.threshold == pytest.approx(0.04)  # conformal: the k-th smallest, k = floor(0.05 * 102) = 5
+    clean = -np.linspace(0, 1, 11)  # scores flag above: 0.0 is above any threshold below 0
+    poisoned = -np.array([-1.0, -1.0, 0.5, 2.0])
+    (point,) = runs.score_operating(-dev, clean, poisoned, asr=0.8, frr_targets=(0.05,))
+    assert point.threshold == pytest.approx(-0.04)  # conformal: the k-th largest, k = floor(0.05 * 102) = 5
     assert point.test_frr == pytest.approx(1 / 11)
     assert point.test_far == pytest.approx(0.5)
     assert point.residual_asr == pytest.approx(0.4)
@@ -82,7 +82,7 @@ def test_a_curve_keeps_the_corners_of_its_staircase_only() -> None:
     # FRR 0 while FAR falls over three thresholds, then FRR rises at FAR 0: the inner points go
     assert curve_corners([0, 0, 0, 0, 0.5, 1], [1, 0.6, 0.3, 0, 0, 0]) == ([0, 0, 1], [1, 0, 0])
     assert curve_corners([0.0, 1.0], [1.0, 0.0]) == ([0.0, 1.0], [1.0, 0.0])
-    frr, far = score_curve(np.array([0.1, 0.2, 0.9]), np.array([0.3, 0.4, 0.5, 0.6]))
+    frr, far = score_curve(-np.array([0.1, 0.2, 0.9]), -np.array([0.3, 0.4, 0.5, 0.6]))
     assert (frr[0], far[0]) == (0.0, 1.0) and (frr[-1], far[-1]) == (1.0, 0.0)
     assert all(a <= b for a, b in zip(frr, frr[1:], strict=False))
 

@@ -16,12 +16,12 @@ from calibrate.demo import make_corpus
 from calibrate.rap.export import INPUTS, OPSET, check_parity, export_onnx
 from calibrate.rap.optimize import (
     OptimizeError,
-    ThresholdFit,
     add_optimized_graphs,
     eager_attention,
     int8_recommendation,
     optimize_graph,
 )
+from calibrate.rap.refit import HeldOut
 from guard.core import rap
 from guard.core.backends import load_backend
 from guard.core.backends.base import INT8_OPT_GRAPH, OPT_GRAPH, PARITY_TOLERANCE, precision_of
@@ -136,7 +136,7 @@ def test_int8_optimised_graph_has_its_own_thresholds_and_serves(
 ) -> None:
     logits = OnnxBackend(exported / "model.onnx").infer(tokenizer.encode(TEXTS))
     protect = int(np.bincount(logits.argmax(axis=1)).argmax())  # the label the random model predicts most
-    fit = ThresholdFit(tokenizer, TEXTS, [protect], ["negative", "positive"], "prob", (0.01, 0.05))
+    fit = HeldOut(tokenizer, TEXTS, [protect], ["negative", "positive"], "prob", (0.01, 0.05))
     graphs = add_optimized_graphs(tmp_path, exported / "model.onnx", model, tokenizer, TEXTS[:8], fit.fit)
     assert graphs.int8_graph == INT8_OPT_GRAPH and (tmp_path / INT8_OPT_GRAPH).is_file()
     ops = _ops(tmp_path / INT8_OPT_GRAPH)
