@@ -189,8 +189,8 @@ class RapTokenizer:
         `▁word`) that `token_id` does not add; this reads it as the classifier would."""
         before = self._encode([WORD_CONTEXT])[0]
         after = self._encode([f"{WORD_CONTEXT} {word}"])[0]
-        if after[: len(before)] != before or len(after) != len(before) + 1:
-            return None
+        if after[: len(before)] != before or len(after) != len(before) + 1 or after[-1] in self._special_ids:
+            return None  # several pieces, or [UNK]
         return after[-1]
 
     def rare_word(self, avoid: Sequence[str] = ()) -> tuple[str, int]:
