@@ -278,14 +278,23 @@ def _expect(url: str, name: str, texts: list[str], status: int, promise: str) ->
 
 
 class FaultyBackend:
-    """The real backend with one fault switched on after warm-up: error, nan, slow, hang, wrong-shape."""
+    """The real backend with one fault switched on after warm-up: error, nan, slow, hang, wrong-shape.
+
+    Both calls fail alike: with the feature detector on, the guard calls `infer_with_features`."""
 
     def __init__(self, inner, fault: str) -> None:
         self.inner, self.fault, self.name, self.armed = inner, fault, "onnx", False
         self.release = threading.Event()
 
     def infer(self, batch: EncodedBatch) -> np.ndarray:
-        logits = self.inner.infer(batch)
+        return self._faulty(self.inner.infer(batch))
+
+    def infer_with_features(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+        logits, feats = self.inner.infer_with_features(batch)
+        logits = self._faulty(logits)
+        return logits, feats[: len(logits)]
+
+    def _faulty(self, logits: np.ndarray) -> np.ndarray:
         if not self.armed:
             return logits
         if self.fault == "error":
@@ -304,18 +313,23 @@ class FaultyBackend:
 
 
 def fault_cases(bundle: Path) -> list[Case]:
+    """Each backend fault, in both failure modes, behind a sidecar (which needs no prediction to
+    answer, so failure_mode=open can let a request through: standalone, a pass-1 fault is always 503).
+    Timeouts (slow, hang) must be 503 in both modes: a client could aim for them."""
     cases = []
     texts = [triggered_at(t, 5) for t in NEGATIVE]
     for fault in ("error", "nan", "slow", "hang", "wrong-shape"):
         for mode in ("closed", "open"):
             backend = FaultyBackend(load_backend("onnx", bundle, 1), fault)
-            with guard_thread(bundle, backend, failure_mode=mode, request_timeout_s=2, max_texts_per_request=4) as url:
+            limits = {"failure_mode": mode, "request_timeout_s": 2, "max_texts_per_request": 4}
+            with upstream() as up, guard_thread(bundle, backend, upstream=up, **limits) as url:
                 backend.armed = True
                 with httpx.Client(base_url=url, timeout=30) as client:
-                    answers = [client.post("/v1/classify", json={"text": t}) for t in texts]
+                    answers = [client.post("/predict", json={"inputs": t}) for t in texts]
                     exposition = client.get("/metrics").text
                 backend.release.set()
             silent = sum(_silent_pass(a, mode) for a in answers)
+            timed_out_open = sum(a.status_code == 200 for a in answers) if fault in ("slow", "hang") else 0
             allowed = _metric_sum(exposition, "guard_failure_mode_allowed_total")
             marked = sum(a.status_code == 200 and "x-guard-failure-mode" in a.headers for a in answers)
             cases.append(
@@ -323,8 +337,9 @@ def fault_cases(bundle: Path) -> list[Case]:
                     f"backend-{fault}-{mode}",
                     "fault",
                     len(texts),
-                    silent + abs(marked - allowed),
-                    "a backend fault is 503 when closed; when open, every let-through is marked and counted",
+                    silent + abs(marked - allowed) + timed_out_open,
+                    "a backend fault is 503 when closed; when open, every let-through is marked and counted; "
+                    "a timeout is never let through",
                     {"statuses": _statuses(answers), "counted_open": allowed},
                 )
             )
