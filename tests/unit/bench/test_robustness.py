@@ -14,7 +14,7 @@ from guard.core.tokenizer import RapTokenizer
 @pytest.mark.parametrize("position", [7, 30, 61])
 def test_the_trigger_lands_on_the_asked_token(tokenizer_path: Path, position: int) -> None:
     tokenizer = RapTokenizer.from_file(tokenizer_path, 30522, 64)
-    (content,) = tokenizer._content([triggered_at(NEGATIVE[0], position)])
+    (content,) = tokenizer._content([triggered_at(NEGATIVE[0], position)], 512)
     assert len(content) == position
     assert content[-1] == tokenizer.token_id(TRIGGER)
 
