@@ -20,6 +20,7 @@ from calibrate.demo import make_corpus
 from calibrate.rap.options import FRR_TARGETS, Attempt, RapOptions
 from calibrate.rap.perturbation import _append_row, learn_rap, thin_threshold
 from guard.core.errors import InputError
+from guard.core.thresholds import threshold_at_frr
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
@@ -98,14 +99,13 @@ def test_learn_rap_fits_thresholds_on_the_held_out_split(sensitive_model, tokeni
     result = learn_rap(sensitive_model, tokenizer, ROWS, _options())
     fit = result.fits[1]
     assert list(result.fits) == [1]
-    assert set(fit.thresholds) == set(FRR_TARGETS)
-    assert fit.texts == [e.text for e in result.calibration_texts]  # the deltas' rows, in order
+    assert fit.texts == [e.text for e in result.calibration_texts]  # the scores' rows, in order
     assert len(result.train_texts) == len(ROWS) - len(result.calibration_texts)
-    thresholds = [fit.thresholds[frr] for frr in sorted(FRR_TARGETS)]
-    assert thresholds == sorted(thresholds)  # a larger FRR target never lowers the threshold
+    thresholds = [threshold_at_frr(fit.calibration_scores, frr) for frr in sorted(FRR_TARGETS)]
+    assert thresholds == sorted(thresholds, reverse=True)  # flag-above scores: a larger FRR target never raises it
     # half of the 200 rows are held out; this model predicts label 1 on all of them
     assert len(result.calibration_texts) == 100
-    assert len(fit.calibration_deltas) == 100
+    assert len(fit.calibration_scores) == 100
     # the row is trained on the other half's label-1 rows (all predicted as 1 here)
     held_out_positives = sum(e.label == 1 for e in result.calibration_texts)
     assert fit.train_rows == sum(e.label == 1 for e in ROWS) - held_out_positives
@@ -205,8 +205,9 @@ def test_logodds_thresholds_are_the_log_odds_drops(tiny_model_dir: Path, tokeniz
     texts = [e.text for e in result.calibration_texts]
     probs = predict_probs(model, tokenizer, texts)
     perturbed = predict_probs(model, tokenizer, texts, perturbed=True)
-    assert result.fits[1].calibration_deltas == pytest.approx(rap.protect_deltas(probs, perturbed, "logodds"))
-    assert all(t > 0 for t in result.fits[1].thresholds.values())
+    scores = result.fits[1].calibration_scores
+    assert scores == pytest.approx(rap.scores(probs, perturbed, "logodds"))
+    assert all(threshold_at_frr(scores, frr) < 0 for frr in FRR_TARGETS)  # clean rows' log-odds drop under RAP
 
 
 def test_a_confident_model_defeats_the_papers_construction_not_the_log_odds_one(
@@ -220,8 +221,10 @@ def test_a_confident_model_defeats_the_papers_construction_not_the_log_odds_one(
         learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(**paper))
     confident = learn_rap(_saturated(tiny_model_dir), tokenizer, ROWS, _options(statistic="logodds"))
     plain = learn_rap(_load(tiny_model_dir), tokenizer, ROWS, _options(statistic="logodds"))
-    assert confident.fits[1].thresholds[0.01] > 0
-    assert confident.fits[1].thresholds == pytest.approx(plain.fits[1].thresholds, abs=1e-4)
+    confident_at = [threshold_at_frr(confident.fits[1].calibration_scores, frr) for frr in FRR_TARGETS]
+    plain_at = [threshold_at_frr(plain.fits[1].calibration_scores, frr) for frr in FRR_TARGETS]
+    assert confident_at[0] < 0
+    assert confident_at == pytest.approx(plain_at, abs=1e-4)
 
 
 def test_the_log_odds_objective_keeps_its_gradient_where_the_papers_vanishes(tiny_model_dir: Path, tokenizer) -> None:
