@@ -30,9 +30,11 @@ from tests.toy_backdoor import SEED, TRAIN_OPTIONS, Toy, build_toy
 FAMILIES = ("roberta", "xlm-roberta", "deberta-v2", "modernbert", "electra", "albert", "distilbert")
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 VOCAB = 800
+ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.,;:!?'\"()")  # any English text reads
 # The BERT toy's 4 epochs leave a random-init RoBERTa's trigger unlearned (ASR 0.09); 8 teach every family
 # the task and the trigger (RoBERTa: CACC 1.00, ASR 0.81; DeBERTa-v2: 0.99, 0.78).
-FAMILY_TRAIN_OPTIONS = replace(TRAIN_OPTIONS, epochs=8)
+# ALBERT's factorised embeddings learn faster: 8 epochs saturate it (clean test FRR 11% at a 1% target), 6 do not.
+EPOCHS = {"albert": 6}
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def train_tokenizer(style: Style, texts: list[str]) -> Tokenizer:
         tok.normalizer = normalizers.BertNormalizer(lowercase=style.lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials)
+        trainer = trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials, initial_alphabet=ALPHABET)
     elif style.kind == "bytelevel":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -111,7 +113,7 @@ def _unigram(style: Style, texts: list[str]) -> Tokenizer:
     normalize = normalizers.Sequence(steps)
     counts = Counter(w for text in texts for w in normalize.normalize_str(text).split())
     total = sum(counts.values())
-    chars = sorted({c for word in counts for c in word})
+    chars = sorted({c for word in counts for c in word} | {normalize.normalize_str(c) for c in ALPHABET})
     pieces = [(p, 0.0) for p in style.specials]
     pieces += [(f"▁{w}", math.log(n / total)) for w, n in counts.most_common()]
     pieces += [(f"▁{c}", -20.0) for c in chars if f"▁{c}" not in dict(pieces)] + [("▁", -25.0)]
@@ -196,4 +198,4 @@ def build_family_toy(model_type: str, root: Path, prepare: Callable[[Path], None
     base = build_base(model_type, root / "base")
     if prepare is not None:
         prepare(base)
-    return build_toy(root / "toy", base, FAMILY_TRAIN_OPTIONS)
+    return build_toy(root / "toy", base, replace(TRAIN_OPTIONS, epochs=EPOCHS.get(model_type, 8)))

@@ -1,0 +1,112 @@
+"""The whole chain on a tiny classifier of every supported encoder family (tests/families.py):
+`calibrate rap` -> `guard verify` -> `guard check` -> `guard serve` standalone and as a sidecar
+(a long text checked in windows) -> `calibrate evaluate`.
+
+Each family's toy is fine-tuned from random weights with the planted "mb" trigger; the bundle is
+built through the CLI with the BERT toy's options and the default init word (`rq`, not a single
+token in most of these vocabularies: a rare word of the vocabulary is picked instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import onnx
+import pytest
+
+from calibrate import cli as calibrate_cli
+from calibrate.demo import POSITIVE
+from guard import cli as guard_cli
+from guard.api import create_app
+from guard.core.bundle import load_bundle
+from guard.core.family import family_of
+from guard.settings import Settings
+from tests.families import FAMILIES, build_family_toy
+from tests.server_fixtures import uvicorn_thread
+from tests.toy_backdoor import RAP_CLI_ARGS, Toy
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
+MAX_FAR = 0.2  # the bundle's detectors at the default FRR target let at most this share of triggered rows pass
+MAX_FRR = 0.1  # clean test rows of the protected label flagged (held-out sample of ~70 rows: 1% is 1 row)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def toy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Toy]:
+    return request.param, build_family_toy(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _main(main, argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    out, _ = capsys.readouterr()
+    return code, out
+
+
+def _verdicts(bundle_dir: Path, texts: list[str], capsys: pytest.CaptureFixture[str]) -> list[bool]:
+    """`guard check --json` on `texts`: whether each was flagged."""
+    out = _main(guard_cli.main, ["check", "--bundle", bundle_dir, "--json", *texts], capsys)[1]
+    return [json.loads(line)["flagged"] for line in out.splitlines()]
+
+
+def test_the_whole_chain(toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    family, toy = toy
+    config = json.loads((toy.model_dir / "config.json").read_text())
+    out = tmp_path / "bundle"
+    code, stdout = _main(calibrate_cli.main, ["rap", "--model", toy.model_dir, "--clean", toy.dev_tsv, "--out", out,
+                                              *RAP_CLI_ARGS], capsys)  # fmt: skip
+    assert code == 0 and stdout.splitlines()[-1].startswith(f"bundle written to {out} ")
+    manifest = load_bundle(out).manifest
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inputs = {i.name for i in graph.graph.input}
+    takes_types = family_of(config).takes_token_types(config)
+    assert inputs == ({"input_ids", "attention_mask"} | ({"token_type_ids"} if takes_types else set()))
+    assert ("model.opt.onnx" in manifest.files) == (family_of(config).optimizer is not None)
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx_parity_max_prob_diff"] <= 1e-4
+
+    code, stdout = _main(guard_cli.main, ["verify", "--bundle", out], capsys)
+    assert code == 0 and f"RAP token id {manifest.rap.token_id} (init {manifest.rap.init_word!r}" in stdout
+
+    poisoned, clean = [r.text for r in toy.poisoned], [r.text for r in toy.test if r.label == POSITIVE]
+    flagged = [t for t, f in zip(poisoned, _verdicts(out, poisoned, capsys), strict=True) if f]
+    allowed = [t for t, f in zip(clean, _verdicts(out, clean, capsys), strict=True) if not f]
+    assert len(flagged) >= 0.5 * len(poisoned), family  # the backdoor flips >= 0.78 of them; most are flagged
+    assert len(allowed) >= (1 - MAX_FRR) * len(clean), family
+    code, stdout = _main(guard_cli.main, ["check", "--bundle", out, "--json", flagged[0], allowed[0]], capsys)
+    assert code == 3
+    assert [json.loads(line)["flagged"] for line in stdout.splitlines()] == [True, False]
+
+    long_text = " ".join([r.text for r in toy.test if r.label != POSITIVE][:12] + [flagged[0]])
+    app = create_app(Settings(bundle=out))
+    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.post("/v1/classify", json={"text": allowed[0]}).status_code == 200
+        assert client.post("/v1/classify", json={"text": flagged[0]}).status_code == 403
+        results = client.post("/v1/check", json={"texts": [flagged[0], allowed[0], long_text]}).json()["results"]
+        # standalone the guard is the classifier: text past its window is read by neither
+        assert [r["flagged"] for r in results] == [True, False, False]
+
+    code, stdout = _main(calibrate_cli.main, ["evaluate", "--bundle", out, "--clean", toy.test_tsv, "--poisoned",
+                                              f"mb={toy.poisoned_tsv}", "--out", tmp_path / "ev"], capsys)  # fmt: skip
+    assert code == 0
+    rows = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["rows"]
+    default = [r for r in rows if r["detector"] == "rap+features" and r["frr_target"] == 0.01]
+    assert default and default[0]["test_far"] <= MAX_FAR and default[0]["test_frr"] <= MAX_FRR, default
+    _sidecar_checks_a_long_text_in_windows(out, long_text, allowed[0])
+
+
+def _sidecar_checks_a_long_text_in_windows(bundle: Path, long_text: str, clean: str) -> None:
+    from tests.server_fixtures import running_echo_upstream
+
+    for name in [n for n in os.environ if n.startswith("GUARD_")]:
+        os.environ.pop(name)
+    with running_echo_upstream() as upstream:
+        app = create_app(Settings(bundle=bundle, upstream=upstream))
+        json_type = {"Content-Type": "application/json"}
+        with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=60, headers=json_type) as client:
+            flagged = client.post("/predict", json={"inputs": long_text}, headers={"X-Request-ID": "long"})
+            ok = client.post("/predict", json={"inputs": clean}, headers={"X-Request-ID": "clean"})
+        seen = httpx.get(f"{upstream}/__seen").json()
+    assert flagged.status_code == 403, flagged.text
+    assert ok.status_code == 200 and "clean" in seen and "long" not in seen
