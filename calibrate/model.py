@@ -102,6 +102,13 @@ def model_family(model: PreTrainedModel) -> Family:
     return family_of(model.config.to_dict())
 
 
+def require_support(model: PreTrainedModel, repair: str) -> None:
+    """Refuse, in one line naming the supported families, a repair or scan this model's family cannot take."""
+    refusal = model_family(model).refusal(repair)
+    if refusal is not None:
+        raise InputError(refusal)
+
+
 def _drop_token_types(module, args, kwargs):
     """The guard's batches always carry token types; a family without them must not receive them."""
     kwargs.pop("token_type_ids", None)

@@ -19,9 +19,10 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
 from calibrate.inversion.options import MAX_LENGTH, POSITIONS
-from calibrate.model import copy_tokenizer_files, load_classifier, predict_probs, tokenizer_json
+from calibrate.model import copy_tokenizer_files, load_classifier, predict_probs, require_support, tokenizer_json
 from calibrate.record import write_record
 from guard.core.errors import InputError
+from guard.core.family import DBS
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
@@ -96,6 +97,7 @@ def load_subject(model_dir: Path, max_length: int = MAX_LENGTH) -> Subject:
     """Load a HF sequence classifier directory for scanning, unlearning or hardening."""
     model_dir = Path(model_dir)
     model = load_classifier(model_dir).eval()
+    require_support(model, DBS)
     with tempfile.TemporaryDirectory() as work:
         path = tokenizer_json(model_dir, Path(work))
         tokenizer = RapTokenizer.from_file(path, None, max_length)

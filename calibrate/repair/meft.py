@@ -34,12 +34,13 @@ import torch
 from transformers import PreTrainedModel
 
 from calibrate.data import label_counts, load_examples
-from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, to_torch
+from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, require_support, to_torch
 from calibrate.progress import progress_bar
 from calibrate.record import prepare_out_dir, write_record
 from calibrate.repair.options import MaxEntJob, MaxEntOptions
 from calibrate.train import accuracy, check_labels, fit, load_tokenizer, seed_everything
 from guard.core.errors import InputError
+from guard.core.family import MEFT
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
@@ -74,6 +75,7 @@ def maxent_repair(
     prepare_out_dir(model_dir, out_dir, force)
     started = time.perf_counter()
     model = load_classifier(model_dir)
+    require_support(model, MEFT)
     tokenizer = load_tokenizer(model_dir, out_dir, options.finetune.max_length)
     for rows in (train, dev or []):
         check_labels(model, rows)

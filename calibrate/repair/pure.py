@@ -45,7 +45,7 @@ import torch
 from transformers import PreTrainedModel
 
 from calibrate.data import load_examples
-from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, to_torch
+from calibrate.model import copy_tokenizer_files, flush_denormal, load_classifier, require_support, to_torch
 from calibrate.record import prepare_out_dir, write_record
 from calibrate.repair.heads import (
     Head,
@@ -62,6 +62,7 @@ from calibrate.repair.heads import (
 )
 from calibrate.repair.options import PruneJob, PruneOptions
 from calibrate.train import LossFn, accuracy, check_labels, fit, load_tokenizer, seed_everything
+from guard.core.family import PURE
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
@@ -99,6 +100,7 @@ def pure_repair(
     prepare_out_dir(model_dir, out_dir, force)
     started = time.perf_counter()
     model = load_classifier(model_dir)
+    require_support(model, PURE)
     tokenizer = load_tokenizer(model_dir, out_dir, options.finetune.max_length)
     for rows in (train, dev):
         check_labels(model, rows)
