@@ -56,7 +56,20 @@ def test_prometheus_loads_the_mounted_config_and_rules(compose: dict) -> None:
     (rule_file,) = config["rule_files"]
     assert str(Path(config_path).parent / rule_file) in binds  # the rules sit where the config says
     (job,) = config["scrape_configs"]
-    assert job["job_name"] == "backdoor-guard" and job["static_configs"][0]["targets"] == ["guard:8000"]
+    assert job["job_name"] == "backdoor-guard" and job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_prometheus_scrapes_the_guards_metrics_port_not_its_service_port(compose: dict) -> None:
+    """The RAP score histogram (the dashboard's heatmap) is served on metrics_port only; scraping
+    guard:8000 left the heatmap empty (issue 32)."""
+    guard = compose["services"]["guard"]
+    service_port = int(guard["ports"][0].split(":")[-1])
+    metrics_port = int(guard["environment"]["GUARD_METRICS_PORT"])
+    assert metrics_port != service_port
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"guard:{metrics_port}"]
+    assert all(not p.endswith(f":{metrics_port}") for p in guard["ports"])  # only the service port is published
 
 
 def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(compose: dict) -> None:

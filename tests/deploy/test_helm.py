@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
+import re
 import subprocess
 import sys
 import typing
@@ -20,10 +22,20 @@ import pytest
 import yaml
 
 from guard.api import create_app
+from guard.server import metrics_server
 from guard.settings import Settings
 from tests.deploy import chart
 from tests.deploy.chart import SERVICE_MONITOR_API
-from tests.server_fixtures import StubBackend, build_stub_bundle, uvicorn_thread
+from tests.deploy.conftest import ROOT
+from tests.server_fixtures import (
+    CLEAN,
+    TRIGGERED,
+    StubBackend,
+    build_stub_bundle,
+    free_port,
+    uvicorn_thread,
+    wait_http,
+)
 
 CASES = chart.ci_values()
 KUBE_VERSIONS = ("1.28.0", "1.31.0")  # without and with native sidecars (1.29+)
@@ -303,7 +315,47 @@ def test_service_monitor_needs_the_crd_and_can_be_turned_off() -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     values = {**CASES["standalone-url"], "serviceMonitor": {"enabled": False}}
     assert "ServiceMonitor" not in render(values, apis=(SERVICE_MONITOR_API,)).kinds()
-    assert "no ServiceMonitor CRD here" in render("standalone-url").notes
+    assert 'no ServiceMonitor CRD here; scrape port "metrics" (9464;' in render("standalone-url").notes
+
+
+def _scraped_container_port(manifests: chart.Manifests) -> int:
+    """The guard container's port the ServiceMonitor scrapes: endpoint -> Service port -> targetPort."""
+    (endpoint,) = manifests.one("ServiceMonitor")["spec"]["endpoints"]
+    service_port = next(p for p in manifests.one("Service")["spec"]["ports"] if p["name"] == endpoint["port"])
+    guard = chart.containers(manifests)["guard"]
+    return next(p["containerPort"] for p in guard["ports"] if p["name"] == service_port["targetPort"])
+
+
+def test_by_default_prometheus_scrapes_the_metrics_port_which_serves_the_heatmaps_metric(tmp_path: Path) -> None:
+    """Before (issue 32): metricsPort null, so the ServiceMonitor scraped the service port, whose
+    /metrics never holds the RAP score histogram the dashboard's heatmap draws: an empty heatmap."""
+    manifests = render({"bundle": {"pvc": {"claimName": "bundles"}}}, apis=(SERVICE_MONITOR_API,))
+    env = chart.env(chart.containers(manifests)["guard"])
+    scraped = _scraped_container_port(manifests)
+    assert scraped != int(env["GUARD_PORT"]) and scraped == int(env["GUARD_METRICS_PORT"])
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "backdoor-guard.json").read_text())
+    (heatmap,) = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
+    (metric,) = set(re.findall(r"\b(guard_\w+)_bucket\b", heatmap["targets"][0]["expr"]))
+
+    # The guard as rendered, its ports moved to free ones (a pod has a network namespace of its own).
+    settings = Settings(
+        bundle=build_stub_bundle(tmp_path / "bundle"), metrics_port=free_port(), log_json=False, access_log=False
+    )
+    app = create_app(settings, backend=StubBackend())
+    with uvicorn_thread(app) as url, metrics_server(app, settings):
+        assert httpx.post(f"{url}/v1/check", json={"texts": [CLEAN, TRIGGERED]}).status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 404  # not on the clients' port
+        wait_http(f"http://127.0.0.1:{settings.metrics_port}/metrics")
+        exposition = httpx.get(f"http://127.0.0.1:{settings.metrics_port}/metrics").text
+    assert f"{metric}_bucket{{" in exposition
+
+
+def test_the_metrics_port_cannot_be_a_port_the_pod_already_uses() -> None:
+    with pytest.raises(helm.HelmError, match="metricsPort 8000 is also the guard's port"):
+        render({**CASES["standalone-pvc"], "metricsPort": 8000})
+    sidecar = CASES["sidecar-url"]
+    with pytest.raises(helm.HelmError, match="sidecar.upstreamPort"):
+        render({**sidecar, "metricsPort": sidecar["sidecar"]["upstreamPort"]})
 
 
 def test_service_selects_the_pods_on_the_guards_port() -> None:
@@ -403,8 +455,8 @@ def test_default_values_need_a_bundle() -> None:
     assert yaml.safe_load(chart.settings_config_map(rendered)["data"]["guard.yaml"]) == chart.chart().values["settings"]
 
 
-def test_the_readmes_sidecar_example_renders_and_validates() -> None:
-    readme = (chart.CHART.parents[1] / "README.md").read_text(encoding="utf-8")
+def test_the_operator_guides_sidecar_example_renders_and_validates() -> None:
+    readme = (ROOT / "docs" / "operator" / "helm.md").read_text(encoding="utf-8")
     block = next(b for b in readme.split("```yaml\n")[1:] if b.startswith("# sidecar-values.yaml"))
     values = yaml.safe_load(block.split("```")[0])
     for kube in KUBE_VERSIONS:

@@ -154,7 +154,7 @@ def test_the_sidecar_classifier_is_reachable_only_through_the_guard() -> None:
     assert spec["podSelector"]["matchLabels"].items() <= labels.items()
     assert spec["policyTypes"] == ["Ingress"]
     ports = {p["port"] for rule in spec["ingress"] for p in rule["ports"]}
-    assert ports == {chart.chart().values["port"]}
+    assert ports == {chart.chart().values["port"], chart.chart().values["metricsPort"]}  # the guard's two
     assert CASES["sidecar-url"]["sidecar"]["upstreamPort"] not in ports
     assert all("ports" in rule for rule in spec["ingress"])  # no rule that opens every port
 
@@ -178,7 +178,7 @@ def test_a_separate_metrics_port_is_wired_through() -> None:
     rules = manifests.one("NetworkPolicy")["spec"]["ingress"]
     assert [r["ports"][0]["port"] for r in rules] == [chart.chart().values["port"], 9090]
     assert rules[1]["from"] == prometheus
-    unset = chart.render(CASES["sidecar-url"], "v1.31.0", ["monitoring.coreos.com/v1/ServiceMonitor"])
+    unset = chart.render({**CASES["sidecar-url"], "metricsPort": None}, "v1.31.0", [chart.SERVICE_MONITOR_API])
     assert unset.one("ServiceMonitor")["spec"]["endpoints"][0]["port"] == "http"
     assert "GUARD_METRICS_PORT" not in chart.env(chart.containers(unset)["guard"])
 

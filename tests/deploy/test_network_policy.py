@@ -3,8 +3,9 @@ Kubernetes' own peer semantics (`Peer.admits`): the clients `from` names, the sc
 `helm test` pod, and nobody else; the sidecar's classifier port from nowhere.
 
 Before issue 32: setting `networkPolicy.from` (as ci/standalone-operator-values.yaml does) locked
-Prometheus and `helm test` out of the guard's port, where /metrics is served by default, so
-GuardDown fired on a healthy guard.
+Prometheus and `helm test` out of the guard's port, where /metrics was served by default, so
+GuardDown fired on a healthy guard. Now /metrics has a port of its own by default (metricsPort),
+which only the scraper reaches; `metricsPort: null` puts it back on the guard's port.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tests.deploy import chart
 
 CASES = chart.ci_values()
 PORT = chart.chart().values["port"]
-METRICS_PORT = 9090
+METRICS_PORT = chart.chart().values["metricsPort"]
+ON_THE_GUARDS_PORT = {"metricsPort": None}
 UPSTREAM_PORT = CASES["sidecar-url"]["sidecar"]["upstreamPort"]
 
 
@@ -93,9 +95,10 @@ def render(values: dict) -> chart.Manifests:
     return manifests
 
 
-def test_with_from_set_the_scraper_and_helm_test_still_reach_the_guards_port() -> None:
-    """ci/standalone-operator-values.yaml: clients from the ingress controller's namespace only."""
-    manifests = render(CASES["standalone-operator"])
+def test_with_metrics_on_the_guards_port_the_scraper_and_helm_test_still_reach_it() -> None:
+    """ci/standalone-operator-values.yaml (clients from the ingress controller's namespace only),
+    with /metrics on the guard's port."""
+    manifests = render({**CASES["standalone-operator"], **ON_THE_GUARDS_PORT})
     assert reachable(manifests, INGRESS) == {PORT}
     assert reachable(manifests, PROMETHEUS) == {PORT}  # /metrics is on the guard's port
     assert reachable(manifests, helm_test_pod(manifests)) == {PORT}
@@ -103,20 +106,22 @@ def test_with_from_set_the_scraper_and_helm_test_still_reach_the_guards_port() -
     assert reachable(manifests, ELSEWHERE) == set()
 
 
-def test_with_a_metrics_port_the_scraper_reaches_only_that_port() -> None:
-    manifests = render({**CASES["standalone-operator"], "metricsPort": METRICS_PORT})
+def test_by_default_the_scraper_reaches_only_the_metrics_port_and_clients_only_the_guards() -> None:
+    manifests = render(CASES["standalone-operator"])
+    assert METRICS_PORT != PORT
     assert reachable(manifests, INGRESS) == {PORT}
     assert reachable(manifests, PROMETHEUS) == {METRICS_PORT}
     assert reachable(manifests, helm_test_pod(manifests)) == {PORT}
     assert reachable(manifests, NEIGHBOUR) == set()
+    assert reachable(manifests, ELSEWHERE) == set()
 
 
 def test_sidecar_defaults_keep_the_classifier_port_closed_and_metrics_to_prometheus() -> None:
     """The sidecar default (no `from`): any client on the guard's port, never the classifier's."""
-    manifests = render(CASES["sidecar-url"])
-    for pod in (INGRESS, PROMETHEUS, NEIGHBOUR, ELSEWHERE, helm_test_pod(manifests)):
-        assert reachable(manifests, pod) == {PORT}, pod
-    separate = render({**CASES["sidecar-url"], "metricsPort": METRICS_PORT})
+    shared = render({**CASES["sidecar-url"], **ON_THE_GUARDS_PORT})
+    for pod in (INGRESS, PROMETHEUS, NEIGHBOUR, ELSEWHERE, helm_test_pod(shared)):
+        assert reachable(shared, pod) == {PORT}, pod
+    separate = render(CASES["sidecar-url"])
     assert reachable(separate, PROMETHEUS) == {PORT, METRICS_PORT}
     assert reachable(separate, ELSEWHERE) == {PORT}  # not the metrics port
     assert all(UPSTREAM_PORT not in reachable(separate, p) for p in (INGRESS, PROMETHEUS, NEIGHBOUR, ELSEWHERE))
@@ -126,8 +131,10 @@ def test_an_operators_own_prometheus_selector_replaces_the_default() -> None:
     ours = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]
     policy = {**CASES["standalone-operator"]["networkPolicy"], "metricsFrom": ours}
     manifests = render({**CASES["standalone-operator"], "networkPolicy": policy})
-    assert reachable(manifests, Pod("observability", {"app": "vmagent"})) == {PORT}
+    assert reachable(manifests, Pod("observability", {"app": "vmagent"})) == {METRICS_PORT}
     assert reachable(manifests, PROMETHEUS) == set()
+    shared = render({**CASES["standalone-operator"], "networkPolicy": policy, **ON_THE_GUARDS_PORT})
+    assert reachable(shared, Pod("observability", {"app": "vmagent"})) == {PORT}
 
 
 def test_a_policy_that_would_open_the_guards_port_to_any_scraper_is_refused() -> None:
@@ -135,8 +142,8 @@ def test_a_policy_that_would_open_the_guards_port_to_any_scraper_is_refused() ->
     policy = {**CASES["standalone-operator"]["networkPolicy"], "metricsFrom": []}
     values = {**CASES["standalone-operator"], "networkPolicy": policy}
     with pytest.raises(helm.HelmError, match="networkPolicy.metricsFrom is empty"):
-        chart.render(values, "v1.31.0")
-    assert reachable(render({**values, "metricsPort": METRICS_PORT}), ELSEWHERE) == {METRICS_PORT}
+        chart.render({**values, **ON_THE_GUARDS_PORT}, "v1.31.0")
+    assert reachable(render(values), ELSEWHERE) == {METRICS_PORT}
 
 
 def test_the_helm_test_pod_is_not_one_of_the_guards_endpoints() -> None:

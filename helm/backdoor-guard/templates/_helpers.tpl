@@ -199,6 +199,9 @@ time), hashed into a pod annotation: rotating the key rolls the pods. */}}
     - name: GUARD_PORT
       value: {{ .Values.port | quote }}
     {{- with .Values.metricsPort }}
+    {{- if or (eq (int .) (int $.Values.port)) (and (eq $.Values.topology "sidecar") (eq (int .) (int $.Values.sidecar.upstreamPort))) }}
+    {{- fail (printf "metricsPort %d is also the guard's port or the classifier's (sidecar.upstreamPort): pick another, or null for /metrics on port" (int .)) }}
+    {{- end }}
     - name: GUARD_METRICS_PORT
       value: {{ . | quote }}
     {{- end }}
