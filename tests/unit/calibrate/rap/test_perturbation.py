@@ -9,6 +9,7 @@ positive thresholds (checked below), which is all these tests need.
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -160,10 +161,14 @@ def test_refuses_too_few_rows(sensitive_model, tokenizer) -> None:
 
 
 @pytest.mark.parametrize("word", ["backdoorguard", "two words", ""])
-def test_refuses_an_init_word_that_is_not_one_token(sensitive_model, tokenizer, word: str) -> None:
-    assert tokenizer.token_id(word) is None
-    message = _refused(sensitive_model, tokenizer, ROWS, _options(init_word=word))
-    assert message == f"init word {word!r} is not a single token of this tokenizer; pick another"
+def test_an_init_word_that_is_not_one_token_is_replaced_by_a_rare_word_of_the_vocabulary(
+    sensitive_model, tokenizer, word: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert tokenizer.word_id(word) is None
+    result = learn_rap(copy.deepcopy(sensitive_model), tokenizer, ROWS, _options(init_word=word))
+    rare, rare_id = tokenizer.rare_word()
+    assert result.init_word == rare and tokenizer.word_id(rare) == rare_id
+    assert f"init word {word!r} is not one token of this vocabulary; using {rare!r}, a rare one" in caplog.text
 
 
 def test_refuses_a_model_that_never_predicts_the_protect_label(tiny_model_dir: Path, tokenizer) -> None:
