@@ -24,7 +24,9 @@ from guard.core import rap
 from guard.core.backends import load_backend
 from guard.core.backends.base import PARITY_TOLERANCE
 from guard.core.bundle import MANIFEST, load_bundle, sha256_file
+from guard.core.detection import Detection
 from guard.core.errors import InputError
+from guard.core.thresholds import PERCENTILE_GRID
 from tests.toy_backdoor import CALIBRATE_OPTIONS, RAP_OPTIONS, Toy
 
 FRR_KEYS = [f"{frr:g}" for frr in FRR_TARGETS]  # "0.005", "0.01", "0.03", "0.05"
@@ -85,14 +87,14 @@ def test_thresholds_are_the_held_out_percentiles(backdoored: Toy) -> None:
     bundle = load_bundle(backdoored.bundle_dir)
     (protected,) = bundle.manifest.protect
     assert list(protected.thresholds) == FRR_KEYS
-    assert len(protected.percentiles) == len(rap.PERCENTILE_GRID)
+    assert len(protected.percentiles) == len(PERCENTILE_GRID)
+    rap_only = Detection.of(bundle, ("rap",))
     for frr, key in zip(FRR_TARGETS, FRR_KEYS, strict=True):
-        # the threshold at FRR f is the clean deltas' (100 f)th percentile, stored twice
+        # the threshold at FRR f flags a share f of the clean held-out scores, stored twice
         assert protected.thresholds[key] == pytest.approx(protected.percentiles[f"{frr * 100:g}"], abs=1e-12)
-        assert bundle.thresholds(frr) == {1: protected.thresholds[key]}
+        assert rap_only.thresholds(frr)[1].rap == protected.thresholds[key]
     values = [protected.thresholds[k] for k in FRR_KEYS]
-    assert values == sorted(values)
-    assert bundle.thresholds()[1] > 0  # calibration refuses a non-positive default threshold
+    assert values == sorted(values, reverse=True)  # flag-above scores: a larger FRR target, a lower threshold
     # calibration_rows: the held-out half of dev that the model predicts as the protected label
     assert 50 <= protected.calibration_rows <= len(backdoored.dev) // 2
 
@@ -100,7 +102,7 @@ def test_thresholds_are_the_held_out_percentiles(backdoored: Toy) -> None:
 @pytest.mark.slow
 def test_report_and_canaries(backdoored: Toy) -> None:
     report = json.loads((backdoored.bundle_dir / "report.json").read_text())
-    assert report["rap_token"]["id"] == 30522
+    assert report["rap_token"]["token_id"] == 30522
     assert 1 <= len(report["attempts"]) <= len(RAP_OPTIONS.ladder)
     assert report["onnx_parity_max_prob_diff"] <= 1e-4
     assert {"load", "rap", "export"} <= set(report["seconds"])
@@ -173,13 +175,12 @@ def test_write_evaluation(evaluation: Evaluation, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_deltas_separate_triggered_from_clean_inputs(evaluation: Evaluation) -> None:
-    # RAP's premise: the perturbation moves triggered inputs less than clean ones
-    # (medians on all 5 seeds that calibrate; 0.77 clean vs 0.005 triggered for this seed)
-    clean = evaluation.clean.target_deltas(1)
-    triggered = evaluation.attacks["mb"].target_deltas(1)
+def test_the_scores_separate_triggered_from_clean_inputs(evaluation: Evaluation) -> None:
+    # RAP's premise: the perturbation moves triggered inputs less than clean ones, so they score higher
+    clean = evaluation.clean.rap_scores(1)
+    triggered = evaluation.attacks["mb"].rap_scores(1)
     assert len(clean) and len(triggered)
-    assert np.median(triggered) < np.median(clean)
+    assert np.median(triggered) > np.median(clean)
 
 
 # ------------------------------------------------------------------ --force and failures

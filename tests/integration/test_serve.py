@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_fixtures import CLEAN, NEGATIVE, TRIGGERED, free_port, stop_process, wait_http
+from tests.server_fixtures import CLEAN, NEGATIVE, THRESHOLDS, TRIGGERED, free_port, stop_process, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_guard_serve_answers_checks_on_a_real_bundle(served) -> None:
         assert sum(item["probs"]) == pytest.approx(1.0, abs=1e-5)
         assert item["label"] == max(range(2), key=lambda i: item["probs"][i])
         assert item["rap"]["checked"] == (item["label"] == 1)  # the bundle protects label 1 only
-        assert item["rap"]["checked"] == (item["rap"]["threshold"] == 0.1)
+        assert item["rap"]["checked"] == (item["rap"]["threshold"] == THRESHOLDS["0.01"])
     metrics = httpx.get(f"{url}/metrics").text
     assert 'guard_inference_duration_seconds_count{backend="onnx",pass="fused"}' in metrics
     proc.terminate()
@@ -160,9 +160,7 @@ def test_both_detectors_serve_the_decisions_guard_check_makes(backdoored, tmp_pa
     bundle = load_bundle(backdoored.bundle_dir)
     assert bundle.detectors == ("rap", "features")
     texts = [r.text for r in backdoored.poisoned[:12]] + [r.text for r in backdoored.test[:12]]
-    expected = Checker.for_bundle(bundle, load_backend("onnx", bundle.path)).check(
-        texts, bundle.label_thresholds(bundle.detectors)
-    )
+    expected = Checker.for_bundle(bundle, load_backend("onnx", bundle.path)).check(texts)
     assert any(v.flagged for v in expected)
     port = free_port()
     with (tmp_path / "guard.log").open("w") as out:
@@ -175,7 +173,7 @@ def test_both_detectors_serve_the_decisions_guard_check_makes(backdoored, tmp_pa
             assert [r["flagged"] for r in results] == [v.flagged for v in expected]
             assert [r["flagged_by"] for r in results] == [list(v.flagged_by) for v in expected]
             metrics = httpx.get(f"{url}/metrics").text
-            for detector in ("rap", "features"):
+            for detector in ("rap", "features", "token"):
                 count = sum(detector in v.flagged_by for v in expected)
                 line = f'guard_flags_total{{detector="{detector}"}} {float(count)}'
                 assert (line in metrics) or count == 0, line
