@@ -25,6 +25,7 @@ from guard import cli as guard_cli
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
 from guard.core.checker import Checker
+from guard.core.detection import Detection
 from tests.toy_backdoor import RAP_CLI_ARGS, Toy
 
 ERROR_LINE = re.compile(r"^(calibrate|guard)( [a-z]+)?: error: \S")
@@ -409,11 +410,10 @@ def verdict_texts(backdoored: Toy) -> tuple[str, list[str]]:
     """One triggered text the bundle flags, and clean texts it allows (found through the API)."""
     bundle = load_bundle(backdoored.bundle_dir)
     checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path))  # as `guard check` does
-    limits = bundle.label_thresholds(bundle.detectors)
     poisoned = [r.text for r in backdoored.poisoned]
-    flagged = [t for t, v in zip(poisoned, checker.check(poisoned, limits), strict=True) if v.flagged]
+    flagged = [t for t, v in zip(poisoned, checker.check(poisoned), strict=True) if v.flagged]
     clean = [r.text for r in backdoored.test[:20]]
-    allowed = [t for t, v in zip(clean, checker.check(clean, limits), strict=True) if not v.flagged]
+    allowed = [t for t, v in zip(clean, checker.check(clean), strict=True) if not v.flagged]
     assert flagged and len(allowed) >= 3
     return flagged[0], allowed[:3]
 
@@ -441,7 +441,7 @@ def test_calibrate_rap_then_guard_verify(backdoored: Toy, tmp_path: Path, capsys
     code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
     assert code == 0
     lines = stdout.splitlines()
-    assert lines[0].startswith("label 1 (LABEL_1) thresholds by FRR target: 0.5%: ")
+    assert lines[0].startswith("label 1 (LABEL_1) RAP score thresholds by FRR target: 0.5%: ")
     assert lines[-1].startswith(f"bundle written to {out} ")
     assert not (out / "stale.txt").exists()  # --force replaced the folder
     # the same options as the session's bundle, so the same thresholds
@@ -451,7 +451,7 @@ def test_calibrate_rap_then_guard_verify(backdoored: Toy, tmp_path: Path, capsys
 
     code, stdout, err = _run(guard_cli.main, ["verify", "--bundle", out], capsys)
     assert (code, err) == (0, "")
-    assert stdout.startswith(f"bundle {out}: OK ({len(ours.files)} files verified, schema 1, created ")
+    assert stdout.startswith(f"bundle {out}: OK ({len(ours.files)} files verified, schema 2, created ")
     assert "RAP token id 30522 (init 'rq'," in stdout
     assert "protects label 1 (LABEL_1); thresholds by FRR target: 0.5%: " in stdout
 
@@ -486,7 +486,7 @@ def test_guard_check_json_flags_the_trigger(backdoored: Toy, verdict_texts, caps
     first = records[0]
     assert (first["label"], first["label_name"]) == (1, "LABEL_1")
     assert sum(first["probs"]) == pytest.approx(1.0)
-    assert first["flagged_by"] and set(first["flagged_by"]) <= {"rap", "features"}
+    assert first["flagged_by"] and set(first["flagged_by"]) <= {"rap", "features", "token"}
     if "rap" in first["flagged_by"]:
         assert first["rap"]["checked"] and first["rap"]["score"] > first["rap"]["threshold"]
     if "features" in first["flagged_by"]:
@@ -557,7 +557,7 @@ def test_rap_with_a_reference_model_flags_a_row_that_moved(backdoored: Toy, tmp_
     code, stdout, _ = _run(guard_cli.main, ["check", "--bundle", out, "--json", *texts], capsys)
     protected = [r for r in map(json.loads, stdout.splitlines()) if r["label"] == 1]
     assert protected, "the moved row should not change these positive texts' label"
-    assert all("features" in r["flagged_by"] and r["feature_score"] == float("inf") for r in protected)
+    assert all("token" in r["flagged_by"] for r in protected)  # the moved row is a blocklisted token
     assert code == 3
 
 
@@ -586,7 +586,7 @@ def test_held_out_rows_with_a_flagged_token_are_counted_and_the_bundle_still_loa
     assert count >= 3 and f"WARNING: {count} held-out clean row(s)" in stdout
     bundle = load_bundle(out)
     for frr in ("0.005", "0.01"):
-        pair = bundle.label_thresholds(["rap", "features"], float(frr))[1]
+        pair = Detection.of(bundle, ("rap", "features")).thresholds(float(frr))[1]
         assert pair.features is not None and pair.features < float("inf")
 
 
@@ -624,7 +624,7 @@ def test_rap_with_a_reference_model_flags_the_rare_word_trigger_by_what_it_does(
     texts = [r.text for r in backdoored.poisoned][:8]
     code, stdout, _ = _run(guard_cli.main, ["check", "--bundle", out, "--json", *texts], capsys)
     protected = [r for r in map(json.loads, stdout.splitlines()) if r["label"] == 1]
-    assert protected and all(r["feature_score"] == float("inf") for r in protected)
+    assert protected and all("token" in r["flagged_by"] for r in protected)  # "mb" is a blocklisted token
 
 
 def test_rap_refuses_a_reference_of_another_vocabulary(backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys):

@@ -168,8 +168,8 @@ async def test_scan_probes_go_into_a_bundle_whose_canary_replays_them(scanned, b
                 break
     # The gauge is the share of the probes replayed so far (predicted positive) that passed the guard.
     probes = load_probe_rows(probes_path)[:20]
-    checker = Checker(bundle.tokenizer(), load_backend("onnx", bundle.path))
-    verdicts = checker.check([p.text for p in probes], bundle.thresholds())
+    checker = Checker.for_bundle(bundle, load_backend("onnx", bundle.path))  # the server's detectors and window
+    verdicts = checker.check([p.text for p in probes])
     passed = [not v.flagged for v in verdicts if v.label == 1]
     assert any(far == pytest.approx(sum(passed[:k]) / k) for k in range(1, len(passed) + 1)), (far, passed)
 
