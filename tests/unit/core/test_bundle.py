@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from guard.core import thresholds
-from guard.core.detection import Detection
 from guard.core.bundle import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -24,6 +23,7 @@ from guard.core.bundle import (
     save_bundle,
     sha256_file,
 )
+from guard.core.detection import Detection
 from guard.core.errors import BundleError
 
 # 1001 evenly spaced clean RAP scores: the conformal threshold at FRR q is the
@@ -124,7 +124,9 @@ def test_a_schema_1_bundle_loads_with_its_rap_thresholds_negated(tmp_path: Path)
     assert bundle.manifest.schema_version == SCHEMA_VERSION == 2
     assert bundle.manifest.statistic == "prob"
     (label,) = bundle.manifest.protect
-    assert label.thresholds == {k: -v for k, v in raw["protect"][0]["thresholds"].items()} == {"0.01": -0.1, "0.05": -0.2}
+    assert (
+        label.thresholds == {k: -v for k, v in raw["protect"][0]["thresholds"].items()} == {"0.01": -0.1, "0.05": -0.2}
+    )
     assert label.percentiles == {k: -v for k, v in raw["protect"][0]["percentiles"].items()}
 
 
