@@ -90,7 +90,7 @@ def _error_cases(files: dict[str, Path], tiny: Path, distilbert: Path, out: Path
         (_prune(files["no-model"], good, dev, out), f"{files['no-model']} is not a Hugging Face model directory"),
         (_prune(tiny, files["missing.tsv"], dev, out), f"{files['missing.tsv']}: no such file"),
         (_prune(tiny, files["three-labels.tsv"], dev, out), "data has labels [2] but the model has 2 labels (0..1)"),
-        (_prune(distilbert, good, dev, out), "PURE needs a BERT-layout encoder"),
+        (_prune(distilbert, good, dev, out), "PURE supports BERT, RoBERTa, XLM-R, ELECTRA; this model is DistilBERT"),
         (_prune(tiny, good, dev, tiny), f"{tiny} is the input model; write the repaired model somewhere else"),
         (_maxent(files["no-model"], good, out), "is not a Hugging Face model directory"),
         (_maxent(tiny, files["three-labels.tsv"], out), "data has labels [2] but the model has 2 labels (0..1)"),
