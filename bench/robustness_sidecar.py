@@ -7,7 +7,7 @@ triggered text the upstream read behind the guard, or a 5xx that is not a counte
 Upstreams: tests/upstreams (a Go encoding/json + r.FormValue server, a FastAPI app binding query
 and form fields, the Hugging Face inference handler on the demo's own model).
 
-Imported by bench.robustness (stage "sidecar"), whose Case and guard_thread it uses.
+Run by bench.robustness (stage "sidecar"); Case, guard_thread and the texts are robustness_cases'.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from pathlib import Path
 
 import httpx
 
-from bench.robustness import NEGATIVE, TRIGGER, Case, _metric_sum, guard_thread, triggered_at
+from bench.robustness_cases import (
+    NEGATIVE,
+    TRIGGER,
+    Case,
+    count_codes,
+    count_statuses,
+    guard_thread,
+    metric_sum,
+    triggered_at,
+)
 from tests.upstreams import build_go, fastapi_app, go_available, go_upstream, hf_app, read_by, serving_app
 
 JSON = {"content-type": "application/json"}
@@ -101,7 +110,7 @@ def deadline_cases(bundle: Path) -> list[Case]:
                 12 + len(others),
                 int(unchecked) + int(backdoor) + five,
                 "no client sequence makes the guard pass a request unchecked or 503 others",
-                {"big_request": answer.status_code, "warm_up": _count(warm), "after": _count(others)},
+                {"big_request": answer.status_code, "warm_up": count_statuses(warm), "after": count_statuses(others)},
             )
         )
     return cases
@@ -127,7 +136,7 @@ def flood_case(bundle: Path) -> Case:
                 statuses.append(type(exc).__name__)
             timings.append(round(time.perf_counter() - started, 3))
         time.sleep(5.5)  # past read_timeout_s: the heads left time out
-        dropped = _metric_sum(httpx.get(f"{url}/metrics", timeout=5).text, "guard_connections_dropped_total")
+        dropped = metric_sum(httpx.get(f"{url}/metrics", timeout=5).text, "guard_connections_dropped_total")
         for sock in socks:
             sock.close()
     fails = sum(s != 200 for s in statuses) + sum(t > 1.0 for t in timings) + int(dropped != len(socks))
@@ -220,7 +229,7 @@ def big_request_case(bundle: Path) -> Case:
         7,
         fails,
         "a 1.9 MB request costs at most what its usable windows cost: a small request beside six stays under 1 s",
-        {"heavy": _count_codes(heavy), "small_status": small, "small_seconds": round(latency, 3)},
+        {"heavy": count_codes(heavy), "small_status": small, "small_seconds": round(latency, 3)},
     )
 
 
@@ -234,17 +243,6 @@ def _holds_trigger(text: str) -> bool:
 
 def _score_lines(exposition: str) -> list[str]:
     return [line for line in exposition.splitlines() if line.startswith(("guard_rap_delta", "guard_rap_score"))]
-
-
-def _count(answers: list[httpx.Response]) -> dict[str, int]:
-    return _count_codes([a.status_code for a in answers])
-
-
-def _count_codes(codes: list[int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for code in codes:
-        out[str(code)] = out.get(str(code), 0) + 1
-    return out
 
 
 def all_cases(bundle: Path, model_dir: Path, cache: Path) -> list[Case]:

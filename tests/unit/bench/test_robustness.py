@@ -7,7 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.robustness import NEGATIVE, TRIGGER, _silent_pass, triggered_at
+from bench.robustness_cases import NEGATIVE, TRIGGER, triggered_at
+from bench.robustness_faults import _silent_pass
 from guard.core.tokenizer import RapTokenizer
 
 
