@@ -12,6 +12,7 @@ import argparse
 
 from calibrate.cli import demo, inversion, rap, repair, train
 from guard.console import Parser, command_parser, dispatch
+from guard.core.family import support_matrix
 
 DESCRIPTION = """\
 Turn a fine-tuned text classifier you did not train into a verified guard bundle.
@@ -28,6 +29,10 @@ Turn a fine-tuned text classifier you did not train into a verified guard bundle
 
 Data files: .tsv (header 'text<TAB>label'), .csv (columns text,label) or .jsonl
 ({"text": ..., "label": ...}); labels are integer class ids.
+
+Encoder families: `calibrate rap`, `guard serve` and `calibrate evaluate` take every one below;
+the repairs and scans each take these:
+{families}
 """
 GROUPS = (train, repair, inversion, rap, demo)  # in the order `calibrate --help` lists them
 
@@ -44,7 +49,7 @@ def _quiet(args: argparse.Namespace) -> None:
 
 
 def _parser() -> Parser:
-    parser, sub = command_parser("calibrate", DESCRIPTION)
+    parser, sub = command_parser("calibrate", DESCRIPTION.replace("{families}", support_matrix()))
     for group in GROUPS:
         group.add_commands(sub)
     return parser

@@ -74,3 +74,14 @@ def test_the_support_matrix_has_a_line_per_family() -> None:
     lines = support_matrix().splitlines()
     assert len(lines) == len(FAMILIES)
     assert "  DistilBERT: MEFT, DBS scan/unlearn/harden" in lines
+
+
+def test_calibrate_help_lists_what_each_family_supports(capsys) -> None:
+    from calibrate import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for family in FAMILIES:
+        (line,) = [line for line in out.splitlines() if line.strip().startswith(f"{family.name}:")]
+        assert ("PURE" in line) == (PURE in family.repairs), line
