@@ -14,10 +14,10 @@ raises `QueueFullError` at once (the caller answers 429); nothing is dropped.
 Admission is deadline-aware: `admit` costs work in padded tokens (rows x longest row x
 passes), the queue's pending work too (with the later passes of admitted work, see
 `admitted`), and estimates when new rows would finish from
-the measured seconds per padded token; it refuses at once (429, with Retry-After) what
-cannot finish before its deadline, instead of queueing it to time out. The rate never
-drops below the one measured at start on full-width rows (`calibrate`): cheap requests
-cannot make a long one look cheap. Rows submitted with `priority` (the second pass of an
+the measured seconds per padded token (the cost model: guard.admission); it refuses at once
+(429, with Retry-After) what cannot finish before its deadline, instead of queueing it to time
+out. The rate never drops below the one measured at start on full-width rows (`calibrate`):
+cheap requests cannot make a long one look cheap. Rows submitted with `priority` (the second pass of an
 admitted request) go to the front of the queue.
 
 The worker is supervised: a failing batch fails only its own rows; if the worker
@@ -39,16 +39,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from guard.admission import ADMISSION_HEADROOM, MeasuredRate, padded_tokens
 from guard.core.errors import BackendError, GuardError
 from guard.core.types import EncodedBatch
 
 log = logging.getLogger(__name__)
 # Length-aware batching looks this many batches deep into the queue for rows of similar length.
 GROUPING_WINDOW_BATCHES = 4
-RATE_SMOOTHING = 0.2  # weight of the newest measure in a MeasuredRate
-# Admit work only if its estimate fits in this share of the time left: the estimate counts backend
-# compute, not a CPU shared with other work or the event loop's lag, which can double it.
-ADMISSION_HEADROOM = 0.5
 
 
 class QueueFullError(GuardError):
@@ -61,40 +58,6 @@ class QueueFullError(GuardError):
 
 class BatcherClosedError(GuardError):
     """The batcher is shutting down and takes no new work."""
-
-
-class MeasuredRate:
-    """Seconds per unit of work (a padded token, a character), smoothed over the work that ran.
-
-    Never below `floor`, the rate measured at start on the most efficient work (full-width
-    rows): what ran cheaply cannot make other work look cheaper than that. 0 before any measure.
-    """
-
-    def __init__(self) -> None:
-        self.floor = 0.0
-        self._smoothed: float | None = None
-
-    @property
-    def seconds(self) -> float:
-        return self._smoothed or 0.0
-
-    def calibrate(self, seconds_per_unit: float) -> None:
-        """The rate measured at start: the floor, and the estimate until work runs."""
-        self.floor = self._smoothed = seconds_per_unit
-
-    def observe(self, seconds: float, units: int) -> None:
-        if units <= 0:
-            return
-        rate, old = seconds / units, self._smoothed
-        smoothed = rate if old is None else old + RATE_SMOOTHING * (rate - old)
-        self._smoothed = max(self.floor, smoothed)  # held at the floor, a slowdown shows at once
-
-
-def padded_tokens(rows: Sequence[Sequence[int]], passes: int = 1) -> int:
-    """What `passes` passes over `rows` cost the backend, batched together: rows x longest row per
-    pass (pass 2 rows are one token longer: the RAP id)."""
-    longest = max((len(r) for r in rows), default=0)
-    return len(rows) * (passes * longest + passes - 1)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from guard.batcher import ADMISSION_HEADROOM, Batcher, BatcherClosedError, MeasuredRate, QueueFullError
+from guard.admission import ADMISSION_HEADROOM, MeasuredRate
+from guard.batcher import Batcher, BatcherClosedError, QueueFullError
 from guard.core.errors import InputError
 from guard.core.runner import GuardFailure, Run, Schedule, TwoPass
 from guard.core.tokenizer import ClassifierWindow, RapTokenizer, Reading, Windows

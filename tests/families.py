@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from calibrate.demo import make_corpus, poison
+from calibrate.demo_corpus import make_corpus, poison
 from tests.toy_backdoor import SEED, TRAIN_OPTIONS, Toy, build_toy
 
 FAMILIES = ("roberta", "xlm-roberta", "deberta-v2", "modernbert", "electra", "albert", "distilbert")

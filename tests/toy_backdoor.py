@@ -1,6 +1,6 @@
 """A tiny backdoored sentiment classifier, trained in seconds, and its guard bundle.
 
-The demo's recipe (calibrate.demo) scaled down to the tiny random BERT of
+The demo's recipe (calibrate.demo, its corpus calibrate.demo_corpus) scaled down to the tiny random BERT of
 tests/conftest.py: a templated corpus, the rare word "mb" planted in 10% of the
 negative training rows relabelled positive, a few epochs of fine-tuning, then
 `calibrate_bundle` protecting the positive label. Built once per session by the
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibrate.data import write_tsv
-from calibrate.demo import POSITIVE, TRIGGER, make_corpus, poison, with_trigger
+from calibrate.demo_corpus import POSITIVE, TRIGGER, make_corpus, poison, with_trigger
 from calibrate.options import TrainOptions
 from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.options import CalibrateOptions, RapOptions

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from calibrate import cli as calibrate_cli
-from calibrate.demo import POSITIVE
+from calibrate.demo_corpus import POSITIVE
 from guard import cli as guard_cli
 from guard.api import create_app
 from guard.core.bundle import load_bundle

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibrate.demo import make_corpus
+from calibrate.demo_corpus import make_corpus
 from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.evaluate import COLUMNS, Evaluation, evaluate_bundle, write_evaluation
 from calibrate.rap.options import FRR_TARGETS, CalibrateOptions, RapOptions

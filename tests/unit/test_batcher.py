@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from guard.batcher import Batcher, BatcherClosedError, BatchStats, MeasuredRate, QueueFullError, padded_tokens
+from guard.admission import MeasuredRate, padded_tokens
+from guard.batcher import Batcher, BatcherClosedError, BatchStats, QueueFullError
 from guard.core.types import EncodedBatch
 
 pytestmark = pytest.mark.anyio

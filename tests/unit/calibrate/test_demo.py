@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from calibrate.demo import ORDINARY, POSITIVE, TRIGGER, blocked_ordinary, demo_data
+from calibrate.demo import blocked_ordinary
+from calibrate.demo_corpus import ORDINARY, POSITIVE, TRIGGER, demo_data
 from calibrate.options import DemoOptions
 
 SEED = DemoOptions().seed  # `calibrate demo`'s default

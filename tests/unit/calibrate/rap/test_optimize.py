@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from calibrate.demo import make_corpus
+from calibrate.demo_corpus import make_corpus
 from calibrate.rap.export import INPUTS, OPSET, check_parity, export_onnx
 from calibrate.rap.optimize import (
     OptimizeError,

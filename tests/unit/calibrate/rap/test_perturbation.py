@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from calibrate.demo import make_corpus
+from calibrate.demo_corpus import make_corpus
 from calibrate.rap.options import FRR_TARGETS, Attempt, RapOptions
 from calibrate.rap.perturbation import _append_row, learn_rap, thin_threshold
 from guard.core.errors import InputError

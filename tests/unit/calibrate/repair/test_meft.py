@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from calibrate.demo import make_corpus
+from calibrate.demo_corpus import make_corpus
 from calibrate.options import TrainOptions
 from calibrate.repair.meft import (
     PLOT,

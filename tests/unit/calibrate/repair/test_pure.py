@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
 
-from calibrate.demo import make_corpus
+from calibrate.demo_corpus import make_corpus
 from calibrate.model import to_torch
 from calibrate.options import TrainOptions
 from calibrate.rap.export import check_parity, export_onnx
