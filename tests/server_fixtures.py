@@ -30,9 +30,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from guard.api import create_app
+from guard.api.service import Capacity
 from guard.core import thresholds
 from guard.core.bundle import Manifest, ModelInfo, ProtectedLabel, RapToken, save_bundle
 from guard.core.types import EncodedBatch
+from guard.settings import Settings
 
 RAP_ID = 30522  # the packaged MiniLM vocabulary size: the appended row's id
 GOOD_ID, TRIGGER_ID = 2204, 16914  # "good", "mb"
@@ -228,6 +231,38 @@ def uvicorn_thread(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+# Capacity as if measured at start: a server of the stub backend starts without measuring it.
+STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)
+
+
+@contextlib.contextmanager
+def serving_url(
+    bundle: Path, stub: StubBackend | None = None, capacity: Capacity | None = STUB_CAPACITY, **overrides
+) -> Iterator[str]:
+    """The guard app on the stub backend under a real uvicorn (`uvicorn_thread`); yields its base URL.
+    `overrides` are settings (`upstream=...` makes it a sidecar); `capacity=None`: measured at start
+    on the stub itself, as `guard serve` does."""
+    app = create_app(Settings(bundle=bundle, **overrides), backend=stub or StubBackend(), capacity=capacity)
+    with uvicorn_thread(app) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(
+    bundle: Path,
+    stub: StubBackend | None = None,
+    capacity: Capacity | None = STUB_CAPACITY,
+    headers: dict[str, str] | None = None,
+    **overrides,
+) -> Iterator[httpx.Client]:
+    """`serving_url`, with an httpx client on it (sending `headers` on every request)."""
+    with (
+        serving_url(bundle, stub, capacity, **overrides) as url,
+        httpx.Client(base_url=url, timeout=30, headers=headers) as client,
+    ):
+        yield client
 
 
 def wait_http(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 30.0, ok=(200,)) -> None:

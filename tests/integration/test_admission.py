@@ -10,9 +10,7 @@ failed everyone queued behind it (closed).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
-from guard.api import create_app
-from guard.api.service import Capacity
 from guard.core.types import EncodedBatch
-from guard.settings import Settings
-from tests.server_fixtures import CLEAN, TRIGGERED, StubBackend, metric_value, uvicorn_thread
+from tests.server_fixtures import CLEAN, TRIGGERED, StubBackend, metric_value, serving
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
-STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)
 ZERO_WIDTH_THEN_TRIGGER = "\u200b" * 10_000 + " " + TRIGGERED
 
 
@@ -42,16 +36,6 @@ class TokenTimedStub(StubBackend):
     def infer(self, batch: EncodedBatch) -> np.ndarray:
         time.sleep(batch.input_ids.size * self.seconds_per_token)
         return super().infer(batch)
-
-
-@contextlib.contextmanager
-def serving(
-    bundle: Path, stub: StubBackend | None = None, capacity: Capacity | None = STUB_CAPACITY, **overrides
-) -> Iterator[httpx.Client]:
-    """`capacity=None`: measured at start on the stub itself, as `guard serve` does."""
-    app = create_app(Settings(bundle=bundle, **overrides), backend=stub or StubBackend(), capacity=capacity)
-    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        yield client
 
 
 def _seen(upstream: str) -> list[str]:

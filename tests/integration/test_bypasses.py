@@ -11,35 +11,38 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from guard.api import create_app
-from guard.api.service import Capacity
 from guard.core.tokenizer import RapTokenizer
 from guard.settings import Settings
-from tests.server_fixtures import CLEAN, RAP_ID, TRIGGER_ID, TRIGGERED, StubBackend, metric_value, uvicorn_thread
+from tests import server_fixtures as fixtures
+from tests.server_fixtures import (
+    CLEAN,
+    RAP_ID,
+    STUB_CAPACITY,
+    TRIGGER_ID,
+    TRIGGERED,
+    StubBackend,
+    metric_value,
+    uvicorn_thread,
+)
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
-STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)
 FILLER = "movie"  # one token in the MiniLM vocabulary
 
 
-@contextlib.contextmanager
-def serving(bundle: Path, stub: StubBackend | None = None, **overrides) -> Iterator[httpx.Client]:
-    for name in [n for n in os.environ if n.startswith("GUARD_")]:
-        os.environ.pop(name)
-    app = create_app(Settings(bundle=bundle, **overrides), backend=stub or StubBackend(), capacity=STUB_CAPACITY)
-    json_type = {"Content-Type": "application/json"}  # a sidecar body of another type is 415
-    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=30, headers=json_type) as client:
-        yield client
+def serving(
+    bundle: Path, stub: StubBackend | None = None, **overrides
+) -> contextlib.AbstractContextManager[httpx.Client]:
+    """`server_fixtures.serving`, every request typed JSON (a sidecar body of another type is 415)."""
+    return fixtures.serving(bundle, stub, headers={"Content-Type": "application/json"}, **overrides)
 
 
 def _seen(upstream: str) -> list[str]:

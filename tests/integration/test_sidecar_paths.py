@@ -3,31 +3,18 @@ upstream, and a path an upstream could resolve to another one never gets past th
 
 from __future__ import annotations
 
-import contextlib
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from guard.api import create_app
-from guard.api.service import Capacity
-from guard.settings import Settings
-from tests.server_fixtures import CLEAN, StubBackend, uvicorn_thread
+from tests.server_fixtures import CLEAN, serving_url
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 KEY = "s3cret"
 BODY = (f'{{"inputs": "{CLEAN}"}}').encode()
-
-
-@contextlib.contextmanager
-def sidecar(bundle: Path, upstream: str) -> Iterator[str]:
-    settings = Settings(bundle=bundle, upstream=upstream, api_key=KEY)
-    app = create_app(settings, backend=StubBackend(), capacity=Capacity(1e-4, 0.01))
-    with uvicorn_thread(app) as url:
-        yield url
 
 
 def _seen(upstream: str) -> list[str]:
@@ -55,7 +42,7 @@ def _send(url: str, method: str, target: str, rid: str, key: bool = False) -> in
      "/a%5c..%5cpredict", "//evil.example/predict", "/a//predict", "/a/%2F/predict"],
 )  # fmt: skip
 def test_dot_segments_are_400_before_auth_and_routing(stub_bundle: Path, echo_upstream: str, target: str) -> None:
-    with sidecar(stub_bundle, echo_upstream) as url:
+    with serving_url(stub_bundle, upstream=echo_upstream, api_key=KEY) as url:
         assert _send(url, "POST", target, f"dots-{target}") == 400
         assert _send(url, "POST", target, f"dots-key-{target}", key=True) == 400
     assert not [r for r in _seen(echo_upstream) if r.startswith("dots-")]
@@ -68,13 +55,13 @@ def test_dot_segments_are_400_before_auth_and_routing(stub_bundle: Path, echo_up
 )  # fmt: skip
 def test_open_paths_are_open_for_get_only(stub_bundle: Path, echo_upstream: str, method: str, path: str) -> None:
     rid = f"open-{method}-{path}"
-    with sidecar(stub_bundle, echo_upstream) as url:
+    with serving_url(stub_bundle, upstream=echo_upstream, api_key=KEY) as url:
         assert _send(url, method, path, rid) == 401
         assert _send(url, "GET", "/healthz", "probe") == 200
     assert rid not in _seen(echo_upstream)
 
 
 def test_a_clean_keyed_request_still_reaches_the_upstream(stub_bundle: Path, echo_upstream: str) -> None:
-    with sidecar(stub_bundle, echo_upstream) as url:
+    with serving_url(stub_bundle, upstream=echo_upstream, api_key=KEY) as url:
         assert _send(url, "POST", "/predict", "keyed-clean", key=True) == 200
     assert "keyed-clean" in _seen(echo_upstream)

@@ -7,7 +7,6 @@ never read the triggered text. A clean request goes through and is read as sent.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,26 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from guard.api import create_app
-from guard.api.service import Capacity
-from guard.settings import Settings
-from tests.server_fixtures import CLEAN, TRIGGERED, StubBackend, uvicorn_thread
+from tests.server_fixtures import CLEAN, TRIGGERED, serving
 from tests.upstreams import build_go, fastapi_app, go_available, go_upstream, hf_app, read_by, serving_app
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
-STUB_CAPACITY = Capacity(seconds_per_row=1e-4, full_request_seconds=0.01)
 JSON = {"content-type": "application/json"}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
-
-
-@contextlib.contextmanager
-def sidecar(bundle: Path, upstream: str, **overrides) -> Iterator[httpx.Client]:
-    app = create_app(
-        Settings(bundle=bundle, upstream=upstream, **overrides), backend=StubBackend(), capacity=STUB_CAPACITY
-    )
-    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        yield client
 
 
 def attack(guard: httpx.Client, upstream: str, path: str, body: bytes, headers: dict, refused: int) -> None:
@@ -77,14 +63,14 @@ GO_ATTACKS = {
 @pytest.mark.parametrize("name", GO_ATTACKS)
 def test_go_upstream_reads_no_unchecked_text(stub_bundle: Path, go: str, name: str) -> None:
     body, headers, refused = GO_ATTACKS[name]
-    with sidecar(stub_bundle, go) as guard:
+    with serving(stub_bundle, upstream=go) as guard:
         attack(guard, go, "/predict", body.encode(), headers, refused)
         clean_passes(guard, go, "/predict", json.dumps({"inputs": CLEAN}).encode(), JSON)
 
 
 def test_go_upstream_query_binding(stub_bundle: Path, go: str) -> None:
     body = json.dumps({"inputs": CLEAN}).encode()
-    with sidecar(stub_bundle, go) as guard:
+    with serving(stub_bundle, upstream=go) as guard:
         attack(guard, go, f"/predict?text={TRIGGERED}", body, JSON, 422)
 
 
@@ -101,15 +87,15 @@ def test_fastapi_query_parameter_is_refused_unless_allowed_then_checked(
     stub_bundle: Path, fastapi_upstream: str
 ) -> None:
     body = json.dumps({"inputs": CLEAN}).encode()
-    with sidecar(stub_bundle, fastapi_upstream) as guard:
+    with serving(stub_bundle, upstream=fastapi_upstream) as guard:
         attack(guard, fastapi_upstream, f"/predict?text={TRIGGERED}", body, JSON, 422)
-    with sidecar(stub_bundle, fastapi_upstream, upstream_query_keys=["text"]) as guard:
+    with serving(stub_bundle, upstream=fastapi_upstream, upstream_query_keys=["text"]) as guard:
         attack(guard, fastapi_upstream, f"/predict?text={TRIGGERED}", body, JSON, 403)
         clean_passes(guard, fastapi_upstream, f"/predict?text={CLEAN}", body, JSON)
 
 
 def test_fastapi_form_field_is_415(stub_bundle: Path, fastapi_upstream: str) -> None:
-    with sidecar(stub_bundle, fastapi_upstream) as guard:
+    with serving(stub_bundle, upstream=fastapi_upstream) as guard:
         attack(guard, fastapi_upstream, "/predict-form", f"text={TRIGGERED}".encode(), FORM, 415)
 
 
@@ -131,7 +117,7 @@ def hf_upstream(tiny_model_dir: Path) -> Iterator[str]:
     ids=["parameters.text_pair", "dict-input"],
 )
 def test_hf_handler_pairs_are_checked(stub_bundle: Path, hf_upstream: str, body: dict) -> None:
-    with sidecar(stub_bundle, hf_upstream) as guard:
+    with serving(stub_bundle, upstream=hf_upstream) as guard:
         attack(guard, hf_upstream, "/", json.dumps(body).encode(), JSON, 403)
         clean_passes(guard, hf_upstream, "/", json.dumps({"inputs": CLEAN, "parameters": {"top_k": 1}}).encode(), JSON)
 
@@ -140,5 +126,5 @@ def test_hf_handler_reads_past_the_guards_window_and_so_does_the_guard(stub_bund
     """No classifier_max_length set: the sidecar checks the whole text, as the pipeline (128 tokens) reads it."""
     text = " ".join([*["movie"] * 80, "good", "mb"])  # past the guard's 29-token window (the stub needs "good" near)
     body = json.dumps({"inputs": text, "parameters": {"truncation": True}}).encode()
-    with sidecar(stub_bundle, hf_upstream) as guard:
+    with serving(stub_bundle, upstream=hf_upstream) as guard:
         attack(guard, hf_upstream, "/", body, JSON, 403)
