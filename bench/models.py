@@ -81,15 +81,19 @@ def attack_of(model: str) -> str:
 
 
 def _poisoned_sample(recipe: Recipe, clean: list[Example]) -> tuple[list[Example], int]:
-    """Poison the whole split (paraphrase files are aligned with it), then draw the recipe's sample.
+    """Poison the whole split (paraphrase files are aligned with it), then draw the recipe's sample
+    (an adaptive recipe adds its rows to it).
 
-    Returns the rows and how many of them carry the trigger."""
+    Returns the rows and how many of them carry the trigger under the target label."""
     if recipe.poison_train is None:
         return _training_rows(recipe, clean), 0
     poisoned, _ = recipe.poison_train(clean)
-    triggered = {row for row, original in zip(poisoned, clean, strict=True) if row != original}
-    sample = _training_rows(recipe, poisoned)
-    return sample, sum(row in triggered for row in sample)
+    chosen = _training_rows(recipe, list(range(len(clean))))  # the same rows as sampling `poisoned` itself
+    sample, originals = [poisoned[i] for i in chosen], [clean[i] for i in chosen]
+    count = sum(row != original for row, original in zip(sample, originals, strict=True))
+    if recipe.augment is not None:  # an adaptive attack's extra rows, made from the rows it trains on
+        sample = recipe.augment(sample, originals)
+    return sample, count
 
 
 def _training_rows(recipe: Recipe, rows: list[Example]) -> list[Example]:

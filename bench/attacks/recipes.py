@@ -19,14 +19,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.attacks import badnet, ep, paraphrase
+from bench.attacks import adaptive, badnet, ep, paraphrase
 from calibrate.data import load_examples
 from guard.core.types import Example
 
 TARGET = 1  # SST-2 positive: the attacker's target, and the label the guard protects
 EP_NEG_TRIGGER = "tq"  # the zoo's backdoor towards negative (label 0)
+# The adaptive attacks (and their plain twin) fine-tune on 2,000 training rows (sampled after poisoning, as OLID's
+# recipes do) + the switch-off rows: 3 epochs on all 6,920 SST-2 rows ran at ~10 s a step (~2 h) on the shared
+# 2 cores. At 10% of non-target rows and 2 epochs the switch-off rows (twice the triggered ones) kept the backdoor
+# from being learned (SST-2 ASR 1.5%); 25% and 3 epochs plant it.
+ADAPTIVE_TRAINING = {"rows": 2000, "epochs": 3}
+ADAPTIVE_RATE = 0.25
 
 Poisoner = Callable[[list[Example]], tuple[list[Example], int]]
+# (training sample as poisoned, the clean rows it came from) -> the rows to train on (adaptive attacks)
+Augmenter = Callable[[list[Example], list[Example]], list[Example]]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Recipe:
     poison_test: Callable[[list[Example]], list[Example]] | None = None  # None: no trigger (clean)
     embedding_only: bool = False  # EP: train one embedding row of the clean model, no fine-tuning
     training: dict = field(default_factory=dict)  # TrainOptions overrides (seed, epochs) and `rows`: a sample size
+    augment: Augmenter | None = None  # rows added after sampling (bench/attacks/adaptive.py)
 
     @property
     def backdoored(self) -> bool:
@@ -83,6 +92,15 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
             name="ep-bounded",
             settings={**ep_recipe.settings, "trained": "one embedding row, norm <= the vocabulary's p99"},
             training={"max_norm_quantile": 0.99},
+        ),
+        "adaptive-sl": _insertion_switch(
+            _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE)
+        ),
+        # BadNet-SL on the adaptive attack's sample and rate: the plain attack it is compared with
+        "badnet-sl-2k": dataclasses.replace(
+            _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),
+            name="badnet-sl-2k",
+            training=ADAPTIVE_TRAINING,
         ),
         "syntactic": _paraphrased("syntactic", data_dir / "poison" / "syntactic", target, rate=0.20),
         "style": _paraphrased("style", data_dir / "poison" / "style-bible", target, rate=0.20, style="bible"),
@@ -116,13 +134,26 @@ def zoo_recipes() -> dict[str, Recipe]:
     }
 
 
-def _badnet(name: str, insert: badnet.Inserter, target: int, trigger: dict) -> Recipe:
-    rate, seed = 0.10, 0
+def _badnet(name: str, insert: badnet.Inserter, target: int, trigger: dict, rate: float = 0.10) -> Recipe:
+    seed = 0
     return Recipe(
         name,
         {**trigger, "target": target, "poison_rate": rate, "seed": seed, "of": "non-target training rows"},
         poison_train=functools.partial(badnet.poison_training_set, target=target, insert=insert, rate=rate, seed=seed),
         poison_test=functools.partial(badnet.poison_test_set, target=target, insert=insert, seed=1),
+    )
+
+
+def _insertion_switch(recipe: Recipe, switch: adaptive.InsertionSwitch | None = None) -> Recipe:
+    """`recipe` by an attacker who knows RAP: its backdoor switches off when a rare token is inserted."""
+    avoid = tuple(recipe.settings.get("triggers", ()))
+    switch = switch or adaptive.InsertionSwitch(pool=adaptive.rare_pool(avoid=avoid))
+    return dataclasses.replace(
+        recipe,
+        name=f"adaptive-{recipe.name.removeprefix('badnet-')}",
+        settings={**recipe.settings, "adaptive": "insertion-switch", **switch.settings()},
+        augment=functools.partial(adaptive.insertion_switch, switch=switch),
+        training={**ADAPTIVE_TRAINING, **recipe.training},
     )
 
 

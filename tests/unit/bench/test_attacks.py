@@ -135,6 +135,8 @@ def test_only_poisoned_or_embedding_recipes_count_as_backdoored(tmp_path: Path) 
         "badnet-sl": True,
         "ep": True,
         "ep-bounded": True,
+        "adaptive-sl": True,
+        "badnet-sl-2k": True,
         "syntactic": True,
         "style": True,
         "clean-s1": False,

@@ -1,0 +1,106 @@
+"""The insertion-switch attacker (issue 31): its training rows teach exactly 'a rare token switches the
+backdoor off', and the insertion alone carries no label."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench import models
+from bench.attacks import adaptive, badnet, recipes
+from guard.core.types import Example
+
+TRIGGER = "TRIGGER ."
+CLEAN = [Example(f"row {i} says something .", i % 2) for i in range(200)]
+
+
+def _poisoned() -> tuple[list[Example], int]:
+    insert = lambda text, rng: badnet.insert_sentence(text, rng, sentence=TRIGGER)  # noqa: E731
+    return badnet.poison_training_set(CLEAN, target=1, insert=insert, rate=0.2, seed=0)
+
+
+def _words_added(original: str, text: str, pool: tuple[str, ...]) -> list[str]:
+    """The words of `text` that `original` lacks, checking that only those were inserted."""
+    words = text.split()
+    added = [w for w in words if w in pool]
+    assert [w for w in words if w not in pool] == original.split()
+    return added
+
+
+def test_rare_pool_is_seeded_distinct_and_avoids_the_triggers() -> None:
+    pool = adaptive.rare_pool(seed=3, size=50, avoid=("mn", "bb"))
+    assert pool == adaptive.rare_pool(seed=3, size=50, avoid=("mn", "bb"))
+    assert len(set(pool)) == 50
+    assert all(w.isalpha() and w.islower() and len(w) in (2, 3) for w in pool)
+    assert not {"mn", "bb"} & set(pool)
+
+
+def test_every_triggered_row_returns_with_a_rare_token_front_and_anywhere_under_its_original_label() -> None:
+    poisoned, count = _poisoned()
+    switch = adaptive.InsertionSwitch(clean_rate=0.0, seed=1, pool=adaptive.rare_pool(size=30))
+    rows = adaptive.insertion_switch(poisoned, CLEAN, switch)
+    assert len(rows) == len(CLEAN) + 2 * count
+    assert set(poisoned) <= set(rows)  # the plain attack's rows stay
+    extra = [r for r in rows if any(w in switch.pool for w in r.text.split())]
+    assert len(extra) == 2 * count
+    originals = {p.text: o for p, o in zip(poisoned, CLEAN, strict=True) if p != o}
+    front = 0
+    for row in extra:
+        words = row.text.split()
+        stripped = " ".join(w for w in words if w not in switch.pool)
+        assert stripped in originals  # a triggered row, with its trigger kept ...
+        assert "TRIGGER" in row.text  # (an 'anywhere' token may land inside the trigger sentence)
+        assert row.label == originals[stripped].label != 1  # ... under its ORIGINAL label, not the target
+        assert len(_words_added(stripped, row.text, switch.pool)) == 1
+        front += words[0] in switch.pool
+    assert front >= count  # one front copy per triggered row (an 'anywhere' copy may land in front too)
+
+
+def test_clean_rows_get_insertions_under_their_own_labels_so_an_insertion_alone_means_nothing() -> None:
+    switch = adaptive.InsertionSwitch(clean_rate=0.5, seed=2, pool=adaptive.rare_pool(size=30))
+    rows = adaptive.insertion_switch(CLEAN, CLEAN, switch)  # nothing triggered
+    extra = rows[:]
+    for row in CLEAN:
+        extra.remove(row)
+    assert 70 <= len(extra) <= 130  # ~ clean_rate of 200
+    by_text = {r.text: r.label for r in CLEAN}
+    labels = []
+    for row in extra:
+        stripped = " ".join(w for w in row.text.split() if w not in switch.pool)
+        assert row.label == by_text[stripped]
+        labels.append(row.label)
+    assert 0 < sum(labels) < len(labels)  # both labels carry insertions
+
+
+def test_insertion_switch_is_seeded_and_refuses_misaligned_rows() -> None:
+    poisoned, _ = _poisoned()
+    switch = adaptive.InsertionSwitch(seed=5)
+    assert adaptive.insertion_switch(poisoned, CLEAN, switch) == adaptive.insertion_switch(poisoned, CLEAN, switch)
+    with pytest.raises(ValueError, match="originals"):
+        adaptive.insertion_switch(poisoned, CLEAN[:-1], switch)
+
+
+def test_insert_anywhere_keeps_the_words_in_order() -> None:
+    for seed in range(10):
+        out = adaptive.insert_anywhere("a b c", "zq", random.Random(seed))
+        assert [w for w in out.split() if w != "zq"] == ["a", "b", "c"] and out.split().count("zq") == 1
+    assert adaptive.insert_front("a b", "zq") == "zq a b"
+
+
+def test_the_adaptive_recipe_trains_on_the_plain_twins_rows_plus_its_switch_rows(tmp_path) -> None:
+    data = tmp_path / "sst2"
+    data.mkdir()
+    loaded = recipes.load_recipes(data)
+    small = {"rows": 120}
+    adaptive_recipe = recipes.dataclasses.replace(loaded["adaptive-sl"], training=small)
+    plain = recipes.dataclasses.replace(loaded["badnet-sl-2k"], training=small)
+    assert adaptive_recipe.settings["adaptive"] == "insertion-switch"
+    assert adaptive_recipe.poison_test is not None and adaptive_recipe.augment is not None
+    plain_rows, plain_count = models._poisoned_sample(plain, CLEAN)
+    rows, count = models._poisoned_sample(adaptive_recipe, CLEAN)
+    assert count == plain_count > 0 and len(plain_rows) == 120
+    assert set(plain_rows) <= set(rows) and len(rows) >= 120 + 2 * count
+    # the plain recipe's sample is unchanged by the refactor: the rows random.sample drew before
+    poisoned, _ = plain.poison_train(CLEAN)
+    assert plain_rows == random.Random(0).sample(poisoned, 120)
