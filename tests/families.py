@@ -33,8 +33,13 @@ VOCAB = 800
 ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.,;:!?'\"()")  # any English text reads
 # The BERT toy's 4 epochs leave a random-init RoBERTa's trigger unlearned (ASR 0.09); 8 teach every family
 # the task and the trigger (RoBERTa: CACC 1.00, ASR 0.81; DeBERTa-v2: 0.99, 0.78).
-# ALBERT's factorised embeddings learn faster: 8 epochs saturate it (clean test FRR 11% at a 1% target), 6 do not.
-EPOCHS = {"albert": 6}
+EPOCHS = 8
+# Random init seed per family where seed 0 plants no backdoor. ALBERT's seed 0 learns "mb" as one more positive
+# adjective, not as a trigger: it flips 0.67 of negative reviews, "memorable" 0.65, "superb" 0.62 (the bundle's
+# flip scan), ASR 0.68 at 6 epochs, 0.62-0.77 at 8-20; the feature detector then sees a negative review with a
+# positive word and lets 35% of the flipped rows pass (the old strict xfail: 44 of 100 flagged). Init seeds 1-4
+# all plant it (ASR 1.00, every triggered row flagged; clean test FRR 1-12% at 6 epochs, 5-6% at 8).
+INIT_SEEDS = {"albert": 1}
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ def build_base(model_type: str, folder: Path) -> Path:
     tok = train_tokenizer(style, corpus())
     config = _config(model_type, tok, style)
     config.num_labels = 2
-    torch.manual_seed(SEED)
+    torch.manual_seed(INIT_SEEDS.get(model_type, SEED))
     model = AutoModelForSequenceClassification.from_config(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
@@ -198,4 +203,4 @@ def build_family_toy(model_type: str, root: Path, prepare: Callable[[Path], None
     base = build_base(model_type, root / "base")
     if prepare is not None:
         prepare(base)
-    return build_toy(root / "toy", base, replace(TRAIN_OPTIONS, epochs=EPOCHS.get(model_type, 8)))
+    return build_toy(root / "toy", base, replace(TRAIN_OPTIONS, epochs=EPOCHS))

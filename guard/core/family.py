@@ -13,7 +13,9 @@ Everything that depends on the kind of Hugging Face sequence classifier asks her
 - where the word embeddings live (the RAP row is appended to that matrix);
 - which hidden state the feature detector reads per layer: the one the classification
   head reads (the first token, or ModernBERT's mean over real tokens when so configured);
-- which ONNX Runtime optimiser model type fuses its graph, or why none is used;
+- which ONNX Runtime optimiser model type fuses its graph, or why none is used. int8 (`calibrate rap
+  --int8`, MatMul weights only, dynamic) needs no fusion: model.int8.onnx is written for every family,
+  model.int8.opt.onnx (the int8 of the optimised graph) only where the family has an optimiser;
 - which repairs and scans can work on it.
 
 Framework-free: configs are plain mappings, so serving (no torch) can ask too.
@@ -48,7 +50,7 @@ class Family:
     positions: Positions
     embeddings: str  # suffix of the word-embedding weight's name in the checkpoint
     optimizer: str | None  # onnxruntime.transformers.optimizer model_type
-    optimizer_skipped: str = ""  # why there is no optimised graph, when `optimizer` is None
+    optimizer_skipped: str = ""  # why there is no optimised graph (nor its int8), when `optimizer` is None
     repairs: frozenset[str] = field(default_factory=lambda: frozenset({PURE, MEFT, DBS}))
     pooling_key: str | None = None  # config key naming the head's pooling ("cls" or "mean")
 

