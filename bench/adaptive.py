@@ -1,0 +1,307 @@
+"""RAP statistics that do not assume the trigger is robust, on the plain and the adaptive attack (issue 31).
+
+    python -m bench.adaptive --data ../shared/data/sst2 --attacks badnet-sl-2k adaptive-sl --seed 13
+
+The adaptive attacker (bench/attacks/adaptive.py) trains its backdoor to switch OFF when a rare token
+is inserted: under RAP's pass 2 its triggered inputs move MORE than clean ones, so the default
+statistic (`perturbed` = logit p(y | x + RAP), flagged above) passes them. Per attack model (cached by
+bench.detection_matrix, whose default guard bundle this reads) it scores, on the same rows:
+
+- rap: the default statistic, one-sided (flag above), as the guard serves it;
+- rap-2s: two-sided `perturbed`: flag above the upper OR below the lower threshold, the FRR target
+  split evenly over the two tails of the clean held-out scores;
+- drop-2s: the same on the log-odds drop (logit p(y|x+RAP) - logit p(y|x)): too small OR too large;
+- *@band: the same statistics from a RAP row trained for a band chosen from the model's own clean
+  confidence (`band_for`: the band's top is the 10th percentile of the clean training rows' log-odds,
+  its bottom half of that) instead of the fixed [2, 4] nats;
+- features, and unions `A+B`: flagged when any part flags, the target split evenly over the parts.
+
+Thresholds are fitted on the calibration's own held-out half of dev (the rows `calibrate rap` fits on,
+predicted as the target; guard.core.thresholds); rates on test (clean rows; every non-target row
+triggered) over the inputs predicted as the target. Writes bench/results/adaptive.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+
+from bench.attacks.recipes import TARGET, load_recipes
+from bench.detection_matrix import _bundle, _inputs
+from bench.detectors.classifier import Classifier
+from bench.machine import machine_info
+from bench.models import build_model
+from calibrate.data import load_examples
+from calibrate.model import quiet_transformers
+from calibrate.rap.options import FRR_TARGETS, RapOptions
+from calibrate.report import markdown_table
+from guard.core import rap, thresholds
+from guard.core.backends import load_backend
+from guard.core.bundle import load_bundle
+from guard.core.checker import Checker
+from guard.core.detection import first_windows
+
+log = logging.getLogger("bench.adaptive")
+HEADLINE_FRR = 0.01
+BASELINE = "rap+features"  # the default detectors: FAR ratios are to this row
+SERVED = ("rap", "features", "rap+features")  # the matrix's rows of the guard's default bundle
+PLAIN, ADAPTIVE = "badnet-sl-2k", "adaptive-sl"  # compared side by side
+VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
+    "rap": ("perturbed",),
+    "rap-2s": ("perturbed", "-perturbed"),
+    "drop-2s": ("drop", "-drop"),
+    "features": ("features",),
+    "rap+features": ("perturbed", "features"),
+    "rap-2s+features": ("perturbed", "-perturbed", "features"),
+    "drop-2s+features": ("drop", "-drop", "features"),
+    "rap@band": ("band:perturbed",),
+    "rap-2s@band": ("band:perturbed", "band:-perturbed"),
+    "drop-2s@band": ("band:drop", "band:-drop"),
+    "rap-2s@band+features": ("band:perturbed", "band:-perturbed", "features"),
+    "drop-2s@band+features": ("band:drop", "band:-drop", "features"),
+}
+
+
+def band_for(clean_logodds: np.ndarray, quantile: float = 0.10) -> tuple[float, float]:
+    """A log-odds band from the model's own confidence: its top is the `quantile` of the clean rows'
+    log-odds (so ~90% of them keep their label at the top of the band), its bottom half of that."""
+    top = float(np.quantile(np.asarray(clean_logodds, dtype=np.float64), quantile))
+    top = max(top, 0.2)
+    return (round(top / 2, 3), round(top, 3))
+
+
+def union_points(
+    held: dict[str, np.ndarray], clean: dict[str, np.ndarray], poisoned: dict[str, np.ndarray], parts, frr: float
+) -> dict:
+    """Operating point of 'flag when any part's score is above its threshold', each at frr / len(parts)."""
+    share = frr / len(parts)
+    limits = {p: thresholds.threshold_at_frr(held[p], share) for p in parts}
+
+    def flagged(scores: dict[str, np.ndarray]) -> np.ndarray:
+        return np.any([scores[p] > limits[p] for p in parts], axis=0)
+
+    return {
+        "frr_target": frr,
+        "held_frr": float(flagged(held).mean()),
+        "test_frr": float(flagged(clean).mean()),
+        "test_far": float(1.0 - flagged(poisoned).mean()) if len(poisoned[parts[0]]) else 0.0,
+        "thresholds": {p: round(v, 4) for p, v in limits.items()},
+    }
+
+
+def auroc(clean: np.ndarray, poisoned: np.ndarray) -> float:
+    """P(a triggered score > a clean one), ties counted half: 0.5 is chance, below it the wrong side."""
+    c, p = np.asarray(clean)[:, None], np.asarray(poisoned)[None, :]
+    return float(np.mean(p > c) + 0.5 * np.mean(p == c))
+
+
+def _scores(bundle: Path, texts: list[str], prefix: str = "") -> dict[str, np.ndarray]:
+    """Per text (first window): `perturbed`, the log-odds `drop` statistic, `features`, and their negatives."""
+    loaded = load_bundle(bundle)
+    checker = Checker.for_bundle(loaded, load_backend("onnx", loaded.path))
+    rows = checker.scores(texts)
+    first = first_windows(rows.owner)
+    assert loaded.manifest.statistic == "perturbed", loaded.manifest.statistic
+    perturbed = rows.rap[first]
+    before = rap.log_odds(rows.probs[first, TARGET])
+    out = {"perturbed": perturbed, "drop": perturbed - before, "before": before}
+    if "features" in loaded.detectors:
+        out["features"] = np.where(rows.token, np.inf, rows.features)[first]
+    out["-perturbed"], out["-drop"] = -out["perturbed"], -out["drop"]
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def _held_out(dev, seed: int, predicted_target: set[str]) -> tuple[list[str], list[str]]:
+    """calibrate rap's split of dev (calibrate.rap.perturbation._split): (training half rows of the target
+    label, held-out half), each only rows the model predicts as the target."""
+    rows = list(dev)
+    random.Random(seed).shuffle(rows)
+    cut = int(round(len(rows) * 0.5))
+    train = [r.text for r in rows[:cut] if r.label == TARGET and r.text in predicted_target]
+    held = [r.text for r in rows[cut:] if r.text in predicted_target]
+    return train, held
+
+
+def measure(data: Path, attack: str, seed: int, cache: Path) -> dict:
+    recipe = load_recipes(data)[attack]
+    dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
+    info = build_model(recipe, data, cache / "models")
+    model_dir = Path(info["dir"])
+    guard = _bundle(
+        model_dir, dev, cache / "bundles" / f"{attack}-s{seed}", RapOptions((TARGET,), seed=seed), reference=True
+    )  # the matrix's default bundle (cached by it)
+    inputs, cacc = _inputs(guard, dev, test, recipe.poison_test(test))
+    train, held = _held_out(dev, seed, set(inputs.dev))
+    confidence = rap.log_odds(Classifier(guard).probs(train)[:, TARGET])
+    band = band_for(confidence)
+    log.info("== %s: clean log-odds median %.2f, band %s", attack, float(np.median(confidence)), band)
+    banded = _bundle(model_dir, dev, cache / "bundles" / f"{attack}-band{band[0]:g}-{band[1]:g}-s{seed}",
+                     RapOptions((TARGET,), seed=seed, logodds_band=band))  # fmt: skip
+    sets = {"held": held, "clean": inputs.clean, "poisoned": inputs.poisoned}
+    scored = {k: {**_scores(guard, v), **_scores(banded, v, "band:")} for k, v in sets.items()}
+    points = [
+        {"variant": name, **union_points(scored["held"], scored["clean"], scored["poisoned"], parts, frr)}
+        for name, parts in VARIANTS.items()
+        for frr in FRR_TARGETS
+    ]
+    return {
+        "attack": attack,
+        "seed": seed,
+        "cacc": cacc,
+        "asr": inputs.asr,
+        "rows": {k: len(v) for k, v in sets.items()},
+        "train": {k: info.get(k) for k in ("train_rows", "poisoned_rows", "train_seconds", "dev_accuracy")},
+        "settings": recipe.settings,
+        "band": band,
+        "shape": _shape(scored),
+        "points": points,
+        "served": _served(cache / "matrix" / attack / f"s{seed}"),
+    }
+
+
+def _served(folder: Path) -> dict:
+    """The default detectors as the guard serves them (the bundle's own thresholds, the joint pair for both):
+    bench.detection_matrix's cached runs of this model, per detector its operating points."""
+    out = {}
+    for detector in SERVED:
+        path = folder / f"{detector}.json"
+        if path.is_file():
+            out[detector] = json.loads(path.read_text())["operating"]
+    return out
+
+
+def _shape(scored: dict) -> dict:
+    """How pass 2 moves clean and triggered inputs: median drops, label flips, AUROCs of each statistic."""
+    out = {}
+    for prefix in ("", "band:"):
+        clean, poisoned = scored["clean"], scored["poisoned"]
+        key = prefix.rstrip(":") or "default"
+        out[key] = {
+            "median_drop_clean": float(np.median(-clean[f"{prefix}drop"])),
+            "median_drop_triggered": float(np.median(-poisoned[f"{prefix}drop"])) if len(poisoned["before"]) else None,
+            "flipped_clean": float(np.mean(clean[f"{prefix}perturbed"] < 0)),
+            "flipped_triggered": float(np.mean(poisoned[f"{prefix}perturbed"] < 0)),
+            "auroc_perturbed": auroc(clean[f"{prefix}perturbed"], poisoned[f"{prefix}perturbed"]),
+            "auroc_drop": auroc(clean[f"{prefix}drop"], poisoned[f"{prefix}drop"]),
+        }
+    out["auroc_features"] = auroc(scored["clean"]["features"], scored["poisoned"]["features"])
+    out["median_logodds_clean"] = float(np.median(scored["clean"]["before"]))
+    return out
+
+
+def write(out: Path, dataset: str, results: list[dict]) -> None:
+    """Merge into bench/results/adaptive.json (results of other datasets/attacks kept) and write the table."""
+    path = out / "adaptive.json"
+    kept = []
+    if path.is_file():
+        new = {(dataset, r["attack"]) for r in results}
+        kept = [r for r in json.loads(path.read_text())["results"] if (r["dataset"], r["attack"]) not in new]
+    results = kept + [{"dataset": dataset, **r} for r in results]
+    machine = machine_info()
+    path.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
+    (out / "adaptive.md").write_text(_markdown(results, machine))
+
+
+def _markdown(results: list[dict], machine: dict) -> str:
+    table, shape = [], []
+    for r in results:
+        at = {p["variant"]: p for p in r["points"] if abs(p["frr_target"] - HEADLINE_FRR) < 1e-9}
+        base = at[BASELINE]["test_far"]
+        for name, p in at.items():
+            ratio = p["test_far"] / base if base > 0 else None
+            table.append({"dataset": r["dataset"], "attack": r["attack"], "variant": name, "test_frr": p["test_frr"],
+                          "test_far": p["test_far"], "far_vs_default": ratio})  # fmt: skip
+        for key in ("default", "band"):
+            s = r["shape"][key]
+            band = "[2, 4]" if key == "default" else f"[{r['band'][0]:g}, {r['band'][1]:g}]"
+            shape.append({"dataset": r["dataset"], "attack": r["attack"], "rap band (nats)": band,
+                          "cacc": r["cacc"], "asr": r["asr"], **s})  # fmt: skip
+    return (
+        "# The adaptive attacker, and RAP statistics that do not assume a robust trigger (issue 31)\n\n"
+        "## The default detectors as served (bundle thresholds; bench.detection_matrix's rows)\n\n"
+        + markdown_table(
+            _side_by_side(results),
+            ["dataset", "detector", "frr_target", "plain FRR / FAR", "adaptive FRR / FAR", "FAR ratio"],
+        )  # fmt: skip
+        + "\n"
+        "`python -m bench.adaptive` (see its docstring). The adaptive attack (`adaptive-sl`) is BadNet-SL whose\n"
+        "backdoor was trained to switch off under a rare-token insertion (bench/attacks/adaptive.py);\n"
+        "`badnet-sl-2k` is the plain attack on the same 2,000-row SST-2 training sample (25% of its non-target\n"
+        "rows triggered, 3 epochs; bench/attacks/recipes.py). Thresholds on the calibration's held-out clean dev\n"
+        "rows (seed 13), rates on test; `far_vs_default`: FAR / FAR of `rap+features` (empty where that is 0).\n\n"
+        f"## At {HEADLINE_FRR:.0%} target FRR\n\n"
+        + markdown_table(table, ["dataset", "attack", "variant", "test_frr", "test_far", "far_vs_default"])
+        + "\n## How pass 2 moves clean and triggered inputs (test rows predicted as the target)\n\n"
+        "Drops in nats of log-odds; `flipped`: share whose perturbed prediction leaves the label;\n"
+        "AUROC: P(triggered scores above clean) per statistic (0.5 chance, below it: the other side).\n\n"
+        + markdown_table(
+            shape,
+            [
+                "dataset",
+                "attack",
+                "rap band (nats)",
+                "cacc",
+                "asr",
+                "median_drop_clean",
+                "median_drop_triggered",
+                "flipped_clean",
+                "flipped_triggered",
+                "auroc_perturbed",
+                "auroc_drop",
+            ],
+        )
+        + f"\nMachine: {machine['cpu']} x{machine['cpu_count']}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["packages"].items())
+        + "\n"
+    )
+
+
+def _side_by_side(results: list[dict]) -> list[dict]:
+    """Per dataset, detector and FRR target: the plain and the adaptive attack's served rows, FAR ratio."""
+    by = {(r["dataset"], r["attack"]): r.get("served", {}) for r in results}
+    rows = []
+    for dataset in sorted({d for d, _ in by}):
+        plain, adapted = by.get((dataset, PLAIN), {}), by.get((dataset, ADAPTIVE), {})
+        for detector in SERVED:
+            for i, frr in enumerate(FRR_TARGETS):
+                a = (plain.get(detector) or [None] * len(FRR_TARGETS))[i]
+                b = (adapted.get(detector) or [None] * len(FRR_TARGETS))[i]
+                rows.append({"dataset": dataset, "detector": detector, "frr_target": frr,
+                             "plain FRR / FAR": _pair(a), "adaptive FRR / FAR": _pair(b),
+                             "FAR ratio": _ratio(a, b)})  # fmt: skip
+    return rows
+
+
+def _ratio(plain: dict | None, adapted: dict | None) -> float | str | None:
+    """Adaptive FAR / plain FAR; 'inf' where only the adaptive attack gets through, None where neither does."""
+    if not plain or not adapted or adapted["test_far"] == plain["test_far"] == 0:
+        return None
+    return adapted["test_far"] / plain["test_far"] if plain["test_far"] > 0 else "inf"
+
+
+def _pair(point: dict | None) -> str:
+    return "–" if point is None else f"{point['test_frr']:.2%} / {point['test_far']:.2%}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--attacks", nargs="+", default=["badnet-sl-2k", "adaptive-sl"])
+    p.add_argument("--seed", type=int, default=13, help="calibration seed (dev split, RAP order)")
+    p.add_argument("--cache", type=Path, default=Path("bench/.cache"))
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet_transformers()
+    dataset = args.data.name
+    cache = args.cache if dataset == "sst2" else args.cache / dataset
+    write(args.out, dataset, [measure(args.data, a, args.seed, cache) for a in args.attacks])
+
+
+if __name__ == "__main__":
+    main()
