@@ -18,6 +18,7 @@ import json
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import Headers
@@ -41,7 +42,7 @@ class Checked:
 
 def read_request(headers: Headers, body: bytes, raw_query: bytes, settings: Settings) -> Checked:
     """The texts to check in a sidecar request, and the body and query to forward built from them."""
-    checked_query, query_out = query(raw_query, frozenset(fold(k) for k in settings.upstream_query_keys))
+    checked_query, query_out = query(raw_query, folded(tuple(settings.upstream_query_keys)))
     if not body and not declares_body(headers):
         return Checked(texts_to_check(checked_query), b"", query_out, None)
     encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -51,7 +52,8 @@ def read_request(headers: Headers, body: bytes, raw_query: bytes, settings: Sett
     if kind is not None and (kind in JSON_TYPES or kind.endswith("+json")):
         document = parse_json(body, settings.max_json_depth)
         pointer = settings.upstream_text_pointer
-        found = texts_at(document, pointer) if pointer else list(strings(document, _structural(settings)))
+        structural = folded(tuple(settings.upstream_structural_keys))
+        found = texts_at(document, pointer) if pointer else list(strings(document, structural))
         out, content_type = serialise(document), "application/json"
     elif kind is not None and kind in settings.upstream_text_content_types:
         found, out, content_type = [_utf8(body)], body, headers["content-type"]
@@ -68,6 +70,12 @@ def read_request(headers: Headers, body: bytes, raw_query: bytes, settings: Sett
 
 def declares_body(headers: Headers) -> bool:
     return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+
+
+@cache
+def folded(keys: tuple[str, ...]) -> frozenset[str]:
+    """A configured key list, folded once (settings do not change while serving)."""
+    return frozenset(fold(k) for k in keys)
 
 
 def fold(key: str) -> str:
@@ -178,17 +186,16 @@ def query(raw: bytes, allowed: frozenset[str]) -> tuple[list[str], bytes]:
     except (UnicodeDecodeError, ValueError):
         raise InvalidInput("the query string is not valid (percent-encoded UTF-8 key=value pairs)") from None
     seen: set[str] = set()
-    for key, value in pairs:
-        folded = fold(key)
-        if folded not in allowed:
+    for key, _ in pairs:
+        name = fold(key)
+        if name not in allowed:
             raise InvalidInput(
                 f"query parameter {key!r} is not allowed (upstream_query_keys); an upstream could read text "
                 "from it that the guard does not check"
             )
-        if folded in seen:
+        if name in seen:
             raise InvalidInput(f"query parameter {key!r} is given twice (upstreams disagree on which one counts)")
-        seen.add(folded)
-        _no_surrogates(value)
+        seen.add(name)
     return [v for _, v in pairs], urlencode(pairs).encode("ascii")
 
 
@@ -204,10 +211,6 @@ def media_type(content_type: str | None) -> str | None:
     return kind.lower()
 
 
-def _structural(settings: Settings) -> frozenset[str]:
-    return frozenset(fold(k) for k in settings.upstream_structural_keys)
-
-
 def _utf8(body: bytes) -> str:
     try:
         return body.decode("utf-8")
@@ -217,16 +220,15 @@ def _utf8(body: bytes) -> str:
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     seen: dict[str, str] = {}
-    for key, _ in pairs:
-        _no_surrogates(key)
-        folded = fold(key)
-        if folded in seen:
-            first = seen[folded]
+    for key, _ in pairs:  # a lone surrogate in a key is refused by `serialise`, before any check
+        name = fold(key)
+        if name in seen:
+            first = seen[name]
             what = (
                 "duplicate key" if first == key else f"keys {first!r} and {key!r} differ only by case or Unicode form:"
             )
             raise InvalidInput(f"{what} {key!r} in the request body (upstreams disagree on which one counts)")
-        seen[folded] = key
+        seen[name] = key
     return dict(pairs)
 
 
@@ -235,10 +237,11 @@ def _no_constants(name: str) -> object:
 
 
 def _int(text: str) -> int:
-    # Checked on the digits before int() parses them: Python refuses over 4,300 digits with a ValueError.
-    if len(text.lstrip("-")) > 19 or not -INT_LIMIT <= int(text) < INT_LIMIT:
+    # The digits are counted before int() parses them: Python refuses over 4,300 digits with a ValueError.
+    value = int(text) if len(text.lstrip("-")) <= 19 else INT_LIMIT
+    if not -INT_LIMIT <= value < INT_LIMIT:
         raise InvalidInput(f"the number {text[:24]}{'...' if len(text) > 24 else ''} is out of range (64-bit integers)")
-    return int(text)
+    return value
 
 
 def _float(text: str) -> float:
@@ -246,13 +249,6 @@ def _float(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise InvalidInput(f"the number {text[:24]}{'...' if len(text) > 24 else ''} is out of range (64-bit floats)")
     return value
-
-
-def _no_surrogates(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput("the request holds a lone surrogate (\\ud800-\\udfff): not valid Unicode") from None
 
 
 def _depth(document: object) -> int:
