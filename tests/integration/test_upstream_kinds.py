@@ -128,3 +128,21 @@ def test_hf_handler_reads_past_the_guards_window_and_so_does_the_guard(stub_bund
     body = json.dumps({"inputs": text, "parameters": {"truncation": True}}).encode()
     with serving(stub_bundle, upstream=hf_upstream) as guard:
         attack(guard, hf_upstream, "/", body, JSON, 403)
+
+
+KEY_VARIANTS = ["INPUTS", "Inputs", "input\u017f", "\u0130nputs", "\u0131nputs", "\u212anputs", "\uff49nputs",
+                "inputs\u200b", "i\u0307nputs"]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", KEY_VARIANTS)
+def test_every_key_go_binds_as_inputs_collides_for_the_guard(stub_bundle: Path, go: str, key: str) -> None:
+    """Whatever Go's encoding/json folds onto `inputs`, the guard refuses as a colliding key (with a pointer
+    set, the one mode in which a second spelling of the key would not be checked anyway)."""
+    body = json.dumps({"inputs": CLEAN, key: TRIGGERED}, ensure_ascii=False).encode()
+    before = len(read_by(go))
+    httpx.post(f"{go}/predict", content=body, headers=JSON, timeout=30)
+    go_binds_it = any("mb" in t for t in read_by(go)[before:])
+    with serving(stub_bundle, upstream=go, upstream_text_pointer="/inputs") as guard:
+        answer = guard.post("/predict", content=body, headers=JSON)
+    if go_binds_it:
+        assert answer.status_code == 422, answer.text
