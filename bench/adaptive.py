@@ -14,7 +14,12 @@ bench.detection_matrix, whose default guard bundle this reads) it scores, on the
 - *@band: the same statistics from a RAP row trained for a band chosen from the model's own clean
   confidence (`band_for`: the band's top is the 10th percentile of the clean training rows' log-odds,
   its bottom half of that) instead of the fixed [2, 4] nats;
-- features, and unions `A+B`: flagged when any part flags, the target split evenly over the parts.
+- features, and unions `A+B`: flagged when any part flags, the target split evenly over the parts;
+- mutation (BDMMT, bench/detectors/mutation.py): how far the target's log-odds falls from the attack model to
+  the mean of K Gaussian mutants of its weights (`--mutants`, `--mutation-scale`); `mutation` flags a large
+  fall, `mutation-low` a small one (BDMMT's side: triggered inputs keep their label), `mutation-2s` both, and
+  `rap+features+mutation-2s` the default detectors with both. Cost: K + 1 torch forward passes per scored
+  text (the model and its K mutants; a signal the bench measures, the guard does not serve it).
 
 Thresholds are fitted on the calibration's own held-out half of dev (the rows `calibrate rap` fits on,
 predicted as the target; guard.core.thresholds); rates on test (clean rows; every non-target row
@@ -34,6 +39,7 @@ import numpy as np
 from bench.attacks.recipes import TARGET, load_recipes
 from bench.detection_matrix import _bundle, _inputs
 from bench.detectors.classifier import Classifier
+from bench.detectors.mutation import MutationScorer
 from bench.machine import machine_info
 from bench.models import build_model
 from calibrate.data import load_examples
@@ -64,6 +70,10 @@ VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
     "drop-2s@band": ("band:drop", "band:-drop"),
     "rap-2s@band+features": ("band:perturbed", "band:-perturbed", "features"),
     "drop-2s@band+features": ("band:drop", "band:-drop", "features"),
+    "mutation": ("mutation",),
+    "mutation-low": ("-mutation",),
+    "mutation-2s": ("mutation", "-mutation"),
+    "rap+features+mutation-2s": ("perturbed", "features", "mutation", "-mutation"),
 }
 
 
@@ -127,7 +137,13 @@ def _held_out(dev, seed: int, predicted_target: set[str]) -> tuple[list[str], li
     return train, held
 
 
-def measure(data: Path, attack: str, seed: int, cache: Path) -> dict:
+def _mutation(scorer: MutationScorer, texts: list[str]) -> dict[str, np.ndarray]:
+    """Per text: `mutation`, the fall of the target's log-odds over the mutants, and its negative."""
+    fall = scorer.scores(texts, TARGET)
+    return {"mutation": fall, "-mutation": -fall}
+
+
+def measure(data: Path, attack: str, seed: int, cache: Path, mutants: int = 8, mutation_scale: float = 0.1) -> dict:
     recipe = load_recipes(data)[attack]
     dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
     info = build_model(recipe, data, cache / "models")
@@ -143,7 +159,10 @@ def measure(data: Path, attack: str, seed: int, cache: Path) -> dict:
     banded = _bundle(model_dir, dev, cache / "bundles" / f"{attack}-band{band[0]:g}-{band[1]:g}-s{seed}",
                      RapOptions((TARGET,), seed=seed, logodds_band=band))  # fmt: skip
     sets = {"held": held, "clean": inputs.clean, "poisoned": inputs.poisoned}
-    scored = {k: {**_scores(guard, v), **_scores(banded, v, "band:")} for k, v in sets.items()}
+    mutation = MutationScorer(model_dir, mutants=mutants, scale=mutation_scale, seed=seed)
+    scored = {
+        k: {**_scores(guard, v), **_scores(banded, v, "band:"), **_mutation(mutation, v)} for k, v in sets.items()
+    }
     points = [
         {"variant": name, **union_points(scored["held"], scored["clean"], scored["poisoned"], parts, frr)}
         for name, parts in VARIANTS.items()
@@ -158,6 +177,7 @@ def measure(data: Path, attack: str, seed: int, cache: Path) -> dict:
         "train": {k: info.get(k) for k in ("train_rows", "poisoned_rows", "train_seconds", "dev_accuracy")},
         "settings": recipe.settings,
         "band": band,
+        "mutation": {"mutants": mutants, "scale": mutation_scale, "seed": seed},
         "shape": _shape(scored),
         "points": points,
         "served": _served(cache / "matrix" / attack / f"s{seed}"),
@@ -190,6 +210,7 @@ def _shape(scored: dict) -> dict:
             "auroc_drop": auroc(clean[f"{prefix}drop"], poisoned[f"{prefix}drop"]),
         }
     out["auroc_features"] = auroc(scored["clean"]["features"], scored["poisoned"]["features"])
+    out["auroc_mutation"] = auroc(scored["clean"]["mutation"], scored["poisoned"]["mutation"])
     out["median_logodds_clean"] = float(np.median(scored["clean"]["before"]))
     return out
 
@@ -295,12 +316,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=13, help="calibration seed (dev split, RAP order)")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--mutants", type=int, default=8, help="K mutants of the model for the mutation score")
+    p.add_argument("--mutation-scale", type=float, default=0.1, help="mutant noise std, per matrix x its std")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_transformers()
     dataset = args.data.name
     cache = args.cache if dataset == "sst2" else args.cache / dataset
-    write(args.out, dataset, [measure(args.data, a, args.seed, cache) for a in args.attacks])
+    results = [measure(args.data, a, args.seed, cache, args.mutants, args.mutation_scale) for a in args.attacks]
+    write(args.out, dataset, results)
 
 
 if __name__ == "__main__":
