@@ -39,6 +39,11 @@ INT8_GRAPH = "model.int8.onnx"
 OPT_GRAPH = "model.opt.onnx"  # calibrate.rap.optimize: ONNX Runtime's transformer fusions
 INT8_OPT_GRAPH = "model.int8.opt.onnx"
 GRAPHS = {"onnx": "model.onnx", "onnx-int8": INT8_GRAPH, "onnx-opt": OPT_GRAPH, "onnx-int8-opt": INT8_OPT_GRAPH}
+# Graphs whose activations are quantised with one scale per run (dynamic int8: DynamicQuantizeLinear over the
+# whole batch tensor, padding included), so a row's output moves with whatever it is batched with. They are
+# run one row at a time, trimmed to the row's own tokens, so a row scores the same in calibration, in
+# `guard check` and in the server whatever its batch-mates.
+ROW_AT_A_TIME_GRAPHS = frozenset({INT8_GRAPH, INT8_OPT_GRAPH})
 
 
 def precision_of(name: str) -> str:

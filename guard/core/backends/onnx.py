@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from guard.core.backends.base import ROW_AT_A_TIME_GRAPHS
 from guard.core.errors import BackendError
 from guard.core.features import FEATURES_OUTPUT
 from guard.core.types import EncodedBatch
@@ -50,6 +51,7 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"cannot load ONNX model {path}: {exc}") from exc
         self._inputs = {i.name for i in self._session.get_inputs()}
+        self.row_at_a_time = path.name in ROW_AT_A_TIME_GRAPHS
         outputs = {o.name: o for o in self._session.get_outputs()}
         if "logits" not in outputs:
             raise BackendError(f"{path} has no 'logits' output; was it exported by calibrate?")
@@ -72,6 +74,12 @@ class OnnxBackend:
         if self._session is None:
             raise BackendError("ONNX backend is closed")
         feeds = {k: v for k, v in batch.as_feeds().items() if k in self._inputs}
+        if not self.row_at_a_time:
+            return self._call(outputs, feeds)
+        per_row = [self._call(outputs, _one_row(feeds, batch.attention_mask[i], i)) for i in range(len(batch))]
+        return [np.concatenate(parts) for parts in zip(*per_row, strict=True)]
+
+    def _call(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
             return self._session.run(outputs, feeds)
         except Exception as exc:
@@ -79,3 +87,11 @@ class OnnxBackend:
 
     def close(self) -> None:
         self._session = None
+
+
+def _one_row(feeds: dict[str, np.ndarray], mask: np.ndarray, row: int) -> dict[str, np.ndarray]:
+    """Row `row` of `feeds` alone, without the right padding its batch gave it (every output of these graphs
+    is per row: logits and [CLS] features, no sequence axis)."""
+    length = int(mask.sum())
+    keep = length if length and mask[:length].all() else mask.shape[0]  # not right-padded: keep it whole
+    return {name: value[row : row + 1, :keep] for name, value in feeds.items()}

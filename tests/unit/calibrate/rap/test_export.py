@@ -68,3 +68,26 @@ def test_a_graph_without_the_output_loads_and_says_so(exported, tmp_path: Path) 
     assert backend.infer(tokenizer.encode(TEXTS)).shape == (len(TEXTS), 2)
     with pytest.raises(BackendError, match="no features output"):
         backend.infer_with_features(tokenizer.encode(TEXTS))
+
+
+def test_an_int8_row_scores_the_same_whatever_it_is_batched_with(exported) -> None:
+    """Dynamic int8 quantises activations with one scale per run (the whole batch, padding included): run
+    batched, a row's logits moved with its batch-mates and crossed thresholds fitted on other batches. The
+    backend runs such graphs a row at a time on the row's own tokens, so a row's output is its own."""
+    from calibrate.rap.export import quantize_int8
+    from guard.core.backends.base import INT8_GRAPH
+
+    model, tokenizer, path = exported
+    quantize_int8(path, path.with_name(INT8_GRAPH))
+    backend = OnnxBackend(path.with_name(INT8_GRAPH))
+    assert backend.row_at_a_time and not OnnxBackend(path).row_at_a_time
+    row = "a short sample"
+    mates = ["x", "another one, somewhat longer than the first " * 3]
+    for encode in (tokenizer.encode, tokenizer.encode_perturbed):
+        alone_logits, alone_features = backend.infer_with_features(encode([row]))
+        for other in mates:
+            logits, features = backend.infer_with_features(encode([other, row]))
+            assert np.array_equal(logits[1:], alone_logits) and np.array_equal(features[1:], alone_features)
+    raw = backend._session.run(["logits"], {k: v for k, v in tokenizer.encode(mates + [row]).as_feeds().items()
+                                            if k in backend._inputs})[0]  # fmt: skip
+    assert not np.allclose(raw[-1], alone_logits[0], atol=1e-6)  # what batching the graph itself gives: moved
