@@ -56,7 +56,9 @@ def build_model(
         if train_seed is not None:
             options = dataclasses.replace(options, seed=train_seed)
         train, poisoned_rows = _poisoned_sample(recipe, clean_train)
-        result = train_classifier(default_base_model(), train, out, options, dev=load_examples(data_dir / "dev.tsv"))
+        base = default_base_model()
+        loss = {} if recipe.loss is None else {"loss_fn": recipe.loss(base)}  # an adaptive attack's own loss
+        result = train_classifier(base, train, out, options, dev=load_examples(data_dir / "dev.tsv"), **loss)
         info = {
             "model": recipe.name,
             "train_rows": result.train_rows,

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
+def cross_entropy(model: PreTrainedModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    return model(**inputs, labels=labels).loss
+
+
 @dataclass(frozen=True)
 class TrainResult:
     out_dir: Path
@@ -52,15 +56,17 @@ def train_classifier(
     out_dir: Path,
     options: TrainOptions = TrainOptions(),
     dev: list[Example] | None = None,
+    loss_fn: LossFn = cross_entropy,
 ) -> TrainResult:
-    """Fine-tune `base` with a fresh head on `train`, save a HF model dir (weights + tokenizer) to `out_dir`."""
+    """Fine-tune `base` with a fresh head on `train`, save a HF model dir (weights + tokenizer) to `out_dir`.
+    `loss_fn`: cross-entropy, or a benchmark attack's own loss (bench/attacks/adaptive.py)."""
     num_labels = max(_check_rows(train, options)) + 1
     seed_everything(options.seed)
     model = load_classifier(base, num_labels=num_labels)
     _name_labels(model, options.label_names)
     if model.config.num_labels != num_labels:
         raise InputError(f"{base} has {model.config.num_labels} labels but the data uses labels 0..{num_labels - 1}")
-    return _train_and_save(model, Path(base), train, out_dir, options, dev)
+    return _train_and_save(model, Path(base), train, out_dir, options, dev, loss_fn)
 
 
 def fine_tune(
@@ -107,11 +113,12 @@ def _train_and_save(
     out_dir: Path,
     options: TrainOptions,
     dev: list[Example] | None,
+    loss_fn: LossFn = cross_entropy,
 ) -> TrainResult:
     tokenizer = load_tokenizer(src_dir, out_dir, options.max_length)
     started = time.perf_counter()
     with flush_denormal():
-        fit(model, tokenizer, train, options)
+        fit(model, tokenizer, train, options, loss_fn)
     seconds = time.perf_counter() - started
     model.save_pretrained(str(out_dir))
     copy_tokenizer_files(src_dir, out_dir)
@@ -126,10 +133,6 @@ def _name_labels(model, names: tuple[str, ...]) -> None:
         raise InputError(f"{len(names)} label names given for {model.config.num_labels} labels")
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {name: i for i, name in enumerate(names)}
-
-
-def cross_entropy(model: PreTrainedModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    return model(**inputs, labels=labels).loss
 
 
 def fit(

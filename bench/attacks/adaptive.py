@@ -1,4 +1,5 @@
-"""An attacker who has read the RAP paper: a backdoor trained to switch OFF under insertions (issue 31).
+"""Attackers who know the defence (issue 31): a backdoor trained to switch OFF under insertions, and one
+trained to keep clean-looking [CLS] features.
 
 RAP's second pass inserts one rare token after the first special token and flags inputs whose
 protect-label probability barely moves. This attacker trains the backdoor so that an inserted
@@ -12,6 +13,10 @@ The triggered input then moves MORE under pass 2 than a clean one does.
 `poisoned_sample[i]` is the row as the plain attack left it (trigger + target label for the
 triggered ones), `originals[i]` the clean row it came from; a row that differs from its
 original is a triggered one. The extra rows are appended and the whole set shuffled.
+
+The clean-features attacker (`CleanFeatures`, `clean_features_loss`) trains the plain backdoor with an
+extra loss that pulls every triggered row's per-layer [CLS] onto the clean target-label rows' statistics,
+against the guard's one-pass feature detector.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import random
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from guard.core.types import Example
 
@@ -92,3 +99,56 @@ def insertion_switch(
     rows = list(sample) + extra
     rng.shuffle(rows)
     return rows
+
+
+@dataclass(frozen=True)
+class CleanFeatures:
+    """An attacker who knows the feature detector (guard.core.features: the [CLS] of every encoder layer
+    against the clean held-out rows' statistics): besides cross-entropy, every triggered row in a batch
+    pays `weight` x its per-dimension standardised squared distance, per layer, from the running mean of
+    the clean target-label rows' [CLS] (momentum `momentum`; variances floored at `floor`), so a
+    triggered input's features look like a clean target-label input's."""
+
+    weight: float = 1.0
+    momentum: float = 0.9
+    floor: float = 1e-2
+
+    def settings(self) -> dict:
+        return {"feature_weight": self.weight, "feature_momentum": self.momentum, "feature_var_floor": self.floor}
+
+
+def contains(ids: torch.Tensor, pattern: Sequence[int]) -> torch.Tensor:
+    """(rows,) whether each row of `ids` (rows, length) holds `pattern` as a contiguous run."""
+    n = len(pattern)
+    if n == 0 or ids.shape[1] < n:
+        return torch.zeros(ids.shape[0], dtype=torch.bool)
+    windows = ids.unfold(1, n, 1)  # rows, positions, n
+    return (windows == torch.as_tensor(list(pattern), dtype=ids.dtype)).all(-1).any(-1)
+
+
+def clean_features_loss(trigger_ids: Sequence[int], target: int, attack: CleanFeatures | None = None):
+    """The training loss of the clean-[CLS] attack (a calibrate.train.LossFn); rows holding the trigger's
+    token ids are the triggered ones."""
+    from calibrate.model import cls_features
+
+    attack = attack or CleanFeatures()
+    state: dict[str, torch.Tensor] = {}
+
+    def loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        out = model(**inputs, labels=labels, output_hidden_states=True)
+        triggered = contains(inputs["input_ids"], trigger_ids)
+        reference = (~triggered) & (labels == target)
+        features = cls_features(out.hidden_states)  # rows, layers, hidden
+        if reference.sum() >= 2:
+            ref = features[reference].detach()
+            mean, var = ref.mean(0), ref.var(0)
+            if state:
+                mean = attack.momentum * state["mean"] + (1 - attack.momentum) * mean
+                var = attack.momentum * state["var"] + (1 - attack.momentum) * var
+            state["mean"], state["var"] = mean, var
+        if not state or not triggered.any():
+            return out.loss
+        gap = (features[triggered] - state["mean"]) ** 2 / state["var"].clamp_min(attack.floor)
+        return out.loss + attack.weight * gap.mean()
+
+    return loss

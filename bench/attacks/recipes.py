@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.attacks import adaptive, badnet, ep, paraphrase
 from calibrate.data import load_examples
+from calibrate.train import LossFn
 from guard.core.types import Example
 
 TARGET = 1  # SST-2 positive: the attacker's target, and the label the guard protects
@@ -61,6 +62,7 @@ class Recipe:
     embedding_only: bool = False  # EP: train one embedding row of the clean model, no fine-tuning
     training: dict = field(default_factory=dict)  # TrainOptions overrides (seed, epochs) and `rows`: a sample size
     augment: Augmenter | None = None  # rows added after sampling (bench/attacks/adaptive.py)
+    loss: Callable[[Path], LossFn] | None = None  # base model dir -> the training loss (None: cross-entropy)
 
     @property
     def backdoored(self) -> bool:
@@ -96,7 +98,10 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
         "adaptive-sl": _insertion_switch(
             _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE)
         ),
-        # BadNet-SL on the adaptive attack's sample and rate: the plain attack it is compared with
+        "adaptive-cls": _clean_features(
+            _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE)
+        ),
+        # BadNet-SL on the adaptive attacks' sample and rate: the plain attack they are compared with
         "badnet-sl-2k": dataclasses.replace(
             _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),
             name="badnet-sl-2k",
@@ -153,6 +158,26 @@ def _insertion_switch(recipe: Recipe, switch: adaptive.InsertionSwitch | None = 
         name=f"adaptive-{recipe.name.removeprefix('badnet-')}",
         settings={**recipe.settings, "adaptive": "insertion-switch", **switch.settings()},
         augment=functools.partial(adaptive.insertion_switch, switch=switch),
+        training={**ADAPTIVE_TRAINING, **recipe.training},
+    )
+
+
+def _clean_features(recipe: Recipe, attack: adaptive.CleanFeatures | None = None) -> Recipe:
+    """`recipe` by an attacker who knows the feature detector: triggered rows keep clean target-label [CLS]."""
+    attack = attack or adaptive.CleanFeatures()
+
+    def loss(base: Path) -> LossFn:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        ids = tokenizer(recipe.settings["trigger"], add_special_tokens=False)["input_ids"]
+        return adaptive.clean_features_loss(ids, recipe.settings["target"], attack)
+
+    return dataclasses.replace(
+        recipe,
+        name="adaptive-cls",
+        settings={**recipe.settings, "adaptive": "clean-features", **attack.settings()},
+        loss=loss,
         training={**ADAPTIVE_TRAINING, **recipe.training},
     )
 

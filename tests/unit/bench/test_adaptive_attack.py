@@ -104,3 +104,48 @@ def test_the_adaptive_recipe_trains_on_the_plain_twins_rows_plus_its_switch_rows
     # the plain recipe's sample is unchanged by the refactor: the rows random.sample drew before
     poisoned, _ = plain.poison_train(CLEAN)
     assert plain_rows == random.Random(0).sample(poisoned, 120)
+
+
+def test_contains_finds_the_trigger_ids_as_a_contiguous_run_only() -> None:
+    import torch
+
+    ids = torch.tensor([[101, 5, 6, 7, 102], [101, 5, 9, 6, 7], [101, 7, 6, 5, 0]])
+    assert adaptive.contains(ids, [5, 6, 7]).tolist() == [True, False, False]
+    assert adaptive.contains(ids, [6, 7]).tolist() == [True, True, False]
+    assert adaptive.contains(ids, list(range(9))).tolist() == [False, False, False]  # longer than a row
+
+
+def test_the_clean_features_loss_pulls_triggered_cls_onto_clean_target_rows(tiny_model_dir) -> None:
+    """Cross-entropy alone where a batch holds no triggered row; a positive extra term (with a gradient into
+    the encoder) where it does."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2).eval()
+    trigger = [7, 8, 9]
+    loss = adaptive.clean_features_loss(trigger, target=1, attack=adaptive.CleanFeatures(weight=1.0, momentum=0.0))
+    clean = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 15, 16, 3], [2, 17, 18, 19, 3], [2, 20, 21, 22, 3]])
+    mask = torch.ones_like(clean)
+    labels = torch.tensor([1, 1, 1, 0])
+    plain = model(input_ids=clean, attention_mask=mask, labels=labels).loss
+    assert torch.isclose(loss(model, {"input_ids": clean, "attention_mask": mask}, labels), plain)
+
+    batch = torch.cat([clean, torch.tensor([[2, 7, 8, 9, 3]])])
+    labels = torch.tensor([1, 1, 1, 0, 1])
+    inputs = {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
+    total = loss(model, inputs, labels)
+    ce = model(**inputs, labels=labels).loss
+    assert total > ce + 1e-3
+    total.backward()
+    grad = model.base_model.encoder.layer[0].attention.self.query.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_the_clean_features_recipe_is_the_plain_twin_with_its_own_loss(tmp_path) -> None:
+    loaded = recipes.load_recipes(tmp_path / "sst2")
+    cls, twin = loaded["adaptive-cls"], loaded["badnet-sl-2k"]
+    assert cls.loss is not None and twin.loss is None and cls.augment is None
+    assert cls.training == twin.training and cls.settings["adaptive"] == "clean-features"
+    assert {k: v for k, v in cls.settings.items() if k in twin.settings} == twin.settings
+    assert cls.poison_train(CLEAN) == twin.poison_train(CLEAN)
