@@ -56,7 +56,7 @@ log = logging.getLogger("bench.adaptive")
 HEADLINE_FRR = 0.01
 BASELINE = "rap+features"  # the default detectors: FAR ratios are to this row
 SERVED = ("rap", "features", "rap+features")  # the matrix's rows of the guard's default bundle
-PLAIN, ADAPTIVE = "badnet-sl-2k", "adaptive-sl"  # compared side by side
+PLAIN, ADAPTIVE = "badnet-sl-2k", ("adaptive-sl", "adaptive-cls")  # each adaptive attack beside the plain twin
 VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
     "rap": ("perturbed",),
     "rap-2s": ("perturbed", "-perturbed"),
@@ -241,17 +241,16 @@ def _markdown(results: list[dict], machine: dict) -> str:
             s = r["shape"][key]
             band = "[2, 4]" if key == "default" else f"[{r['band'][0]:g}, {r['band'][1]:g}]"
             shape.append({"dataset": r["dataset"], "attack": r["attack"], "rap band (nats)": band,
-                          "cacc": r["cacc"], "asr": r["asr"], **s})  # fmt: skip
+                          "cacc": r["cacc"], "asr": r["asr"], **s,
+                          **{k: r["shape"].get(k) for k in ("auroc_features", "auroc_mutation")}})  # fmt: skip
     return (
         "# The adaptive attacker, and RAP statistics that do not assume a robust trigger (issue 31)\n\n"
         "## The default detectors as served (bundle thresholds; bench.detection_matrix's rows)\n\n"
-        + markdown_table(
-            _side_by_side(results),
-            ["dataset", "detector", "frr_target", "plain FRR / FAR", "adaptive FRR / FAR", "FAR ratio"],
-        )  # fmt: skip
+        + markdown_table(_side_by_side(results), side_by_side_columns())
         + "\n"
-        "`python -m bench.adaptive` (see its docstring). The adaptive attack (`adaptive-sl`) is BadNet-SL whose\n"
-        "backdoor was trained to switch off under a rare-token insertion (bench/attacks/adaptive.py);\n"
+        "`python -m bench.adaptive` (see its docstring). The adaptive attacks (bench/attacks/adaptive.py) are\n"
+        "BadNet-SL whose backdoor was trained to switch off under a rare-token insertion (`adaptive-sl`, against\n"
+        "RAP) or to keep clean target-label [CLS] features (`adaptive-cls`, against the feature detector);\n"
         "`badnet-sl-2k` is the plain attack on the same 2,000-row SST-2 training sample (25% of its non-target\n"
         "rows triggered, 3 epochs; bench/attacks/recipes.py). Thresholds on the calibration's held-out clean dev\n"
         "rows (seed 13), rates on test; `far_vs_default`: FAR / FAR of `rap+features` (empty where that is 0).\n\n"
@@ -274,6 +273,8 @@ def _markdown(results: list[dict], machine: dict) -> str:
                 "flipped_triggered",
                 "auroc_perturbed",
                 "auroc_drop",
+                "auroc_features",
+                "auroc_mutation",
             ],
         )
         + f"\nMachine: {machine['cpu']} x{machine['cpu_count']}; "
@@ -282,19 +283,26 @@ def _markdown(results: list[dict], machine: dict) -> str:
     )
 
 
+def side_by_side_columns() -> list[str]:
+    return ["dataset", "detector", "frr_target", "plain FRR / FAR"] + [
+        c for a in ADAPTIVE for c in (f"{a} FRR / FAR", f"{a} FAR ratio")
+    ]
+
+
 def _side_by_side(results: list[dict]) -> list[dict]:
-    """Per dataset, detector and FRR target: the plain and the adaptive attack's served rows, FAR ratio."""
+    """Per dataset, detector and FRR target: the plain and each adaptive attack's served rows, FAR ratios."""
     by = {(r["dataset"], r["attack"]): r.get("served", {}) for r in results}
     rows = []
     for dataset in sorted({d for d, _ in by}):
-        plain, adapted = by.get((dataset, PLAIN), {}), by.get((dataset, ADAPTIVE), {})
+        plain = by.get((dataset, PLAIN), {})
         for detector in SERVED:
             for i, frr in enumerate(FRR_TARGETS):
                 a = (plain.get(detector) or [None] * len(FRR_TARGETS))[i]
-                b = (adapted.get(detector) or [None] * len(FRR_TARGETS))[i]
-                rows.append({"dataset": dataset, "detector": detector, "frr_target": frr,
-                             "plain FRR / FAR": _pair(a), "adaptive FRR / FAR": _pair(b),
-                             "FAR ratio": _ratio(a, b)})  # fmt: skip
+                row = {"dataset": dataset, "detector": detector, "frr_target": frr, "plain FRR / FAR": _pair(a)}
+                for attack in ADAPTIVE:
+                    b = (by.get((dataset, attack), {}).get(detector) or [None] * len(FRR_TARGETS))[i]
+                    row |= {f"{attack} FRR / FAR": _pair(b), f"{attack} FAR ratio": _ratio(a, b)}
+                rows.append(row)
     return rows
 
 
