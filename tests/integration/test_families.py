@@ -34,15 +34,10 @@ MAX_FRR = 0.1  # clean test rows of the protected label flagged (held-out sample
 PLANTED = 0.75  # the fixture's own check: the trigger gives the backdoor label to at least this share of rows
 
 KNOWN_SHORT: dict[str, str] = {}  # measured on the fixtures; each fails the assertion named
-# The int8 graphs' clean FRR, checked last. On these toys RAP's held-out scores are a point mass (the RAP row
-# cannot move the saturated toys: one threshold at every FRR target, e.g. DistilBERT int8 5.0844 from 0.5% to 5%),
-# and dynamic int8 scales activations per batch, so a row's score moves with its batch-mates and crosses that
-# threshold. Measured clean FRR of the int8 graph at its own 1% thresholds, batched / one row at a time:
-# DistilBERT 2% / 3% in one run, 54% / 3% in another; XLM-R 3% / 42%; RoBERTa 2% / 3%.
-INT8_FRR_UNSTEADY = "int8 scores jitter with their batch-mates across a point-mass RAP threshold (fixture RAP)"
-# Passes in most runs, not all: the tiny fixture's training is not bit-reproducible on CPU threads, and
-# in 1 of 5 runs its bundle let 46% of triggered rows through at the default target.
-UNSTEADY = {"electra": "the fixture's FAR at the default target varied from 0% to 46% across runs"}
+# ELECTRA's toy once varied from run to run (FAR 0-46% at the default target). The one run-to-run difference
+# found: WordPieceTrainer broke ties differently in each process (ELECTRA's and DistilBERT's vocabularies
+# differed every run); tests/families.py now builds their vocabulary deterministically.
+UNSTEADY: dict[str, str] = {}
 PARAMS = [
     pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_SHORT[f], strict=True)) if f in KNOWN_SHORT
     else pytest.param(f, marks=pytest.mark.xfail(reason=UNSTEADY[f], strict=False)) if f in UNSTEADY
@@ -75,9 +70,7 @@ def _verdicts(bundle_dir: Path, texts: list[str], capsys: pytest.CaptureFixture[
     return [v["flagged"] for v in _checked(bundle_dir, texts, capsys, backend)]
 
 
-def test_the_whole_chain(
-    toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
-) -> None:
+def test_the_whole_chain(toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     family, toy = toy
     config = json.loads((toy.model_dir / "config.json").read_text())
     out = tmp_path / "bundle"
@@ -127,7 +120,6 @@ def test_the_whole_chain(
     default = [r for r in rows if r["detector"] == "rap+features" and r["frr_target"] == 0.01]
     assert default and default[0]["test_far"] <= MAX_FAR and default[0]["test_frr"] <= MAX_FRR, default
     _sidecar_checks_a_long_text_in_windows(out, long_text, allowed[0], _fires(toy.model_dir, long_text))
-    request.applymarker(pytest.mark.xfail(reason=INT8_FRR_UNSTEADY, strict=False))
     _int8_frr_within_target(out, clean, optimized, capsys)
 
 
@@ -144,7 +136,9 @@ def _int8_flags_the_trigger(out: Path, poisoned: list[str], optimized: bool, cap
 
 
 def _int8_frr_within_target(out: Path, clean: list[str], optimized: bool, capsys) -> None:
-    """Each int8 graph lets the clean rows pass, batched (`guard check`) and one at a time (a server)."""
+    """Each int8 graph lets the clean rows pass, batched (`guard check`) and one at a time (a server). Before int8
+    graphs ran a row at a time (ROW_AT_A_TIME_GRAPHS) a row's score moved with its batch-mates across the toys'
+    point-mass RAP thresholds: XLM-R read 3% batched and 42% one request at a time."""
     for backend in ["onnx-int8"] + (["onnx-int8-opt"] if optimized else []):
         assert sum(_verdicts(out, clean, capsys, backend)) <= MAX_FRR * len(clean), backend
     app = create_app(Settings(bundle=out, backend="onnx-int8"))
