@@ -184,6 +184,9 @@ ATTACK_NAMES = {
     "ep-bounded": "EP, trigger norm bounded",
     "syntactic": "syntactic template",
     "style": "Bible style",
+    "badnet-sl-2k": "a sentence, 2,000-row model (the adaptive attacks' plain twin)",
+    "adaptive-sl": "a sentence, adaptive: switches off under RAP's insertion",
+    "adaptive-cls": "a sentence, adaptive: keeps clean-looking [CLS] features",
 }
 
 
