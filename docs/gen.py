@@ -320,6 +320,30 @@ def overload_table() -> str:
     return _table(columns, rows)
 
 
+# What tests/integration/test_families.py verified on each family's tiny offline fixture (the whole chain:
+# calibrate rap --int8 -> guard verify -> guard check (fp32 and int8) -> guard serve standalone and sidecar ->
+# calibrate evaluate); efficacy on real data is measured on MiniLM only.
+VERIFIED = {
+    "BERT": "the whole chain; efficacy on the real MiniLM (benchmarks)",
+    "ModernBERT": "the whole chain (mean pooling read)",
+}
+
+
+def families_table() -> str:
+    """guard.core.family's support matrix: per family, its graphs, repairs and what was verified."""
+    from guard.core.family import FAMILIES, REPAIRS
+
+    rows = []
+    for f in FAMILIES:
+        optimised = f.optimizer or "none (`model.onnx` served)"
+        int8 = "plain, optimised" if f.optimizer else "plain"
+        repairs = ", ".join(name for key, name in REPAIRS.items() if key in f.repairs)
+        types = "per config" if f.name.startswith("DeBERTa") else ("yes" if f.token_types else "no")
+        rows.append([f.name, types, optimised, int8, repairs, VERIFIED.get(f.name, "the whole chain")])
+    columns = ["family", "token types", "optimised graph", "int8 graphs", "repairs and scans", "verified here"]
+    return _table(columns, rows)
+
+
 def alerts() -> list[str]:
     """The alert names of deploy/prometheus/rules.yml, in file order."""
     import yaml
@@ -340,6 +364,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "inversion-repair": inversion_repair_table,
     "robustness": robustness_table,
     "overload": overload_table,
+    "families": families_table,
 }
 
 
