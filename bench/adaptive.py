@@ -56,7 +56,7 @@ log = logging.getLogger("bench.adaptive")
 HEADLINE_FRR = 0.01
 BASELINE = "rap+features"  # the default detectors: FAR ratios are to this row
 SERVED = ("rap", "features", "rap+features")  # the matrix's rows of the guard's default bundle
-PLAIN, ADAPTIVE = "badnet-sl-2k", ("adaptive-sl", "adaptive-cls")  # each adaptive attack beside the plain twin
+PLAIN, ADAPTIVE = "badnet-sl-2k", ("adaptive-sl", "adaptive-cls", "adaptive-both")  # each beside the plain twin
 VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
     "rap": ("perturbed",),
     "rap-2s": ("perturbed", "-perturbed"),

@@ -101,6 +101,11 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
         "adaptive-cls": _clean_features(
             _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE)
         ),
+        # both at once: switches off under insertions AND keeps clean-looking [CLS]
+        "adaptive-both": _clean_features(
+            _insertion_switch(_badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE)),
+            name="adaptive-both",
+        ),
         # BadNet-SL on the adaptive attacks' sample and rate: the plain attack they are compared with
         "badnet-sl-2k": dataclasses.replace(
             _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),
@@ -162,7 +167,7 @@ def _insertion_switch(recipe: Recipe, switch: adaptive.InsertionSwitch | None = 
     )
 
 
-def _clean_features(recipe: Recipe, attack: adaptive.CleanFeatures | None = None) -> Recipe:
+def _clean_features(recipe: Recipe, attack: adaptive.CleanFeatures | None = None, name: str = "adaptive-cls") -> Recipe:
     """`recipe` by an attacker who knows the feature detector: triggered rows keep clean target-label [CLS]."""
     attack = attack or adaptive.CleanFeatures()
 
@@ -175,8 +180,12 @@ def _clean_features(recipe: Recipe, attack: adaptive.CleanFeatures | None = None
 
     return dataclasses.replace(
         recipe,
-        name="adaptive-cls",
-        settings={**recipe.settings, "adaptive": "clean-features", **attack.settings()},
+        name=name,
+        settings={
+            **recipe.settings,
+            "adaptive": "+".join(filter(None, (recipe.settings.get("adaptive"), "clean-features"))),
+            **attack.settings(),
+        },
         loss=loss,
         training={**ADAPTIVE_TRAINING, **recipe.training},
     )

@@ -149,3 +149,12 @@ def test_the_clean_features_recipe_is_the_plain_twin_with_its_own_loss(tmp_path)
     assert cls.training == twin.training and cls.settings["adaptive"] == "clean-features"
     assert {k: v for k, v in cls.settings.items() if k in twin.settings} == twin.settings
     assert cls.poison_train(CLEAN) == twin.poison_train(CLEAN)
+
+
+def test_the_attacker_against_both_detectors_has_both_the_switch_rows_and_the_feature_loss(tmp_path) -> None:
+    loaded = recipes.load_recipes(tmp_path / "sst2")
+    both, switch = loaded["adaptive-both"], loaded["adaptive-sl"]
+    assert both.loss is not None and both.augment is not None
+    assert both.settings["adaptive"] == "insertion-switch+clean-features"
+    sample, originals = switch.poison_train(CLEAN)[0], CLEAN
+    assert both.augment(sample, originals) == switch.augment(sample, originals)
