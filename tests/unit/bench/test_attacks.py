@@ -136,6 +136,8 @@ def test_only_poisoned_or_embedding_recipes_count_as_backdoored(tmp_path: Path) 
         "ep": True,
         "ep-bounded": True,
         "adaptive-sl": True,
+        "adaptive-cls": True,
+        "adaptive-both": True,
         "badnet-sl-2k": True,
         "syntactic": True,
         "style": True,
