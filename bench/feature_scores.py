@@ -17,6 +17,12 @@ counting only inputs the model predicts as the target label, as in the detection
   predicted label; the score is the share of neurons outside it (k = 2), or the mean excess over
   k = 3 standard deviations (`bounds-excess`).
 
+`--inputs attention` scores another one-pass input with the same scores (rows `attn:<score>`): per
+layer, each head's attention from [CLS], summarised as its entropy over the real tokens, its largest
+weight, and its weights on [CLS] itself and on the last token ([SEP]) (`attention_statistics`; torch,
+eager attention). An attacker who keeps the [CLS] vectors clean-looking (bench/attacks/adaptive.py,
+`adaptive-cls`) does not constrain where [CLS] attends.
+
 Writes bench/results/feature_scores.{json,md}; features are cached under --cache.
 """
 
@@ -111,7 +117,31 @@ def auc(clean: np.ndarray, poisoned: np.ndarray) -> float:
     return float((below + 0.5 * ties).sum() / (len(clean) * len(poisoned)))
 
 
-def run(data: Path, dataset: str, attacks: list[str], cache: Path) -> list[dict]:
+def attention_statistics(model, tokenizer, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Pass-1 predicted labels and, per text, (layers, heads x 4): [CLS]'s attention entropy over the real
+    tokens, its largest weight, its weight on [CLS] and on the last real token, per head."""
+    import torch
+
+    from calibrate.model import to_torch
+
+    model.set_attn_implementation("eager")  # SDPA returns no attention weights
+    predicted, stats = [], []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            inputs = to_torch(tokenizer.encode(texts[i : i + batch_size]))
+            out = model(**inputs, output_attentions=True)
+            predicted.append(out.logits.argmax(-1).numpy())
+            cls = torch.stack([a[:, :, 0, :] for a in out.attentions], 1)  # rows, layers, heads, tokens
+            real = inputs["attention_mask"][:, None, None, :].to(cls.dtype)
+            entropy = -(cls * torch.log(cls.clamp_min(1e-12)) * real).sum(-1)
+            last = inputs["attention_mask"].sum(1) - 1
+            on_last = cls[torch.arange(len(cls)), :, :, last]
+            parts = [entropy, (cls * real).amax(-1), cls[..., 0], on_last]
+            stats.append(torch.stack(parts, -1).flatten(2).float().numpy())
+    return np.concatenate(predicted), np.concatenate(stats)
+
+
+def run(data: Path, dataset: str, attacks: list[str], cache: Path, inputs: tuple[str, ...] = ("cls",)) -> list[dict]:
     recipes = load_recipes(data)
     dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
     order = list(range(len(dev)))
@@ -123,19 +153,28 @@ def run(data: Path, dataset: str, attacks: list[str], cache: Path) -> list[dict]
     for name in attacks:
         model_dir = Path(build_model(recipes[name], data, cache / "models")["dir"])
         poisoned = [r for r in recipes[name].poison_test(test) if r.label != TARGET]
-        x, predicted = _features(model_dir, {**splits, "poisoned": poisoned}, cache / "feature_scores" / f"{name}.npz")
-        found = compare(name, x, predicted, labels)
+        found = []
+        for kind in inputs:
+            suffix = "" if kind == "cls" else f".{kind}"
+            path = cache / "feature_scores" / f"{name}{suffix}.npz"
+            x, predicted = _features(model_dir, {**splits, "poisoned": poisoned}, path, kind)
+            prefix = "" if kind == "cls" else "attn:"
+            found += [{**r, "score": prefix + r["score"]} for r in compare(name, x, predicted, labels)]
         log.info("%s: %s", name, [(r["score"], r["test_far"]) for r in found if r["frr_target"] == HEADLINE_FRR])
         rows += [{"dataset": dataset, **r} for r in found]
     return rows
 
 
-def _features(model_dir: Path, splits: dict[str, list[Example]], path: Path) -> tuple[dict, dict]:
+def _features(model_dir: Path, splits: dict[str, list[Example]], path: Path, kind: str = "cls") -> tuple[dict, dict]:
     if not path.is_file():
         subject = load_subject(model_dir, max_length=MAX_LENGTH)
         out = {}
         for key, rows in splits.items():
-            probs, x = predict_with_features(subject.model, subject.tokenizer, [r.text for r in rows], progress=True)
+            texts = [r.text for r in rows]
+            if kind == "attention":
+                out[f"{key}_p"], out[f"{key}_x"] = attention_statistics(subject.model, subject.tokenizer, texts)
+                continue
+            probs, x = predict_with_features(subject.model, subject.tokenizer, texts, progress=True)
             out[f"{key}_x"], out[f"{key}_p"] = x, probs.argmax(axis=1)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **out)
@@ -161,9 +200,10 @@ def write(out: Path, rows: list[dict]) -> None:
 def _table(rows: list[dict]) -> str:
     scores = list(dict.fromkeys(r["score"] for r in rows))
     lines = [
-        "# One-pass feature scores: DAN (the guard's) vs activation bounds (BadActs)",
+        "# One-pass feature scores: DAN (the guard's) vs activation bounds (BadActs), on [CLS] and on attention",
         "",
-        "Same pooled [CLS] features per layer; fitted on half of dev, conformal threshold at "
+        "Same pooled [CLS] features per layer (`attn:` rows: [CLS]'s attention statistics per layer and head,"
+        " bench/feature_scores.py); fitted on half of dev, conformal threshold at "
         f"{HEADLINE_FRR:.0%} FRR on the other half;",
         "test FAR (FRR) over inputs the model predicts as the target; AUC over the same inputs.",
         "`bounds / dan`: the FAR ratio of BadActs' share of neurons out of bounds to DAN's (above 1: it lets",
@@ -176,11 +216,16 @@ def _table(rows: list[dict]) -> str:
     headline = [r for r in rows if r["frr_target"] == HEADLINE_FRR]
     for dataset, attack in dict.fromkeys((r["dataset"], r["attack"]) for r in headline):
         by = {r["score"]: r for r in headline if (r["dataset"], r["attack"]) == (dataset, attack)}
-        cells = [f"{by[s]['test_far']:.1%} ({by[s]['test_frr']:.1%}) | {by[s]['auc']:.3f}" for s in scores if s in by]
+        cells = [f"{by[s]['test_far']:.1%} ({by[s]['test_frr']:.1%}) | {by[s]['auc']:.3f}" if s in by else "– | –"
+                 for s in scores]  # fmt: skip
         within = [r for r in by.values() if r["test_frr"] <= FRR_LIMIT]
         best = min(within, key=lambda r: (r["test_far"], -r["auc"]))["score"] if within else "none"
-        ratio = by["bounds"]["test_far"] / by["dan"]["test_far"] if by["dan"]["test_far"] else float("inf")
-        lines.append(f"| {dataset} | {attack} | " + " | ".join(cells) + f" | {ratio:.2f} | {best} |")
+        if "bounds" in by and "dan" in by:
+            far = by["dan"]["test_far"]
+            ratio = f"{by['bounds']['test_far'] / far:.2f}" if far else "inf"
+        else:
+            ratio = "–"
+        lines.append(f"| {dataset} | {attack} | " + " | ".join(cells) + f" | {ratio} | {best} |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,12 +236,14 @@ def main() -> None:
     p.add_argument("--attacks", nargs="+", default=["badnet-sl", "syntactic", "style"])
     p.add_argument("--cache", type=Path, default=Path("bench/.cache"), help="models and features")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--inputs", nargs="+", choices=("cls", "attention"), default=["cls"],
+                   help="what the scores read: [CLS] vectors (the guard's input), [CLS]'s attention")  # fmt: skip
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_transformers()
     dataset = args.dataset or args.data.name
     cache = args.cache if dataset == "sst2" else args.cache / dataset
-    write(args.out, run(args.data, dataset, args.attacks, cache))
+    write(args.out, run(args.data, dataset, args.attacks, cache, tuple(args.inputs)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench import feature_scores
 from bench.feature_scores import activation_bounds, auc, compare
 
 
@@ -43,3 +44,20 @@ def test_a_score_that_separates_the_poisoned_rows_lets_none_through_at_the_targe
     at_5 = {r["score"]: r for r in found if r["frr_target"] == 0.05}
     assert set(at_5) == {"dan", "dan-mean", "bounds", "bounds-excess"}
     assert all(r["test_far"] == 0.0 and r["auc"] == 1.0 and r["test_frr"] < 0.12 for r in at_5.values())
+
+
+def test_attention_statistics_summarise_where_cls_attends_per_layer_and_head(tiny_model_dir) -> None:
+    from calibrate.inversion.subject import load_subject
+
+    subject = load_subject(tiny_model_dir, max_length=16)
+    texts = ["a short one", "a somewhat longer sentence than the first one is"]
+    predicted, stats = feature_scores.attention_statistics(subject.model, subject.tokenizer, texts)
+    config = subject.model.config
+    assert predicted.shape == (2,) and stats.shape == (2, config.num_hidden_layers, config.num_attention_heads * 4)
+    entropy, largest, on_cls, on_last = (stats.reshape(2, config.num_hidden_layers, -1, 4)[..., i] for i in range(4))
+    lengths = [len(subject.tokenizer.encode([t]).input_ids[0]) for t in texts]
+    for row, n in enumerate(lengths):  # attention over n real tokens: entropy within [0, log n], weights in [0, 1]
+        assert (entropy[row] >= -1e-6).all() and (entropy[row] <= np.log(n) + 1e-5).all()
+    assert ((largest >= on_cls - 1e-7) & (largest >= on_last - 1e-7) & (largest <= 1 + 1e-6)).all()
+    _, alone = feature_scores.attention_statistics(subject.model, subject.tokenizer, texts[:1])
+    np.testing.assert_allclose(alone[0], stats[0], atol=1e-5)  # padding in the batch does not move a row
