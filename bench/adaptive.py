@@ -11,6 +11,8 @@ bench.detection_matrix, whose default guard bundle this reads) it scores, on the
 - rap-2s: two-sided `perturbed`: flag above the upper OR below the lower threshold, the FRR target
   split evenly over the two tails of the clean held-out scores;
 - drop-2s: the same on the log-odds drop (logit p(y|x+RAP) - logit p(y|x)): too small OR too large;
+  `drop` alone: too small only (the triggered input barely moves, RAP's own idea, on the drop instead of the
+  perturbed log-odds);
 - *@band: the same statistics from a RAP row trained for a band chosen from the model's own clean
   confidence (`band_for`: the band's top is the 10th percentile of the clean training rows' log-odds,
   its bottom half of that) instead of the fixed [2, 4] nats;
@@ -61,6 +63,8 @@ VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
     "rap": ("perturbed",),
     "rap-2s": ("perturbed", "-perturbed"),
     "drop-2s": ("drop", "-drop"),
+    "drop": ("drop",),
+    "drop+features": ("drop", "features"),
     "features": ("features",),
     "rap+features": ("perturbed", "features"),
     "rap-2s+features": ("perturbed", "-perturbed", "features"),
