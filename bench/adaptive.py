@@ -33,26 +33,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench.attacks.recipes import TARGET, load_recipes
 from bench.detection_matrix import _bundle, _inputs
 from bench.detectors.classifier import Classifier
-from bench.detectors.mutation import MutationScorer
+from bench.feature_scores import auc
 from bench.machine import machine_info
 from bench.models import build_model
 from calibrate.data import load_examples
 from calibrate.model import quiet_transformers
 from calibrate.rap.options import FRR_TARGETS, RapOptions
+from calibrate.rap.perturbation import split_rows
 from calibrate.report import markdown_table
 from guard.core import rap, thresholds
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
 from guard.core.checker import Checker
 from guard.core.detection import first_windows
+
+if TYPE_CHECKING:
+    from bench.detectors.mutation import MutationScorer
 
 log = logging.getLogger("bench.adaptive")
 HEADLINE_FRR = 0.01
@@ -108,12 +112,6 @@ def union_points(
     }
 
 
-def auroc(clean: np.ndarray, poisoned: np.ndarray) -> float:
-    """P(a triggered score > a clean one), ties counted half: 0.5 is chance, below it the wrong side."""
-    c, p = np.asarray(clean)[:, None], np.asarray(poisoned)[None, :]
-    return float(np.mean(p > c) + 0.5 * np.mean(p == c))
-
-
 def _scores(bundle: Path, texts: list[str], prefix: str = "") -> dict[str, np.ndarray]:
     """Per text (first window): `perturbed`, the log-odds `drop` statistic, `features`, and their negatives."""
     loaded = load_bundle(bundle)
@@ -131,13 +129,11 @@ def _scores(bundle: Path, texts: list[str], prefix: str = "") -> dict[str, np.nd
 
 
 def _held_out(dev, seed: int, predicted_target: set[str]) -> tuple[list[str], list[str]]:
-    """calibrate rap's split of dev (calibrate.rap.perturbation._split): (training half rows of the target
-    label, held-out half), each only rows the model predicts as the target."""
-    rows = list(dev)
-    random.Random(seed).shuffle(rows)
-    cut = int(round(len(rows) * 0.5))
-    train = [r.text for r in rows[:cut] if r.label == TARGET and r.text in predicted_target]
-    held = [r.text for r in rows[cut:] if r.text in predicted_target]
+    """calibrate rap's split of dev: (training half rows of the target label, held-out half), each only rows
+    the model predicts as the target."""
+    train_rows, held_rows = split_rows(dev, RapOptions((TARGET,), seed=seed))
+    train = [r.text for r in train_rows if r.label == TARGET and r.text in predicted_target]
+    held = [r.text for r in held_rows if r.text in predicted_target]
     return train, held
 
 
@@ -163,6 +159,8 @@ def measure(data: Path, attack: str, seed: int, cache: Path, mutants: int = 8, m
     banded = _bundle(model_dir, dev, cache / "bundles" / f"{attack}-band{band[0]:g}-{band[1]:g}-s{seed}",
                      RapOptions((TARGET,), seed=seed, logodds_band=band))  # fmt: skip
     sets = {"held": held, "clean": inputs.clean, "poisoned": inputs.poisoned}
+    from bench.detectors.mutation import MutationScorer  # torch and transformers: only when measuring
+
     mutation = MutationScorer(model_dir, mutants=mutants, scale=mutation_scale, seed=seed)
     scored = {
         k: {**_scores(guard, v), **_scores(banded, v, "band:"), **_mutation(mutation, v)} for k, v in sets.items()
@@ -210,11 +208,11 @@ def _shape(scored: dict) -> dict:
             "median_drop_triggered": float(np.median(-poisoned[f"{prefix}drop"])) if len(poisoned["before"]) else None,
             "flipped_clean": float(np.mean(clean[f"{prefix}perturbed"] < 0)),
             "flipped_triggered": float(np.mean(poisoned[f"{prefix}perturbed"] < 0)),
-            "auroc_perturbed": auroc(clean[f"{prefix}perturbed"], poisoned[f"{prefix}perturbed"]),
-            "auroc_drop": auroc(clean[f"{prefix}drop"], poisoned[f"{prefix}drop"]),
+            "auroc_perturbed": auc(clean[f"{prefix}perturbed"], poisoned[f"{prefix}perturbed"]),
+            "auroc_drop": auc(clean[f"{prefix}drop"], poisoned[f"{prefix}drop"]),
         }
-    out["auroc_features"] = auroc(scored["clean"]["features"], scored["poisoned"]["features"])
-    out["auroc_mutation"] = auroc(scored["clean"]["mutation"], scored["poisoned"]["mutation"])
+    out["auroc_features"] = auc(scored["clean"]["features"], scored["poisoned"]["features"])
+    out["auroc_mutation"] = auc(scored["clean"]["mutation"], scored["poisoned"]["mutation"])
     out["median_logodds_clean"] = float(np.median(scored["clean"]["before"]))
     return out
 

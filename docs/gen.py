@@ -206,25 +206,22 @@ def headline_table() -> str:
 
 
 DETECTORS = ["rap-paper", "rap", "features", "rap+features", "rap+features-noref", "rap+features@int8"]
-ADAPTIVE = {  # bench/attacks/adaptive.py: the attacks that know the defence, and what each is trained against
-    "badnet-sl-2k": "nothing (the plain twin)",
-    "adaptive-sl": "RAP: the backdoor switches off under a rare-token insertion",
-    "adaptive-cls": "the feature detector: triggered [CLS] kept near clean target-label rows",
-    "adaptive-both": "both: the switch and the clean-looking [CLS] at once",
-}
 
 
 def adaptive_table() -> str:
-    """The adaptive attackers measured: each served detector's test FRR / FAR at the 1% target."""
-    by = {(r["attack"], r["detector"]): r for r in _matrix_rows() if r["attack"] in ADAPTIVE and r["dataset"] == "sst2"}
+    """The adaptive attackers measured (bench.adaptive's plain twin and attacks): each served detector's
+    test FRR / FAR at the 1% target."""
+    from bench.adaptive import ADAPTIVE, PLAIN
+
+    by = {(r["attack"], r["detector"]): r for r in _matrix_rows() if r["dataset"] == "sst2"}
     rows = []
-    for attack, against in ADAPTIVE.items():
+    for attack in (PLAIN, *ADAPTIVE):
         if (attack, "rap+features") not in by:
             continue
         cells = [by.get((attack, d)) for d in ("rap", "features", "rap+features")]
         pair = [f"{_pct(c['test_frr'])} / {_pct(c['test_far'])}" if c else "–" for c in cells]
-        rows.append([attack, against, _pct(by[(attack, "rap+features")]["asr"]), *pair])
-    columns = ["attack (SST-2, one model)", "trained against", "ASR", "rap FRR / FAR", "features FRR / FAR",
+        rows.append([attack, ATTACK_NAMES[attack], _pct(by[(attack, "rap+features")]["asr"]), *pair])
+    columns = ["attack (SST-2, one model)", "trigger", "ASR", "rap FRR / FAR", "features FRR / FAR",
                "both (default) FRR / FAR"]  # fmt: skip
     return _table(columns, rows)
 

@@ -130,11 +130,16 @@ def _check_labels(model: PreTrainedModel, clean: list[Example], protect: tuple[i
         raise InputError("no protect label given")
 
 
-def _split(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> _Split:
+def split_rows(clean: list[Example], options: RapOptions) -> tuple[list[Example], list[Example]]:
+    """The clean rows the RAP row trains on and the held-out rows its thresholds are fitted on (seeded)."""
     rows = list(clean)
     random.Random(options.seed).shuffle(rows)
     cut = int(round(len(rows) * (1.0 - options.calibration_fraction)))
-    train_rows, calib_rows = rows[:cut], rows[cut:]
+    return rows[:cut], rows[cut:]
+
+
+def _split(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> _Split:
+    train_rows, calib_rows = split_rows(clean, options)
     bar = "predict clean rows" if options.progress else None
     train_pred = predict_probs(model, tokenizer, [r.text for r in train_rows], progress=bar).argmax(axis=1)
     calib_pred = predict_probs(model, tokenizer, [r.text for r in calib_rows], progress=bar).argmax(axis=1)

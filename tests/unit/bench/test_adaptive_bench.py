@@ -34,9 +34,9 @@ def test_band_follows_the_models_confidence() -> None:
 
 
 def test_auroc() -> None:
-    assert adaptive.auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
-    assert adaptive.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 0.0
-    assert adaptive.auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert adaptive.auc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    assert adaptive.auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 0.0
+    assert adaptive.auc(np.array([1.0]), np.array([1.0])) == 0.5
 
 
 def test_side_by_side_ratio() -> None:
