@@ -2,13 +2,15 @@
 
     python -m bench.adaptive --data ../shared/data/sst2 --attacks badnet-sl-2k adaptive-sl --seed 13
 
-The adaptive attacker (bench/attacks/adaptive.py) trains its backdoor to switch OFF when a rare token
-is inserted: under RAP's pass 2 its triggered inputs move MORE than clean ones, so the default
-statistic (`perturbed` = logit p(y | x + RAP), flagged above) passes them. Per attack model (cached by
-bench.detection_matrix, whose default guard bundle this reads) it scores, on the same rows:
+The adaptive attackers (bench/attacks/adaptive.py) train their backdoor to switch OFF when a rare token
+is inserted (under RAP's pass 2 the triggered inputs move MORE than clean ones), to keep clean-looking
+[CLS] features, or both. Per attack model (cached by bench.detection_matrix, whose default guard bundle
+this reads) it scores, on the same rows, every statistic from the bundle's two passes:
 
-- rap: the default statistic, one-sided (flag above), as the guard serves it;
-- rap-2s: two-sided `perturbed`: flag above the upper OR below the lower threshold, the FRR target
+- floored: the default statistic (guard.core.rap: minus the log-odds drop, counted from at least the
+  label's floor), one-sided (flag above), as the guard serves it;
+- perturbed: the default before it, logit p(y | x + RAP), flagged above;
+- perturbed-2s: two-sided `perturbed`: flag above the upper OR below the lower threshold, the FRR target
   split evenly over the two tails of the clean held-out scores;
 - drop-2s: the same on the log-odds drop (logit p(y|x+RAP) - logit p(y|x)): too small OR too large;
   `drop` alone: too small only (the triggered input barely moves, RAP's own idea, on the drop instead of the
@@ -20,7 +22,7 @@ bench.detection_matrix, whose default guard bundle this reads) it scores, on the
 - mutation (BDMMT, bench/detectors/mutation.py): how far the target's log-odds falls from the attack model to
   the mean of K Gaussian mutants of its weights (`--mutants`, `--mutation-scale`); `mutation` flags a large
   fall, `mutation-low` a small one (BDMMT's side: triggered inputs keep their label), `mutation-2s` both, and
-  `rap+features+mutation-2s` the default detectors with both. Cost: K + 1 torch forward passes per scored
+  `floored+features+mutation-2s` the default detectors with both. Cost: K + 1 torch forward passes per scored
   text (the model and its K mutants; a signal the bench measures, the guard does not serve it).
 
 Thresholds are fitted on the calibration's own held-out half of dev (the rows `calibrate rap` fits on,
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bench.attacks.recipes import TARGET, load_recipes
-from bench.detection_matrix import _bundle, _inputs
+from bench.detection_matrix import STATISTICS, _bundle, _inputs, guard_bundle_name, matrix_runs
 from bench.detectors.classifier import Classifier
 from bench.feature_scores import auc
 from bench.machine import machine_info
@@ -60,28 +62,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bench.adaptive")
 HEADLINE_FRR = 0.01
-BASELINE = "rap+features"  # the default detectors: FAR ratios are to this row
+BASELINE = "floored+features"  # the default detectors: FAR ratios are to this row
 SERVED = ("rap", "features", "rap+features")  # the matrix's rows of the guard's default bundle
 PLAIN, ADAPTIVE = "badnet-sl-2k", ("adaptive-sl", "adaptive-cls", "adaptive-both")  # each beside the plain twin
 VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
-    "rap": ("perturbed",),
-    "rap-2s": ("perturbed", "-perturbed"),
+    "floored": ("floored",),
+    "perturbed": ("perturbed",),
+    "perturbed-2s": ("perturbed", "-perturbed"),
     "drop-2s": ("drop", "-drop"),
     "drop": ("drop",),
     "drop+features": ("drop", "features"),
     "features": ("features",),
-    "rap+features": ("perturbed", "features"),
-    "rap-2s+features": ("perturbed", "-perturbed", "features"),
+    "floored+features": ("floored", "features"),
+    "perturbed+features": ("perturbed", "features"),
+    "perturbed-2s+features": ("perturbed", "-perturbed", "features"),
     "drop-2s+features": ("drop", "-drop", "features"),
-    "rap@band": ("band:perturbed",),
-    "rap-2s@band": ("band:perturbed", "band:-perturbed"),
+    "perturbed@band": ("band:perturbed",),
+    "perturbed-2s@band": ("band:perturbed", "band:-perturbed"),
     "drop-2s@band": ("band:drop", "band:-drop"),
-    "rap-2s@band+features": ("band:perturbed", "band:-perturbed", "features"),
+    "perturbed-2s@band+features": ("band:perturbed", "band:-perturbed", "features"),
     "drop-2s@band+features": ("band:drop", "band:-drop", "features"),
     "mutation": ("mutation",),
     "mutation-low": ("-mutation",),
     "mutation-2s": ("mutation", "-mutation"),
-    "rap+features+mutation-2s": ("perturbed", "features", "mutation", "-mutation"),
+    "floored+features+mutation-2s": ("floored", "features", "mutation", "-mutation"),
 }
 
 
@@ -112,16 +116,25 @@ def union_points(
     }
 
 
-def _scores(bundle: Path, texts: list[str], prefix: str = "") -> dict[str, np.ndarray]:
-    """Per text (first window): `perturbed`, the log-odds `drop` statistic, `features`, and their negatives."""
+def _scores(bundle: Path, texts: list[str], floor: float, prefix: str = "") -> dict[str, np.ndarray]:
+    """Per text (first window), from the bundle's two passes whatever its own statistic: `perturbed`, the
+    log-odds `drop`, `floored` (from `floor`), `features`, and their negatives."""
     loaded = load_bundle(bundle)
     checker = Checker.for_bundle(loaded, load_backend("onnx", loaded.path))
     rows = checker.scores(texts)
     first = first_windows(rows.owner)
-    assert loaded.manifest.statistic == "perturbed", loaded.manifest.statistic
-    perturbed = rows.rap[first]
     before = rap.log_odds(rows.probs[first, TARGET])
+    served = rows.rap[first]
+    statistic = loaded.manifest.statistic
+    if statistic == "floored":
+        (label,) = [p for p in loaded.manifest.protect if p.label == TARGET]
+        perturbed = served + np.maximum(before, label.floor)
+    elif statistic == "perturbed":
+        perturbed = served
+    else:
+        raise ValueError(f"{bundle}: statistic {statistic!r}; bench.adaptive reads floored or perturbed bundles")
     out = {"perturbed": perturbed, "drop": perturbed - before, "before": before}
+    out["floored"] = perturbed - np.maximum(before, floor)
     if "features" in loaded.detectors:
         out["features"] = np.where(rows.token, np.inf, rows.features)[first]
     out["-perturbed"], out["-drop"] = -out["perturbed"], -out["drop"]
@@ -149,11 +162,13 @@ def measure(data: Path, attack: str, seed: int, cache: Path, mutants: int = 8, m
     info = build_model(recipe, data, cache / "models")
     model_dir = Path(info["dir"])
     guard = _bundle(
-        model_dir, dev, cache / "bundles" / f"{attack}-s{seed}", RapOptions((TARGET,), seed=seed), reference=True
-    )  # the matrix's default bundle (cached by it)
+        model_dir, dev, cache / "bundles" / guard_bundle_name(attack, seed), RapOptions((TARGET,), seed=seed),
+        reference=True,
+    )  # the matrix's default bundle (cached by it)  # fmt: skip
     inputs, cacc = _inputs(guard, dev, test, recipe.poison_test(test))
     train, held = _held_out(dev, seed, set(inputs.dev))
-    confidence = rap.log_odds(Classifier(guard).probs(train)[:, TARGET])
+    clean_probs = Classifier(guard).probs(train)[:, TARGET]
+    confidence, floor = rap.log_odds(clean_probs), rap.floor(clean_probs)  # the floor as `calibrate rap` fits it
     band = band_for(confidence)
     log.info("== %s: clean log-odds median %.2f, band %s", attack, float(np.median(confidence)), band)
     banded = _bundle(model_dir, dev, cache / "bundles" / f"{attack}-band{band[0]:g}-{band[1]:g}-s{seed}",
@@ -163,7 +178,8 @@ def measure(data: Path, attack: str, seed: int, cache: Path, mutants: int = 8, m
 
     mutation = MutationScorer(model_dir, mutants=mutants, scale=mutation_scale, seed=seed)
     scored = {
-        k: {**_scores(guard, v), **_scores(banded, v, "band:"), **_mutation(mutation, v)} for k, v in sets.items()
+        k: {**_scores(guard, v, floor), **_scores(banded, v, floor, "band:"), **_mutation(mutation, v)}
+        for k, v in sets.items()
     }
     points = [
         {"variant": name, **union_points(scored["held"], scored["clean"], scored["poisoned"], parts, frr)}
@@ -179,10 +195,11 @@ def measure(data: Path, attack: str, seed: int, cache: Path, mutants: int = 8, m
         "train": {k: info.get(k) for k in ("train_rows", "poisoned_rows", "train_seconds", "dev_accuracy")},
         "settings": recipe.settings,
         "band": band,
+        "floor": floor,
         "mutation": {"mutants": mutants, "scale": mutation_scale, "seed": seed},
         "shape": _shape(scored),
         "points": points,
-        "served": _served(cache / "matrix" / attack / f"s{seed}"),
+        "served": {statistic: _served(matrix_runs(cache, attack, seed, statistic)) for statistic in STATISTICS},
     }
 
 
@@ -210,6 +227,7 @@ def _shape(scored: dict) -> dict:
             "flipped_triggered": float(np.mean(poisoned[f"{prefix}perturbed"] < 0)),
             "auroc_perturbed": auc(clean[f"{prefix}perturbed"], poisoned[f"{prefix}perturbed"]),
             "auroc_drop": auc(clean[f"{prefix}drop"], poisoned[f"{prefix}drop"]),
+            "auroc_floored": auc(clean[f"{prefix}floored"], poisoned[f"{prefix}floored"]),
         }
     out["auroc_features"] = auc(scored["clean"]["features"], scored["poisoned"]["features"])
     out["auroc_mutation"] = auc(scored["clean"]["mutation"], scored["poisoned"]["mutation"])
@@ -255,7 +273,9 @@ def _markdown(results: list[dict], machine: dict) -> str:
         "RAP) or to keep clean target-label [CLS] features (`adaptive-cls`, against the feature detector);\n"
         "`badnet-sl-2k` is the plain attack on the same 2,000-row SST-2 training sample (25% of its non-target\n"
         "rows triggered, 3 epochs; bench/attacks/recipes.py). Thresholds on the calibration's held-out clean dev\n"
-        "rows (seed 13), rates on test; `far_vs_default`: FAR / FAR of `rap+features` (empty where that is 0).\n\n"
+        "rows (seed 13), rates on test; `far_vs_default`: FAR / FAR of `floored+features` (empty where that is 0).\n"
+        "Served rows: `statistic` is the bundle's RAP statistic, `floored` (the default) or `perturbed` (before it).\n"
+        "Variants below: unions split the FRR target evenly over their parts (the served pair is fitted jointly).\n\n"
         f"## At {HEADLINE_FRR:.0%} target FRR\n\n"
         + markdown_table(table, ["dataset", "attack", "variant", "test_frr", "test_far", "far_vs_default"])
         + "\n## How pass 2 moves clean and triggered inputs (test rows predicted as the target)\n\n"
@@ -275,6 +295,7 @@ def _markdown(results: list[dict], machine: dict) -> str:
                 "flipped_triggered",
                 "auroc_perturbed",
                 "auroc_drop",
+                "auroc_floored",
                 "auroc_features",
                 "auroc_mutation",
             ],
@@ -286,7 +307,7 @@ def _markdown(results: list[dict], machine: dict) -> str:
 
 
 def side_by_side_columns() -> list[str]:
-    return ["dataset", "detector", "frr_target", "plain FRR / FAR"] + [
+    return ["dataset", "statistic", "detector", "frr_target", "plain FRR / FAR"] + [
         c for a in ADAPTIVE for c in (f"{a} FRR / FAR", f"{a} FAR ratio")
     ]
 
@@ -294,17 +315,20 @@ def side_by_side_columns() -> list[str]:
 def _side_by_side(results: list[dict]) -> list[dict]:
     """Per dataset, detector and FRR target: the plain and each adaptive attack's served rows, FAR ratios."""
     by = {(r["dataset"], r["attack"]): r.get("served", {}) for r in results}
+    none = [None] * len(FRR_TARGETS)
     rows = []
-    for dataset in sorted({d for d, _ in by}):
-        plain = by.get((dataset, PLAIN), {})
-        for detector in SERVED:
-            for i, frr in enumerate(FRR_TARGETS):
-                a = (plain.get(detector) or [None] * len(FRR_TARGETS))[i]
-                row = {"dataset": dataset, "detector": detector, "frr_target": frr, "plain FRR / FAR": _pair(a)}
-                for attack in ADAPTIVE:
-                    b = (by.get((dataset, attack), {}).get(detector) or [None] * len(FRR_TARGETS))[i]
-                    row |= {f"{attack} FRR / FAR": _pair(b), f"{attack} FAR ratio": _ratio(a, b)}
-                rows.append(row)
+    for dataset, statistic, detector in [
+        (d, s, x) for d in sorted({d for d, _ in by}) for s in STATISTICS for x in SERVED
+    ]:
+        plain = by.get((dataset, PLAIN), {}).get(statistic, {})
+        for i, frr in enumerate(FRR_TARGETS):
+            a = (plain.get(detector) or none)[i]
+            row = {"dataset": dataset, "statistic": statistic, "detector": detector, "frr_target": frr,
+                   "plain FRR / FAR": _pair(a)}  # fmt: skip
+            for attack in ADAPTIVE:
+                b = (by.get((dataset, attack), {}).get(statistic, {}).get(detector) or none)[i]
+                row |= {f"{attack} FRR / FAR": _pair(b), f"{attack} FAR ratio": _ratio(a, b)}
+            rows.append(row)
     return rows
 
 
@@ -322,7 +346,7 @@ def _pair(point: dict | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--attacks", nargs="+", default=["badnet-sl-2k", "adaptive-sl"])
+    p.add_argument("--attacks", nargs="+", default=[PLAIN, *ADAPTIVE])
     p.add_argument("--seed", type=int, default=13, help="calibration seed (dev split, RAP order)")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))

@@ -55,7 +55,7 @@ from calibrate.data import load_examples
 from calibrate.model import default_base_model, input_embeddings, quiet_transformers
 from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.options import PAPER, CalibrateOptions, RapOptions
-from guard.core import features
+from guard.core import features, rap
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
@@ -66,10 +66,12 @@ INT8_DETECTOR = "rap+features@int8"
 NOREF_DETECTOR = "rap+features-noref"
 DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, "strip", "onion")
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
+STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR)  # rows of a guard bundle: record its statistic
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
 STRIP_TEST_INPUTS = 300  # per side (clean, poisoned)
+STATISTICS = ("floored", "perturbed")  # the guard bundle's RAP statistic: the default, and the one before it
 LM_CORPORA = ("imdb/test.tsv", "yelp/test.tsv", "yelp-sentences/dev.tsv", "amazon-sentences/dev.tsv")
 
 
@@ -96,11 +98,13 @@ def main() -> None:
             runs, inputs, cacc = _seed_runs(
                 model, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model
             )
-            details[f"{dataset}/{model}"].setdefault("flipped_tokens", _flipped(cache / "bundles" / f"{model}-s{seed}"))
+            guard_bundle = cache / "bundles" / guard_bundle_name(model, seed, args.statistic)
+            details[f"{dataset}/{model}"].setdefault("flipped_tokens", _flipped(guard_bundle))
             for key, run in runs.items():
+                statistic = {"statistic": args.statistic} if key in STATISTIC_DETECTORS else {}
                 for point in run["operating"]:
                     row = _row(dataset, name, key, seed, cacc, inputs.asr, run, point)
-                    rows.append({**row, "train_seed": train_seed})
+                    rows.append({**row, "train_seed": train_seed, **statistic})
     write_rows(args.out, rows, details, machine_info())
 
 
@@ -111,31 +115,52 @@ class Refused:
     reason: str
 
 
+def _tag(statistic: str) -> str:
+    """Cached bundles and runs of the `perturbed` statistic, the default before `floored`, kept their names."""
+    return "" if statistic == "perturbed" else f"{statistic}-"
+
+
+def guard_bundle_name(model: str, seed: int, statistic: str = rap.DEFAULT_STATISTIC, variant: str = "") -> str:
+    """The cached guard bundle's folder, e.g. badnet-sl-floored-s13 (badnet-sl-s13: `perturbed`)."""
+    return f"{model}{variant}-{_tag(statistic)}s{seed}"
+
+
+def matrix_runs(cache: Path, model: str, seed: int, statistic: str = rap.DEFAULT_STATISTIC) -> Path:
+    """Where the per-detector runs of one model and seed are cached, e.g. matrix/badnet-sl/floored-s13."""
+    return cache / "matrix" / model / f"{_tag(statistic)}s{seed}"
+
+
 def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model):
-    bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors)
+    bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors, args.statistic)
     inputs, cacc = _inputs(next(b for b in bundles.values() if not isinstance(b, Refused)), dev, test, poisoned)
     jobs = _detector_jobs(bundles, inputs, args, language_model)
-    where = cache / "matrix" / name / f"s{seed}"
+    where = matrix_runs(cache, name, seed, args.statistic)
     runs = {key: _cached(where / f"{key}.json", key, job) for key, job in jobs.items()}
     return runs, inputs, cacc
 
 
-def _seed_bundles(name: str, model_dir: Path, dev: list[Example], seed: int, cache: Path, detectors) -> dict:
-    """The bundles the chosen detectors read: the guard's default, RAP as published, one with int8 graphs."""
-    bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed)
+def _seed_bundles(
+    name: str, model_dir: Path, dev: list[Example], seed: int, cache: Path, detectors, statistic=rap.DEFAULT_STATISTIC
+) -> dict:
+    """The bundles the chosen detectors read: the guard's default (RAP on `statistic`), RAP as published,
+    one with int8 graphs."""
+    bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed, statistic=statistic)
     paper = None
     if "rap-paper" in detectors:
         options = RapOptions((TARGET,), seed=seed, **PAPER)
         paper = _paper_bundle(model_dir, dev, folder / f"{name}-paper-s{seed}", options)
     # a refused paper bundle leaves the test rows to be predicted through the guard's graph
     if set(GUARD_DETECTORS + ("strip", "onion")) & set(detectors) or isinstance(paper, Refused):
-        bundles["guard"] = _bundle(model_dir, dev, folder / f"{name}-s{seed}", guard, reference=True)
+        bundles["guard"] = _bundle(
+            model_dir, dev, folder / guard_bundle_name(name, seed, statistic), guard, reference=True
+        )
     if paper is not None:
         bundles["paper"] = paper
     if NOREF_DETECTOR in detectors:
-        bundles["noref"] = _bundle(model_dir, dev, folder / f"{name}-noref-s{seed}", guard)
+        bundles["noref"] = _bundle(model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-noref"), guard)
     if INT8_DETECTOR in detectors:
-        bundles["int8"] = _bundle(model_dir, dev, folder / f"{name}-int8-s{seed}", guard, int8=True, reference=True)
+        int8 = folder / guard_bundle_name(name, seed, statistic, "-int8")
+        bundles["int8"] = _bundle(model_dir, dev, int8, guard, int8=True, reference=True)
     return bundles
 
 
@@ -312,6 +337,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--attacks", nargs="+", default=["clean", "badnet-rw", "badnet-sl", "ep", "syntactic", "style"])
     p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS), choices=DETECTORS)
     p.add_argument("--seeds", nargs="+", type=int, default=[13], help="calibration seeds (dev split, RAP order)")
+    p.add_argument(
+        "--statistic",
+        choices=STATISTICS,
+        default=rap.DEFAULT_STATISTIC,
+        help="the guard bundles' RAP statistic (default: the guard's; `perturbed` reproduces the rows before it)",
+    )
     p.add_argument(
         "--train-seeds", nargs="+", type=_train_seed, default=[None], help="training seeds ('default': cached model)"
     )

@@ -15,15 +15,40 @@ import numpy as np  # noqa: E402
 from calibrate.report import markdown_table  # noqa: E402
 
 HEADLINE_FRR = 0.01
-COLUMNS = ["dataset", "attack", "detector", "train_seed", "seed", "frr_target", "cacc", "asr", "test_frr", "test_far"]
-SUMMARY = ["dataset", "attack", "detector", "seeds", "cacc", "asr", "test_frr", "test_far", "far_range", "passes"]
+COLUMNS = [
+    "dataset",
+    "attack",
+    "detector",
+    "statistic",
+    "train_seed",
+    "seed",
+    "frr_target",
+    "cacc",
+    "asr",
+    "test_frr",
+    "test_far",
+]
+SUMMARY = [
+    "dataset",
+    "attack",
+    "detector",
+    "statistic",
+    "seeds",
+    "cacc",
+    "asr",
+    "test_frr",
+    "test_far",
+    "far_range",
+    "passes",
+]
 COLORS = {"rap-paper": "tab:gray", "rap": "tab:red", "features": "tab:blue", "rap+features": "tab:purple",
           "rap+features@int8": "tab:orange", "rap+features-noref": "tab:brown", "onion": "tab:green"}  # fmt: skip
 
 
 def write_rows(out: Path, rows: list[dict], details: dict, machine: dict) -> None:
     """Merge `rows` into bench/results/detection_matrix.json: they replace the rows of the same
-    (dataset, attack, detector, seed); the others stay (rows of the old format, without a dataset, go)."""
+    (dataset, attack, detector, RAP statistic, seed); the others stay (rows of the old format, without a
+    dataset, go)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "detection_matrix.json"
     kept, kept_details = [], {}
@@ -46,7 +71,7 @@ def _json(machine: dict, rows: list[dict], details: dict) -> str:
 
 
 def _key(row: dict) -> tuple:
-    return (row["dataset"], row["attack"], row["detector"], row.get("train_seed"), row["seed"])
+    return (row["dataset"], row["attack"], row["detector"], row.get("statistic"), row.get("train_seed"), row["seed"])
 
 
 def _seeds(row: dict) -> tuple[int, int]:
@@ -56,20 +81,21 @@ def _seeds(row: dict) -> tuple[int, int]:
 
 
 def summary_rows(rows: list[dict], frr: float = HEADLINE_FRR) -> list[dict]:
-    """One row per (dataset, attack, detector) at `frr`: means over (training, calibration) seeds, the FAR
-    range across them."""
+    """One row per (dataset, attack, detector, RAP statistic of the guard bundle) at `frr`: means over
+    (training, calibration) seeds, the FAR range across them."""
     groups = defaultdict(list)
     for r in rows:
         if abs(r["frr_target"] - frr) < 1e-9:
-            groups[(r["dataset"], r["attack"], r["detector"])].append(r)
+            groups[(r["dataset"], r["attack"], r["detector"], r.get("statistic"))].append(r)
     out = []
-    for (dataset, attack, detector), group in groups.items():
+    for (dataset, attack, detector, statistic), group in groups.items():
         fars = [r["test_far"] for r in group]
         out.append(
             {
                 "dataset": dataset,
                 "attack": attack,
                 "detector": detector,
+                "statistic": statistic,
                 "seeds": len(group),
                 "cacc": float(np.mean([r["cacc"] for r in group])),
                 "asr": float(np.mean([r["asr"] for r in group])),
@@ -93,12 +119,15 @@ def plot_matrix(path: Path, rows: list[dict]) -> None:
             if _seeds(r) != first_seed or abs(r["frr_target"] - HEADLINE_FRR) > 1e-9:
                 continue
             color = COLORS.get(r["detector"], "black")
+            old = r.get("statistic") == "perturbed"  # dashed: the RAP statistic before `floored`
+            label = f"{r['detector']} (perturbed)" if old else r["detector"]
             frr, far = r["curve"] or ([], [])
             if frr:
                 order = sorted(range(len(frr)), key=lambda i: (frr[i], -far[i]))
-                ax.plot([100 * frr[i] for i in order], [100 * far[i] for i in order], color=color, label=r["detector"])
+                ax.plot([100 * frr[i] for i in order], [100 * far[i] for i in order], color=color, label=label,
+                        linestyle="--" if old else "-")  # fmt: skip
             ax.scatter([100 * r["test_frr"]], [100 * r["test_far"]], color=color, zorder=3,
-                       label=None if frr else r["detector"])  # fmt: skip
+                       marker="x" if old else "o", label=None if frr else label)  # fmt: skip
         ax.set_title(f"{dataset} {attack}", fontsize=10)
         ax.set_xlim(0, 10)
         ax.set_ylim(-2, 102)
@@ -123,7 +152,9 @@ def _markdown(rows: list[dict], machine: dict) -> str:
         "as the target label. `clean` is a model without a backdoor, measured on BadNet-RW inputs: its FRR is what\n"
         "a detector costs honest traffic. `seed` is the calibration seed (dev split and RAP training order);\n"
         "`train_seed` a model trained again with that seed (empty: the attack's model, trained once with the\n"
-        "recipe's seed). ![curves](detection_matrix.png)\n\n"
+        "recipe's seed). `statistic`: the guard bundle's RAP score (guard.core.rap): `floored`, the default, or\n"
+        "`perturbed`, the default before it (rows measured then; dashed in the plot).\n"
+        "![curves](detection_matrix.png)\n\n"
         "## At 1% dev FRR: mean over seeds, FAR range across them\n\n"
         + markdown_table(summary_rows(rows), SUMMARY)
         + "\n## Every seed and FRR target\n\n"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from calibrate.rap.evaluate import evaluate_bundle
 from calibrate.rap.export import INT8_RECIPE, export_onnx, quantize_int8
 from calibrate.rap.optimize import INT8_MARGIN, add_optimized_graphs, eager_attention, int8_recommendation
 from calibrate.rap.options import FRR_TARGETS, RapOptions
+from calibrate.rap.perturbation import split_rows
 from calibrate.rap.refit import HeldOut
 from guard.core import rap
 from guard.core.backends.base import INT8_GRAPH, PARITY_TOLERANCE
@@ -56,7 +56,8 @@ def build(src: Path, model_dir: Path, data: Path, attack: str, out: Path) -> dic
     protect = [p.label for p in manifest.protect]
     labels = label_names(model)
     parity = _logits_parity(model, bundle_tokenizer, out / "model.onnx", texts[:64])
-    fit = HeldOut(bundle_tokenizer, texts, protect, labels, manifest.statistic, FRR_TARGETS)
+    floors = {p.label: p.floor for p in manifest.protect if p.floor is not None}
+    fit = HeldOut(bundle_tokenizer, texts, protect, labels, manifest.statistic, FRR_TARGETS, floors=floors)
     quantize_int8(out / "model.onnx", out / INT8_GRAPH)
     int8_protect, agreement = fit.fit(out / INT8_GRAPH, out / "model.onnx")
     int8 = Int8Variant(graph=INT8_GRAPH, quantization=INT8_RECIPE, protect=int8_protect, agreement=agreement)
@@ -116,11 +117,8 @@ def _logits_parity(model, tokenizer, graph: Path, texts: list[str]) -> float:
 
 def _held_out(dev: list, statistic: str) -> list[str]:
     """The calibration split `calibrate rap` held out of RAP training (calibrate.rap.perturbation._split)."""
-    options = RapOptions(protect_labels=(TARGET,), statistic=statistic)
-    rows = list(dev)
-    random.Random(options.seed).shuffle(rows)
-    cut = int(round(len(rows) * (1.0 - options.calibration_fraction)))
-    return [r.text for r in rows[cut:]]
+    _train, held = split_rows(dev, RapOptions(protect_labels=(TARGET,), statistic=statistic))
+    return [r.text for r in held]
 
 
 def _evaluate(bundle: Path, data: Path, attack: str, frr: float) -> dict:

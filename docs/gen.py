@@ -171,6 +171,20 @@ def _matrix_rows() -> list[dict]:
     return sorted(summary, key=lambda r: (r["dataset"] != "sst2", r["dataset"], order.index(r["attack"])))
 
 
+def _current(rows: list[dict]) -> list[dict]:
+    """Per (dataset, attack, detector) the row of the default RAP statistic where it was measured, else the row
+    of the statistic before it (`perturbed`), which the tables mark."""
+    from guard.core.rap import DEFAULT_STATISTIC
+
+    measured = {(r["dataset"], r["attack"], r["detector"]) for r in rows if r.get("statistic") == DEFAULT_STATISTIC}
+    return [r for r in rows if r.get("statistic") in (None, DEFAULT_STATISTIC)
+            or (r["dataset"], r["attack"], r["detector"]) not in measured]  # fmt: skip
+
+
+def _statistic(row: dict) -> str:
+    return row.get("statistic") or "–"
+
+
 def _pct(x: float) -> str:
     return f"{x:.1%}"
 
@@ -194,14 +208,14 @@ ATTACK_NAMES = {
 def headline_table() -> str:
     """The README's table: the default bundle (both detectors) at the 1% FRR target."""
     rows = []
-    for r in _matrix_rows():
+    for r in _current(_matrix_rows()):
         if r["detector"] != "rap+features":
             continue
         far = "–" if r["attack"] == "clean" else _pct(r["test_far"])
         name = ATTACK_NAMES.get(r["attack"], r["attack"])
-        rows.append([r["dataset"], name, _pct(r["asr"]), _pct(r["test_frr"]), far, r["seeds"]])
+        rows.append([r["dataset"], name, _pct(r["asr"]), _pct(r["test_frr"]), far, r["seeds"], _statistic(r)])
     columns = ["dataset", "backdoor trigger", "attack success unguarded", "clean blocked (FRR)",
-               "triggered let through (FAR)", "seeds"]  # fmt: skip
+               "triggered let through (FAR)", "seeds", "RAP statistic"]  # fmt: skip
     return _table(columns, rows)
 
 
@@ -213,16 +227,20 @@ def adaptive_table() -> str:
     test FRR / FAR at the 1% target."""
     from bench.adaptive import ADAPTIVE, PLAIN
 
-    by = {(r["attack"], r["detector"]): r for r in _matrix_rows() if r["dataset"] == "sst2"}
+    by = {(r["attack"], r["detector"], r.get("statistic")): r for r in _matrix_rows() if r["dataset"] == "sst2"}
+    served = [("rap", "perturbed"), ("rap", "floored"), ("features", "floored"), ("rap+features", "perturbed"),
+              ("rap+features", "floored")]  # fmt: skip
     rows = []
     for attack in (PLAIN, *ADAPTIVE):
-        if (attack, "rap+features") not in by:
+        cells = [by.get((attack, d, s)) for d, s in served]
+        cells[2] = cells[2] or by.get((attack, "features", "perturbed"))  # the same detector on either bundle
+        if not any(cells):
             continue
-        cells = [by.get((attack, d)) for d in ("rap", "features", "rap+features")]
         pair = [f"{_pct(c['test_frr'])} / {_pct(c['test_far'])}" if c else "–" for c in cells]
-        rows.append([attack, ATTACK_NAMES[attack], _pct(by[(attack, "rap+features")]["asr"]), *pair])
-    columns = ["attack (SST-2, one model)", "trigger", "ASR", "rap FRR / FAR", "features FRR / FAR",
-               "both (default) FRR / FAR"]  # fmt: skip
+        asr = next(c["asr"] for c in cells if c)
+        rows.append([attack, ATTACK_NAMES[attack], _pct(asr), *pair])
+    columns = ["attack (SST-2, one model)", "trigger", "ASR", "RAP (perturbed, before)", "RAP (floored)",
+               "features", "both, perturbed (the default before)", "both, floored (the default)"]  # fmt: skip
     return _table(columns, rows)
 
 
@@ -230,7 +248,7 @@ def detection_matrix_table() -> str:
     """Per dataset and attack, each detector's test FRR / FAR at the 1% target (mean, FAR range, seeds)."""
     by_key: dict[tuple[str, str], dict[str, dict]] = {}
     asr: dict[tuple[str, str], float] = {}
-    for r in _matrix_rows():
+    for r in _current(_matrix_rows()):
         key = (r["dataset"], r["attack"])
         by_key.setdefault(key, {})[r["detector"]] = r
         if r["detector"] == "rap+features" or key not in asr:
@@ -241,9 +259,11 @@ def detection_matrix_table() -> str:
             return "–"
         if r["refused"] == r["seeds"]:
             return "refused (no guard: FAR 100%)"
+        old = " [perturbed]" if r.get("statistic") == "perturbed" else ""  # before the floored default
         if clean:
-            return f"{_pct(r['test_frr'])} FRR"
+            return f"{_pct(r['test_frr'])} FRR{old}"
         spread = f" ({r['far_range']}, {r['seeds']} seeds)" if r["seeds"] > 1 else ""
+        spread += old
         if r["refused"]:
             spread += f", refused on {r['refused']} (counted as FAR 100%)"
         return f"{_pct(r['test_frr'])} / {_pct(r['test_far'])}{spread}"

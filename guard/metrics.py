@@ -30,8 +30,8 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # RAP scores in the units of the bundle's statistic (guard.core.rap; higher = more suspicious): minus a
-# probability drop (prob) sits in [-1, 0.1]; the log-odds statistics (perturbed: logit p(y|x+RAP); logodds:
-# minus a drop in nats) in about [-10, 10].
+# probability drop (prob) sits in [-1, 0.1]; the log-odds statistics (floored and logodds: minus a drop in nats;
+# perturbed: logit p(y|x+RAP)) in about [-10, 10].
 SCORE_BUCKETS = (
     *(-10.0, -5.0, -3.0, -2.0, -1.0, -0.5, -0.3, -0.2, -0.15, -0.1, -0.05, -0.02, -0.01),
     *(-0.005, -0.0025, -0.001, 0.0, 0.01, 0.1, 1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 8.0, 10.0),

@@ -148,6 +148,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
         options.rap.statistic,
         options.rap.frr_targets,
         detector.stats if detector else None,
+        result.floors,
     )
     int8 = optimized = None
     if options.int8:
@@ -202,6 +203,7 @@ def _manifest(
             fit.calibration_scores,
             detector.scores[label] if detector else None,
             detector.blocked[label] if detector else None,
+            result.floors.get(label),
         )
         for label, fit in result.fits.items()
     ]

@@ -76,6 +76,7 @@ class RapResult:
     attempts: list[AttemptReport] = field(default_factory=list)
     calibration_texts: list[Example] = field(default_factory=list)
     train_texts: list[str] = field(default_factory=list)  # the rows RAP trained on (never in a threshold)
+    floors: dict[int, float] = field(default_factory=dict)  # protect label -> its floor (the floored statistic)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class _Split:
     calibration: dict[int, list[str]]  # protect label -> held-out texts predicted as it
     calibration_rows: list[Example]
     train_rows: list[str]  # every training-part text, any label (the feature detector fits on them)
+    floors: dict[int, float]  # protect label -> its floor (guard.core.rap.floor) from its training rows
 
 
 def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> RapResult:
@@ -115,6 +117,7 @@ def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Examp
     result.final_norm = float(embeddings.data[token_id].norm())
     result.calibration_texts = split.calibration_rows
     result.train_texts = split.train_rows
+    result.floors = split.floors if options.statistic in rap.FLOORED else {}
     return result
 
 
@@ -141,17 +144,20 @@ def split_rows(clean: list[Example], options: RapOptions) -> tuple[list[Example]
 def _split(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> _Split:
     train_rows, calib_rows = split_rows(clean, options)
     bar = "predict clean rows" if options.progress else None
-    train_pred = predict_probs(model, tokenizer, [r.text for r in train_rows], progress=bar).argmax(axis=1)
+    train_probs = predict_probs(model, tokenizer, [r.text for r in train_rows], progress=bar)
+    train_pred = train_probs.argmax(axis=1)
     calib_pred = predict_probs(model, tokenizer, [r.text for r in calib_rows], progress=bar).argmax(axis=1)
-    train, calibration = {}, {}
+    train, calibration, floors = {}, {}, {}
     for label in options.protect_labels:
-        train[label] = [r.text for r, p in zip(train_rows, train_pred, strict=True) if p == label == r.label]
+        own = np.array([p == label == r.label for r, p in zip(train_rows, train_pred, strict=True)], dtype=bool)
+        train[label] = [r.text for r, keep in zip(train_rows, own, strict=True) if keep]
         calibration[label] = [r.text for r, p in zip(calib_rows, calib_pred, strict=True) if p == label]
         _check_enough(label, len(train[label]), len(calibration[label]), train_pred, calib_pred)
+        floors[label] = rap.floor(train_probs[own, label])
         warning = thin_threshold(label, len(calibration[label]), options.select_frr)
         if warning:
             log.warning(warning)
-    return _Split(train, calibration, calib_rows, [r.text for r in train_rows])
+    return _Split(train, calibration, calib_rows, [r.text for r in train_rows], floors)
 
 
 def _check_enough(label: int, n_train: int, n_calib: int, train_pred: np.ndarray, calib_pred: np.ndarray) -> None:
@@ -198,7 +204,10 @@ def _attempt(model, tokenizer, split: _Split, options: RapOptions, token_id: int
     for label in options.protect_labels:
         texts = split.calibration[label]
         fits[label] = LabelFit(
-            label, len(split.train[label]), _scores(model, tokenizer, texts, options.statistic, bar), texts
+            label,
+            len(split.train[label]),
+            _scores(model, tokenizer, texts, options.statistic, bar, split.floors),
+            texts,
         )
     low, up = options.band
     report = AttemptReport(
@@ -238,11 +247,11 @@ def _refuse_unseparated(chosen: AttemptReport, options: RapOptions) -> None:
             )
 
 
-def _scores(model, tokenizer: RapTokenizer, texts: list[str], statistic: str, progress: str | None = None):
+def _scores(model, tokenizer: RapTokenizer, texts: list[str], statistic: str, progress=None, floors=None):
     """The RAP score (guard.core.rap) of each text on its predicted label."""
     probs = predict_probs(model, tokenizer, texts, progress=progress)
     perturbed = predict_probs(model, tokenizer, texts, perturbed=True, progress=progress)
-    return rap.scores(probs, perturbed, statistic)
+    return rap.scores(probs, perturbed, statistic, floors)
 
 
 def _train_row(

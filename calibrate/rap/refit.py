@@ -6,8 +6,8 @@ runs, and every threshold comes from guard.core.detection.fit_label.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +35,15 @@ class HeldOut:
     statistic: Statistic
     frr_targets: Sequence[float]
     stats: FeatureStats | None = None  # the feature detector, when the bundle has it
+    floors: Mapping[int, float] = field(default_factory=dict)  # the floored statistic's, from fp32 calibration
 
     def scores(self, graph: Path) -> detection.RowScores:
         """`graph`'s scores of every held-out row (any threshold checks the same rows)."""
         on = LabelThresholds(0.0, None if self.stats is None else 0.0)
         two_pass = TwoPass(
-            self.tokenizer, dict.fromkeys(self.protect, on), self.statistic, self.stats, len(self.labels)
-        )
+            self.tokenizer, dict.fromkeys(self.protect, on), self.statistic, self.stats, len(self.labels),
+            floors=self.floors,
+        )  # fmt: skip
         backend = OnnxBackend(graph)
         try:
             return Checker(two_pass, backend).scores(self.texts)
@@ -60,7 +62,7 @@ class HeldOut:
             features = None if self.stats is None else scores.features[rows]
             blocked = None if self.stats is None else scores.token[rows]
             fitted = detection.fit_label(
-                label, self.labels[label], self.frr_targets, scores.rap[rows], features, blocked
+                label, self.labels[label], self.frr_targets, scores.rap[rows], features, blocked, self.floors.get(label)
             )
             protected.append(fitted)
         agreement = float(np.mean(predicted == self.scores(reference).predicted))

@@ -31,7 +31,8 @@ class RapInfo(BaseModel):
     checked: bool = Field(description="Whether the RAP second pass ran (only for protect-label predictions).")
     score: float | None = Field(
         None,
-        description="The RAP score in the bundle's statistic (default: logit p(label|x+RAP)); higher means more "
+        description="The RAP score in the bundle's statistic (default `floored`: logit p(label|x+RAP) - "
+        "max(logit p(label|x), the label's floor)); higher means more "
         "suspicious (only with expose_scores).",
     )
     threshold: float | None = Field(None, description="Flagged when score is above this (only with expose_scores).")

@@ -75,6 +75,9 @@ class ProtectedLabel(BaseModel):
     )
     percentiles: dict[str, float] = Field(description="RAP threshold at each FRR of the grid (percent, as text)")
     calibration_rows: int = Field(description="held-out rows the thresholds were fitted on")
+    floor: float | None = Field(
+        None, description="the floored statistic's log-odds floor (guard.core.rap.floor), from clean training rows"
+    )
     features_thresholds: dict[str, float] = Field(
         default_factory=dict, description="FRR target -> feature score threshold (the feature detector alone)"
     )
@@ -132,10 +135,11 @@ class Manifest(BaseModel):
     protect: list[ProtectedLabel]
     default_frr: float = 0.01
     calibrated_on: str = Field(description="backend and precision the thresholds were fitted with")
-    statistic: Literal["perturbed", "prob", "logodds"] = Field(
+    statistic: Literal["floored", "perturbed", "prob", "logodds"] = Field(
         "perturbed",
-        description="what the RAP score measures (guard.core.rap): the perturbed input's log-odds of the label "
-        "(perturbed), minus the drop of p(label) (prob) or of its log-odds (logodds)",
+        description="what the RAP score measures (guard.core.rap): minus the log-odds drop counted from at least "
+        "the label's floor (floored), the perturbed input's log-odds of the label (perturbed), minus the drop of "
+        "p(label) (prob) or of its log-odds (logodds)",
     )
     int8: Int8Variant | None = Field(None, description="optional int8 graph with its own thresholds")
     optimized: OptimizedGraphs | None = Field(None, description="optional fused graphs (served when present)")

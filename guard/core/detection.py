@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard.core import thresholds
+from guard.core import rap, thresholds
 from guard.core.bundle import Bundle, JointThreshold, ProtectedLabel
 from guard.core.errors import BundleError
 from guard.core.features import FeatureStats
@@ -49,7 +49,18 @@ class Detection:
             raise BundleError(f"{bundle.path} has no {', '.join(missing)} detector; rebuild it with `calibrate rap`")
         stats = bundle.feature_stats() if "features" in chosen else None
         labels = {p.label: p for p in bundle.protected(precision)}
-        return cls(bundle.manifest.statistic, chosen, labels, stats, bundle.manifest.default_frr)
+        statistic = bundle.manifest.statistic
+        if statistic in rap.FLOORED and any(p.floor is None for p in labels.values()):
+            raise BundleError(f"{bundle.path}: the {statistic} statistic needs every protected label's floor; "
+                              "rebuild it with `calibrate rap`")  # fmt: skip
+        return cls(statistic, chosen, labels, stats, bundle.manifest.default_frr)
+
+    @property
+    def floors(self) -> dict[int, float]:
+        """Per protected label its floor (the floored statistic; empty under the others)."""
+        if self.statistic not in rap.FLOORED:
+            return {}
+        return {label: p.floor for label, p in self.labels.items() if p.floor is not None}
 
     @property
     def targets(self) -> list[float]:
@@ -206,10 +217,11 @@ def fit_label(
     rap_scores: np.ndarray,
     feature_scores: np.ndarray | None = None,
     blocked: np.ndarray | None = None,
+    floor: float | None = None,
 ) -> ProtectedLabel:
     """Every threshold of one protected label from its held-out clean rows: RAP alone and, given the
     same rows' feature scores and blocklist hits, the features alone and both together (a blocked
-    row counts against the target at any threshold)."""
+    row counts against the target at any threshold). `floor`: the floored statistic's, kept with them."""
     fields = {}
     if feature_scores is not None:
         held_out = feature_scores if blocked is None else np.where(blocked, np.inf, feature_scores)
@@ -224,6 +236,7 @@ def fit_label(
         thresholds={f"{frr:g}": thresholds.threshold_at_frr(rap_scores, frr) for frr in frr_targets},
         percentiles=thresholds.percentile_table(rap_scores),
         calibration_rows=len(rap_scores),
+        floor=floor,
         **fields,
     )
 

@@ -9,13 +9,20 @@ RAP score is higher for a more suspicious input and flagged above its threshold.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Literal
 
 import numpy as np
 
 # What the RAP score measures on the predicted label y (logit(p) = log p - log(1 - p)):
-#   perturbed (default): logit p(y|x+RAP), how confident the perturbed input stays in y. Triggered inputs stay
+#   floored (default): logit p(y|x+RAP) - max(logit p(y|x), floor_y), floor_y the label's FLOOR_QUANTILE of its
+#              clean training rows' log-odds. For an input at least as confident as the floor it is minus the
+#              log-odds drop: RAP's own idea (a triggered input barely moves), measured where a drop means
+#              something. For a less confident one it is how far the perturbed input stays below the floor, so
+#              the unsure clean inputs the perturbation may push UP are not flagged (the drops' failure, below).
+#              An attacker who keeps the triggered input's confidence and [CLS] features clean-like (bench's
+#              adaptive-cls and adaptive-both) passes `perturbed` but not this (bench/results/adaptive.md).
+#   perturbed: logit p(y|x+RAP), how confident the perturbed input stays in y. Triggered inputs stay
 #              confident under the perturbation; clean ones are pushed down. Unlike both drops it does not flag
 #              the clean inputs the model was unsure of (p ~ 0.6, which the perturbation may push UP): on SST-2
 #              BadNet-SL those were the 1-2% of clean rows every drop statistic flagged.
@@ -23,15 +30,18 @@ import numpy as np
 #              for clean and triggered inputs alike, so both drops are near 0 and hard to tell apart.
 #   logodds:   logit p(y|x+RAP) - logit p(y|x), minus the drop of the log-odds: the same drop where a confident
 #              model still has room (0.999 -> 0.99 is 2.3 nats).
-Statistic = Literal["perturbed", "prob", "logodds"]
-STATISTICS: tuple[str, ...] = ("perturbed", "prob", "logodds")
-DEFAULT_STATISTIC: Statistic = "perturbed"
+Statistic = Literal["floored", "perturbed", "prob", "logodds"]
+STATISTICS: tuple[str, ...] = ("floored", "perturbed", "prob", "logodds")
+DEFAULT_STATISTIC: Statistic = "floored"
 FORMULAS: dict[str, str] = {  # each statistic's score, as a plot's axis reads it
+    "floored": "logit p(label | x + RAP) - max(logit p(label | x), floor)",
     "perturbed": "logit p(label | x + RAP)",
     "prob": "p(label | x + RAP) - p(label | x)",
     "logodds": "logit p(label | x + RAP) - logit p(label | x)",
 }
 DROP_STATISTICS: tuple[str, ...] = ("prob", "logodds")  # a drop: a clean row's score is below 0
+FLOORED: tuple[str, ...] = ("floored",)  # statistics that need each protected label's floor
+FLOOR_QUANTILE = 0.10  # of the label's clean training rows' log-odds
 LOGODDS_CLIP = 1e-12  # logit(p) is bounded to about +-27.6
 
 
@@ -57,11 +67,27 @@ def log_odds(p: np.ndarray) -> np.ndarray:
     return np.log(q) - np.log1p(-q)
 
 
-def scores(probs: np.ndarray, perturbed: np.ndarray, statistic: Statistic = DEFAULT_STATISTIC) -> np.ndarray:
-    """The RAP score of each row on its predicted label y (pass-1 `probs`, pass-2 `perturbed`)."""
+def floor(clean_probs: np.ndarray) -> float:
+    """A protected label's floor: the FLOOR_QUANTILE of its clean rows' log-odds (their p(label | x))."""
+    values = log_odds(np.asarray(clean_probs, dtype=np.float64))
+    if len(values) == 0:
+        raise ValueError("a floor needs at least one clean row of the label")
+    return round(float(np.quantile(values, FLOOR_QUANTILE)), 6)
+
+
+def scores(
+    probs: np.ndarray,
+    perturbed: np.ndarray,
+    statistic: Statistic = DEFAULT_STATISTIC,
+    floors: Mapping[int, float] | None = None,
+) -> np.ndarray:
+    """The RAP score of each row on its predicted label y (pass-1 `probs`, pass-2 `perturbed`); "floored" needs
+    `floors`, protected label -> its floor."""
     predicted = probs.argmax(axis=-1)
     rows = np.arange(len(probs))
     before, after = probs[rows, predicted], perturbed[rows, predicted]
+    if statistic == "floored":
+        return log_odds(after) - np.maximum(log_odds(before), _per_row(predicted, floors))
     if statistic == "perturbed":
         return log_odds(after)
     if statistic == "logodds":
@@ -69,3 +95,10 @@ def scores(probs: np.ndarray, perturbed: np.ndarray, statistic: Statistic = DEFA
     if statistic == "prob":
         return np.asarray(after, dtype=np.float64) - before
     raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+
+
+def _per_row(predicted: np.ndarray, floors: Mapping[int, float] | None) -> np.ndarray:
+    missing = sorted(set(predicted.tolist()) - set(floors or {}))
+    if missing:
+        raise ValueError(f"the floored statistic needs a floor for label(s) {missing}; recalibrate the bundle")
+    return np.array([floors[label] for label in predicted.tolist()], dtype=np.float64)

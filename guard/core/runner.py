@@ -73,8 +73,10 @@ class TwoPass:
         stats: features.FeatureStats | None = None,
         classes: int | None = None,
         schedule: Schedule = "lazy",
+        floors: Mapping[int, float] | None = None,
     ) -> None:
         self.tokenizer, self.limits, self.statistic, self.schedule = tokenizer, dict(limits), statistic, schedule
+        self.floors = dict(floors or {})  # the floored statistic's, per protected label
         self.uses_rap = any(t.rap is not None for t in self.limits.values())
         self.stats = stats if any(t.features is not None for t in self.limits.values()) else None
         if self.stats is not None and classes is None:
@@ -90,7 +92,7 @@ class TwoPass:
         frr: float | None = None,
         schedule: Schedule = "lazy",
     ) -> TwoPass:
-        return cls(tokenizer, chosen.thresholds(frr), chosen.statistic, chosen.stats, classes, schedule)
+        return cls(tokenizer, chosen.thresholds(frr), chosen.statistic, chosen.stats, classes, schedule, chosen.floors)
 
     @property
     def passes(self) -> int:
@@ -151,7 +153,7 @@ class Run:
                 (second,) = yield [Pass("2", tp.tokenizer.perturb([rows[i] for i in eligible]), priority=True)]
                 perturbed = _softmax(tp.unpack(second)[0], "pass 2", self.first_probs)
             if len(eligible):
-                rap_scores[eligible] = rap.scores(probs[eligible], perturbed, tp.statistic)
+                rap_scores[eligible] = rap.scores(probs[eligible], perturbed, tp.statistic, tp.floors)
         if tp.stats is not None and len(eligible):
             if not np.isfinite(feats[eligible]).all():
                 raise GuardFailure("the model returned non-finite features in pass 1", "nonfinite", self.first_probs)

@@ -78,6 +78,11 @@ def test_the_whole_chain(toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.Ca
                                               "--int8", *RAP_CLI_ARGS], capsys)  # fmt: skip
     assert code == 0 and stdout.splitlines()[-1].startswith(f"bundle written to {out} ")
     manifest = load_bundle(out).manifest
+    floors = [p.floor for p in manifest.protect]  # the default statistic's, one per protected label
+    assert manifest.statistic == "floored" and None not in floors
+    assert [p.floor for p in manifest.int8.protect] == floors  # int8 thresholds are refitted, floors kept
+    if manifest.optimized is not None and manifest.optimized.int8_protect is not None:
+        assert [p.floor for p in manifest.optimized.int8_protect] == floors
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     inputs = {i.name for i in graph.graph.input}
     takes_types = family_of(config).takes_token_types(config)

@@ -57,13 +57,19 @@ class NanStub(StubBackend):
         return logits
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["prob", "floored"])
+def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stub bundle under `prob` and under the default `floored` statistic. Floored, with label 1's floor
+    at 1 nat: a clean window drops from logit 2 to 0 (score -2), a triggered one keeps 2 (score 0); the
+    threshold -1 tells them apart, as `prob`'s -0.1 does."""
     path = build_stub_bundle(tmp_path_factory.mktemp("parity") / "bundle")
     recorded = manifest()
-    save_bundle(
-        path, recorded.model_copy(update={"model": recorded.model.model_copy(update={"classifier_max_length": 64})})
-    )
+    update = {"model": recorded.model.model_copy(update={"classifier_max_length": 64})}
+    if request.param == "floored":
+        (label,) = recorded.protect
+        floored = label.model_copy(update={"floor": 1.0, "thresholds": {"0.01": -1.0, "0.05": -1.5}})
+        update |= {"statistic": "floored", "protect": [floored]}
+    save_bundle(path, recorded.model_copy(update=update))
     return path
 
 

@@ -80,6 +80,11 @@ def test_manifest_describes_the_model_and_the_rap_token(backdoored: Toy) -> None
     assert m.rap.init_norm > 0 and m.rap.final_norm > 0
     assert m.default_frr == 0.01
     assert [p.label for p in m.protect] == list(RAP_OPTIONS.protect_labels) == [1]
+    # the default statistic, with the floor it is measured from (hashed with the manifest)
+    assert m.statistic == rap.DEFAULT_STATISTIC == "floored"
+    (protected,) = m.protect
+    assert protected.floor is not None and np.isfinite(protected.floor)
+    assert Detection.of(load_bundle(backdoored.bundle_dir)).floors == {1: protected.floor}
 
 
 @pytest.mark.slow

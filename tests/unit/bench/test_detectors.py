@@ -100,7 +100,7 @@ def test_a_refused_calibration_is_a_row_that_flags_nothing(monkeypatch, tmp_path
 
     monkeypatch.setattr(detection_matrix, "_bundle", calibrate)
     bundles = detection_matrix._seed_bundles("badnets", tmp_path, [], 13, tmp_path, ["rap-paper", "rap"])
-    assert isinstance(bundles["paper"], detection_matrix.Refused) and bundles["guard"].name == "badnets-s13"
+    assert isinstance(bundles["paper"], detection_matrix.Refused) and bundles["guard"].name == "badnets-floored-s13"
     inputs = runs.Inputs(dev=[], clean=["a"], poisoned=["b", "c"], asr=0.9, pool=[])
     options = argparse.Namespace(detectors=["rap-paper"], strip_ratios=[], strip_test_inputs=1)
     run = detection_matrix._detector_jobs(bundles, inputs, options, None)["rap-paper"]().as_json()

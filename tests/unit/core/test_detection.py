@@ -69,3 +69,23 @@ def test_percentile_table_recovers_the_threshold_at_each_grid_frr() -> None:
     assert values == sorted(values, reverse=True)  # a larger FRR: a lower threshold
     for frr in (0.003, 0.01, 0.2):
         assert thresholds.threshold_from_table(table, frr) == pytest.approx(thresholds.threshold_at_frr(scores, frr))
+
+
+def test_a_floored_bundle_without_a_labels_floor_is_refused(tmp_path) -> None:
+    """The floored statistic reads each protected label's floor; a bundle without one is refused at load,
+    never scored with a made-up floor."""
+    from guard.core.bundle import load_bundle, save_bundle
+    from guard.core.detection import Detection
+    from guard.core.errors import BundleError
+    from tests.server_fixtures import build_stub_bundle, manifest
+
+    path = build_stub_bundle(tmp_path / "bundle")
+    recorded = manifest()
+    save_bundle(path, recorded.model_copy(update={"statistic": "floored"}))
+    with pytest.raises(BundleError, match="floor"):
+        Detection.of(load_bundle(path))
+    (label,) = recorded.protect
+    save_bundle(
+        path, recorded.model_copy(update={"statistic": "floored", "protect": [label.model_copy(update={"floor": 1.5})]})
+    )
+    assert Detection.of(load_bundle(path)).floors == {1: 1.5}

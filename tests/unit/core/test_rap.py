@@ -49,7 +49,37 @@ def test_scores_are_taken_on_each_rows_pass1_label_and_higher_is_more_suspicious
     assert rap.scores(probs, perturbed, "prob").tolist() == [-0.25, 0.0625]
     # perturbed: logit p(y|x+RAP): log(0.5 / 0.5) = 0, log(0.9375 / 0.0625) = log 15
     assert rap.scores(probs, perturbed, "perturbed") == pytest.approx([0.0, math.log(15)])
-    assert rap.DEFAULT_STATISTIC == "perturbed"
+    assert rap.DEFAULT_STATISTIC == "floored"
+
+
+def test_floored_is_the_drop_above_the_floor_and_the_perturbed_log_odds_below_it() -> None:
+    """Label 1's floor is log 3 (p = 0.75). A confident row (p 0.9375 = logit log 15) that barely moves
+    (-> 0.875, log 7) scores minus its drop, log 7 - log 15; a clean-like one (-> 0.5) minus its larger drop.
+    An unsure row (p 0.625, below the floor) pushed UP to 0.75 scores 0 (log 3 - log 3): it is measured from
+    the floor. Under `logodds` it would score +0.59, above both confident rows."""
+    probs = np.array([[0.0625, 0.9375], [0.0625, 0.9375], [0.375, 0.625]])
+    perturbed = np.array([[0.125, 0.875], [0.5, 0.5], [0.25, 0.75]])
+    floors = {1: math.log(3)}
+    got = rap.scores(probs, perturbed, "floored", floors)
+    assert got == pytest.approx([math.log(7) - math.log(15), 0.0 - math.log(15), 0.0])
+    assert got[0] > got[1]  # the row that barely moved is the more suspicious
+    drops = rap.scores(probs, perturbed, "logodds")
+    assert drops[2] == pytest.approx(math.log(3) - math.log(5 / 3)) and drops[2] > drops[0]  # the drop's failure
+
+
+def test_floored_needs_every_predicted_labels_floor() -> None:
+    probs, perturbed = np.array([[0.25, 0.75]]), np.array([[0.5, 0.5]])
+    with pytest.raises(ValueError, match=r"floor for label\(s\) \[1\]"):
+        rap.scores(probs, perturbed, "floored", {0: 1.0})
+    with pytest.raises(ValueError, match="floor"):
+        rap.scores(probs, perturbed, "floored")
+
+
+def test_floor_is_the_low_quantile_of_the_clean_rows_log_odds() -> None:
+    p = 1.0 / (1.0 + np.exp(-np.arange(1.0, 11.0)))  # log-odds 1, 2, ..., 10
+    assert rap.floor(p) == pytest.approx(np.quantile(np.arange(1.0, 11.0), rap.FLOOR_QUANTILE), abs=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        rap.floor(np.array([]))
 
 
 def test_logodds_statistic_separates_what_probabilities_squash() -> None:
