@@ -259,7 +259,7 @@ def detection_matrix_table() -> str:
             return "–"
         if r["refused"] == r["seeds"]:
             return "refused (no guard: FAR 100%)"
-        old = " [perturbed]" if r.get("statistic") == "perturbed" else ""  # before the floored default
+        old = " [perturbed]" if r.get("statistic") == "perturbed" and "rap" in r["detector"] else ""  # before floored
         if clean:
             return f"{_pct(r['test_frr'])} FRR{old}"
         spread = f" ({r['far_range']}, {r['seeds']} seeds)" if r["seeds"] > 1 else ""

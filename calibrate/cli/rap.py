@@ -96,8 +96,11 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "--statistic",
         choices=STATISTICS,
         default=d.statistic,
-        help="what delta measures at detection: the perturbed input's log-odds against the label (perturbed: "
-        "does not flag the clean rows the model is unsure of), the drop of p(label) (prob, the paper) or "
+        help="what the RAP score measures (default %(default)s): minus the drop of the label's log-odds, counted "
+        "from at least the label's floor (floored: a triggered input barely moves; the floor, the 10th "
+        "percentile of its clean rows' log-odds, spares the unsure clean rows the perturbation pushes up); "
+        "where the perturbed input's log-odds land (perturbed, the default before: an attacker who keeps "
+        "triggered inputs as confident as clean ones passes it); the drop of p(label) (prob, the paper) or "
         "of its log-odds (logodds)",
     )
     p.add_argument("--max-length", type=positive_int, default=c.max_length, help="tokens per input at serving time")
