@@ -140,8 +140,9 @@ def frr_bounds(rows: int, frr_targets: list[float]) -> dict[str, dict[str, float
 
 
 def threshold_warnings(manifest: Manifest) -> list[str]:
-    """Under a drop statistic, a threshold >= 0 (no drop) flags almost nothing."""
-    if manifest.statistic not in rap.DROP_STATISTICS:
+    """Under a drop statistic (and `floored`, a drop above the floor), a threshold >= 0 (no drop) flags almost
+    nothing."""
+    if manifest.statistic not in (*rap.DROP_STATISTICS, *rap.FLOORED):
         return []
     return [
         f"label {p.name}: threshold at {float(frr):.1%} FRR is {t:+.4f} >= 0: no drop (flags almost nothing)"
