@@ -1,6 +1,6 @@
 """RAP statistics that do not assume the trigger is robust, on the plain and the adaptive attack (issue 31).
 
-    python -m bench.adaptive --data ../shared/data/sst2 --attacks badnet-sl-2k adaptive-sl --seed 13
+    python -m bench.adaptive --data ../shared/data/sst2 --seed 13   # the twin and the three adaptive attacks
 
 The adaptive attackers (bench/attacks/adaptive.py) train their backdoor to switch OFF when a rare token
 is inserted (under RAP's pass 2 the triggered inputs move MORE than clean ones), to keep clean-looking
