@@ -96,7 +96,7 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "--statistic",
         choices=STATISTICS,
         default=d.statistic,
-        help="what the RAP score measures (default %(default)s): minus the drop of the label's log-odds, counted "
+        help="what the RAP score measures: minus the drop of the label's log-odds, counted "
         "from at least the label's floor (floored: a triggered input barely moves; the floor, the 10th "
         "percentile of its clean rows' log-odds, spares the unsure clean rows the perturbation pushes up); "
         "where the perturbed input's log-odds land (perturbed, the default before: an attacker who keeps "
