@@ -36,6 +36,7 @@ from guard.core import rap
 from guard.core.backends.base import INT8_GRAPH, PARITY_TOLERANCE
 from guard.core.backends.onnx import OnnxBackend
 from guard.core.bundle import Int8Variant, load_bundle, read_manifest, save_bundle
+from guard.core.detection import Detection
 
 BACKENDS = ("onnx", "onnx-opt", "onnx-int8", "onnx-int8-opt")
 SUMMARY = "serving-variants.json"
@@ -56,7 +57,7 @@ def build(src: Path, model_dir: Path, data: Path, attack: str, out: Path) -> dic
     protect = [p.label for p in manifest.protect]
     labels = label_names(model)
     parity = _logits_parity(model, bundle_tokenizer, out / "model.onnx", texts[:64])
-    floors = {p.label: p.floor for p in manifest.protect if p.floor is not None}
+    floors = Detection.of(load_bundle(src), ("rap",)).floors
     fit = HeldOut(bundle_tokenizer, texts, protect, labels, manifest.statistic, FRR_TARGETS, floors=floors)
     quantize_int8(out / "model.onnx", out / INT8_GRAPH)
     int8_protect, agreement = fit.fit(out / INT8_GRAPH, out / "model.onnx")

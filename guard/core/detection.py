@@ -50,9 +50,9 @@ class Detection:
         stats = bundle.feature_stats() if "features" in chosen else None
         labels = {p.label: p for p in bundle.protected(precision)}
         statistic = bundle.manifest.statistic
-        if statistic in rap.FLOORED and any(p.floor is None for p in labels.values()):
-            raise BundleError(f"{bundle.path}: the {statistic} statistic needs every protected label's floor; "
-                              "rebuild it with `calibrate rap`")  # fmt: skip
+        if statistic in rap.FLOORED and not all(p.floor is not None and np.isfinite(p.floor) for p in labels.values()):
+            raise BundleError(f"{bundle.path}: the {statistic} statistic needs every protected label's (finite) "
+                              "floor; rebuild it with `calibrate rap`")  # fmt: skip
         return cls(statistic, chosen, labels, stats, bundle.manifest.default_frr)
 
     @property
@@ -133,22 +133,14 @@ def flags(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> dict[str,
     """THE rule: per detector of FLAGS, which rows it flags (each row with its predicted label's
     thresholds; a row of an unprotected label, or unscored, is never flagged)."""
     predicted = scores.predicted
-    rap_t = _per_row(predicted, {label: t.rap for label, t in limits.items()})
-    features_t = _per_row(predicted, {label: t.features for label, t in limits.items()})
+    rap_t = rap.per_label(predicted, {label: t.rap for label, t in limits.items()})
+    features_t = rap.per_label(predicted, {label: t.features for label, t in limits.items()})
     with np.errstate(invalid="ignore"):  # NaN (unscored, detector off) compares False
         return {
             "rap": scores.rap > rap_t,
             "features": scores.features > features_t,
             "token": scores.token & ~np.isnan(features_t),
         }
-
-
-def _per_row(predicted: np.ndarray, by_label: Mapping[int, float | None]) -> np.ndarray:
-    table = np.full(max([*by_label, int(predicted.max(initial=0))]) + 1, np.nan)
-    for label, value in by_label.items():
-        if value is not None:
-            table[label] = value
-    return table[predicted]
 
 
 def flagged_texts(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> np.ndarray:

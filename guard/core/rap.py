@@ -97,8 +97,18 @@ def scores(
     raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
 
 
+def per_label(predicted: np.ndarray, by_label: Mapping[int, float | None]) -> np.ndarray:
+    """by_label[predicted[i]] for each row, NaN where its label has no value (one table lookup)."""
+    table = np.full(max([*by_label, int(predicted.max(initial=0))]) + 1, np.nan)
+    for label, value in by_label.items():
+        if value is not None:
+            table[label] = value
+    return table[predicted]
+
+
 def _per_row(predicted: np.ndarray, floors: Mapping[int, float] | None) -> np.ndarray:
-    missing = sorted(set(predicted.tolist()) - set(floors or {}))
-    if missing:
+    values = per_label(predicted, floors or {})
+    if np.isnan(values).any():
+        missing = sorted(set(predicted[np.isnan(values)].tolist()))
         raise ValueError(f"the floored statistic needs a floor for label(s) {missing}; recalibrate the bundle")
-    return np.array([floors[label] for label in predicted.tolist()], dtype=np.float64)
+    return values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,12 @@ def test_a_floored_bundle_without_a_labels_floor_is_refused(tmp_path) -> None:
     with pytest.raises(BundleError, match="floor"):
         Detection.of(load_bundle(path))
     (label,) = recorded.protect
+    nan_floor = recorded.model_copy(
+        update={"statistic": "floored", "protect": [label.model_copy(update={"floor": math.nan})]}
+    )
+    save_bundle(path, nan_floor)  # NaN would make every RAP score NaN: never flagged
+    with pytest.raises(BundleError, match="floor"):
+        Detection.of(load_bundle(path))
     save_bundle(
         path, recorded.model_copy(update={"statistic": "floored", "protect": [label.model_copy(update={"floor": 1.5})]})
     )
