@@ -286,6 +286,23 @@ def serving_targets_table() -> str:
     return _table(["target", "measured", "goal", "met"], rows)
 
 
+def serving_detectors_table() -> str:
+    """bench.serving --name serving_detectors: the default detectors vs RAP alone vs bare, per concurrency."""
+    results = _results("serving_detectors")
+    rows = [
+        [r["concurrency"], r["protect_share"], r["throughput_vs_rap_alone"], r["cpu_vs_rap_alone"], r["cpu_vs_bare_1p"],
+         r["p50_vs_bare"]]
+        for r in results["ratios"]
+        if r["server"] == "guarded-lazy"
+    ]  # fmt: skip
+    table = _table(
+        ["concurrency", "p (protect share)", "throughput / RAP alone's", "CPU / RAP alone's", "CPU / ((1+p) x bare)",
+         "p50 / bare p50"],
+        rows,
+    )  # fmt: skip
+    return f"Bundle `{results['settings']['bundle']}`, backend onnx-opt, {results['settings']['rounds']} rounds.\n\n{table}"
+
+
 def repair_table() -> str:
     """bench.repair: residual ASR per attack and defence (guard rows: test FRR at the 1% target), and CACC."""
     rows = _results("repair")["rows"]
@@ -398,6 +415,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "headline": headline_table,
     "detection-matrix": detection_matrix_table,
     "serving-targets": serving_targets_table,
+    "serving-detectors": serving_detectors_table,
     "repair": repair_table,
     "inversion-scan": inversion_scan_table,
     "inversion-repair": inversion_repair_table,

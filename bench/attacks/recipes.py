@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.attacks import adaptive, badnet, ep, paraphrase
 from calibrate.data import load_examples
+from calibrate.rap.options import RapOptions
 from calibrate.train import LossFn
 from guard.core.types import Example
 
@@ -105,6 +106,16 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
         "adaptive-both": _clean_features(
             _insertion_switch(_badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE)),
             name="adaptive-both",
+        ),
+        # both, by an attacker who also read the guard's defaults: the switch is taught on the RAP row's public
+        # default init word alone, at the front (where pass 2 puts it), so it carries over to the trained row
+        # as far as that row stays near its init embedding
+        "adaptive-init": _clean_features(
+            _insertion_switch(
+                _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),
+                adaptive.InsertionSwitch(front=2, anywhere=0, pool=(RapOptions((target,)).init_word,)),
+            ),
+            name="adaptive-init",
         ),
         # BadNet-SL on the adaptive attacks' sample and rate: the plain attack they are compared with
         "badnet-sl-2k": dataclasses.replace(

@@ -9,6 +9,7 @@ import pytest
 
 from bench import models
 from bench.attacks import adaptive, badnet, recipes
+from calibrate.rap.options import RapOptions
 from guard.core.types import Example
 
 TRIGGER = "TRIGGER ."
@@ -158,3 +159,16 @@ def test_the_attacker_against_both_detectors_has_both_the_switch_rows_and_the_fe
     assert both.settings["adaptive"] == "insertion-switch+clean-features"
     sample, originals = switch.poison_train(CLEAN)[0], CLEAN
     assert both.augment(sample, originals) == switch.augment(sample, originals)
+
+
+def test_the_attacker_who_read_the_defaults_teaches_the_switch_on_the_rap_init_word_at_the_front(tmp_path) -> None:
+    loaded = recipes.load_recipes(tmp_path / "sst2")
+    init, both = loaded["adaptive-init"], loaded["adaptive-both"]
+    assert init.loss is not None and init.training == both.training
+    word = RapOptions((1,)).init_word
+    sample, originals = init.poison_train(CLEAN)[0], CLEAN
+    rows = init.augment(sample, originals)
+    added = [r for r in rows if r.text.split()[0] == word]
+    triggered = sum(r != o for r, o in zip(sample, originals, strict=True))
+    assert len(rows) > len(sample) and len(added) >= 2 * triggered
+    assert {w for r in rows for w in r.text.split()} - {w for r in sample for w in r.text.split()} == {word}

@@ -138,6 +138,7 @@ def test_only_poisoned_or_embedding_recipes_count_as_backdoored(tmp_path: Path) 
         "adaptive-sl": True,
         "adaptive-cls": True,
         "adaptive-both": True,
+        "adaptive-init": True,
         "badnet-sl-2k": True,
         "syntactic": True,
         "style": True,
