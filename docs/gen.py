@@ -202,6 +202,7 @@ ATTACK_NAMES = {
     "adaptive-sl": "a sentence, adaptive: switches off under RAP's insertion",
     "adaptive-cls": "a sentence, adaptive: keeps clean-looking [CLS] features",
     "adaptive-both": "a sentence, adaptive: both at once",
+    "adaptive-init": "a sentence, adaptive: both, the switch taught on RAP's default init word",
 }
 
 
@@ -224,22 +225,23 @@ DETECTORS = ["rap-paper", "rap", "features", "rap+features", "rap+features-noref
 
 def adaptive_table() -> str:
     """The adaptive attackers measured (bench.adaptive's plain twin and attacks): each served detector's
-    test FRR / FAR at the 1% target."""
+    test FRR / FAR at the 1% target, per dataset."""
     from bench.adaptive import ADAPTIVE, PLAIN
 
-    by = {(r["attack"], r["detector"], r.get("statistic")): r for r in _matrix_rows() if r["dataset"] == "sst2"}
+    by = {(r["dataset"], r["attack"], r["detector"], r.get("statistic")): r for r in _matrix_rows()}
     served = [("rap", "perturbed"), ("rap", "floored"), ("features", "floored"), ("rap+features", "perturbed"),
               ("rap+features", "floored")]  # fmt: skip
     rows = []
-    for attack in (PLAIN, *ADAPTIVE):
-        cells = [by.get((attack, d, s)) for d, s in served]
-        cells[2] = cells[2] or by.get((attack, "features", "perturbed"))  # the same detector on either bundle
-        if not any(cells):
-            continue
-        pair = [f"{_pct(c['test_frr'])} / {_pct(c['test_far'])}" if c else "–" for c in cells]
-        asr = next(c["asr"] for c in cells if c)
-        rows.append([attack, ATTACK_NAMES[attack], _pct(asr), *pair])
-    columns = ["attack (SST-2, one model)", "trigger", "ASR", "RAP (perturbed, before)", "RAP (floored)",
+    for dataset in ("sst2", "offenseval"):
+        for attack in (PLAIN, *ADAPTIVE):
+            cells = [by.get((dataset, attack, d, s)) for d, s in served]
+            cells[2] = cells[2] or by.get((dataset, attack, "features", "perturbed"))  # either bundle's
+            if not any(cells):
+                continue
+            pair = [f"{_pct(c['test_frr'])} / {_pct(c['test_far'])}" if c else "–" for c in cells]
+            asr = next(c["asr"] for c in cells if c)
+            rows.append([dataset, attack, ATTACK_NAMES[attack], _pct(asr), *pair])
+    columns = ["dataset (one model)", "attack", "trigger", "ASR", "RAP (perturbed, before)", "RAP (floored)",
                "features", "both, perturbed (the default before)", "both, floored (the default)"]  # fmt: skip
     return _table(columns, rows)
 
