@@ -15,6 +15,9 @@ draws the dev split and the RAP row's training order), then runs each detector o
   calibrated with `--int8`);
 - rap+features-noref: both detectors of a bundle calibrated WITHOUT `--reference-model` (the guard's
   bundles here use the packaged MiniLM the models were fine-tuned from);
+- rap+features@rq: both detectors of a bundle whose RAP row starts from `rq`, the fixed default init
+  word before it was drawn at random per calibration (what an attacker who read the defaults trains
+  against: the adaptive-init attack); rows record each bundle's init word (`rap_init`);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -43,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.attacks.adaptive import KNOWN_INIT_WORD
 from bench.attacks.recipes import TARGET, load_recipes
 from bench.detectors import strip
 from bench.detectors.classifier import Classifier
@@ -64,9 +68,13 @@ log = logging.getLogger("bench.detection_matrix")
 GUARD_DETECTORS = ("rap", "features", "rap+features")
 INT8_DETECTOR = "rap+features@int8"
 NOREF_DETECTOR = "rap+features-noref"
-DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, "strip", "onion")
+RQ_DETECTOR = "rap+features@rq"
+DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, RQ_DETECTOR, "strip", "onion")
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
-STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR)  # rows of a guard bundle: record its statistic
+STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, RQ_DETECTOR)
+# the bundle variants (folder suffix, the `bundles` key and the graph each row reads), both detectors on each
+VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8"), NOREF_DETECTOR: ("-noref", "noref", "onnx"),
+            RQ_DETECTOR: ("-rq", "rq", "onnx")}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -102,6 +110,9 @@ def main() -> None:
             details[f"{dataset}/{model}"].setdefault("flipped_tokens", _flipped(guard_bundle))
             for key, run in runs.items():
                 statistic = {"statistic": args.statistic} if key in STATISTIC_DETECTORS else {}
+                if key in STATISTIC_DETECTORS:
+                    variant = guard_bundle_name(model, seed, args.statistic, VARIANTS.get(key, ("",))[0])
+                    statistic["rap_init"] = _init_word(cache / "bundles" / variant)
                 for point in run["operating"]:
                     row = _row(dataset, name, key, seed, cacc, inputs.asr, run, point)
                     rows.append({**row, "train_seed": train_seed, **statistic})
@@ -113,6 +124,12 @@ class Refused:
     """A bundle `calibrate rap` would not build for this model, and why."""
 
     reason: str
+
+
+def _init_word(bundle: Path) -> str | None:
+    """The word the bundle's RAP row started from (its manifest's; None: no such bundle)."""
+    manifest = bundle / "manifest.json"
+    return json.loads(manifest.read_text())["rap"]["init_word"] if manifest.is_file() else None
 
 
 def _tag(statistic: str) -> str:
@@ -158,6 +175,11 @@ def _seed_bundles(
         bundles["paper"] = paper
     if NOREF_DETECTOR in detectors:
         bundles["noref"] = _bundle(model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-noref"), guard)
+    if RQ_DETECTOR in detectors:
+        rq = dataclasses.replace(guard, init_word=KNOWN_INIT_WORD)
+        bundles["rq"] = _bundle(
+            model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-rq"), rq, reference=True
+        )
     if INT8_DETECTOR in detectors:
         int8 = folder / guard_bundle_name(name, seed, statistic, "-int8")
         bundles["int8"] = _bundle(model_dir, dev, int8, guard, int8=True, reference=True)
@@ -189,12 +211,10 @@ def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
             jobs[detector] = lambda: _renamed(run_guard(bundles["paper"], inputs, TARGET, ("rap",)), "rap-paper")
         elif detector in GUARD_DETECTORS:
             jobs[detector] = lambda d=detector: run_guard(bundles["guard"], inputs, TARGET, tuple(d.split("+")))
-        elif detector == INT8_DETECTOR:
-            int8 = functools.partial(run_guard, bundles.get("int8"), inputs, TARGET, both, "onnx-int8")
-            jobs[detector] = lambda run=int8: _renamed(run(), INT8_DETECTOR)
-        elif detector == NOREF_DETECTOR:
-            noref = functools.partial(run_guard, bundles.get("noref"), inputs, TARGET, both)
-            jobs[detector] = lambda run=noref: _renamed(run(), NOREF_DETECTOR)
+        elif detector in VARIANTS:
+            _, key, backend = VARIANTS[detector]
+            variant = functools.partial(run_guard, bundles.get(key), inputs, TARGET, both, backend)
+            jobs[detector] = lambda run=variant, d=detector: _renamed(run(), d)
         elif detector == "strip":
             for k in args.strip_ratios:
                 options = strip.StripOptions(replace_ratio=k)

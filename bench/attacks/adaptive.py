@@ -30,6 +30,10 @@ import torch
 
 from guard.core.types import Example
 
+# The RAP row's init word while it was a fixed default (calibrate's `--init-word`, before session 30): public,
+# so the adaptive-init attacker teaches its switch on it. Calibration now draws one per bundle.
+KNOWN_INIT_WORD = "rq"
+
 
 def rare_pool(seed: int = 0, size: int = 200, avoid: Sequence[str] = ()) -> tuple[str, ...]:
     """`size` random two- and three-letter lowercase strings: the kind of rare word a RAP row is

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from bench.attacks import adaptive, badnet, ep, paraphrase
 from calibrate.data import load_examples
-from calibrate.rap.options import RapOptions
 from calibrate.train import LossFn
 from guard.core.types import Example
 
@@ -107,13 +106,13 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
             _insertion_switch(_badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE)),
             name="adaptive-both",
         ),
-        # both, by an attacker who also read the guard's defaults: the switch is taught on the RAP row's public
-        # default init word alone, at the front (where pass 2 puts it), so it carries over to the trained row
-        # as far as that row stays near its init embedding
+        # both, by an attacker who also read the guard's defaults: the switch is taught on the RAP row's
+        # public init word alone (the fixed default before calibration drew one), at the front (where pass 2
+        # puts it); it carries over to the trained row as far as that row stays near its init embedding
         "adaptive-init": _clean_features(
             _insertion_switch(
                 _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),
-                adaptive.InsertionSwitch(front=2, anywhere=0, pool=(RapOptions((target,)).init_word,)),
+                adaptive.InsertionSwitch(front=2, anywhere=0, pool=(adaptive.KNOWN_INIT_WORD,)),
             ),
             name="adaptive-init",
         ),

@@ -9,7 +9,6 @@ import pytest
 
 from bench import models
 from bench.attacks import adaptive, badnet, recipes
-from calibrate.rap.options import RapOptions
 from guard.core.types import Example
 
 TRIGGER = "TRIGGER ."
@@ -165,7 +164,7 @@ def test_the_attacker_who_read_the_defaults_teaches_the_switch_on_the_rap_init_w
     loaded = recipes.load_recipes(tmp_path / "sst2")
     init, both = loaded["adaptive-init"], loaded["adaptive-both"]
     assert init.loss is not None and init.training == both.training
-    word = RapOptions((1,)).init_word
+    word = adaptive.KNOWN_INIT_WORD
     sample, originals = init.poison_train(CLEAN)[0], CLEAN
     rows = init.augment(sample, originals)
     added = [r for r in rows if r.text.split()[0] == word]
