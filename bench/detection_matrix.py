@@ -15,9 +15,10 @@ draws the dev split and the RAP row's training order), then runs each detector o
   calibrated with `--int8`);
 - rap+features-noref: both detectors of a bundle calibrated WITHOUT `--reference-model` (the guard's
   bundles here use the packaged MiniLM the models were fine-tuned from);
-- rap+features@rq: both detectors of a bundle whose RAP row starts from `rq`, the fixed default init
-  word before it was drawn at random per calibration (what an attacker who read the defaults trains
-  against: the adaptive-init attack); rows record each bundle's init word (`rap_init`);
+- rap+features@redrawn: both detectors of a bundle whose RAP row starts from another word than the
+  public default `rq`, a 2-3 letter word of the rarer half of the vocabulary drawn at random (issue 31:
+  "a RAP row kept secret per deployment and re-drawn", against the adaptive-init attacker, who trains
+  on `rq`); rows record each bundle's init word (`rap_init`);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -41,6 +42,7 @@ import functools
 import json
 import logging
 import random
+import secrets
 import time
 from pathlib import Path
 
@@ -68,13 +70,13 @@ log = logging.getLogger("bench.detection_matrix")
 GUARD_DETECTORS = ("rap", "features", "rap+features")
 INT8_DETECTOR = "rap+features@int8"
 NOREF_DETECTOR = "rap+features-noref"
-RQ_DETECTOR = "rap+features@rq"
-DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, RQ_DETECTOR, "strip", "onion")
+REDRAWN_DETECTOR = "rap+features@redrawn"
+DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, "strip", "onion")
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
-STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, RQ_DETECTOR)
+STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR)
 # the bundle variants (folder suffix, the `bundles` key and the graph each row reads), both detectors on each
 VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8"), NOREF_DETECTOR: ("-noref", "noref", "onnx"),
-            RQ_DETECTOR: ("-rq", "rq", "onnx")}  # fmt: skip
+            REDRAWN_DETECTOR: ("-redrawn", "redrawn", "onnx")}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -126,6 +128,22 @@ class Refused:
     reason: str
 
 
+def drawn_init_word(model_dir: Path, avoid: tuple[str, ...] = ()) -> str:
+    """A 2-3 letter lower-case word that is one token of the model's vocabulary, from the rarer half of such
+    words (where `rq` sits in MiniLM's), drawn from the OS's entropy: a RAP row's init word no attacker knows."""
+    from tokenizers import Tokenizer
+
+    tokenizer = RapTokenizer.from_file(model_dir / "tokenizer.json", None, 16)
+    found = sorted(
+        (token_id, token)
+        for token, token_id in Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab().items()
+        if 2 <= len(token) <= 3 and token.isascii() and token.isalpha() and token.islower()
+        and tokenizer.word_id(token) == token_id
+    )  # fmt: skip
+    pool = [token for _, token in found[len(found) // 2 :] if token not in avoid]
+    return secrets.SystemRandom().choice(pool)
+
+
 def _init_word(bundle: Path) -> str | None:
     """The word the bundle's RAP row started from (its manifest's; None: no such bundle)."""
     manifest = bundle / "manifest.json"
@@ -175,7 +193,7 @@ def _seed_bundles(
         bundles["paper"] = paper
     if NOREF_DETECTOR in detectors:
         bundles["noref"] = _bundle(model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-noref"), guard)
-    if RQ_DETECTOR in detectors:
+    if REDRAWN_DETECTOR in detectors:
         rq = dataclasses.replace(guard, init_word=KNOWN_INIT_WORD)
         bundles["rq"] = _bundle(
             model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-rq"), rq, reference=True

@@ -42,7 +42,8 @@ SUMMARY = [
     "passes",
 ]
 COLORS = {"rap-paper": "tab:gray", "rap": "tab:red", "features": "tab:blue", "rap+features": "tab:purple",
-          "rap+features@int8": "tab:orange", "rap+features-noref": "tab:brown", "onion": "tab:green"}  # fmt: skip
+          "rap+features@int8": "tab:orange", "rap+features-noref": "tab:brown", "rap+features@redrawn": "tab:pink",
+          "onion": "tab:green"}  # fmt: skip
 
 
 def write_rows(out: Path, rows: list[dict], details: dict, machine: dict) -> None:
@@ -171,10 +172,14 @@ def _notes(machine: dict) -> str:
         "  `--statistic prob`: probability band [0.1, 0.3], SGD, the ladder of stronger attempts, the largest\n"
         "  held-out threshold kept). Where it refuses a model (its 1% threshold stays <= 0 on every rung) the\n"
         "  user gets no guard: its rows read FRR 0, FAR 1 and carry the reason in the JSON (`refused`).\n"
-        "- rap: the default bundle's RAP (log-odds band [2, 4] nats, Adam, 20 epochs; statistic `perturbed`).\n"
+        "- rap: the default bundle's RAP (log-odds band [2, 4] nats, Adam, 20 epochs; the row's `statistic`,\n"
+        "  `floored` by default, `perturbed` before it).\n"
         "- features: the default bundle's feature detector (per-layer Mahalanobis distance of [CLS] to the\n"
         "  predicted label's clean mean, DAN); one pass.\n"
         "- rap+features: flagged when either flags, both thresholds chosen together on the held-out rows.\n"
+        "- rap+features@redrawn / @int8 / -noref: both detectors of a bundle whose RAP row starts from a word\n"
+        "  drawn at random instead of the public default `rq` (`rap_init` in the JSON), of its int8 graph, or\n"
+        "  calibrated without `--reference-model`.\n"
         "- passes: model passes for an input predicted as the target.\n\n"
         f"Machine: {machine['cpu']} x{machine['cpu_count']}; "
         + ", ".join(f"{k} {v}" for k, v in machine["packages"].items())

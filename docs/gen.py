@@ -230,7 +230,7 @@ def adaptive_table() -> str:
 
     by = {(r["dataset"], r["attack"], r["detector"], r.get("statistic")): r for r in _matrix_rows()}
     served = [("rap", "perturbed"), ("rap", "floored"), ("features", "floored"), ("rap+features", "perturbed"),
-              ("rap+features", "floored")]  # fmt: skip
+              ("rap+features", "floored"), ("rap+features@redrawn", "floored")]  # fmt: skip
     rows = []
     for dataset in ("sst2", "offenseval"):
         for attack in (PLAIN, *ADAPTIVE):
@@ -242,7 +242,8 @@ def adaptive_table() -> str:
             asr = next(c["asr"] for c in cells if c)
             rows.append([dataset, attack, ATTACK_NAMES[attack], _pct(asr), *pair])
     columns = ["dataset (one model)", "attack", "trigger", "ASR", "RAP (perturbed, before)", "RAP (floored)",
-               "features", "both, perturbed (the default before)", "both, floored (the default)"]  # fmt: skip
+               "features", "both, perturbed (the default before)", "both, floored (the default)",
+               "both, floored, RAP row from a secret word"]  # fmt: skip
     return _table(columns, rows)
 
 
@@ -302,7 +303,8 @@ def serving_detectors_table() -> str:
          "p50 / bare p50"],
         rows,
     )  # fmt: skip
-    return f"Bundle `{results['settings']['bundle']}`, backend onnx-opt, {results['settings']['rounds']} rounds.\n\n{table}"
+    settings = results["settings"]
+    return f"Bundle `{settings['bundle']}`, backend onnx-opt, {settings['rounds']} rounds.\n\n{table}"
 
 
 def repair_table() -> str:

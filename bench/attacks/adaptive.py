@@ -30,8 +30,8 @@ import torch
 
 from guard.core.types import Example
 
-# The RAP row's init word while it was a fixed default (calibrate's `--init-word`, before session 30): public,
-# so the adaptive-init attacker teaches its switch on it. Calibration now draws one per bundle.
+# The RAP row's default init word (calibrate's `--init-word`): public, so the adaptive-init attacker teaches
+# its switch on it.
 KNOWN_INIT_WORD = "rq"
 
 

@@ -107,8 +107,7 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
             name="adaptive-both",
         ),
         # both, by an attacker who also read the guard's defaults: the switch is taught on the RAP row's
-        # public init word alone (the fixed default before calibration drew one), at the front (where pass 2
-        # puts it); it carries over to the trained row as far as that row stays near its init embedding
+        # public default init word alone, at the front only (where pass 2 puts it)
         "adaptive-init": _clean_features(
             _insertion_switch(
                 _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),

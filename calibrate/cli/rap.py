@@ -70,13 +70,7 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         metavar="LABEL",
         help="label ids to protect (--protect 0 2, or repeated: --protect 0 --protect 2)",
     )
-    p.add_argument(
-        "--init-word",
-        default=d.init_word,
-        help="rare word whose embedding initialises the RAP row (default: a 2-3 letter rare word of the vocabulary "
-        "drawn at random per calibration and recorded only in the bundle; a fixed, known word lets an attacker "
-        "train the backdoor to switch off under it)",
-    )
+    p.add_argument("--init-word", default=d.init_word, help="rare word whose embedding initialises the RAP row")
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,

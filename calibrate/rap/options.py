@@ -39,10 +39,7 @@ OPTIMIZERS = ("adam", "sgd")
 @dataclass(frozen=True)
 class RapOptions:
     protect_labels: tuple[int, ...]
-    # None: a 2-3 letter rare word of the vocabulary drawn at random (OS entropy) per calibration and
-    # recorded only in the bundle, so an attacker cannot teach the backdoor to switch off under it (a
-    # switch taught on the fixed default `rq` let 99.7% of triggered inputs through; bench adaptive-init)
-    init_word: str | None = None
+    init_word: str = "rq"
     # objective "logodds": hinge on the drop of the protect label's log-odds into `logodds_band`
     # (nats); its gradient does not vanish at p ~ 0.999. "paper": RAP eq. 4 on the probability
     # drop, band [c_low, c_up]; kept to measure the published construction.

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,7 +92,12 @@ def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Examp
     """Append and train the RAP row in `model` (in place); fit thresholds on held-out rows."""
     _check_labels(model, clean, options.protect_labels)
     split = _split(model, tokenizer, clean, options)
-    init_word, init_id = init_token(tokenizer, options.init_word)
+    init_word, init_id = options.init_word, tokenizer.word_id(options.init_word)
+    if init_id is None:  # e.g. `rq` in a byte-level BPE or SentencePiece vocabulary
+        init_word, init_id = tokenizer.rare_word()
+        log.warning(
+            "init word %r is not one token of this vocabulary; using %r, a rare one", options.init_word, init_word
+        )
     token_id = _append_row(model, init_id)
     tokenizer.rap_token_id = token_id
     embeddings = model.get_input_embeddings().weight
@@ -115,23 +119,6 @@ def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Examp
     result.train_texts = split.train_rows
     result.floors = split.floors if options.statistic in rap.FLOORED else {}
     return result
-
-
-def init_token(tokenizer: RapTokenizer, word: str | None) -> tuple[str, int]:
-    """The word the RAP row starts from and its id: `word` when it is one token of this vocabulary, a
-    rare one of the vocabulary when it is not, and with no word one of `short_rare_words` drawn from the
-    OS's entropy (not the calibration seed, which has a public default): the bundle alone records it."""
-    if word is None:
-        pool = tokenizer.short_rare_words() or [tokenizer.rare_word()]
-        chosen = secrets.SystemRandom().choice(pool)
-        log.info("RAP row initialised from a word drawn at random from %d rare ones (the bundle records it)", len(pool))
-        return chosen
-    word_id = tokenizer.word_id(word)
-    if word_id is None:  # e.g. `rq` in a byte-level BPE or SentencePiece vocabulary
-        rare, rare_id = tokenizer.rare_word()
-        log.warning("init word %r is not one token of this vocabulary; using %r, a rare one", word, rare)
-        return rare, rare_id
-    return word, word_id
 
 
 def _check_labels(model: PreTrainedModel, clean: list[Example], protect: tuple[int, ...]) -> None:

@@ -208,20 +208,6 @@ class RapTokenizer:
                 return word, token_id
         raise InputError("this vocabulary has no single-token word of 3 to 12 letters; pass --init-word")
 
-    def short_rare_words(self) -> list[tuple[str, int]]:
-        """The vocabulary's rarer half of its 2-3 letter lower-case words that are one token in a text:
-        (word, id), rarest last. Meaningless pieces like `rq`, `vox`, `tbs`: what the RAP row is
-        initialised from when no init word is given (one drawn at random, so an attacker cannot train
-        the backdoor to switch off under a known word). Empty when the vocabulary has none."""
-        found = []
-        for token, token_id in sorted(self._tokenizer.get_vocab().items(), key=lambda item: item[1]):
-            word = token.lstrip(WORD_MARKERS)
-            if token_id in self._special_ids or not (2 <= len(word) <= 3 and word.isascii()):
-                continue
-            if word.isalpha() and word.islower() and self.word_id(word) == token_id:
-                found.append((word, token_id))
-        return found[len(found) // 2 :]
-
     def token_text(self, token_id: int) -> str:
         return self._tokenizer.id_to_token(token_id) or f"<id {token_id}>"
 
