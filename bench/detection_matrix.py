@@ -194,10 +194,9 @@ def _seed_bundles(
     if NOREF_DETECTOR in detectors:
         bundles["noref"] = _bundle(model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-noref"), guard)
     if REDRAWN_DETECTOR in detectors:
-        rq = dataclasses.replace(guard, init_word=KNOWN_INIT_WORD)
-        bundles["rq"] = _bundle(
-            model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-rq"), rq, reference=True
-        )
+        redrawn = dataclasses.replace(guard, init_word=drawn_init_word(model_dir, avoid=(KNOWN_INIT_WORD,)))
+        redrawn_folder = folder / guard_bundle_name(name, seed, statistic, "-redrawn")
+        bundles["redrawn"] = _bundle(model_dir, dev, redrawn_folder, redrawn, reference=True)
     if INT8_DETECTOR in detectors:
         int8 = folder / guard_bundle_name(name, seed, statistic, "-int8")
         bundles["int8"] = _bundle(model_dir, dev, int8, guard, int8=True, reference=True)
