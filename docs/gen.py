@@ -208,9 +208,11 @@ ATTACK_NAMES = {
 
 def headline_table() -> str:
     """The README's table: the default bundle (both detectors) at the 1% FRR target."""
+    from bench.adaptive import ADAPTIVE, PLAIN
+
     rows = []
     for r in _current(_matrix_rows()):
-        if r["detector"] != "rap+features":
+        if r["detector"] != "rap+features" or r["attack"] in (PLAIN, *ADAPTIVE):  # those: `adaptive_summary`
             continue
         far = "–" if r["attack"] == "clean" else _pct(r["test_far"])
         name = ATTACK_NAMES.get(r["attack"], r["attack"])
@@ -245,6 +247,32 @@ def adaptive_table() -> str:
                "features", "both, perturbed (the default before)", "both, floored (the default)",
                "both, floored, RAP row from a secret word"]  # fmt: skip
     return _table(columns, rows)
+
+
+SHORT_NAMES = {
+    "badnet-sl-2k": "plain twin",
+    "adaptive-sl": "switch-off",
+    "adaptive-cls": "clean [CLS]",
+    "adaptive-both": "both",
+    "adaptive-init": "both, switch-off at the front",
+}
+
+
+def adaptive_summary() -> str:
+    """The README's line per dataset: triggered inputs let through (FAR, test FRR) by the default bundle at the
+    1% target, per adaptive attack and the plain twin."""
+    from bench.adaptive import ADAPTIVE, PLAIN
+    from guard.core.rap import DEFAULT_STATISTIC
+
+    by = {(r["dataset"], r["attack"]): r for r in _matrix_rows()
+          if r["detector"] == "rap+features" and r.get("statistic") == DEFAULT_STATISTIC}  # fmt: skip
+    lines = []
+    for dataset, label in (("sst2", "SST-2"), ("offenseval", "OLID")):
+        cells = [f"{SHORT_NAMES[a]} {_pct(by[dataset, a]['test_far'])} ({_pct(by[dataset, a]['test_frr'])})"
+                 for a in (PLAIN, *ADAPTIVE) if (dataset, a) in by]  # fmt: skip
+        if cells:
+            lines.append(f"- **{label}**: " + ", ".join(cells))
+    return "\n".join(lines) + "\n"
 
 
 def detection_matrix_table() -> str:
@@ -427,6 +455,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "overload": overload_table,
     "families": families_table,
     "adaptive": adaptive_table,
+    "adaptive-summary": adaptive_summary,
 }
 
 
