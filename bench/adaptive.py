@@ -10,6 +10,8 @@ this reads) it scores, on the same rows, every statistic from the bundle's two p
 - floored: the default statistic (guard.core.rap: minus the log-odds drop, counted from at least the
   label's floor), one-sided (flag above), as the guard serves it;
 - perturbed: the default before it, logit p(y | x + RAP), flagged above;
+- floored-2s: two-sided `floored`: also flags a drop too LARGE (the switch-off attackers' triggered inputs
+  fall further than clean ones under pass 2), the target split over both tails;
 - perturbed-2s: two-sided `perturbed`: flag above the upper OR below the lower threshold, the FRR target
   split evenly over the two tails of the clean held-out scores;
 - drop-2s: the same on the log-odds drop (logit p(y|x+RAP) - logit p(y|x)): too small OR too large;
@@ -70,6 +72,8 @@ PLAIN, ADAPTIVE = (
 )  # each beside the plain twin
 VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
     "floored": ("floored",),
+    "floored-2s": ("floored", "-floored"),
+    "floored-2s+features": ("floored", "-floored", "features"),
     "perturbed": ("perturbed",),
     "perturbed-2s": ("perturbed", "-perturbed"),
     "drop-2s": ("drop", "-drop"),
@@ -140,7 +144,7 @@ def _scores(bundle: Path, texts: list[str], floor: float, prefix: str = "") -> d
     out["floored"] = perturbed - np.maximum(before, floor)
     if "features" in loaded.detectors:
         out["features"] = np.where(rows.token, np.inf, rows.features)[first]
-    out["-perturbed"], out["-drop"] = -out["perturbed"], -out["drop"]
+    out["-perturbed"], out["-drop"], out["-floored"] = -out["perturbed"], -out["drop"], -out["floored"]
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
