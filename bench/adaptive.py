@@ -66,10 +66,8 @@ log = logging.getLogger("bench.adaptive")
 HEADLINE_FRR = 0.01
 BASELINE = "floored+features"  # the default detectors: FAR ratios are to this row
 SERVED = ("rap", "features", "rap+features")  # the matrix's rows of the guard's default bundle
-PLAIN, ADAPTIVE = (
-    "badnet-sl-2k",
-    ("adaptive-sl", "adaptive-cls", "adaptive-both", "adaptive-init"),
-)  # each beside the plain twin
+PLAIN = "badnet-sl-2k"  # the plain twin each adaptive attack is measured beside
+ADAPTIVE = ("adaptive-sl", "adaptive-cls", "adaptive-both", "adaptive-init")
 VARIANTS = {  # name -> the flag-above scores united (see `_scores`)
     "floored": ("floored",),
     "floored-2s": ("floored", "-floored"),

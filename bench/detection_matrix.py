@@ -191,15 +191,17 @@ def _seed_bundles(
         )
     if paper is not None:
         bundles["paper"] = paper
+
+    def variant(detector: str) -> Path:
+        return folder / guard_bundle_name(name, seed, statistic, VARIANTS[detector][0])
+
     if NOREF_DETECTOR in detectors:
-        bundles["noref"] = _bundle(model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "-noref"), guard)
+        bundles["noref"] = _bundle(model_dir, dev, variant(NOREF_DETECTOR), guard)
     if REDRAWN_DETECTOR in detectors:
         redrawn = dataclasses.replace(guard, init_word=drawn_init_word(model_dir, avoid=(KNOWN_INIT_WORD,)))
-        redrawn_folder = folder / guard_bundle_name(name, seed, statistic, "-redrawn")
-        bundles["redrawn"] = _bundle(model_dir, dev, redrawn_folder, redrawn, reference=True)
+        bundles["redrawn"] = _bundle(model_dir, dev, variant(REDRAWN_DETECTOR), redrawn, reference=True)
     if INT8_DETECTOR in detectors:
-        int8 = folder / guard_bundle_name(name, seed, statistic, "-int8")
-        bundles["int8"] = _bundle(model_dir, dev, int8, guard, int8=True, reference=True)
+        bundles["int8"] = _bundle(model_dir, dev, variant(INT8_DETECTOR), guard, int8=True, reference=True)
     return bundles
 
 
