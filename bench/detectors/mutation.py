@@ -47,44 +47,17 @@ def mutated_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-class MutationScorer:
-    """One Hugging Face classifier (CPU, eval mode) and K reproducible mutants of it, applied one at a time."""
+class TorchClassifier:
+    """One Hugging Face classifier (CPU, eval mode): a label's log-odds per text, batched by length."""
 
-    def __init__(
-        self,
-        model_dir: Path,
-        mutants: int = 8,
-        scale: float = 0.1,
-        seed: int = 0,
-        max_length: int = 64,
-        batch_size: int = 64,
-    ) -> None:
-        if mutants < 1 or scale < 0:
-            raise ValueError(f"need mutants >= 1 and scale >= 0, got {mutants} and {scale}")
-        self.mutants, self.scale, self.seed = mutants, scale, seed
+    def __init__(self, model_dir: Path, max_length: int = 64, batch_size: int = 64) -> None:
         self.max_length, self.batch_size = max_length, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
-        self.weights = mutated_weights(self.model)
-        with torch.no_grad():
-            self.original = {name: w.detach().clone() for name, w in self.weights.items()}
 
-    @contextmanager
-    def _mutate(self, k: int) -> Iterator[None]:
-        """Within the block the model is mutant k; the original tensors are copied back on leaving it."""
-        state = int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0])
-        generator = torch.Generator().manual_seed(state)
-        try:
-            with torch.no_grad():
-                for name in sorted(self.weights):
-                    w = self.original[name]
-                    noise = torch.randn(w.shape, generator=generator, dtype=w.dtype)
-                    self.weights[name].add_(noise.to(w.device) * (self.scale * w.std()))
-            yield
-        finally:
-            with torch.no_grad():
-                for name, w in self.weights.items():
-                    w.copy_(self.original[name])
+    def log_odds(self, texts: list[str], label: int) -> np.ndarray:
+        """Per text: log p(label|x) - log(1 - p(label|x)) under the model (guard.core.rap.log_odds)."""
+        return self._log_odds(self._batches(list(texts)), label, len(texts)) if texts else np.empty(0)
 
     def _batches(self, texts: list[str]) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         """(row indices, encoded batch), rows sorted by length so a batch pads little; encoded once."""
@@ -105,6 +78,44 @@ class MutationScorer:
                 logits = self.model(**enc).logits.double().numpy()
                 out[rows] = rap.log_odds(rap.softmax(logits)[:, label])
         return out
+
+
+class MutationScorer(TorchClassifier):
+    """The classifier and K reproducible mutants of it, applied one at a time."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        mutants: int = 8,
+        scale: float = 0.1,
+        seed: int = 0,
+        max_length: int = 64,
+        batch_size: int = 64,
+    ) -> None:
+        if mutants < 1 or scale < 0:
+            raise ValueError(f"need mutants >= 1 and scale >= 0, got {mutants} and {scale}")
+        super().__init__(model_dir, max_length, batch_size)
+        self.mutants, self.scale, self.seed = mutants, scale, seed
+        self.weights = mutated_weights(self.model)
+        with torch.no_grad():
+            self.original = {name: w.detach().clone() for name, w in self.weights.items()}
+
+    @contextmanager
+    def _mutate(self, k: int) -> Iterator[None]:
+        """Within the block the model is mutant k; the original tensors are copied back on leaving it."""
+        state = int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(state)
+        try:
+            with torch.no_grad():
+                for name in sorted(self.weights):
+                    w = self.original[name]
+                    noise = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+                    self.weights[name].add_(noise.to(w.device) * (self.scale * w.std()))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, w in self.weights.items():
+                    w.copy_(self.original[name])
 
     def scores(self, texts: list[str], label: int) -> np.ndarray:
         """Per text: `label`'s log-odds under the model minus their mean under the K mutants (positive: falls)."""

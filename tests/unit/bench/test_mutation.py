@@ -86,3 +86,19 @@ def test_a_mutant_moves_only_linear_weights_outside_the_embeddings(spread_model_
     for k in changed:  # each matrix's noise is scaled by its own spread
         ratio = float((during[k] - before[k]).std() / before[k].std())
         assert 0.3 < ratio < 0.7, (k, ratio)
+
+
+def test_torch_classifier_log_odds_match_each_text_alone(tiny_model_dir: Path) -> None:
+    """Batched by length with padding, each text's log-odds are its own forward pass's, in the order given."""
+    from bench.detectors.mutation import TorchClassifier
+
+    reader = TorchClassifier(tiny_model_dir)
+    batched = reader.log_odds(TEXTS, 1)
+    alone = np.array([reader.log_odds([t], 1)[0] for t in TEXTS])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    with torch.inference_mode():
+        enc = reader.tokenizer([TEXTS[2]], return_tensors="pt")
+        p = torch.softmax(reader.model(**enc).logits.double(), -1)[0, 1].item()
+    assert batched[2] == pytest.approx(np.log(p) - np.log1p(-p), abs=1e-5)
+    np.testing.assert_allclose(reader.log_odds(TEXTS, 0), -batched, atol=1e-5)  # two labels: the other side
+    assert reader.log_odds([], 1).shape == (0,)

@@ -1,0 +1,179 @@
+"""A clean reference classifier's disagreement as a detector (issue 31): measured, not adopted.
+
+    python -m bench.reference_disagreement --data ../shared/data/sst2 --clean-reference
+    python -m bench.reference_disagreement --data ../shared/data/offenseval --attacks badnet-sl-2k adaptive-sl
+
+A signal that reads neither RAP's pass 2 nor the suspect's [CLS]: a classifier the attacker never touched
+predicts the same input, and the guard flags a protect-label prediction the reference disputes. A
+paraphrased (syntactic, style) or adaptive trigger changes how the suspect reads a text, not what the text
+says, so a clean reader should keep the source label. Two references per dataset:
+
+- `calibration`: the packaged MiniLM fine-tuned (5 epochs) on the calibration's own training half of dev,
+  every label (the rows `calibrate rap` trains its RAP row on): what a user of the guard could build;
+- `clean` (`--clean-reference`): the bench's clean model, fine-tuned on the whole training set (recipe
+  `clean`): an upper bound no user has (with a trusted clean model, one would serve it instead).
+
+Scores per text, flagged above (the suspect's prediction is the target label):
+- `reference`: the reference's log-odds AGAINST the target (log p(not target) - log p(target));
+- `reference-diff`: the suspect's log-odds for the target minus the reference's: how much more the suspect
+  believes the target than the clean reader does.
+Each alone and united with the default detectors (`floored+features`, the bundle's two scores with
+bench.adaptive's even split of the target FRR), thresholds on the calibration's held-out half of dev, rates on
+test over inputs predicted as the target, as bench.adaptive. Writes bench/results/reference_disagreement.{json,md}
+(rows of other datasets/attacks kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from bench.adaptive import ADAPTIVE, PLAIN, _held_out, _scores, union_points
+from bench.attacks.recipes import TARGET, load_recipes
+from bench.detection_matrix import _bundle, _inputs, guard_bundle_name
+from bench.detectors.classifier import Classifier
+from bench.feature_scores import auc
+from bench.machine import machine_info
+from bench.models import build_model
+from calibrate.data import load_examples
+from calibrate.model import default_base_model, quiet_transformers
+from calibrate.options import TrainOptions
+from calibrate.rap.options import FRR_TARGETS, RapOptions
+from calibrate.rap.perturbation import split_rows
+from calibrate.report import markdown_table
+from guard.core import rap
+
+log = logging.getLogger("bench.reference_disagreement")
+ATTACKS = (PLAIN, *ADAPTIVE, "syntactic", "style")
+DEFAULT = ("floored", "features")
+VARIANTS = {  # name -> the flag-above scores united
+    "floored+features": DEFAULT,
+    "reference": ("reference",),
+    "reference-diff": ("reference-diff",),
+    "floored+features+reference": (*DEFAULT, "reference"),
+    "floored+features+reference-diff": (*DEFAULT, "reference-diff"),
+}
+TABLE_FRR = (0.01, 0.03)
+
+
+def calibration_reference(data: Path, seed: int, cache: Path) -> Path:
+    """The packaged MiniLM fine-tuned on calibrate rap's training half of dev (cached)."""
+    from calibrate.train import train_classifier  # torch: only when training
+
+    out = cache / "models" / f"reference-calibration-s{seed}"
+    if not (out / "config.json").is_file():
+        train_rows, _ = split_rows(load_examples(data / "dev.tsv"), RapOptions((TARGET,), seed=seed))
+        log.info("training the calibration reference on %d dev rows", len(train_rows))
+        train_classifier(default_base_model(), train_rows, out, TrainOptions(epochs=5, seed=seed, progress=False))
+    return out
+
+
+def measure(data: Path, attack: str, seed: int, cache: Path, references: dict[str, Path]) -> list[dict]:
+    from bench.detectors.mutation import TorchClassifier  # torch and transformers: only when measuring
+
+    recipe = load_recipes(data)[attack]
+    dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
+    info = build_model(recipe, data, cache / "models")
+    guard = _bundle(
+        Path(info["dir"]), dev, cache / "bundles" / guard_bundle_name(attack, seed), RapOptions((TARGET,), seed=seed),
+        reference=True,
+    )  # the matrix's default bundle (cached by it)  # fmt: skip
+    inputs, cacc = _inputs(guard, dev, test, recipe.poison_test(test))
+    train, held = _held_out(dev, seed, set(inputs.dev))
+    floor = rap.floor(Classifier(guard).probs(train)[:, TARGET])
+    sets = {"held": held, "clean": inputs.clean, "poisoned": inputs.poisoned}
+    suspect = {k: _scores(guard, v, floor) for k, v in sets.items()}
+    out = []
+    for name, model_dir in references.items():
+        reader = TorchClassifier(model_dir)
+        scored = {}
+        for k, texts in sets.items():
+            ref = reader.log_odds(texts, TARGET)
+            scored[k] = {**suspect[k], "reference": -ref, "reference-diff": suspect[k]["before"] - ref}
+        truth = np.array([r.label == TARGET for r in test])
+        accuracy = float(np.mean((reader.log_odds([r.text for r in test], TARGET) > 0) == truth))
+        log.info("== %s / %s: reference accuracy on test %.3f", attack, name, accuracy)
+        out.append({
+            "attack": attack, "reference": name, "seed": seed, "cacc": cacc, "asr": inputs.asr,
+            "reference_accuracy": accuracy, "rows": {k: len(v) for k, v in sets.items()},
+            "auroc": {s: auc(scored["clean"][s], scored["poisoned"][s]) for s in ("reference", "reference-diff")},
+            "points": [
+                {"variant": v, **union_points(scored["held"], scored["clean"], scored["poisoned"], parts, frr)}
+                for v, parts in VARIANTS.items()
+                for frr in FRR_TARGETS
+            ],
+        })  # fmt: skip
+    return out
+
+
+def write(out: Path, dataset: str, results: list[dict]) -> None:
+    path = out / "reference_disagreement.json"
+    kept = []
+    if path.is_file():
+        new = {(dataset, r["attack"], r["reference"]) for r in results}
+        old = json.loads(path.read_text())["results"]
+        kept = [r for r in old if (r["dataset"], r["attack"], r["reference"]) not in new]
+    results = kept + [{"dataset": dataset, **r} for r in results]
+    machine = machine_info()
+    path.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
+    (out / "reference_disagreement.md").write_text(markdown(results, machine))
+
+
+def table_rows(results: list[dict], frr: float) -> list[dict]:
+    """One row per (dataset, attack, reference reader): test FRR / FAR of each variant at `frr`, the default's first."""
+    rows = []
+    for r in results:
+        at = {p["variant"]: p for p in r["points"] if abs(p["frr_target"] - frr) < 1e-9}
+        row = {"dataset": r["dataset"], "attack": r["attack"], "reader": r["reference"],
+               "ref. accuracy": r["reference_accuracy"], "AUROC ref / diff":
+               f"{r['auroc']['reference']:.2f} / {r['auroc']['reference-diff']:.2f}"}  # fmt: skip
+        row |= {v: f"{p['test_frr']:.1%} / {p['test_far']:.1%}" for v, p in at.items()}
+        rows.append(row)
+    return rows
+
+
+def markdown(results: list[dict], machine: dict) -> str:
+    columns = ["dataset", "attack", "reader", "ref. accuracy", "AUROC ref / diff", *VARIANTS]
+    parts = [
+        "# A clean reference classifier's disagreement (issue 31; not a guard detector)\n\n"
+        "`python -m bench.reference_disagreement` (see its docstring). Cells: test FRR / FAR (share of triggered\n"
+        "inputs predicted as the target that pass). `reader`, the reference: `calibration`, MiniLM fine-tuned\n"
+        "on the calibration's few hundred clean rows; `clean`, a clean model trained on the whole training set\n"
+        "(an upper bound no user has).\n"
+    ]
+    for frr in TABLE_FRR:
+        parts.append(f"\n## At {frr:.0%} target FRR\n\n" + markdown_table(table_rows(results, frr), columns))
+    parts.append(
+        f"\nMachine: {machine['cpu']} x{machine['cpu_count']}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["packages"].items())
+        + "\n"
+    )
+    return "".join(parts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    p.add_argument("--seed", type=int, default=13, help="calibration seed (dev split)")
+    p.add_argument("--clean-reference", action="store_true", help="also the clean model (trained if not cached)")
+    p.add_argument("--cache", type=Path, default=Path("bench/.cache"))
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet_transformers()
+    dataset = args.data.name
+    cache = args.cache if dataset == "sst2" else args.cache / dataset
+    references = {"calibration": calibration_reference(args.data, args.seed, cache)}
+    if args.clean_reference:
+        references["clean"] = Path(build_model(load_recipes(args.data)["clean"], args.data, cache / "models")["dir"])
+    results = [r for a in args.attacks for r in measure(args.data, a, args.seed, cache, references)]
+    write(args.out, dataset, results)
+
+
+if __name__ == "__main__":
+    main()
