@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +48,10 @@ from calibrate.rap.options import FRR_TARGETS, RapOptions
 from calibrate.rap.perturbation import split_rows
 from calibrate.report import markdown_table
 from guard.core import rap
+
+if TYPE_CHECKING:
+    from bench.detectors.mutation import TorchClassifier
+    from guard.core.types import Example
 
 log = logging.getLogger("bench.reference_disagreement")
 ATTACKS = (PLAIN, *ADAPTIVE, "syntactic", "style")
@@ -72,9 +78,23 @@ def calibration_reference(data: Path, seed: int, cache: Path) -> Path:
     return out
 
 
-def measure(data: Path, attack: str, seed: int, cache: Path, references: dict[str, Path]) -> list[dict]:
-    from bench.detectors.mutation import TorchClassifier  # torch and transformers: only when measuring
+@dataclass(frozen=True)
+class Reader:
+    model: TorchClassifier
+    accuracy: float  # on the test set's clean rows, every label
 
+    @classmethod
+    def load(cls, model_dir: Path, test: list[Example]) -> Reader:
+        from bench.detectors.mutation import TorchClassifier  # torch and transformers: only when measuring
+
+        model = TorchClassifier(model_dir)
+        truth = np.array([r.label == TARGET for r in test])
+        accuracy = float(np.mean((model.log_odds([r.text for r in test], TARGET) > 0) == truth))
+        log.info("reader %s: accuracy on test %.3f", model_dir, accuracy)
+        return cls(model, accuracy)
+
+
+def measure(data: Path, attack: str, seed: int, cache: Path, readers: dict[str, Reader]) -> list[dict]:
     recipe = load_recipes(data)[attack]
     dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
     info = build_model(recipe, data, cache / "models")
@@ -88,18 +108,15 @@ def measure(data: Path, attack: str, seed: int, cache: Path, references: dict[st
     sets = {"held": held, "clean": inputs.clean, "poisoned": inputs.poisoned}
     suspect = {k: _scores(guard, v, floor) for k, v in sets.items()}
     out = []
-    for name, model_dir in references.items():
-        reader = TorchClassifier(model_dir)
+    for name, reader in readers.items():
         scored = {}
         for k, texts in sets.items():
-            ref = reader.log_odds(texts, TARGET)
+            ref = reader.model.log_odds(texts, TARGET)
             scored[k] = {**suspect[k], "reference": -ref, "reference-diff": suspect[k]["before"] - ref}
-        truth = np.array([r.label == TARGET for r in test])
-        accuracy = float(np.mean((reader.log_odds([r.text for r in test], TARGET) > 0) == truth))
-        log.info("== %s / %s: reference accuracy on test %.3f", attack, name, accuracy)
+        log.info("== %s / %s scored", attack, name)
         out.append({
             "attack": attack, "reference": name, "seed": seed, "cacc": cacc, "asr": inputs.asr,
-            "reference_accuracy": accuracy, "rows": {k: len(v) for k, v in sets.items()},
+            "reference_accuracy": reader.accuracy, "rows": {k: len(v) for k, v in sets.items()},
             "auroc": {s: auc(scored["clean"][s], scored["poisoned"][s]) for s in ("reference", "reference-diff")},
             "points": [
                 {"variant": v, **union_points(scored["held"], scored["clean"], scored["poisoned"], parts, frr)}
@@ -168,10 +185,12 @@ def main() -> None:
     quiet_transformers()
     dataset = args.data.name
     cache = args.cache if dataset == "sst2" else args.cache / dataset
-    references = {"calibration": calibration_reference(args.data, args.seed, cache)}
+    test = load_examples(args.data / "test.tsv")
+    readers = {"calibration": Reader.load(calibration_reference(args.data, args.seed, cache), test)}
     if args.clean_reference:
-        references["clean"] = Path(build_model(load_recipes(args.data)["clean"], args.data, cache / "models")["dir"])
-    results = [r for a in args.attacks for r in measure(args.data, a, args.seed, cache, references)]
+        clean = build_model(load_recipes(args.data)["clean"], args.data, cache / "models")
+        readers["clean"] = Reader.load(Path(clean["dir"]), test)
+    results = [r for a in args.attacks for r in measure(args.data, a, args.seed, cache, readers)]
     write(args.out, dataset, results)
 
 

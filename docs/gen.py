@@ -275,6 +275,21 @@ def adaptive_summary() -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference_table() -> str:
+    """bench.reference_disagreement at the 1% target: the default bundle, a clean reference's disagreement alone
+    (both scores) and united with the default, per dataset, attack and reference reader (test FRR / FAR)."""
+    shown = ["floored+features", "reference", "reference-diff", "floored+features+reference-diff"]
+    rows = []
+    for r in _results("reference_disagreement")["results"]:
+        at = {p["variant"]: p for p in r["points"] if abs(p["frr_target"] - 0.01) < 1e-9}
+        cells = [f"{_pct(at[v]['test_frr'])} / {_pct(at[v]['test_far'])}" for v in shown]
+        reader = f"{r['reference']} ({_pct(r['reference_accuracy'])})"
+        rows.append([r["dataset"], ATTACK_NAMES.get(r["attack"], r["attack"]), reader, *cells])
+    columns = ["dataset", "attack", "reader (its test accuracy)", "default bundle", "reader disagrees",
+               "suspect minus reader log-odds", "default + the difference"]  # fmt: skip
+    return _table(columns, rows)
+
+
 def detection_matrix_table() -> str:
     """Per dataset and attack, each detector's test FRR / FAR at the 1% target (mean, FAR range, seeds)."""
     by_key: dict[tuple[str, str], dict[str, dict]] = {}
@@ -456,6 +471,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "families": families_table,
     "adaptive": adaptive_table,
     "adaptive-summary": adaptive_summary,
+    "reference": reference_table,
 }
 
 
