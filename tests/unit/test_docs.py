@@ -95,3 +95,12 @@ def test_every_alert_has_a_runbook() -> None:
 
 def test_the_readme_fits_on_two_screens() -> None:
     assert len((gen.ROOT / "README.md").read_text().splitlines()) <= 120
+
+
+def test_every_benchmark_result_page_is_in_the_site_nav() -> None:
+    """mkdocs --strict refuses a page outside the nav; the benchmarks' own .md files join the site (docs/hooks.py)."""
+    nav = (gen.ROOT / "mkdocs.yml").read_text()
+    pages = sorted(p.name for p in gen.RESULTS.glob("*.md"))
+    assert pages, "no benchmark result pages"
+    missing = [name for name in pages if f"benchmarks/results/{name}" not in nav]
+    assert not missing, f"add to mkdocs.yml's nav: {missing}"
