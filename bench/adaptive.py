@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,8 @@ from guard.core.detection import first_windows
 
 if TYPE_CHECKING:
     from bench.detectors.mutation import MutationScorer
+    from bench.detectors.runs import Inputs
+    from guard.core.types import Example
 
 log = logging.getLogger("bench.adaptive")
 HEADLINE_FRR = 0.01
@@ -161,24 +164,52 @@ def _mutation(scorer: MutationScorer, texts: list[str]) -> dict[str, np.ndarray]
     return {"mutation": fall, "-mutation": -fall}
 
 
+@dataclass(frozen=True)
+class AttackRows:
+    """One attack model, its matrix default bundle, and the rows every statistic is scored on."""
+
+    settings: dict  # the attack recipe's
+    model_dir: Path
+    info: dict  # bench.models.build_model's record
+    dev: list[Example]
+    guard: Path  # the matrix's default bundle (cached by it)
+    inputs: Inputs
+    cacc: float
+    held: list[str]  # calibrate rap's held-out half of dev, predicted as the target
+    clean_probs: np.ndarray  # p(target) of its training half's target rows (the floor's rows)
+
+    @classmethod
+    def load(cls, data: Path, attack: str, seed: int, cache: Path) -> AttackRows:
+        recipe = load_recipes(data)[attack]
+        dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
+        info = build_model(recipe, data, cache / "models")
+        model_dir = Path(info["dir"])
+        guard = _bundle(
+            model_dir, dev, cache / "bundles" / guard_bundle_name(attack, seed), RapOptions((TARGET,), seed=seed),
+            reference=True,
+        )  # fmt: skip
+        inputs, cacc = _inputs(guard, dev, test, recipe.poison_test(test))
+        train, held = _held_out(dev, seed, set(inputs.dev))
+        clean_probs = Classifier(guard).probs(train)[:, TARGET]
+        return cls(recipe.settings, model_dir, info, dev, guard, inputs, cacc, held, clean_probs)
+
+    @property
+    def floor(self) -> float:
+        return rap.floor(self.clean_probs)  # as `calibrate rap` fits it
+
+    @property
+    def sets(self) -> dict[str, list[str]]:
+        return {"held": self.held, "clean": self.inputs.clean, "poisoned": self.inputs.poisoned}
+
+
 def measure(data: Path, attack: str, seed: int, cache: Path, mutants: int = 8, mutation_scale: float = 0.1) -> dict:
-    recipe = load_recipes(data)[attack]
-    dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
-    info = build_model(recipe, data, cache / "models")
-    model_dir = Path(info["dir"])
-    guard = _bundle(
-        model_dir, dev, cache / "bundles" / guard_bundle_name(attack, seed), RapOptions((TARGET,), seed=seed),
-        reference=True,
-    )  # the matrix's default bundle (cached by it)  # fmt: skip
-    inputs, cacc = _inputs(guard, dev, test, recipe.poison_test(test))
-    train, held = _held_out(dev, seed, set(inputs.dev))
-    clean_probs = Classifier(guard).probs(train)[:, TARGET]
-    confidence, floor = rap.log_odds(clean_probs), rap.floor(clean_probs)  # the floor as `calibrate rap` fits it
+    rows = AttackRows.load(data, attack, seed, cache)
+    model_dir, guard, floor, sets = rows.model_dir, rows.guard, rows.floor, rows.sets
+    confidence = rap.log_odds(rows.clean_probs)
     band = band_for(confidence)
     log.info("== %s: clean log-odds median %.2f, band %s", attack, float(np.median(confidence)), band)
-    banded = _bundle(model_dir, dev, cache / "bundles" / f"{attack}-band{band[0]:g}-{band[1]:g}-s{seed}",
+    banded = _bundle(model_dir, rows.dev, cache / "bundles" / f"{attack}-band{band[0]:g}-{band[1]:g}-s{seed}",
                      RapOptions((TARGET,), seed=seed, logodds_band=band))  # fmt: skip
-    sets = {"held": held, "clean": inputs.clean, "poisoned": inputs.poisoned}
     from bench.detectors.mutation import MutationScorer  # torch and transformers: only when measuring
 
     mutation = MutationScorer(model_dir, mutants=mutants, scale=mutation_scale, seed=seed)
@@ -194,11 +225,11 @@ def measure(data: Path, attack: str, seed: int, cache: Path, mutants: int = 8, m
     return {
         "attack": attack,
         "seed": seed,
-        "cacc": cacc,
-        "asr": inputs.asr,
+        "cacc": rows.cacc,
+        "asr": rows.inputs.asr,
         "rows": {k: len(v) for k, v in sets.items()},
-        "train": {k: info.get(k) for k in ("train_rows", "poisoned_rows", "train_seconds", "dev_accuracy")},
-        "settings": recipe.settings,
+        "train": {k: rows.info.get(k) for k in ("train_rows", "poisoned_rows", "train_seconds", "dev_accuracy")},
+        "settings": rows.settings,
         "band": band,
         "floor": floor,
         "mutation": {"mutants": mutants, "scale": mutation_scale, "seed": seed},
@@ -242,15 +273,20 @@ def _shape(scored: dict) -> dict:
 
 def write(out: Path, dataset: str, results: list[dict]) -> None:
     """Merge into bench/results/adaptive.json (results of other datasets/attacks kept) and write the table."""
-    path = out / "adaptive.json"
-    kept = []
+    results, machine = merge_results(out / "adaptive.json", dataset, results, ("dataset", "attack"))
+    (out / "adaptive.md").write_text(_markdown(results, machine))
+
+
+def merge_results(path: Path, dataset: str, results: list[dict], key: tuple[str, ...]) -> tuple[list[dict], dict]:
+    """Write `results` (of `dataset`) into the JSON at `path` with this machine's record, replacing the rows
+    already there with the same `key` fields and keeping the others; returns (every row, the machine)."""
+    results = [{"dataset": dataset, **r} for r in results]
     if path.is_file():
-        new = {(dataset, r["attack"]) for r in results}
-        kept = [r for r in json.loads(path.read_text())["results"] if (r["dataset"], r["attack"]) not in new]
-    results = kept + [{"dataset": dataset, **r} for r in results]
+        new = {tuple(r[k] for k in key) for r in results}
+        results = [r for r in json.loads(path.read_text())["results"] if tuple(r[k] for k in key) not in new] + results
     machine = machine_info()
     path.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
-    (out / "adaptive.md").write_text(_markdown(results, machine))
+    return results, machine
 
 
 def _markdown(results: list[dict], machine: dict) -> str:

@@ -26,7 +26,6 @@ test over inputs predicted as the target, as bench.adaptive. Writes bench/result
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bench.adaptive import ADAPTIVE, PLAIN, _held_out, _scores, union_points
+from bench.adaptive import ADAPTIVE, PLAIN, AttackRows, _scores, merge_results, union_points
 from bench.attacks.recipes import TARGET, load_recipes
-from bench.detection_matrix import _bundle, _inputs, guard_bundle_name
-from bench.detectors.classifier import Classifier
 from bench.feature_scores import auc
-from bench.machine import machine_info
 from bench.models import build_model
 from calibrate.data import load_examples
 from calibrate.model import default_base_model, quiet_transformers
@@ -47,7 +43,6 @@ from calibrate.options import TrainOptions
 from calibrate.rap.options import FRR_TARGETS, RapOptions
 from calibrate.rap.perturbation import split_rows
 from calibrate.report import markdown_table
-from guard.core import rap
 
 if TYPE_CHECKING:
     from bench.detectors.mutation import TorchClassifier
@@ -95,18 +90,9 @@ class Reader:
 
 
 def measure(data: Path, attack: str, seed: int, cache: Path, readers: dict[str, Reader]) -> list[dict]:
-    recipe = load_recipes(data)[attack]
-    dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
-    info = build_model(recipe, data, cache / "models")
-    guard = _bundle(
-        Path(info["dir"]), dev, cache / "bundles" / guard_bundle_name(attack, seed), RapOptions((TARGET,), seed=seed),
-        reference=True,
-    )  # the matrix's default bundle (cached by it)  # fmt: skip
-    inputs, cacc = _inputs(guard, dev, test, recipe.poison_test(test))
-    train, held = _held_out(dev, seed, set(inputs.dev))
-    floor = rap.floor(Classifier(guard).probs(train)[:, TARGET])
-    sets = {"held": held, "clean": inputs.clean, "poisoned": inputs.poisoned}
-    suspect = {k: _scores(guard, v, floor) for k, v in sets.items()}
+    rows = AttackRows.load(data, attack, seed, cache)
+    sets = rows.sets
+    suspect = {k: _scores(rows.guard, v, rows.floor) for k, v in sets.items()}
     out = []
     for name, reader in readers.items():
         scored = {}
@@ -115,7 +101,7 @@ def measure(data: Path, attack: str, seed: int, cache: Path, readers: dict[str, 
             scored[k] = {**suspect[k], "reference": -ref, "reference-diff": suspect[k]["before"] - ref}
         log.info("== %s / %s scored", attack, name)
         out.append({
-            "attack": attack, "reference": name, "seed": seed, "cacc": cacc, "asr": inputs.asr,
+            "attack": attack, "reference": name, "seed": seed, "cacc": rows.cacc, "asr": rows.inputs.asr,
             "reference_accuracy": reader.accuracy, "rows": {k: len(v) for k, v in sets.items()},
             "auroc": {s: auc(scored["clean"][s], scored["poisoned"][s]) for s in ("reference", "reference-diff")},
             "points": [
@@ -128,15 +114,8 @@ def measure(data: Path, attack: str, seed: int, cache: Path, readers: dict[str, 
 
 
 def write(out: Path, dataset: str, results: list[dict]) -> None:
-    path = out / "reference_disagreement.json"
-    kept = []
-    if path.is_file():
-        new = {(dataset, r["attack"], r["reference"]) for r in results}
-        old = json.loads(path.read_text())["results"]
-        kept = [r for r in old if (r["dataset"], r["attack"], r["reference"]) not in new]
-    results = kept + [{"dataset": dataset, **r} for r in results]
-    machine = machine_info()
-    path.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
+    key = ("dataset", "attack", "reference")
+    results, machine = merge_results(out / "reference_disagreement.json", dataset, results, key)
     (out / "reference_disagreement.md").write_text(markdown(results, machine))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -45,3 +47,13 @@ def test_side_by_side_ratio() -> None:
     assert adaptive._ratio(point(0.0), point(0.3)) == "inf"
     assert adaptive._ratio(point(0.0), point(0.0)) is None
     assert adaptive._ratio(None, point(0.3)) is None
+
+
+def test_merge_results_replaces_rows_with_the_same_key_and_keeps_the_rest(tmp_path) -> None:
+    path = tmp_path / "r.json"
+    adaptive.merge_results(path, "sst2", [{"attack": "a", "v": 1}, {"attack": "b", "v": 1}], ("dataset", "attack"))
+    adaptive.merge_results(path, "olid", [{"attack": "a", "v": 2}], ("dataset", "attack"))
+    rows, machine = adaptive.merge_results(path, "sst2", [{"attack": "a", "v": 3}], ("dataset", "attack"))
+    kept = sorted((r["dataset"], r["attack"], r["v"]) for r in rows)
+    assert kept == [("olid", "a", 2), ("sst2", "a", 3), ("sst2", "b", 1)]
+    assert "cpu" in machine and json.loads(path.read_text())["results"] == rows
