@@ -19,6 +19,8 @@ draws the dev split and the RAP row's training order), then runs each detector o
   public default `rq`, a 2-3 letter word of the rarer half of the vocabulary drawn at random (issue 31:
   "a RAP row kept secret per deployment and re-drawn", against the adaptive-init attacker, who trains
   on `rq`); rows record each bundle's init word (`rap_init`);
+- rap+features+reader: every detector of a bundle calibrated with `--reader` (the packaged MiniLM the
+  models were fine-tuned from, fine-tuned on the calibration's clean rows: guard.core.reader);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -71,12 +73,16 @@ GUARD_DETECTORS = ("rap", "features", "rap+features")
 INT8_DETECTOR = "rap+features@int8"
 NOREF_DETECTOR = "rap+features-noref"
 REDRAWN_DETECTOR = "rap+features@redrawn"
-DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, "strip", "onion")
+READER_DETECTOR = "rap+features+reader"
+DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, READER_DETECTOR, "strip",
+             "onion")  # fmt: skip
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
-STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR)
-# the bundle variants (folder suffix, the `bundles` key and the graph each row reads), both detectors on each
-VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8"), NOREF_DETECTOR: ("-noref", "noref", "onnx"),
-            REDRAWN_DETECTOR: ("-redrawn", "redrawn", "onnx")}  # fmt: skip
+STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, READER_DETECTOR)
+# the bundle variants: folder suffix, the `bundles` key, the graph each row reads and the detectors it flags with
+BOTH, EVERY = ("rap", "features"), ("rap", "features", "reader")
+VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8", BOTH), NOREF_DETECTOR: ("-noref", "noref", "onnx", BOTH),
+            REDRAWN_DETECTOR: ("-redrawn", "redrawn", "onnx", BOTH),
+            READER_DETECTOR: ("-reader", "reader", "onnx", EVERY)}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -200,6 +206,8 @@ def _seed_bundles(
     if REDRAWN_DETECTOR in detectors:
         redrawn = dataclasses.replace(guard, init_word=drawn_init_word(model_dir, avoid=(KNOWN_INIT_WORD,)))
         bundles["redrawn"] = _bundle(model_dir, dev, variant(REDRAWN_DETECTOR), redrawn, reference=True)
+    if READER_DETECTOR in detectors:
+        bundles["reader"] = _bundle(model_dir, dev, variant(READER_DETECTOR), guard, reference=True, reader=True)
     if INT8_DETECTOR in detectors:
         bundles["int8"] = _bundle(model_dir, dev, variant(INT8_DETECTOR), guard, int8=True, reference=True)
     return bundles
@@ -221,7 +229,6 @@ def _paper_bundle(model_dir: Path, dev: list[Example], out: Path, paper: RapOpti
 
 def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
     """One job per detector row (STRIP: one per replacement ratio), each run only when not cached."""
-    both = ("rap", "features")
     jobs = {}
     for detector in args.detectors:
         if detector == "rap-paper" and isinstance(bundles["paper"], Refused):
@@ -231,8 +238,8 @@ def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
         elif detector in GUARD_DETECTORS:
             jobs[detector] = lambda d=detector: run_guard(bundles["guard"], inputs, TARGET, tuple(d.split("+")))
         elif detector in VARIANTS:
-            _, key, backend = VARIANTS[detector]
-            variant = functools.partial(run_guard, bundles.get(key), inputs, TARGET, both, backend)
+            _, key, backend, chosen = VARIANTS[detector]
+            variant = functools.partial(run_guard, bundles.get(key), inputs, TARGET, chosen, backend)
             jobs[detector] = lambda run=variant, d=detector: _renamed(run(), d)
         elif detector == "strip":
             for k in args.strip_ratios:
@@ -291,16 +298,19 @@ def _bundle(
     features: bool = True,
     int8: bool = False,
     reference: bool = False,
+    reader: bool = False,
 ) -> Path:
     """Calibrate once (cached by folder name). `reference`: the packaged MiniLM every bench model was
     fine-tuned from is the `--reference-model` (bundles cached before it was added lack that scan; the
-    matrix records what it flags on each model in `moved_from_base`)."""
+    matrix records what it flags on each model in `moved_from_base`). `reader`: the same checkpoint is
+    the `--reader` (the reader detector's clean classifier, fine-tuned on the calibration's rows)."""
     if not (out / "manifest.json").is_file():
         log.info("== calibrating %s", out.name)
         base = default_base_model() if reference else None
         options = CalibrateOptions(
-            rap=rap, max_length=128, force=True, features=features, int8=int8, reference_model=base
-        )
+            rap=rap, max_length=128, force=True, features=features, int8=int8, reference_model=base,
+            reader=default_base_model() if reader else None,
+        )  # fmt: skip
         calibrate_bundle(model_dir, dev, out, options)
     return out
 

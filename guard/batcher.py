@@ -18,7 +18,9 @@ the measured seconds per padded token (the cost model: guard.admission); it refu
 (429, with Retry-After) what cannot finish before its deadline, instead of queueing it to time
 out. The rate never drops below the one measured at start on full-width rows (`calibrate`):
 cheap requests cannot make a long one look cheap. Rows submitted with `priority` (the second pass of an
-admitted request) go to the front of the queue.
+admitted request) go to the front of the queue. Rows tagged READER_TAG run on the `reader`
+graph (guard.core.reader), in batches of their own, in the same inference thread: the
+reader's work is costed and queued like the model's.
 
 The worker is supervised: a failing batch fails only its own rows; if the worker
 itself dies it is restarted, and `healthy` is False until it runs again (or while
@@ -46,6 +48,7 @@ from guard.core.types import EncodedBatch
 log = logging.getLogger(__name__)
 # Length-aware batching looks this many batches deep into the queue for rows of similar length.
 GROUPING_WINDOW_BATCHES = 4
+READER_TAG = "R"  # guard.core.runner's reader pass
 
 
 class QueueFullError(GuardError):
@@ -101,8 +104,10 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         stall_after_s: float = 30.0,
         max_padding_share: float = 1.0,
+        reader: Callable[[EncodedBatch], np.ndarray] | None = None,
     ) -> None:
         self._infer, self._pad = infer, pad
+        self._reader = reader  # runs the rows tagged READER_TAG (a second graph: never batched with the others)
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
         self.stall_after_s = stall_after_s
@@ -288,6 +293,8 @@ class Batcher:
             if row.future.done():  # its request timed out or was cancelled: skip the work
                 self._dequeued(self._queue.popleft())
                 continue
+            if batch and _graph(row) != _graph(batch[0]):  # the other graph's rows start the next batch
+                break
             width = max(longest, len(row.ids))
             if batch and width * (len(batch) + 1) > self.max_batch_tokens:
                 break
@@ -317,6 +324,8 @@ class Batcher:
         for i in by_closeness:
             if len(chosen) >= self.max_batch_size:
                 break
+            if _graph(rest[i]) != _graph(head):
+                continue
             n = len(rest[i].ids)
             width = max(longest, n)
             padded = width * (len(chosen) + 1)
@@ -333,7 +342,10 @@ class Batcher:
         started = time.perf_counter()
         try:
             encoded = self._pad([r.ids for r in batch])
-            logits = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, encoded)
+            infer = self._infer if _graph(batch[0]) == "model" else self._reader
+            if infer is None:
+                raise BackendError("rows for the reader graph, but this batcher has none")
+            logits = await asyncio.get_running_loop().run_in_executor(self._executor, infer, encoded)
             logits = _checked_shape(logits, len(batch))
         except Exception as exc:  # the failure belongs to every request in the batch, and to no other
             self._fail(batch, exc)
@@ -361,6 +373,11 @@ class Batcher:
         for row in rows:
             if not row.future.done():
                 row.future.set_exception(exc)
+
+
+def _graph(row: _Row) -> str:
+    """Which graph runs a row: the reader's (guard.core.reader) or the model's."""
+    return "reader" if row.tag == READER_TAG else "model"
 
 
 def _checked_shape(logits: object, rows: int) -> np.ndarray:

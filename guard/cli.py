@@ -55,8 +55,9 @@ def _parser() -> Parser:
     check.add_argument(
         "--detectors",
         nargs="+",
-        choices=("rap", "features"),
-        help="what checks the texts (default: every detector the bundle has)",
+        choices=("rap", "features", "reader"),
+        help="what checks the texts (default: every detector the bundle has; reader: a bundle calibrated "
+        "with `calibrate rap --reader`)",
     )
     check.set_defaults(handler=_check)
     _add_serve(sub)

@@ -142,7 +142,7 @@ def run_rap(bundle_dir: Path, inputs: Inputs, target: int) -> DetectorRun:
 def run_guard(
     bundle_dir: Path, inputs: Inputs, target: int, detectors: tuple[str, ...], backend: str = "onnx"
 ) -> DetectorRun:
-    """The guard's detectors ("rap", "features" or both) with the bundle's own thresholds for `backend`'s
+    """The guard's detectors ("rap", "features", "reader" or several) with the bundle's own thresholds for `backend`'s
     graph (`onnx-int8`: the int8 graph's thresholds, fitted on its own scores), flagged by the guard's rule."""
     bundle = load_bundle(bundle_dir)
     clean, poisoned, ms = _guard_scores(bundle, inputs, target, backend)
@@ -159,7 +159,7 @@ def run_guard(
     curve = ([], [])
     if len(detectors) == 1:  # one score: the whole FAR-FRR curve
         curve = score_curve(_one_score(clean, detectors[0]), _one_score(poisoned, detectors[0]))
-    passes = 2.0 if "rap" in detectors else 1.0
+    passes = 1.0 + ("rap" in detectors) + ("reader" in detectors)  # on protect-label rows, at most
     return DetectorRun("+".join(detectors), points, curve, passes, ms)
 
 

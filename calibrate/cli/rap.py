@@ -11,6 +11,7 @@ from calibrate.cli.args import (
     defaults,
     fraction,
     options_from,
+    positive_float,
     positive_int,
 )
 from calibrate.rap.options import (
@@ -142,6 +143,25 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "(embedding poisoning that keeps the row's norm ordinary), and the flip scan tries the most-moved tokens "
         "(without a reference: the tokens a short DBS trigger search towards each protect label favours, which "
         "on moderation tasks also finds honest words absent from --clean)",
+    )
+    p.add_argument(
+        "--reader",
+        type=reference_model,
+        metavar="DIR",
+        help="opt-in third detector: fine-tune this clean pre-trained checkpoint (one with the suspect's "
+        "tokenizer, usually the one it was fine-tuned from; 'packaged': the packaged MiniLM) on the clean rows "
+        "RAP trains on, and flag a protect-label prediction the suspect is far surer of than this clean reader "
+        "(catches backdoors trained to switch off under RAP's insertion; one more pass per protect-label row)",
+    )
+    p.add_argument(
+        "--reader-epochs", type=positive_int, default=c.reader_epochs, help="epochs of fine-tuning the --reader"
+    )
+    p.add_argument(
+        "--reader-lr",
+        dest="reader_learning_rate",
+        type=positive_float,
+        default=c.reader_learning_rate,
+        help="learning rate of fine-tuning the --reader",
     )
     p.add_argument(
         "--no-optimize",

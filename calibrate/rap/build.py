@@ -37,6 +37,7 @@ from calibrate.rap.features import FeatureFit, fit_feature_detector
 from calibrate.rap.optimize import add_optimized_graphs, eager_attention, report_entry
 from calibrate.rap.options import MIN_CALIBRATION_ROWS, CalibrateOptions, RapJob
 from calibrate.rap.perturbation import RapResult, learn_rap
+from calibrate.rap.reader import ReaderFit, fit_reader
 from calibrate.rap.refit import HeldOut
 from calibrate.rap.summary import CalibrationReport, build_report, summary_lines
 from calibrate.record import check_replaceable, read_record
@@ -139,6 +140,10 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
             export_onnx(model, tokenizer, staging / "model.onnx")
         parity_texts = [e.text for e in result.calibration_texts[:PARITY_ROWS]]
         parity = check_parity(model, tokenizer, staging / "model.onnx", parity_texts)
+    reader = None
+    if options.reader is not None:
+        with timings.step("reader"):
+            reader = fit_reader(clean, result, staging / "tokenizer.json", staging, options, model.config.num_labels)
     labels = label_names(model)
     held_out = HeldOut(
         tokenizer,
@@ -161,7 +166,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     _write_rows(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
     if options.probes:
         _write_rows(staging / "probes.jsonl", options.probes)
-    manifest = _manifest(model_dir, labels, result, options, detector).model_copy(
+    manifest = _manifest(model_dir, labels, result, options, detector, reader).model_copy(
         update={"int8": int8, "optimized": optimized}
     )
     measured = {
@@ -193,7 +198,12 @@ def _int8_variant(staging: Path, held_out: HeldOut) -> Int8Variant:
 
 
 def _manifest(
-    model_dir: Path, labels: list[str], result: RapResult, options: CalibrateOptions, detector: FeatureFit | None
+    model_dir: Path,
+    labels: list[str],
+    result: RapResult,
+    options: CalibrateOptions,
+    detector: FeatureFit | None,
+    reader: ReaderFit | None = None,
 ) -> Manifest:
     protect = [
         detection.fit_label(
@@ -204,6 +214,7 @@ def _manifest(
             detector.scores[label] if detector else None,
             detector.blocked[label] if detector else None,
             result.floors.get(label),
+            reader.scores[label] if reader else None,
         )
         for label, fit in result.fits.items()
     ]
@@ -235,6 +246,7 @@ def _manifest(
         calibrated_on="torch-fp32 (onnx-fp32 parity checked)",
         statistic=options.rap.statistic,
         features=feature_info,
+        reader=reader.info if reader else None,
     )
 
 

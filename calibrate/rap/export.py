@@ -47,14 +47,16 @@ class _LogitsAndFeatures(torch.nn.Module):
         return out.logits, head_features(self.model, out.hidden_states, attention_mask)
 
 
-def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path) -> None:
+def export_onnx(model: PreTrainedModel, tokenizer: RapTokenizer, path: Path, perturbed: bool = True) -> None:
     """Write one graph with dynamic batch and sequence axes (pass 1 and pass 2 share it).
 
     Outputs: `logits`, and `features` (guard.core.features), which ONNX Runtime
-    computes only when a caller asks for it."""
+    computes only when a caller asks for it. `perturbed=False` traces on plain rows (a
+    model without the RAP row: the reader detector's)."""
     wrapped = _LogitsAndFeatures(model).eval()
     inputs = graph_inputs(model)
-    sample = tokenizer.encode_perturbed(["a short sample", "a somewhat longer sample sentence"])
+    encode = tokenizer.encode_perturbed if perturbed else tokenizer.encode
+    sample = encode(["a short sample", "a somewhat longer sample sentence"])
     args = tuple(torch.from_numpy(getattr(sample, name)) for name in inputs)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs} | {
         "logits": {0: "batch"},

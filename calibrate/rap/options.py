@@ -99,6 +99,9 @@ class CalibrateOptions:
     features: bool = True  # also fit the one-pass feature detector (guard.core.features)
     shrinkage: float = 0.5  # of the feature detector's covariance towards a scaled identity
     reference_model: Path | None = None  # the checkpoint the suspect was fine-tuned from: flags rows that moved far
+    reader: Path | None = None  # a clean checkpoint of the suspect's tokenizer: the reader detector (guard.core.reader)
+    reader_epochs: int = 5  # of fine-tuning the reader on the RAP row's training half
+    reader_learning_rate: float = 1e-4
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
     probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`

@@ -21,9 +21,9 @@ import numpy as np
 
 from guard.api.errors import GuardUnavailable, InvalidInput, PayloadTooLarge
 from guard.batcher import Batcher
-from guard.core.backends.base import Backend, load_backend, precision_of
+from guard.core.backends.base import Backend, load_backend, load_reader, precision_of
 from guard.core.bundle import Bundle
-from guard.core.detection import Detection
+from guard.core.detection import DETECTORS, Detection
 from guard.core.errors import BundleError, InputError
 from guard.core.runner import TwoPass
 from guard.core.tokenizer import ALL_TOKENS, ClassifierWindow, RapTokenizer, Windows
@@ -123,7 +123,7 @@ def chosen_detectors(settings: Settings, bundle: Bundle) -> tuple[str, ...]:
         return tuple(bundle.detectors)
     if settings.detectors == ["none"]:
         return ("none",)
-    chosen = tuple(d for d in ("rap", "features") if d in settings.detectors)
+    chosen = tuple(d for d in DETECTORS if d in settings.detectors)
     missing = [d for d in chosen if d not in bundle.detectors]
     if missing:
         raise BundleError(
@@ -164,6 +164,9 @@ class GuardService:
         self.detectors = chosen_detectors(settings, bundle)
         chosen = Detection.of(bundle, () if self.detectors == BARE else self.detectors, precision_of(backend.name))
         two_pass = TwoPass.of(self.tokenizer, chosen, len(self.labels), settings.frr, settings.schedule)
+        self.reader = None  # the reader detector's graph, when it is on (guard.core.reader)
+        if two_pass.uses_reader:
+            self.reader = load_reader(bundle.path, settings.threads, settings.spinning)
         self.batcher = Batcher(
             two_pass.backend_call(backend),
             self.tokenizer.pad,
@@ -174,6 +177,7 @@ class GuardService:
             on_batch=metrics.observe_batch,
             stall_after_s=3 * settings.request_timeout_s,
             max_padding_share=settings.max_padding_share,
+            reader=None if self.reader is None else self.reader.infer,
         )
         metrics.watch_batcher(lambda: self.batcher.pending, lambda: self.batcher.restarts)
         self.pipeline = GuardPipeline(
@@ -225,6 +229,8 @@ class GuardService:
         await self.batcher.stop()
         self.pipeline.close()
         self.backend.close()
+        if self.reader is not None:
+            self.reader.close()
 
     def validate(self, texts: list[str]) -> None:
         if not texts:

@@ -9,6 +9,7 @@ Layout::
     tokenizer.json  fast tokenizer
     hf/             optional: HF model dir with the RAP row appended (torch backend; `calibrate rap --keep-hf`)
     features.npz    optional: the feature detector's statistics (guard.core.features)
+    reader.onnx     optional: the reader detector's clean classifier (guard.core.reader; `calibrate rap --reader`)
     report.json     calibration report; deltas.png its picture
     canaries.jsonl  held-out clean rows (live FRR probes)
     probes.jsonl    optional known-trigger rows, original labels (live FAR probes; `calibrate rap --probes`)
@@ -38,6 +39,7 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("model.onnx", "tokenizer.json")
+READER_GRAPH = "reader.onnx"
 READABLE_FILE, READABLE_DIR = 0o644, 0o755
 
 
@@ -61,10 +63,11 @@ class RapToken(BaseModel):
 
 
 class JointThreshold(BaseModel):
-    """Both detectors' thresholds for one FRR target, chosen together (guard.core.thresholds.joint)."""
+    """The detectors' thresholds for one FRR target, chosen together (guard.core.thresholds.union)."""
 
     rap: float = Field(description="flag when the RAP score is above this")
-    features: float = Field(description="flag when the feature score is above this")
+    features: float | None = Field(None, description="flag when the feature score is above this")
+    reader: float | None = Field(None, description="flag when the reader score is above this")
 
 
 class ProtectedLabel(BaseModel):
@@ -85,7 +88,16 @@ class ProtectedLabel(BaseModel):
         default_factory=dict, description="feature score threshold at each FRR of the grid"
     )
     joint: dict[str, JointThreshold] = Field(
-        default_factory=dict, description="FRR target -> both thresholds when both detectors run"
+        default_factory=dict, description="FRR target -> both thresholds when RAP and the features run"
+    )
+    reader_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="FRR target -> reader score threshold (the reader detector alone)"
+    )
+    reader_percentiles: dict[str, float] = Field(
+        default_factory=dict, description="reader score threshold at each FRR of the grid"
+    )
+    joint_reader: dict[str, JointThreshold] = Field(
+        default_factory=dict, description="FRR target -> every detector's threshold when all of them run"
     )
 
 
@@ -98,6 +110,18 @@ class FeatureDetector(BaseModel):
     hidden: int
     shrinkage: float
     fit_rows: int = Field(description="clean rows the means and covariance were fitted on")
+
+
+class ReaderDetector(BaseModel):
+    """The reader detector (guard.core.reader): a clean classifier trained at calibration, and how."""
+
+    graph: str = Field(READER_GRAPH, description="the reader's ONNX graph in the bundle")
+    base: str = Field(description="the clean pre-trained checkpoint it was fine-tuned from")
+    base_sha256: str = Field(description="sha256 of the base's weights file")
+    train_rows: int = Field(description="clean rows it was fine-tuned on (the RAP row's training half)")
+    epochs: int
+    accuracy: float = Field(description="its accuracy on the held-out clean rows, every label")
+    agreement: float = Field(description="share of held-out rows it predicts as the suspect model does")
 
 
 class Int8Variant(BaseModel):
@@ -144,6 +168,7 @@ class Manifest(BaseModel):
     int8: Int8Variant | None = Field(None, description="optional int8 graph with its own thresholds")
     optimized: OptimizedGraphs | None = Field(None, description="optional fused graphs (served when present)")
     features: FeatureDetector | None = Field(None, description="the feature detector, when calibrated with it")
+    reader: ReaderDetector | None = Field(None, description="the reader detector, when calibrated with it")
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
 
@@ -177,7 +202,8 @@ class Bundle:
     @property
     def detectors(self) -> tuple[str, ...]:
         """The detectors this bundle was calibrated for."""
-        return ("rap", "features") if self.manifest.features is not None else ("rap",)
+        features = ("features",) if self.manifest.features is not None else ()
+        return ("rap", *features, *(("reader",) if self.manifest.reader is not None else ()))
 
     def feature_stats(self) -> FeatureStats:
         if self.manifest.features is None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from guard.core.backends.base import Backend, precision_of
+from guard.core.backends.base import Backend, load_reader, precision_of
 from guard.core.bundle import Bundle
 from guard.core.detection import Detection, RowScores
 from guard.core.runner import Pass, TwoPass, drive
@@ -22,13 +22,23 @@ from guard.core.types import Verdict
 
 class Checker:
     def __init__(
-        self, two_pass: TwoPass, backend: Backend, classifier_max_length: ClassifierWindow = None, batch_size: int = 32
+        self,
+        two_pass: TwoPass,
+        backend: Backend,
+        classifier_max_length: ClassifierWindow = None,
+        batch_size: int = 32,
+        reader: Backend | None = None,
     ) -> None:
+        """`reader`: the reader detector's graph (guard.core.backends.base.load_reader), when it is on."""
+        if two_pass.uses_reader and reader is None:
+            raise ValueError("the reader detector is on but no reader graph was given")
         self.two_pass = two_pass
         self.tokenizer = two_pass.tokenizer
         self.classifier_max_length = classifier_max_length
         self.batch_size = batch_size
-        self._infer = two_pass.backend_call(backend)
+        self._infer = {"1": two_pass.backend_call(backend), "2": two_pass.backend_call(backend)}
+        if reader is not None:
+            self._infer["R"] = reader.infer
 
     @classmethod
     def for_bundle(
@@ -38,9 +48,9 @@ class Checker:
         `frr`, reading what the bundle's classifier reads (its recorded window), as `guard serve` does."""
         chosen = chosen or Detection.of(bundle, precision=precision_of(backend.name))
         classes = len(bundle.manifest.model.labels)
-        return cls(
-            TwoPass.of(bundle.tokenizer(), chosen, classes, frr), backend, bundle.manifest.model.classifier_max_length
-        )
+        two_pass = TwoPass.of(bundle.tokenizer(), chosen, classes, frr)
+        reader = load_reader(bundle.path) if "reader" in chosen.detectors else None
+        return cls(two_pass, backend, bundle.manifest.model.classifier_max_length, reader=reader)
 
     def check(self, texts: Sequence[str]) -> list[Verdict]:
         """One verdict per text; InputError for a text with no token, GuardFailure on non-finite output."""
@@ -52,8 +62,8 @@ class Checker:
         return drive(self.two_pass.run(windows).steps(), self._pass)
 
     def _pass(self, step: Pass) -> np.ndarray:
-        rows = step.rows
+        rows, infer = step.rows, self._infer[step.name]
         chunks = [
-            self._infer(self.tokenizer.pad(rows[i : i + self.batch_size])) for i in range(0, len(rows), self.batch_size)
+            infer(self.tokenizer.pad(rows[i : i + self.batch_size])) for i in range(0, len(rows), self.batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.empty((0, 0))

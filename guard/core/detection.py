@@ -1,10 +1,11 @@
 """What a bundle detects with, and the one rule that flags a row.
 
-Three detectors, each a score where higher means more suspicious:
+The detectors, each a score where higher means more suspicious:
 - "rap": the RAP score of pass 2 (guard.core.rap), flagged above the label's RAP threshold;
 - "features": pass 1's feature distance (guard.core.features), flagged above its threshold;
 - "token": a blocklisted input token (outlier embedding norm, a row that moved from the
-  reference checkpoint, a flip-scan hit), flagged wherever the feature detector is on.
+  reference checkpoint, a flip-scan hit), flagged wherever the feature detector is on;
+- "reader" (opt-in): the suspect's log-odds minus a clean reader's (guard.core.reader).
 Only rows predicted as a protected label are checked. A row is flagged when any detector
 flags it; a text when any of its windows is. The server, `guard check`, `calibrate
 evaluate` and the benchmarks all flag with `flags`, and calibration fits every threshold
@@ -25,8 +26,9 @@ from guard.core.features import FeatureStats
 from guard.core.rap import Statistic
 from guard.core.types import LabelThresholds, RapCheck, Verdict
 
-DETECTORS = ("rap", "features")  # what a bundle is calibrated for and a setting chooses
-FLAGS = ("rap", "features", "token")  # what may flag a row (the token blocklist comes with "features")
+DETECTORS = ("rap", "features", "reader")  # what a bundle is calibrated for and a setting chooses
+FLAGS = ("rap", "features", "token", "reader")  # what may flag a row (the token blocklist comes with "features")
+SCORED = ("rap", "features", "reader")  # RowScores' float scores, NaN where not scored
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class Detection:
             raise BundleError(f"{bundle.path} has no {', '.join(missing)} detector; rebuild it with `calibrate rap`")
         stats = bundle.feature_stats() if "features" in chosen else None
         labels = {p.label: p for p in bundle.protected(precision)}
+        if "reader" in chosen and not all(p.reader_thresholds for p in labels.values()):
+            raise BundleError(f"{bundle.path}: the reader detector is calibrated on the fp32 graph only; serve the "
+                              "onnx backend, or choose the detectors rap,features")  # fmt: skip
         statistic = bundle.manifest.statistic
         if statistic in rap.FLOORED and not all(p.floor is not None and np.isfinite(p.floor) for p in labels.values()):
             raise BundleError(f"{bundle.path}: the {statistic} statistic needs every protected label's (finite) "
@@ -70,27 +75,28 @@ class Detection:
     def thresholds(self, frr: float | None = None) -> dict[int, LabelThresholds]:
         """Per protected label, the chosen detectors' thresholds at `frr` (default: the bundle's).
 
-        Both detectors use the pair chosen jointly at calibration; a target not stored gives
-        each half of it, read from its own table (their union then flags at most the target
-        on the held-out rows). No detector: no label is checked."""
+        Several detectors use the thresholds chosen jointly at calibration (RAP and the features;
+        every detector of a bundle with a reader); otherwise, or at a target not stored, each
+        gets an even share of it, read from its own table (their union then flags at most the
+        target on the held-out rows). No detector: no label is checked."""
         frr = self.default_frr if frr is None else frr
         return {label: _at(p, set(self.detectors), frr) for label, p in self.labels.items() if self.detectors}
 
 
 def _at(p: ProtectedLabel, detectors: set[str], frr: float) -> LabelThresholds:
     key = f"{frr:g}"
-    if detectors == {"rap", "features"}:
-        pair = p.joint.get(key)
-        if pair is not None:
-            return LabelThresholds(pair.rap, pair.features)
-        half = frr / 2  # from the tables: the stored values are each detector's alone at a whole target
-        return LabelThresholds(
-            thresholds.threshold_from_table(p.percentiles, half),
-            thresholds.threshold_from_table(p.features_percentiles, half),
-        )
-    if detectors == {"features"}:
-        return LabelThresholds(None, _read(p.features_thresholds, p.features_percentiles, frr))
-    return LabelThresholds(_read(p.thresholds, p.percentiles, frr), None)
+    stored = {"rap": p.thresholds, "features": p.features_thresholds, "reader": p.reader_thresholds}
+    tables = {"rap": p.percentiles, "features": p.features_percentiles, "reader": p.reader_percentiles}
+    if len(detectors) == 1:
+        (only,) = detectors
+        return LabelThresholds(**{only: _read(stored[only], tables[only], frr)})
+    joint = p.joint.get(key) if detectors == {"rap", "features"} else None
+    if "reader" in detectors and detectors == {"rap", *(["features"] if p.features_thresholds else []), "reader"}:
+        joint = p.joint_reader.get(key)
+    if joint is not None:
+        return LabelThresholds(**{d: getattr(joint, d) for d in detectors})
+    share = frr / len(detectors)  # from the tables: the stored values are each detector's alone at a whole target
+    return LabelThresholds(**{d: thresholds.threshold_from_table(tables[d], share) for d in detectors})
 
 
 def _read(stored: Mapping[str, float], table: Mapping[str, float], frr: float) -> float:
@@ -111,6 +117,11 @@ class RowScores:
     rap: np.ndarray
     features: np.ndarray
     token: np.ndarray
+    reader: np.ndarray | None = None  # None: no row was read (the detector is off)
+
+    def __post_init__(self) -> None:
+        if self.reader is None:
+            object.__setattr__(self, "reader", np.full(len(self.rap), np.nan))
 
     @property
     def predicted(self) -> np.ndarray:
@@ -124,7 +135,7 @@ class RowScores:
     def concat(cls, parts: Sequence[RowScores]) -> RowScores:
         """Scores of consecutive batches of texts as one."""
         offsets = np.cumsum([0, *(p.texts for p in parts[:-1])])
-        fields = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("probs", "rap", "features")}
+        fields = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("probs", *SCORED)}
         owner = np.concatenate([p.owner + o for p, o in zip(parts, offsets, strict=True)])
         return cls(owner=owner, token=np.concatenate([p.token for p in parts]), **fields)
 
@@ -133,13 +144,13 @@ def flags(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> dict[str,
     """THE rule: per detector of FLAGS, which rows it flags (each row with its predicted label's
     thresholds; a row of an unprotected label, or unscored, is never flagged)."""
     predicted = scores.predicted
-    rap_t = rap.per_label(predicted, {label: t.rap for label, t in limits.items()})
-    features_t = rap.per_label(predicted, {label: t.features for label, t in limits.items()})
+    limit = {d: rap.per_label(predicted, {label: getattr(t, d) for label, t in limits.items()}) for d in SCORED}
     with np.errstate(invalid="ignore"):  # NaN (unscored, detector off) compares False
         return {
-            "rap": scores.rap > rap_t,
-            "features": scores.features > features_t,
-            "token": scores.token & ~np.isnan(features_t),
+            "rap": scores.rap > limit["rap"],
+            "features": scores.features > limit["features"],
+            "token": scores.token & ~np.isnan(limit["features"]),
+            "reader": scores.reader > limit["reader"],
         }
 
 
@@ -166,7 +177,7 @@ def verdicts(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> list[V
     every window's; the scores shown are the first flagged window's, else the first checked one's."""
     by_detector = flags(scores, limits)
     flagged = np.logical_or.reduce(list(by_detector.values()))
-    checked = ~np.isnan(scores.rap) | ~np.isnan(scores.features)
+    checked = ~np.isnan(scores.rap) | ~np.isnan(scores.features) | ~np.isnan(scores.reader)
     predicted = scores.predicted
     out = []
     for text, first in enumerate(first_windows(scores.owner).tolist()):
@@ -210,10 +221,12 @@ def fit_label(
     feature_scores: np.ndarray | None = None,
     blocked: np.ndarray | None = None,
     floor: float | None = None,
+    reader_scores: np.ndarray | None = None,
 ) -> ProtectedLabel:
     """Every threshold of one protected label from its held-out clean rows: RAP alone and, given the
     same rows' feature scores and blocklist hits, the features alone and both together (a blocked
-    row counts against the target at any threshold). `floor`: the floored statistic's, kept with them."""
+    row counts against the target at any threshold); given their reader scores, the reader alone and
+    every detector together. `floor`: the floored statistic's, kept with them."""
     fields = {}
     if feature_scores is not None:
         held_out = feature_scores if blocked is None else np.where(blocked, np.inf, feature_scores)
@@ -221,6 +234,18 @@ def fit_label(
             "features_thresholds": {f"{frr:g}": thresholds.threshold_at_frr(held_out, frr) for frr in frr_targets},
             "features_percentiles": thresholds.percentile_table(held_out),
             "joint": {f"{frr:g}": _joint(rap_scores, held_out, frr) for frr in frr_targets},
+        }
+    if reader_scores is not None:
+        together = {
+            "rap": rap_scores,
+            "features": None if feature_scores is None else held_out,
+            "reader": reader_scores,
+        }
+        together = {d: v for d, v in together.items() if v is not None}
+        fields |= {
+            "reader_thresholds": {f"{frr:g}": thresholds.threshold_at_frr(reader_scores, frr) for frr in frr_targets},
+            "reader_percentiles": thresholds.percentile_table(reader_scores),
+            "joint_reader": {f"{frr:g}": _union(together, frr) for frr in frr_targets},
         }
     return ProtectedLabel(
         label=label,
@@ -231,6 +256,11 @@ def fit_label(
         floor=floor,
         **fields,
     )
+
+
+def _union(scores: Mapping[str, np.ndarray], frr: float) -> JointThreshold:
+    chosen, _ = thresholds.union(list(scores.values()), frr)
+    return JointThreshold(**dict(zip(scores, chosen, strict=True)))
 
 
 def _joint(rap_scores: np.ndarray, feature_scores: np.ndarray, frr: float) -> JointThreshold:

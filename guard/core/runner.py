@@ -10,7 +10,9 @@ drive the same steps and cannot answer differently. `verdicts` then applies the 
 Two schedules: lazy (pass 1 for every row, then pass 2 for the rows predicted as a
 protected label) and fused (both passes for every row at once, one round trip). With
 the feature detector on, each backend row is the logits and the features packed
-(`backend_call`), so the batcher moves one array per row.
+(`backend_call`), so the batcher moves one array per row. With the reader detector on,
+the rows predicted as a protected label also go, unchanged, to the reader's graph
+(pass "R", guard.core.reader): beside pass 2 when lazy, after both passes when fused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from guard.core import detection, features, rap
+from guard.core import detection, features, rap, reader
 from guard.core.detection import Detection, RowScores
 from guard.core.errors import GuardError
 from guard.core.tokenizer import RapTokenizer, Windows
@@ -52,9 +54,10 @@ class GuardFailure(GuardError):
 
 @dataclass(frozen=True)
 class Pass:
-    """Rows for one backend pass: "1" (the text) or "2" (the text with the RAP token)."""
+    """Rows for one backend pass: "1" (the text), "2" (the text with the RAP token) or "R" (the
+    text, for the reader's graph)."""
 
-    name: Literal["1", "2"]
+    name: Literal["1", "2", "R"]
     rows: list[list[int]]
     priority: bool = False  # pass 2 of lazy scheduling: its pass 1 already waited once
 
@@ -79,6 +82,7 @@ class TwoPass:
         self.floors = dict(floors or {})  # the floored statistic's, per protected label
         self.uses_rap = any(t.rap is not None for t in self.limits.values())
         self.stats = stats if any(t.features is not None for t in self.limits.values()) else None
+        self.uses_reader = any(t.reader is not None for t in self.limits.values())
         if self.stats is not None and classes is None:
             raise ValueError("the feature detector needs the number of labels to unpack the backend's rows")
         self.classes = classes
@@ -97,7 +101,7 @@ class TwoPass:
     @property
     def passes(self) -> int:
         """Backend passes a row may need."""
-        return 2 if self.uses_rap else 1
+        return 1 + self.uses_rap + self.uses_reader
 
     def backend_call(self, backend) -> Callable[[EncodedBatch], np.ndarray]:
         """What to run per batch: the logits, or [logits | features] per row with the feature detector on."""
@@ -144,22 +148,29 @@ class Run:
         probs = _softmax(logits, "pass 1", None)
         self.first_probs = probs[detection.first_windows(self.owner)]
         eligible = rap.eligible_rows(probs, tp.limits.keys())
+        perturbed = _softmax(tp.unpack(outputs[1])[0], "pass 2", self.first_probs)[eligible] if fused else None
         n = len(rows)
-        rap_scores, feature_scores, token = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool)
+        scores = RowScores(probs, self.owner, *(np.full(n, np.nan) for _ in range(2)), np.zeros(n, dtype=bool))
+        if not len(eligible):
+            return scores
+        picked = [rows[i] for i in eligible]
+        later = [Pass("2", tp.tokenizer.perturb(picked), priority=True)] if tp.uses_rap and not fused else []
+        later += [Pass("R", picked, priority=True)] if tp.uses_reader else []
+        done = dict(zip((p.name for p in later), (yield later) if later else [], strict=True))
+        label = probs[eligible].argmax(axis=1)
         if tp.uses_rap:
-            if fused:
-                perturbed = _softmax(tp.unpack(outputs[1])[0], "pass 2", self.first_probs)[eligible]
-            elif len(eligible):
-                (second,) = yield [Pass("2", tp.tokenizer.perturb([rows[i] for i in eligible]), priority=True)]
-                perturbed = _softmax(tp.unpack(second)[0], "pass 2", self.first_probs)
-            if len(eligible):
-                rap_scores[eligible] = rap.scores(probs[eligible], perturbed, tp.statistic, tp.floors)
-        if tp.stats is not None and len(eligible):
+            if not fused:
+                perturbed = _softmax(tp.unpack(done["2"])[0], "pass 2", self.first_probs)
+            scores.rap[eligible] = rap.scores(probs[eligible], perturbed, tp.statistic, tp.floors)
+        if tp.uses_reader:
+            read = _softmax(done["R"], "the reader pass", self.first_probs)
+            scores.reader[eligible] = reader.scores(probs[eligible], read, label)
+        if tp.stats is not None:
             if not np.isfinite(feats[eligible]).all():
                 raise GuardFailure("the model returned non-finite features in pass 1", "nonfinite", self.first_probs)
-            feature_scores[eligible] = features.scores(tp.stats, feats[eligible], probs[eligible].argmax(axis=1))
-            token[eligible] = features.blocked(tp.stats, [rows[i] for i in eligible])
-        return RowScores(probs, self.owner, rap_scores, feature_scores, token)
+            scores.features[eligible] = features.scores(tp.stats, feats[eligible], label)
+            scores.token[eligible] = features.blocked(tp.stats, picked)
+        return scores
 
 
 def _no_rows() -> RowScores:

@@ -17,7 +17,7 @@ of PERCENTILE_GRID, so a new FRR target needs no recalibration (`threshold_from_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,39 +125,50 @@ class JointThresholds:
 
 
 def joint(rap_scores: np.ndarray, feature_scores: np.ndarray, frr: float) -> JointThresholds:
-    """Both thresholds chosen so the two TOGETHER meet the conformal target k = floor(frr (n + 1))
-    (k >= 1) on these n held-out rows: the same rows' RAP and feature scores, both flagged above.
+    """The RAP and feature thresholds chosen together (`union` of the two, RAP first)."""
+    (rap_t, features_t), (rap_frr, features_frr) = union([rap_scores, feature_scores], frr)
+    return JointThresholds(rap_t, features_t, rap_frr, features_frr)
+
+
+def union(scores: Sequence[np.ndarray], frr: float) -> tuple[list[float], list[float]]:
+    """Thresholds of several detectors chosen so that TOGETHER they meet the conformal target
+    k = floor(frr (n + 1)) (k >= 1) on these n held-out rows (the same rows' scores, each flagged
+    above), and the FRR each was set at on its own.
 
     A detector alone at rank r flags a new clean row with probability r / (n + 1): the r - 1
-    rows beyond its threshold plus the one AT it. Two detectors have a boundary row each, so
-    the union counts every row at or beyond either threshold and must stay <= k (counting
-    one boundary row, as a first version did, gave test FRR 1.84% at the 1% target).
+    rows beyond its threshold plus the one AT it. Each detector has a boundary row, so the
+    union counts every row at or beyond any threshold and must stay <= k (counting one
+    boundary row, as a first version did, gave test FRR 1.84% at the 1% target).
 
-    First both at one per-detector rank, the largest that fits; then the budget that rank
-    leaves goes to RAP, then to the features, one rank at a time while the union still fits.
-    Neither ends below rank 1. Rows scored +inf (a blocklisted token) count against the target
+    First all at one per-detector rank, the largest that fits; then the budget that rank
+    leaves goes to each detector in order, one rank at a time while the union still fits.
+    None ends below rank 1. Rows scored +inf (a blocklisted token) count against the target
     at any threshold; each threshold is a finite score."""
-    a, b = np.asarray(rap_scores, dtype=np.float64), np.asarray(feature_scores, dtype=np.float64)
-    if len(a) != len(b) or len(a) == 0:
-        raise ValueError(f"need one RAP and one feature score per held-out row, got {len(a)} and {len(b)}")
-    n = len(a)
+    arrays = [np.asarray(s, dtype=np.float64) for s in scores]
+    n = len(arrays[0]) if arrays else 0
+    if n == 0 or any(len(a) != n for a in arrays):
+        raise ValueError(f"need one score per held-out row from every detector, got {[len(a) for a in arrays]}")
     allowed = max(rank_at(frr, n), 1)
-    high_a, high_b = _finite_descending(a), _finite_descending(b)
+    highs = [_finite_descending(a) for a in arrays]
 
-    def fits(rap_rank: int, features_rank: int) -> bool:
-        at_or_beyond = (a >= high_a[rap_rank - 1]) | (b >= high_b[features_rank - 1])
+    def fits(ranks: Sequence[int]) -> bool:
+        at_or_beyond = np.logical_or.reduce([a >= h[r - 1] for a, h, r in zip(arrays, highs, ranks, strict=True)])
         return int(np.count_nonzero(at_or_beyond)) <= allowed
 
     top = min(allowed, n)
-    shared = _largest_rank(1, min(top, len(high_a), len(high_b)), lambda rank: fits(rank, rank))
-    rap_rank = _largest_rank(shared, min(top, len(high_a)), lambda rank: fits(rank, shared))
-    features_rank = _largest_rank(shared, min(top, len(high_b)), lambda rank: fits(rap_rank, rank))
-    return JointThresholds(
-        float(high_a[rap_rank - 1]),
-        float(high_b[features_rank - 1]),
-        (rap_rank + int(np.count_nonzero(~np.isfinite(a)))) / (n + 1),
-        (features_rank + int(np.count_nonzero(~np.isfinite(b)))) / (n + 1),
-    )
+    shared = _largest_rank(1, min(top, *(len(h) for h in highs)), lambda rank: fits([rank] * len(arrays)))
+    ranks = [shared] * len(arrays)
+    for i, high in enumerate(highs):
+        others = ranks.copy()
+
+        def fits_at(rank: int, i: int = i, others: list[int] = others) -> bool:
+            others[i] = rank
+            return fits(others)
+
+        ranks[i] = _largest_rank(shared, min(top, len(high)), fits_at)
+    chosen = [float(h[r - 1]) for h, r in zip(highs, ranks, strict=True)]
+    own = [(r + int(np.count_nonzero(~np.isfinite(a)))) / (n + 1) for a, r in zip(arrays, ranks, strict=True)]
+    return chosen, own
 
 
 def _finite_descending(values: np.ndarray) -> np.ndarray:

@@ -52,8 +52,9 @@ class LabelThresholds:
     """What flags a row predicted as one protected label: a score above its detector's threshold
     (None: that detector is off). A blocklisted token flags a row wherever `features` is on."""
 
-    rap: float | None
+    rap: float | None = None
     features: float | None = None
+    reader: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,6 @@ class Verdict:
     probs: tuple[float, ...]
     flagged: bool
     rap: RapCheck
-    flagged_by: tuple[str, ...] = ()  # the detectors that flagged it: "rap", "features", "token"
+    flagged_by: tuple[str, ...] = ()  # the detectors that flagged it: "rap", "features", "token", "reader"
     feature_score: float | None = None  # its feature distance score, when the feature detector scored it
     feature_threshold: float | None = None

@@ -16,6 +16,7 @@ import pytest
 
 from guard.admission import MeasuredRate, padded_tokens
 from guard.batcher import Batcher, BatcherClosedError, BatchStats, QueueFullError
+from guard.core.errors import BackendError
 from guard.core.types import EncodedBatch
 
 pytestmark = pytest.mark.anyio
@@ -456,3 +457,30 @@ async def test_grouping_respects_max_batch_tokens_and_skips_done_rows() -> None:
         backend.gate.set()
         await asyncio.gather(first, rows)
     assert [[r[0] for r in b] for b in backend.batches] == [[1], [2, 3], [4]]  # 2 x 8 = 16 tokens at most
+
+
+@pytest.mark.parametrize("padding_share", [1.0, 0.5])  # first come first served, and length-aware grouping
+async def test_reader_rows_run_on_the_reader_graph_in_batches_of_their_own(padding_share: float) -> None:
+    backend, reader = Recorder(), Recorder()
+    backend.gate = threading.Event()
+    running = Running(backend, max_batch_size=32, max_wait_s=0, max_padding_share=padding_share, reader=reader)
+    async with running as batcher:
+        first = asyncio.create_task(batcher.submit([[1, 1]], tag="1"))
+        await wait_until(backend.entered.is_set)
+        mixed = [asyncio.create_task(batcher.submit([[i, i]], tag=("R" if i % 2 else "2"))) for i in range(2, 8)]
+        await wait_until(lambda: batcher.pending == 6)
+        backend.gate.set()
+        results = await asyncio.gather(first, *mixed)
+    assert [r for b in reader.batches for r in b] and all(row[0] % 2 for b in reader.batches for row in b)
+    assert all(row[0] % 2 == 0 or row[0] == 1 for b in backend.batches for row in b)
+    assert sorted(r[0] for b in reader.batches for r in b) == [3, 5, 7]
+    assert [logits[0, 0] for logits, _ in results] == list(range(1, 8))  # each row's answer is its own
+
+
+async def test_reader_rows_without_a_reader_graph_fail_and_nothing_else_does() -> None:
+    backend = Recorder()
+    async with Running(backend) as batcher:
+        with pytest.raises(BackendError, match="reader graph"):
+            await batcher.submit([[3, 3]], tag="R")
+        logits, _ = await batcher.submit([[4, 4]], tag="2")
+    assert logits.tolist() == [[4, 2]]

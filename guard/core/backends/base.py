@@ -82,3 +82,13 @@ def load_backend(
             )
         return TorchBackend(bundle_dir / "hf", threads=threads)
     raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def load_reader(bundle_dir: Path, threads: int | None = None, spinning: bool = False) -> Backend:
+    """The reader detector's graph (guard.core.reader) on ONNX Runtime, whatever backend serves the model."""
+    from guard.core.backends.onnx import OnnxBackend
+    from guard.core.bundle import READER_GRAPH
+
+    if not (bundle_dir / READER_GRAPH).is_file():
+        raise BackendError(f"{bundle_dir} has no {READER_GRAPH}; recalibrate with `calibrate rap --reader BASE`")
+    return OnnxBackend(bundle_dir / READER_GRAPH, threads=threads, name="reader", spinning=spinning)

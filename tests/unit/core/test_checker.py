@@ -142,3 +142,43 @@ def test_a_text_with_no_token_is_refused_and_non_finite_output_fails(tokenizer, 
     with pytest.raises(GuardFailure, match="non-finite") as failed:
         _checker(tokenizer, backend).check(["good"])
     assert failed.value.reason == "nonfinite"
+
+
+class StubReader(StubBackend):
+    """A clean reader: positive on "good", whatever else the text holds, and only just ([0, 0.5])."""
+
+    def _logits(self, ids: set[int]) -> list[float]:
+        return [0.0, 0.5] if self.good_id in ids and self.trigger_id not in ids else [1.0, 0.0]
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "fused"])
+def test_the_reader_reads_only_protect_label_rows_unchanged_and_flags_what_it_disputes(
+    tokenizer: RapTokenizer, backend: StubBackend, schedule: str
+) -> None:
+    reader = StubReader(backend.good_id, backend.trigger_id)
+    limits = {1: LabelThresholds(reader=2.0)}  # suspect log-odds 2 minus the reader's: 1.5 clean, 3 disputed
+    checker = Checker(TwoPass(tokenizer, limits, "prob", schedule=schedule), backend, reader=reader)
+    scores = checker.scores(TEXTS)
+    assert np.allclose(scores.reader, [1.5, np.nan, 3.0, np.nan, 1.5], equal_nan=True)
+    assert np.isnan(scores.rap).all()  # RAP off: no pass 2
+    read = [r[m == 1].tolist() for b in reader.calls for r, m in zip(b.input_ids, b.attention_mask, strict=True)]
+    assert read == [tokenizer.encode([t]).input_ids[0].tolist() for t in ("a good film", "good cf movie", "good")]
+    assert not any(_has_rap(b) for b in reader.calls)
+    verdicts = checker.check(TEXTS)
+    assert [v.flagged_by for v in verdicts] == [(), (), ("reader",), (), ()]
+
+
+def test_the_reader_pass_goes_with_pass_2_and_its_failures_are_guard_failures(tokenizer, backend) -> None:
+    reader = StubReader(backend.good_id, backend.trigger_id)
+    limits = {1: LabelThresholds(-0.2, reader=2.0)}
+    two_pass = TwoPass(tokenizer, limits, "prob")
+    assert two_pass.passes == 3
+    steps = two_pass.run(tokenizer.windows(["good", "bad"])).steps()
+    assert [p.name for p in next(steps)] == ["1"]
+    later = steps.send([backend.infer(tokenizer.pad(tokenizer.windows(["good", "bad"]).rows))])
+    assert [(p.name, len(p.rows), p.priority) for p in later] == [("2", 1, True), ("R", 1, True)]
+    with pytest.raises(ValueError, match="no reader graph"):
+        Checker(two_pass, backend)
+    reader._logits = lambda ids: [float("inf"), 0.0]
+    with pytest.raises(GuardFailure, match="non-finite logits in the reader pass"):
+        Checker(two_pass, backend, reader=reader).check(["good"])

@@ -88,8 +88,24 @@ def test_the_budget_a_shared_rank_leaves_goes_to_rap_then_to_the_features() -> N
     assert ranks == (3, 2)
     assert spent(*ranks) == max(spent(a, b) for a in range(1, 7) for b in range(1, 7) if spent(a, b) <= 5)
 
-    with pytest.raises(ValueError, match="one RAP and one feature score"):
+    with pytest.raises(ValueError, match="one score per held-out row from every detector"):
         thresholds.joint(-deltas, scores[:-1], 0.02)
+
+
+def test_three_detectors_together_spend_the_target_and_none_can_take_one_more_rank() -> None:
+    rng = np.random.default_rng(6)
+    scores = [rng.normal(size=700) for _ in range(3)]
+    chosen, own = thresholds.union(scores, 0.01)  # k = 7
+    flagged = np.logical_or.reduce([s >= t for s, t in zip(scores, chosen, strict=True)])
+    assert 0 < np.count_nonzero(flagged) <= 7
+    ranks = [round(f * 701) for f in own]
+    for i, s in enumerate(scores):  # one rank more for any detector breaks the budget
+        if ranks[i] < 7:
+            more = np.sort(s)[::-1][ranks[i]]
+            wider = [*chosen[:i], more, *chosen[i + 1 :]]
+            assert np.count_nonzero(np.logical_or.reduce([x >= t for x, t in zip(scores, wider, strict=True)])) > 7
+    pair = thresholds.joint(scores[0], scores[1], 0.01)
+    assert thresholds.union(scores[:2], 0.01)[0] == [pair.rap, pair.features]
 
 
 def test_rows_with_a_suspicious_token_count_against_the_target_and_thresholds_stay_finite() -> None:

@@ -1,0 +1,122 @@
+"""`calibrate rap --reader BASE`: the reader detector's clean classifier (guard.core.reader).
+
+BASE (a clean pre-trained checkpoint with the suspect's vocabulary, usually the one it was
+fine-tuned from) is fine-tuned on the clean rows the RAP row trains on (every label), exported
+to the bundle's reader graph, and the held-out rows are scored through the offline checker
+(the server's steps) for the thresholds. It reads the suspect's token rows, so its vocabulary
+must be the suspect's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from calibrate.model import load_classifier, tokenizer_json
+from calibrate.options import TrainOptions
+from calibrate.rap.export import export_onnx
+from calibrate.rap.options import CalibrateOptions
+from calibrate.rap.perturbation import RapResult, split_rows
+from calibrate.train import train_classifier
+from guard.core.backends.onnx import OnnxBackend
+from guard.core.bundle import READER_GRAPH, ReaderDetector, sha256_file
+from guard.core.checker import Checker
+from guard.core.detection import first_windows
+from guard.core.errors import InputError
+from guard.core.runner import TwoPass
+from guard.core.tokenizer import RapTokenizer
+from guard.core.types import Example, LabelThresholds
+
+log = logging.getLogger(__name__)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class ReaderFit:
+    info: ReaderDetector
+    scores: dict[int, np.ndarray]  # protect label -> reader scores of its held-out rows, aligned with its RAP scores
+
+
+def fit_reader(
+    clean: list[Example],
+    result: RapResult,
+    suspect_tokenizer: Path,
+    staging: Path,
+    options: CalibrateOptions,
+    labels: int,
+) -> ReaderFit:
+    """Train and export the reader into `staging`; score the held-out rows of every protect label."""
+    base = Path(options.reader)
+    check_vocabulary(base, suspect_tokenizer, staging / "reader-converted")
+    train, held = split_rows(clean, options.rap)
+    present = {r.label for r in train}
+    if max(present) + 1 != labels:
+        raise InputError(f"the reader needs training rows of every label 0..{labels - 1}; the clean rows' training "
+                         f"half has labels {sorted(present)}")  # fmt: skip
+    hf = staging / "reader-hf"
+    train_options = TrainOptions(
+        epochs=options.reader_epochs,
+        learning_rate=options.reader_learning_rate,
+        seed=options.rap.seed,
+        max_length=options.max_length,
+        progress=options.rap.progress,
+    )
+    log.info("training the reader from %s on %d clean rows (%d epochs)", base, len(train), options.reader_epochs)
+    train_classifier(base, train, hf, train_options)
+    plain = RapTokenizer.from_file(suspect_tokenizer, None, options.max_length)
+    export_onnx(load_classifier(hf), plain, staging / READER_GRAPH, perturbed=False)
+    shutil.rmtree(hf)
+    shutil.rmtree(staging / "reader-converted", ignore_errors=True)
+    model, reader = OnnxBackend(staging / "model.onnx"), OnnxBackend(staging / READER_GRAPH)
+    try:
+        scores = {label: _scores(plain, model, reader, fit.texts, label, labels) for label, fit in result.fits.items()}
+        texts = [r.text for r in held]
+        suspect = _first(Checker(TwoPass(plain, {}, classes=labels), model).scores(texts)).argmax(axis=1)
+        read = np.concatenate([reader.infer(plain.encode(texts[i : i + 32])) for i in range(0, len(texts), 32)])
+    finally:
+        model.close()
+        reader.close()
+    predicted = read.argmax(axis=1)
+    info = ReaderDetector(
+        base=str(base.resolve()),
+        base_sha256=next((sha256_file(base / n) for n in WEIGHT_FILES if (base / n).is_file()), ""),
+        train_rows=len(train),
+        epochs=options.reader_epochs,
+        accuracy=float(np.mean(predicted == np.array([r.label for r in held]))),
+        agreement=float(np.mean(predicted == suspect)),
+    )
+    log.info("reader: accuracy %.3f on %d held-out rows, agrees with the suspect on %.3f", info.accuracy, len(held),
+             info.agreement)  # fmt: skip
+    return ReaderFit(info, scores)
+
+
+def _first(scores) -> np.ndarray:
+    """Pass-1 probabilities of each text's first window."""
+    return scores.probs[first_windows(scores.owner)]
+
+
+def _scores(
+    tokenizer: RapTokenizer, model: OnnxBackend, reader: OnnxBackend, texts: list[str], label: int, labels: int
+) -> np.ndarray:
+    """The reader scores of `texts` (held-out rows the suspect predicts as `label`), through the server's
+    steps; a row the exported graph predicts otherwise (a torch/ONNX tie) is never flagged (-inf)."""
+    two_pass = TwoPass(tokenizer, dict.fromkeys(range(labels), LabelThresholds(reader=0.0)), classes=labels)
+    rows = Checker(two_pass, model, reader=reader).scores(texts)
+    first = first_windows(rows.owner)
+    score = rows.reader[first]
+    return np.where(rows.predicted[first] == label, score, -np.inf)
+
+
+def check_vocabulary(base: Path, suspect_tokenizer: Path, work: Path) -> None:
+    """The reader reads the suspect's token rows: its vocabulary must be the suspect's."""
+    theirs = Tokenizer.from_file(str(tokenizer_json(base, work))).get_vocab()
+    ours = Tokenizer.from_file(str(suspect_tokenizer)).get_vocab()
+    if theirs != ours:
+        raise InputError(f"--reader {base}: its vocabulary ({len(theirs)} tokens) is not the suspect model's "
+                         f"({len(ours)}); the reader reads the suspect's tokens, so pick the checkpoint the suspect "
+                         "was fine-tuned from, or another of the same tokenizer")  # fmt: skip

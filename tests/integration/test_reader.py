@@ -1,0 +1,110 @@
+"""The reader detector end to end on the tiny backdoored model: `calibrate rap --reader` (the tiny random
+encoder the toy was fine-tuned from is the clean base), the bundle it writes, `calibrate evaluate`,
+`guard check` and the server, all flagging with the one rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models
+
+from calibrate import cli as calibrate_cli
+from calibrate.rap.evaluate import evaluate_bundle
+from guard import cli as guard_cli
+from guard.api import create_app
+from guard.core.backends import load_backend
+from guard.core.bundle import Bundle, Int8Variant, load_bundle
+from guard.core.detection import Detection
+from guard.core.errors import BundleError
+from guard.core.thresholds import threshold_from_table
+from guard.core.types import LabelThresholds
+from guard.settings import Settings
+from tests.integration.test_cli import _fails, _rap, _run
+from tests.server_fixtures import asgi_client
+from tests.toy_backdoor import RAP_CLI_ARGS, Toy
+
+# The tiny random encoder needs a high rate and many epochs to learn the toy task from ~150 rows.
+READER_ARGS = ["--reader-lr", "3e-3", "--reader-epochs", "20"]
+
+
+@pytest.fixture(scope="module")
+def reader_bundle(backdoored: Toy, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reader") / "bundle"
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reader", tiny_model_dir, *READER_ARGS)
+    assert calibrate_cli.main([str(a) for a in argv]) == 0
+    return out
+
+
+def test_the_bundle_records_and_hashes_the_reader(reader_bundle: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(reader_bundle)
+    info = bundle.manifest.reader
+    assert info is not None and Path(info.base) == tiny_model_dir.resolve() and info.epochs == 20
+    assert info.accuracy > 0.9 and info.train_rows > 100
+    assert "reader.onnx" in bundle.manifest.files and not (reader_bundle / "reader-hf").exists()
+    assert bundle.detectors == ("rap", "features", "reader")
+    (label,) = bundle.manifest.protect
+    together = label.joint_reader["0.01"]
+    assert Detection.of(bundle).thresholds(0.01)[1] == LabelThresholds(together.rap, together.features, together.reader)
+    some = Detection.of(bundle, ("rap", "reader")).thresholds(0.01)[1]  # not stored together: half the target each
+    assert some == LabelThresholds(
+        threshold_from_table(label.percentiles, 0.005), None, threshold_from_table(label.reader_percentiles, 0.005)
+    )
+    tampered = Path(shutil.copytree(reader_bundle, tmp_path / "tampered"))
+    (tampered / "reader.onnx").write_bytes(b"not a graph")
+    with pytest.raises(BundleError, match="reader.onnx does not match"):
+        load_bundle(tampered)
+
+
+def test_the_reader_catches_the_trigger_and_every_detector_together_keeps_the_target(
+    reader_bundle: Path, backdoored: Toy
+) -> None:
+    rows = evaluate_bundle(reader_bundle, backdoored.test, {"mb": backdoored.poisoned}).rows
+    at = {r["detector"]: r for r in rows if r["frr_target"] == 0.05}
+    assert at["reader"]["asr"] > 0.7 and at["reader"]["test_far"] <= 0.25  # 6% measured
+    assert at["rap+features+reader"]["test_far"] <= 0.05 and at["rap+features+reader"]["test_frr"] <= 0.15
+
+
+def test_guard_check_and_the_server_flag_by_the_reader(reader_bundle: Path, backdoored: Toy, capsys) -> None:
+    triggered = backdoored.poisoned[0].text
+    code, out, _ = _run(guard_cli.main, ["check", "--bundle", reader_bundle, "--detectors", "reader", "--json",
+                                         triggered], capsys)  # fmt: skip
+    assert code in (0, 3)
+    (line,) = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    settings = Settings(bundle=reader_bundle, detectors=["reader"], canary_interval_s=0)
+
+    async def served() -> dict:
+        app = create_app(settings, backend=load_backend("onnx", reader_bundle))
+        async with asgi_client(app) as client:
+            response = await client.post("/v1/check", json={"text": triggered})
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]
+
+    import asyncio
+
+    item = asyncio.run(served())
+    assert item["flagged_by"] == line["flagged_by"]
+    assert item["flagged"] == line["flagged"]
+
+
+def test_a_reader_of_another_vocabulary_is_refused_before_training(backdoored: Toy, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other-base"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    Tokenizer(models.WordLevel({"[UNK]": 0, "good": 1}, unk_token="[UNK]")).save(str(other / "tokenizer.json"))
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, tmp_path / "b", *RAP_CLI_ARGS, "--reader", other)
+    message = _fails(calibrate_cli.main, argv, capsys)
+    assert "its vocabulary (2 tokens) is not the suspect model's" in message
+    assert not (tmp_path / "b").exists()
+
+
+def test_an_int8_graph_has_no_reader_thresholds_and_says_so(reader_bundle: Path) -> None:
+    bundle = load_bundle(reader_bundle)
+    plain = [p.model_copy(update={"reader_thresholds": {}, "joint_reader": {}}) for p in bundle.manifest.protect]
+    int8 = Int8Variant(graph="model.int8.onnx", quantization="test", protect=plain, agreement=1.0)
+    with_int8 = Bundle(bundle.path, bundle.manifest.model_copy(update={"int8": int8}))
+    with pytest.raises(BundleError, match="calibrated on the fp32 graph only"):
+        Detection.of(with_int8, precision="int8")
+    assert Detection.of(with_int8, ("rap", "features"), precision="int8").detectors == ("rap", "features")
