@@ -275,6 +275,28 @@ def adaptive_summary() -> str:
     return "\n".join(lines) + "\n"
 
 
+def reader_table() -> str:
+    """The reader detector's matrix rows (bundles calibrated with `--reader`): per dataset and attack, test FRR /
+    FAR of the default detectors and of every detector with the reader, at the 1% and 3% targets (one seed)."""
+    from guard.core.rap import DEFAULT_STATISTIC
+
+    rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
+    at = {(r["dataset"], r["attack"], r["detector"], round(r["frr_target"], 4)): r for r in rows
+          if r.get("statistic") == DEFAULT_STATISTIC and r.get("train_seed") is None and r["seed"] == 13}  # fmt: skip
+    order = [*ATTACK_NAMES, *SHORT_NAMES]
+    measured = dict.fromkeys((d, a) for d, a, det, _ in at if det == "rap+features+reader")
+    out = []
+    for dataset, attack in sorted(measured, key=lambda k: (k[0] != "sst2", k[0], order.index(k[1]))):
+        cells = []
+        for frr in (0.01, 0.03):
+            for detector in ("rap+features", "rap+features+reader"):
+                r = at.get((dataset, attack, detector, frr))
+                cells.append("–" if r is None else f"{_pct(r['test_far'])} ({_pct(r['test_frr'])})")
+        out.append([dataset, SHORT_NAMES.get(attack, ATTACK_NAMES.get(attack, attack)), *cells])
+    columns = ["dataset", "attack", "default, 1%", "with the reader, 1%", "default, 3%", "with the reader, 3%"]
+    return _table(columns, out)
+
+
 def reference_table() -> str:
     """bench.reference_disagreement at the 1% target: the default bundle, a clean reference's disagreement alone
     (both scores) and united with the default, per dataset, attack and reference reader (test FRR / FAR)."""
@@ -472,6 +494,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "adaptive": adaptive_table,
     "adaptive-summary": adaptive_summary,
     "reference": reference_table,
+    "reader": reader_table,
 }
 
 

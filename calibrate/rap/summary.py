@@ -171,6 +171,17 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
     if manifest.features is not None and report.features is not None:
         lines.append(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
         lines += _feature_warnings(report.features)
+    if manifest.reader is not None:
+        r = manifest.reader
+        lines.append(
+            f"detector: reader ({r.graph}), fine-tuned from {r.base} on {r.train_rows} clean rows: {r.accuracy:.1%} "
+            f"accurate on the held-out rows, agrees with the suspect on {r.agreement:.1%}"
+        )
+        if r.accuracy < 0.7:
+            lines.append(
+                "WARNING: the reader learnt little from these rows; its disagreement is mostly noise and spends FRR "
+                "(more clean rows, more --reader-epochs, or leave --reader out)"
+            )
     return lines
 
 

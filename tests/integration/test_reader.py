@@ -4,7 +4,10 @@ encoder the toy was fine-tuned from is the clean base), the bundle it writes, `c
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from tokenizers import Tokenizer, models
 
 from calibrate import cli as calibrate_cli
 from calibrate.rap.evaluate import evaluate_bundle
+from calibrate.rap.summary import CalibrationReport, summary_lines
 from guard import cli as guard_cli
 from guard.api import create_app
 from guard.core.backends import load_backend
@@ -34,8 +38,23 @@ READER_ARGS = ["--reader-lr", "3e-3", "--reader-epochs", "20"]
 def reader_bundle(backdoored: Toy, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reader") / "bundle"
     argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reader", tiny_model_dir, *READER_ARGS)
-    assert calibrate_cli.main([str(a) for a in argv]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert calibrate_cli.main([str(a) for a in argv]) == 0
+    (out.parent / "printed.txt").write_text(printed.getvalue())
     return out
+
+
+def test_calibrate_says_what_the_reader_learnt_and_warns_when_it_learnt_little(reader_bundle: Path) -> None:
+    printed = (reader_bundle.parent / "printed.txt").read_text()
+    assert re.search(
+        r"detector: reader \(reader.onnx\), fine-tuned from \S+ on \d+ clean rows: 100.0% accurate", printed
+    )
+    assert "the reader learnt little" not in printed
+    bundle = load_bundle(reader_bundle)
+    guessing = bundle.manifest.reader.model_copy(update={"accuracy": 0.5})
+    lines = summary_lines(bundle.manifest.model_copy(update={"reader": guessing}), _report(reader_bundle))
+    assert any(line.startswith("WARNING: the reader learnt little") for line in lines)
 
 
 def test_the_bundle_records_and_hashes_the_reader(reader_bundle: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -108,3 +127,7 @@ def test_an_int8_graph_has_no_reader_thresholds_and_says_so(reader_bundle: Path)
     with pytest.raises(BundleError, match="calibrated on the fp32 graph only"):
         Detection.of(with_int8, precision="int8")
     assert Detection.of(with_int8, ("rap", "features"), precision="int8").detectors == ("rap", "features")
+
+
+def _report(bundle: Path) -> CalibrationReport:
+    return CalibrationReport.model_validate_json((bundle / "report.json").read_text())
