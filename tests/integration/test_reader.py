@@ -48,7 +48,7 @@ def reader_bundle(backdoored: Toy, tiny_model_dir: Path, tmp_path_factory: pytes
 def test_calibrate_says_what_the_reader_learnt_and_warns_when_it_learnt_little(reader_bundle: Path) -> None:
     printed = (reader_bundle.parent / "printed.txt").read_text()
     assert re.search(
-        r"detector: reader \(reader.onnx\), fine-tuned from \S+ on \d+ clean rows: 100.0% accurate", printed
+        r"detector: reader \(reader.onnx\), fine-tuned from \S+ on \d+ clean rows: \d+\.\d% accurate", printed
     )
     assert "the reader learnt little" not in printed
     bundle = load_bundle(reader_bundle)
