@@ -118,6 +118,7 @@ def _verify(args: argparse.Namespace) -> int:
     print(f"model: {m.model.source} labels={m.model.labels} max_length={m.model.max_length}")
     norms = f"norm {m.rap.init_norm:.3f} -> {m.rap.final_norm:.3f}"
     print(f"RAP token id {m.rap.token_id} (init {m.rap.init_word!r}, {norms})")
+    print(f"detectors: {', '.join(bundle.detectors)}")
     for p in m.protect:
         table = ", ".join(f"{float(k):.1%}: {v:+.4f}" for k, v in p.thresholds.items())
         print(

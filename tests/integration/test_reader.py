@@ -45,12 +45,16 @@ def reader_bundle(backdoored: Toy, tiny_model_dir: Path, tmp_path_factory: pytes
     return out
 
 
-def test_calibrate_says_what_the_reader_learnt_and_warns_when_it_learnt_little(reader_bundle: Path) -> None:
+def test_calibrate_and_verify_say_what_the_reader_learnt_and_warn_when_it_learnt_little(
+    reader_bundle: Path, capsys
+) -> None:
     printed = (reader_bundle.parent / "printed.txt").read_text()
     assert re.search(
         r"detector: reader \(reader.onnx\), fine-tuned from \S+ on \d+ clean rows: \d+\.\d% accurate", printed
     )
     assert "the reader learnt little" not in printed
+    code, stdout, _ = _run(guard_cli.main, ["verify", "--bundle", reader_bundle], capsys)
+    assert code == 0 and "detectors: rap, features, reader\n" in stdout
     bundle = load_bundle(reader_bundle)
     guessing = bundle.manifest.reader.model_copy(update={"accuracy": 0.5})
     lines = summary_lines(bundle.manifest.model_copy(update={"reader": guessing}), _report(reader_bundle))
