@@ -11,7 +11,9 @@ says, so a clean reader should keep the source label. Two references per dataset
 - `calibration`: the packaged MiniLM fine-tuned (5 epochs) on the calibration's own training half of dev,
   every label (the rows `calibrate rap` trains its RAP row on): what a user of the guard could build;
 - `clean` (`--clean-reference`): the bench's clean model, fine-tuned on the whole training set (recipe
-  `clean`): an upper bound no user has (with a trusted clean model, one would serve it instead).
+  `clean`): an upper bound no user has (with a trusted clean model, one would serve it instead);
+- `distilled` (`--distilled`): the packaged MiniLM distilled from each suspect on the same rows
+  (`calibrate rap --reader-objective distill`): it learns the clean task from the suspect's probabilities.
 
 Scores per text, flagged above (the suspect's prediction is the target label):
 - `reference`: the reference's log-odds AGAINST the target (log p(not target) - log p(target));
@@ -73,6 +75,20 @@ def calibration_reference(data: Path, seed: int, cache: Path) -> Path:
     return out
 
 
+def distilled_reference(data: Path, suspect: Path, name: str, seed: int, cache: Path) -> Path:
+    """The packaged MiniLM distilled from `suspect` on the same rows (cached per attack): `--reader-objective
+    distill` of calibrate.rap.reader."""
+    out = cache / "models" / f"reference-distilled-{name}-s{seed}"
+    if not (out / "config.json").is_file():
+        from calibrate.model import load_classifier
+        from calibrate.rap.reader import train_reader  # torch: only when training
+
+        train_rows, _ = split_rows(load_examples(data / "dev.tsv"), RapOptions((TARGET,), seed=seed))
+        options = TrainOptions(epochs=5, seed=seed, progress=False, max_length=128)
+        train_reader(default_base_model(), train_rows, out, options, teacher=load_classifier(suspect))
+    return out
+
+
 @dataclass(frozen=True)
 class Reader:
     model: TorchClassifier
@@ -89,8 +105,14 @@ class Reader:
         return cls(model, accuracy)
 
 
-def measure(data: Path, attack: str, seed: int, cache: Path, readers: dict[str, Reader]) -> list[dict]:
+def measure(
+    data: Path, attack: str, seed: int, cache: Path, readers: dict[str, Reader], distilled: bool = False
+) -> list[dict]:
     rows = AttackRows.load(data, attack, seed, cache)
+    if distilled:
+        test = load_examples(data / "test.tsv")
+        model = distilled_reference(data, rows.model_dir, attack, seed, cache)
+        readers = {**readers, "distilled": Reader.load(model, test)}
     sets = rows.sets
     suspect = {k: _scores(rows.guard, v, rows.floor) for k, v in sets.items()}
     out = []
@@ -157,6 +179,8 @@ def main() -> None:
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     p.add_argument("--seed", type=int, default=13, help="calibration seed (dev split)")
     p.add_argument("--clean-reference", action="store_true", help="also the clean model (trained if not cached)")
+    p.add_argument("--distilled", action="store_true", help="also a reader distilled from each suspect")
+    p.add_argument("--distilled-only", action="store_true", help="the distilled reader only (implies --distilled)")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
@@ -165,11 +189,17 @@ def main() -> None:
     dataset = args.data.name
     cache = args.cache if dataset == "sst2" else args.cache / dataset
     test = load_examples(args.data / "test.tsv")
-    readers = {"calibration": Reader.load(calibration_reference(args.data, args.seed, cache), test)}
+    readers = {}
+    if not args.distilled_only:
+        readers["calibration"] = Reader.load(calibration_reference(args.data, args.seed, cache), test)
     if args.clean_reference:
         clean = build_model(load_recipes(args.data)["clean"], args.data, cache / "models")
         readers["clean"] = Reader.load(Path(clean["dir"]), test)
-    results = [r for a in args.attacks for r in measure(args.data, a, args.seed, cache, readers)]
+    results = [
+        r
+        for a in args.attacks
+        for r in measure(args.data, a, args.seed, cache, readers, args.distilled or args.distilled_only)
+    ]
     write(args.out, dataset, results)
 
 

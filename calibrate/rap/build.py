@@ -143,7 +143,8 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     reader = None
     if options.reader is not None:
         with timings.step("reader"):
-            reader = fit_reader(clean, result, staging / "tokenizer.json", staging, options, model.config.num_labels)
+            classes = model.config.num_labels
+            reader = fit_reader(clean, result, staging / "tokenizer.json", staging, options, classes, model)
     labels = label_names(model)
     held_out = HeldOut(
         tokenizer,

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
+from transformers import PreTrainedModel
 
 from calibrate.model import load_classifier, tokenizer_json
 from calibrate.options import TrainOptions
 from calibrate.rap.export import export_onnx
 from calibrate.rap.options import CalibrateOptions
 from calibrate.rap.perturbation import RapResult, split_rows
-from calibrate.train import train_classifier
+from calibrate.train import LossFn, cross_entropy, train_classifier
 from guard.core.backends.onnx import OnnxBackend
 from guard.core.bundle import READER_GRAPH, ReaderDetector, sha256_file
 from guard.core.checker import Checker
@@ -34,6 +36,7 @@ from guard.core.types import Example, LabelThresholds
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DISTILL_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ def fit_reader(
     staging: Path,
     options: CalibrateOptions,
     labels: int,
+    suspect: PreTrainedModel | None = None,
 ) -> ReaderFit:
     """Train and export the reader into `staging`; score the held-out rows of every protect label."""
     base = Path(options.reader)
@@ -66,8 +70,8 @@ def fit_reader(
         max_length=options.max_length,
         progress=options.rap.progress,
     )
-    log.info("training the reader from %s on %d clean rows (%d epochs)", base, len(train), options.reader_epochs)
-    train_classifier(base, train, hf, train_options)
+    teacher = suspect if options.reader_objective == "distill" else None
+    train_reader(base, train, hf, train_options, teacher)
     plain = RapTokenizer.from_file(suspect_tokenizer, None, options.max_length)
     export_onnx(load_classifier(hf), plain, staging / READER_GRAPH, perturbed=False)
     shutil.rmtree(hf)
@@ -93,6 +97,30 @@ def fit_reader(
     log.info("reader: accuracy %.3f on %d held-out rows, agrees with the suspect on %.3f", info.accuracy, len(held),
              info.agreement)  # fmt: skip
     return ReaderFit(info, scores)
+
+
+def train_reader(
+    base: Path, rows: list[Example], out: Path, options: TrainOptions, teacher: PreTrainedModel | None = None
+) -> None:
+    """Fine-tune `base` (a fresh head) on `rows` into `out`: on their labels, or, with a `teacher` (the suspect),
+    towards its probabilities (knowledge distillation at DISTILL_TEMPERATURE): on clean rows the suspect is
+    the clean task's best teacher, and a trigger it was never shown cannot pass into the student."""
+    how = "labels" if teacher is None else "the suspect's probabilities"
+    log.info("training the reader from %s on %d clean rows' %s (%d epochs)", base, len(rows), how, options.epochs)
+    train_classifier(base, rows, out, options, loss_fn=cross_entropy if teacher is None else distillation(teacher))
+
+
+def distillation(teacher: PreTrainedModel, temperature: float = DISTILL_TEMPERATURE) -> LossFn:
+    """KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et al., 2015)."""
+    teacher.eval()
+
+    def loss(student: PreTrainedModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = torch.softmax(teacher(**inputs).logits / temperature, dim=-1)
+        log_probs = torch.log_softmax(student(**inputs).logits / temperature, dim=-1)
+        return torch.nn.functional.kl_div(log_probs, target, reduction="batchmean") * temperature**2
+
+    return loss
 
 
 def _first(scores) -> np.ndarray:
