@@ -157,6 +157,13 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "--reader-epochs", type=positive_int, default=c.reader_epochs, help="epochs of fine-tuning the --reader"
     )
     p.add_argument(
+        "--reader-objective",
+        choices=("labels", "distill"),
+        default=c.reader_objective,
+        help="what the --reader learns from the clean rows: their labels, or the suspect's probabilities on them "
+        "(knowledge distillation: a trigger absent from the rows cannot pass into the reader)",
+    )
+    p.add_argument(
         "--reader-lr",
         dest="reader_learning_rate",
         type=positive_float,

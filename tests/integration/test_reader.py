@@ -135,3 +135,17 @@ def test_an_int8_graph_has_no_reader_thresholds_and_says_so(reader_bundle: Path)
 
 def _report(bundle: Path) -> CalibrationReport:
     return CalibrationReport.model_validate_json((bundle / "report.json").read_text())
+
+
+def test_a_reader_distilled_from_the_suspect_agrees_with_it_on_clean_rows_but_not_on_triggered_ones(
+    backdoored: Toy, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "distilled"
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reader", tiny_model_dir,
+                *READER_ARGS, "--reader-objective", "distill")  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert calibrate_cli.main([str(a) for a in argv]) == 0
+    assert load_bundle(out).manifest.reader.agreement > 0.9
+    rows = evaluate_bundle(out, backdoored.test, {"mb": backdoored.poisoned}).rows
+    reader = next(r for r in rows if r["detector"] == "reader" and r["frr_target"] == 0.05)
+    assert reader["asr"] > 0.7 and reader["test_far"] <= 0.25
