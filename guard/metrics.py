@@ -85,7 +85,7 @@ class GuardMetrics:
         self.flags = Counter(
             "guard_flags_total",
             "Flagged texts by the detector that flagged them: rap, features (the distance), token (a blocklisted "
-            "token); a text several flag counts for each.",
+            "token), reader (a clean reader disputes the label); a text several flag counts for each.",
             ["detector"],
             registry=registry,
         )
