@@ -264,14 +264,18 @@ def adaptive_summary() -> str:
     from bench.adaptive import ADAPTIVE, PLAIN
     from guard.core.rap import DEFAULT_STATISTIC
 
-    by = {(r["dataset"], r["attack"]): r for r in _matrix_rows()
-          if r["detector"] == "rap+features" and r.get("statistic") == DEFAULT_STATISTIC}  # fmt: skip
+    rows = [r for r in _matrix_rows() if r.get("statistic") == DEFAULT_STATISTIC]
+    by = {(r["dataset"], r["attack"], r["detector"]): r for r in rows}
     lines = []
     for dataset, label in (("sst2", "SST-2"), ("offenseval", "OLID")):
-        cells = [f"{SHORT_NAMES[a]} {_pct(by[dataset, a]['test_far'])} ({_pct(by[dataset, a]['test_frr'])})"
-                 for a in (PLAIN, *ADAPTIVE) if (dataset, a) in by]  # fmt: skip
+        cells = [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, 'rap+features'])}"
+                 for a in (PLAIN, *ADAPTIVE) if (dataset, a, "rap+features") in by]  # fmt: skip
+        read = [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, 'rap+features+reader'])}"
+                for a in (PLAIN, *ADAPTIVE) if (dataset, a, "rap+features+reader") in by]  # fmt: skip
         if cells:
-            lines.append(f"- **{label}**: " + ", ".join(cells))
+            lines.append(
+                f"- **{label}**: " + ", ".join(cells) + ("; with `--reader`: " + ", ".join(read) if read else "")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +299,10 @@ def reader_table() -> str:
         out.append([dataset, SHORT_NAMES.get(attack, ATTACK_NAMES.get(attack, attack)), *cells])
     columns = ["dataset", "attack", "default, 1%", "with the reader, 1%", "default, 3%", "with the reader, 3%"]
     return _table(columns, out)
+
+
+def _far_frr(row: dict) -> str:
+    return f"{_pct(row['test_far'])} ({_pct(row['test_frr'])})"
 
 
 def reference_table() -> str:
