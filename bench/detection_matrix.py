@@ -20,7 +20,9 @@ draws the dev split and the RAP row's training order), then runs each detector o
   "a RAP row kept secret per deployment and re-drawn", against the adaptive-init attacker, who trains
   on `rq`); rows record each bundle's init word (`rap_init`);
 - rap+features+reader: every detector of a bundle calibrated with `--reader` (the packaged MiniLM the
-  models were fine-tuned from, fine-tuned on the calibration's clean rows: guard.core.reader);
+  models were fine-tuned from, distilled from the suspect on the calibration's clean rows:
+  guard.core.reader); rap+features+reader@labels: the same with `--reader-objective labels` (fine-tuned
+  on the rows' labels);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -73,16 +75,19 @@ GUARD_DETECTORS = ("rap", "features", "rap+features")
 INT8_DETECTOR = "rap+features@int8"
 NOREF_DETECTOR = "rap+features-noref"
 REDRAWN_DETECTOR = "rap+features@redrawn"
-READER_DETECTOR = "rap+features+reader"
-DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, READER_DETECTOR, "strip",
+READER_DETECTOR = "rap+features+reader"  # the reader distilled from the suspect (the default objective)
+READER_LABELS_DETECTOR = "rap+features+reader@labels"  # the reader fine-tuned on the rows' labels
+READERS = (READER_DETECTOR, READER_LABELS_DETECTOR)
+DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, *READERS, "strip",
              "onion")  # fmt: skip
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
-STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, READER_DETECTOR)
+STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, *READERS)
 # the bundle variants: folder suffix, the `bundles` key, the graph each row reads and the detectors it flags with
 BOTH, EVERY = ("rap", "features"), ("rap", "features", "reader")
 VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8", BOTH), NOREF_DETECTOR: ("-noref", "noref", "onnx", BOTH),
             REDRAWN_DETECTOR: ("-redrawn", "redrawn", "onnx", BOTH),
-            READER_DETECTOR: ("-reader", "reader", "onnx", EVERY)}  # fmt: skip
+            READER_DETECTOR: ("-reader-distill", "distill", "onnx", EVERY),
+            READER_LABELS_DETECTOR: ("-reader", "labels", "onnx", EVERY)}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -206,8 +211,9 @@ def _seed_bundles(
     if REDRAWN_DETECTOR in detectors:
         redrawn = dataclasses.replace(guard, init_word=drawn_init_word(model_dir, avoid=(KNOWN_INIT_WORD,)))
         bundles["redrawn"] = _bundle(model_dir, dev, variant(REDRAWN_DETECTOR), redrawn, reference=True)
-    if READER_DETECTOR in detectors:
-        bundles["reader"] = _bundle(model_dir, dev, variant(READER_DETECTOR), guard, reference=True, reader=True)
+    for detector in set(READERS) & set(detectors):
+        objective = VARIANTS[detector][1]
+        bundles[objective] = _bundle(model_dir, dev, variant(detector), guard, reference=True, reader=objective)
     if INT8_DETECTOR in detectors:
         bundles["int8"] = _bundle(model_dir, dev, variant(INT8_DETECTOR), guard, int8=True, reference=True)
     return bundles
@@ -298,18 +304,18 @@ def _bundle(
     features: bool = True,
     int8: bool = False,
     reference: bool = False,
-    reader: bool = False,
+    reader: str | None = None,
 ) -> Path:
     """Calibrate once (cached by folder name). `reference`: the packaged MiniLM every bench model was
     fine-tuned from is the `--reference-model` (bundles cached before it was added lack that scan; the
     matrix records what it flags on each model in `moved_from_base`). `reader`: the same checkpoint is
-    the `--reader` (the reader detector's clean classifier, fine-tuned on the calibration's rows)."""
+    the `--reader` (the reader detector's clean classifier) with this `--reader-objective`."""
     if not (out / "manifest.json").is_file():
         log.info("== calibrating %s", out.name)
         base = default_base_model() if reference else None
         options = CalibrateOptions(
             rap=rap, max_length=128, force=True, features=features, int8=int8, reference_model=base,
-            reader=default_base_model() if reader else None,
+            reader=default_base_model() if reader else None, reader_objective=reader or "distill",
         )  # fmt: skip
         calibrate_bundle(model_dir, dev, out, options)
     return out

@@ -102,7 +102,7 @@ class CalibrateOptions:
     reader: Path | None = None  # a clean checkpoint of the suspect's tokenizer: the reader detector (guard.core.reader)
     reader_epochs: int = 5  # of fine-tuning the reader on the RAP row's training half
     reader_learning_rate: float = 1e-4
-    reader_objective: str = "labels"  # or "distill": towards the suspect's probabilities (calibrate.rap.reader)
+    reader_objective: str = "distill"  # towards the suspect's probabilities, or "labels" (calibrate.rap.reader)
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
     probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`
