@@ -239,3 +239,40 @@ async def test_tokenising_still_waiting_at_its_deadline_is_refused_undone() -> N
         await late
     assert not ran
     tokenizing.close()
+
+
+async def _with_reader(tokenizer, stub, reader, **kwargs) -> GuardPipeline:
+    batcher = Batcher(stub.infer, tokenizer.pad, max_wait_s=0.001, reader=reader.infer)
+    limits = {1: LabelThresholds(-0.1, reader=1.0)}
+    pipeline = GuardPipeline(tokenizer, batcher, TwoPass(tokenizer, limits, "prob"), **kwargs)
+    batcher.start()
+    return pipeline
+
+
+async def test_the_reader_reads_protect_label_rows_on_its_own_graph_within_the_check(tokenizer, stub) -> None:
+    reader = StubBackend()
+    pipeline = await _with_reader(tokenizer, stub, reader)
+    try:
+        result = await pipeline.check(TEXTS)
+    finally:
+        await pipeline.batcher.stop()
+    assert (stub.pass1_rows, stub.pass2_rows, reader.pass1_rows, reader.pass2_rows) == (4, 2, 2, 0)
+    assert pipeline.two_pass.passes == 3  # admission reserves the reader's pass too
+    assert [v.flagged_by for v in result.verdicts] == [(), (), ("rap",), ()]  # the stub reader agrees: 0 < 1
+
+
+@pytest.mark.parametrize("fault", ["error", "stall"])
+async def test_a_failing_or_stalled_reader_is_a_guard_failure_never_an_unchecked_pass(tokenizer, stub, fault) -> None:
+    reader = StubBackend()
+    if fault == "error":
+        reader.fail = RuntimeError("reader session lost")
+    else:
+        reader.delay_s = 0.3
+    pipeline = await _with_reader(tokenizer, stub, reader, timeout_s=0.1)
+    try:
+        with pytest.raises(GuardFailure) as caught:
+            await pipeline.check([CLEAN])
+    finally:
+        await pipeline.batcher.stop()
+    assert caught.value.reason == ("backend" if fault == "error" else "timeout")
+    assert caught.value.backend_fault == (fault == "error")  # a timeout can never fail open
