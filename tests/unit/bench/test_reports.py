@@ -28,7 +28,7 @@ def test_robustness_md_is_regenerated_from_its_json() -> None:
 
 # serving.md was written before the RAP-alone ratio columns existed (its run had no guarded-lazy-rap
 # server): today's writer adds them empty, so only the later run is compared byte for byte.
-@pytest.mark.parametrize("name", ["serving_detectors"])
+@pytest.mark.parametrize("name", ["serving_detectors", "serving_reader"])
 def test_serving_md_is_regenerated_from_its_json(name: str) -> None:
     result, md = _committed(name)
     settings = result["settings"]
@@ -36,7 +36,8 @@ def test_serving_md_is_regenerated_from_its_json(name: str) -> None:
     assert serving_report.markdown(result, args) == md
 
 
-def test_serving_targets_are_recomputed_from_the_rows() -> None:
-    result, _ = _committed("serving_detectors")
+@pytest.mark.parametrize("name", ["serving_detectors", "serving_reader"])
+def test_serving_targets_are_recomputed_from_the_rows(name: str) -> None:
+    result, _ = _committed(name)
     assert serving_report.ratios(result["rows"]) == result["ratios"]
     assert serving_report.targets(result["rows"], result["ratios"], result["graphs"]) == result["targets"]
