@@ -380,6 +380,24 @@ def serving_detectors_table() -> str:
     return f"Bundle `{settings['bundle']}`, backend onnx-opt, {settings['rounds']} rounds.\n\n{table}"
 
 
+def serving_reader_table() -> str:
+    """bench.serving --name serving_reader: every detector with the reader vs the default two vs bare."""
+    results = _results("serving_reader")
+    rows = [
+        [r["concurrency"], r["protect_share"], r["throughput_vs_default"], r["cpu_vs_default"], r["cpu_vs_bare_1p"],
+         r["p50_vs_bare"]]
+        for r in results["ratios"]
+        if r["server"] == "guarded-lazy"
+    ]  # fmt: skip
+    table = _table(
+        ["concurrency", "p (protect share)", "throughput / the default two's", "CPU / the default two's",
+         "CPU / ((1+p) x bare)", "p50 / bare p50"],
+        rows,
+    )  # fmt: skip
+    settings = results["settings"]
+    return f"Bundle `{settings['bundle']}`, backend onnx-opt, {settings['rounds']} rounds.\n\n{table}"
+
+
 def repair_table() -> str:
     """bench.repair: residual ASR per attack and defence (guard rows: test FRR at the 1% target), and CACC."""
     rows = _results("repair")["rows"]
@@ -493,6 +511,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "detection-matrix": detection_matrix_table,
     "serving-targets": serving_targets_table,
     "serving-detectors": serving_detectors_table,
+    "serving-reader": serving_reader_table,
     "repair": repair_table,
     "inversion-scan": inversion_scan_table,
     "inversion-repair": inversion_repair_table,
