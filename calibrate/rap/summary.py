@@ -171,6 +171,13 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
     if manifest.features is not None and report.features is not None:
         lines.append(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
         lines += _feature_warnings(report.features)
+    reference = report.features.reference_model if report.features is not None else None
+    if manifest.reader is None and reference is not None:
+        lines.append(
+            f"  (no --reader: a backdoor trained to switch off under RAP's insertion and keep [CLS] clean-looking "
+            f"passes both detectors; `--reader {reference}` adds a clean second opinion for one more pass on "
+            "protect-label rows)"
+        )
     if manifest.reader is not None:
         r = manifest.reader
         lines.append(
