@@ -24,8 +24,7 @@ from bench.attacks.recipes import Recipe, load_recipes, zoo_recipes
 from bench.models import build_model, model_name
 from calibrate.inversion.subject import Subject
 from calibrate.inversion.unlearn import accuracy
-from calibrate.model import predict_probs
-from calibrate.rap.build import WEIGHT_FILES
+from calibrate.model import WEIGHT_FILES, predict_probs
 from calibrate.report import write_json
 from guard.core.bundle import sha256_file
 from guard.core.types import Example

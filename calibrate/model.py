@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from calibrate.progress import progress_bar
 from guard.core import rap
+from guard.core.bundle import sha256_file
 from guard.core.errors import InputError
 from guard.core.family import Family, family_of
 from guard.core.tokenizer import CONFIG_FILES, RapTokenizer
@@ -28,6 +29,7 @@ from guard.core.types import EncodedBatch
 
 log = logging.getLogger(__name__)
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -255,3 +257,8 @@ def predict_with_features(
     if not probs:
         return np.empty((0, model.config.num_labels)), np.empty((0, model.config.num_hidden_layers, 0))
     return np.concatenate(probs), np.concatenate(features)
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 of a model folder's weights file ("" when it has none)."""
+    return next((sha256_file(model_dir / n) for n in WEIGHT_FILES if (model_dir / n).is_file()), "")

@@ -364,38 +364,28 @@ def serving_targets_table() -> str:
 
 def serving_detectors_table() -> str:
     """bench.serving --name serving_detectors: the default detectors vs RAP alone vs bare, per concurrency."""
-    results = _results("serving_detectors")
-    rows = [
-        [r["concurrency"], r["protect_share"], r["throughput_vs_rap_alone"], r["cpu_vs_rap_alone"], r["cpu_vs_bare_1p"],
-         r["p50_vs_bare"]]
-        for r in results["ratios"]
-        if r["server"] == "guarded-lazy"
-    ]  # fmt: skip
-    table = _table(
-        ["concurrency", "p (protect share)", "throughput / RAP alone's", "CPU / RAP alone's", "CPU / ((1+p) x bare)",
-         "p50 / bare p50"],
-        rows,
-    )  # fmt: skip
-    settings = results["settings"]
-    return f"Bundle `{settings['bundle']}`, backend onnx-opt, {settings['rounds']} rounds.\n\n{table}"
+    return _serving_ratios("serving_detectors", "rap_alone", "RAP alone's")
 
 
 def serving_reader_table() -> str:
     """bench.serving --name serving_reader: every detector with the reader vs the default two vs bare."""
-    results = _results("serving_reader")
+    return _serving_ratios("serving_reader", "default", "the default two's")
+
+
+def _serving_ratios(name: str, against: str, whose: str) -> str:
+    """guarded-lazy per concurrency: throughput and CPU against another guarded server (`against`), CPU
+    against (1 + p) x bare, p50 against bare."""
+    results = _results(name)
     rows = [
-        [r["concurrency"], r["protect_share"], r["throughput_vs_default"], r["cpu_vs_default"], r["cpu_vs_bare_1p"],
-         r["p50_vs_bare"]]
+        [r["concurrency"], r["protect_share"], r[f"throughput_vs_{against}"], r[f"cpu_vs_{against}"],
+         r["cpu_vs_bare_1p"], r["p50_vs_bare"]]
         for r in results["ratios"]
         if r["server"] == "guarded-lazy"
     ]  # fmt: skip
-    table = _table(
-        ["concurrency", "p (protect share)", "throughput / the default two's", "CPU / the default two's",
-         "CPU / ((1+p) x bare)", "p50 / bare p50"],
-        rows,
-    )  # fmt: skip
+    columns = ["concurrency", "p (protect share)", f"throughput / {whose}", f"CPU / {whose}", "CPU / ((1+p) x bare)",
+               "p50 / bare p50"]  # fmt: skip
     settings = results["settings"]
-    return f"Bundle `{settings['bundle']}`, backend onnx-opt, {settings['rounds']} rounds.\n\n{table}"
+    return f"Bundle `{settings['bundle']}`, backend onnx-opt, {settings['rounds']} rounds.\n\n{_table(columns, rows)}"
 
 
 def repair_table() -> str:

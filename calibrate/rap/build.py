@@ -31,6 +31,7 @@ from calibrate.model import (
     load_classifier,
     model_tokenizer,
     tokenizer_json,
+    weights_sha256,
 )
 from calibrate.rap.export import INT8_RECIPE, check_parity, export_onnx, quantize_int8
 from calibrate.rap.features import FeatureFit, fit_feature_detector
@@ -52,7 +53,6 @@ from guard.core.bundle import (
     ModelInfo,
     RapToken,
     save_bundle,
-    sha256_file,
 )
 from guard.core.errors import InputError
 from guard.core.features import FEATURES_FILE
@@ -60,7 +60,6 @@ from guard.core.types import Example
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PARITY_ROWS = 64
 
 
@@ -231,7 +230,7 @@ def _manifest(
         guard_version=__version__,
         model=ModelInfo(
             source=str(model_dir.resolve()),
-            source_sha256=_weights_sha(model_dir),
+            source_sha256=weights_sha256(model_dir),
             labels=labels,
             max_length=options.max_length,
             classifier_max_length=options.classifier_max_length,
@@ -249,13 +248,6 @@ def _manifest(
         features=feature_info,
         reader=reader.info if reader else None,
     )
-
-
-def _weights_sha(model_dir: Path) -> str:
-    for name in WEIGHT_FILES:
-        if (model_dir / name).is_file():
-            return sha256_file(model_dir / name)
-    return ""
 
 
 def _check_probe_labels(probes: tuple[Example, ...], num_labels: int) -> None:

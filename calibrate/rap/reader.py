@@ -19,14 +19,14 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
-from calibrate.model import load_classifier, tokenizer_json
+from calibrate.model import load_classifier, tokenizer_json, weights_sha256
 from calibrate.options import TrainOptions
 from calibrate.rap.export import export_onnx
 from calibrate.rap.options import CalibrateOptions
 from calibrate.rap.perturbation import RapResult, split_rows
 from calibrate.train import LossFn, cross_entropy, train_classifier
 from guard.core.backends.onnx import OnnxBackend
-from guard.core.bundle import READER_GRAPH, ReaderDetector, sha256_file
+from guard.core.bundle import READER_GRAPH, ReaderDetector
 from guard.core.checker import Checker
 from guard.core.detection import first_windows
 from guard.core.errors import InputError
@@ -35,7 +35,6 @@ from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example, LabelThresholds
 
 log = logging.getLogger(__name__)
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DISTILL_TEMPERATURE = 2.0
 
 
@@ -88,7 +87,7 @@ def fit_reader(
     predicted = read.argmax(axis=1)
     info = ReaderDetector(
         base=str(base.resolve()),
-        base_sha256=next((sha256_file(base / n) for n in WEIGHT_FILES if (base / n).is_file()), ""),
+        base_sha256=weights_sha256(base),
         train_rows=len(train),
         epochs=options.reader_epochs,
         accuracy=float(np.mean(predicted == np.array([r.label for r in held]))),

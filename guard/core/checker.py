@@ -36,7 +36,8 @@ class Checker:
         self.tokenizer = two_pass.tokenizer
         self.classifier_max_length = classifier_max_length
         self.batch_size = batch_size
-        self._infer = {"1": two_pass.backend_call(backend), "2": two_pass.backend_call(backend)}
+        model = two_pass.backend_call(backend)
+        self._infer = {"1": model, "2": model}
         if reader is not None:
             self._infer["R"] = reader.infer
 

@@ -90,11 +90,9 @@ def _at(p: ProtectedLabel, detectors: set[str], frr: float) -> LabelThresholds:
     if len(detectors) == 1:
         (only,) = detectors
         return LabelThresholds(**{only: _read(stored[only], tables[only], frr)})
-    joint = p.joint.get(key) if detectors == {"rap", "features"} else None
-    if "reader" in detectors and detectors == {"rap", *(["features"] if p.features_thresholds else []), "reader"}:
-        joint = p.joint_reader.get(key)
-    if joint is not None:
-        return LabelThresholds(**{d: getattr(joint, d) for d in detectors})
+    for chosen_together in (p.joint.get(key), p.joint_reader.get(key)):  # each holds the detectors it was fitted for
+        if chosen_together is not None and {d for d in SCORED if getattr(chosen_together, d) is not None} == detectors:
+            return LabelThresholds(**{d: getattr(chosen_together, d) for d in detectors})
     share = frr / len(detectors)  # from the tables: the stored values are each detector's alone at a whole target
     return LabelThresholds(**{d: thresholds.threshold_from_table(tables[d], share) for d in detectors})
 
@@ -117,11 +115,13 @@ class RowScores:
     rap: np.ndarray
     features: np.ndarray
     token: np.ndarray
-    reader: np.ndarray | None = None  # None: no row was read (the detector is off)
+    reader: np.ndarray
 
-    def __post_init__(self) -> None:
-        if self.reader is None:
-            object.__setattr__(self, "reader", np.full(len(self.rap), np.nan))
+    @classmethod
+    def unscored(cls, probs: np.ndarray, owner: np.ndarray) -> RowScores:
+        """Pass 1's rows before any detector scored them."""
+        n = len(owner)
+        return cls(probs, owner, np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool), np.full(n, np.nan))
 
     @property
     def predicted(self) -> np.ndarray:

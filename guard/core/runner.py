@@ -149,8 +149,7 @@ class Run:
         self.first_probs = probs[detection.first_windows(self.owner)]
         eligible = rap.eligible_rows(probs, tp.limits.keys())
         perturbed = _softmax(tp.unpack(outputs[1])[0], "pass 2", self.first_probs)[eligible] if fused else None
-        n = len(rows)
-        scores = RowScores(probs, self.owner, *(np.full(n, np.nan) for _ in range(2)), np.zeros(n, dtype=bool))
+        scores = RowScores.unscored(probs, self.owner)
         if not len(eligible):
             return scores
         picked = [rows[i] for i in eligible]
@@ -174,8 +173,7 @@ class Run:
 
 
 def _no_rows() -> RowScores:
-    empty = np.empty(0)
-    return RowScores(np.empty((0, 0)), np.empty(0, dtype=np.intp), empty, empty, np.empty(0, dtype=bool))
+    return RowScores.unscored(np.empty((0, 0)), np.empty(0, dtype=np.intp))
 
 
 def _softmax(logits: np.ndarray, which: str, known: np.ndarray | None) -> np.ndarray:

@@ -18,7 +18,9 @@ OWNER = np.array([0, 1, 1, 2, 2])
 
 
 def _scores(rap, features=(NAN,) * 5, token=(False,) * 5) -> RowScores:
-    return RowScores(PROBS, OWNER, np.array(rap, float), np.array(features, float), np.array(token))
+    return RowScores(
+        PROBS, OWNER, np.array(rap, float), np.array(features, float), np.array(token), np.full(len(rap), np.nan)
+    )
 
 
 def test_each_detector_flags_above_its_threshold_and_never_an_unscored_or_unprotected_row() -> None:
