@@ -38,14 +38,17 @@ def test_cpu_seconds_counts_this_process_work() -> None:
 
 
 def test_cpu_window_charges_another_process_only_its_own_time() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])  # sleeps: ~no CPU
-    try:
-        window = CpuWindow(child.pid)
-        window.start()
-        _busy(0.3)  # our work, not the child's
-        window.stop()
-    finally:
-        child.wait()
+    # the child says when its interpreter has started (startup costs ~0.1 s of CPU), then sleeps
+    script = "import sys, time; print('ready', flush=True); time.sleep(2)"
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+            window = CpuWindow(child.pid)
+            window.start()
+            _busy(0.3)  # our work, not the child's
+            window.stop()
+        finally:
+            child.kill()
     assert window.cpu_s < 0.1 and window.wall_s >= 0.3
 
 
