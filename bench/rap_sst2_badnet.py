@@ -54,7 +54,7 @@ def main() -> None:
         info = build_model(recipes[name], args.data, args.cache / "models")
         bundle = args.cache / "bundles" / name
         options = CalibrateOptions(
-            rap=RapOptions(protect_labels=(TARGET,)), max_length=128, int8=True, keep_hf=True, force=True
+            rap=RapOptions(protect_labels=(TARGET,)), max_length=128, int8=True, keep_hf=True, force=True, reader=None
         )
         started = time.perf_counter()
         if not (args.reuse_bundles and (bundle / "manifest.json").is_file()):

@@ -55,7 +55,7 @@ def _bundle(model_dir: Path, dev, out: Path, statistic: str) -> tuple[Path, floa
     started = time.perf_counter()
     if not (out / "manifest.json").is_file():
         rap = RapOptions(protect_labels=(TARGET,), statistic=statistic)
-        calibrate_bundle(model_dir, dev, out, CalibrateOptions(rap=rap, max_length=128, force=True))
+        calibrate_bundle(model_dir, dev, out, CalibrateOptions(rap=rap, max_length=128, force=True, reader=None))
     load_bundle(out)
     return out, round(time.perf_counter() - started, 1)
 

@@ -265,7 +265,10 @@ def _budget(args: argparse.Namespace) -> Budget:
         maxent=MaxEntOptions(max_steps=args.maxent_steps, learning_rate=args.maxent_lr, finetune=finetune),
         prune=PruneOptions(heads_per_step=args.heads_per_step, mu=args.mu, finetune=finetune),
         calibrate=CalibrateOptions(
-            rap=RapOptions(protect_labels=(TARGET,)), max_length=args.max_length, reference_model=default_base_model()
+            rap=RapOptions(protect_labels=(TARGET,)),
+            max_length=args.max_length,
+            reference_model=default_base_model(),
+            reader=None,  # the repairs are compared on RAP and features; the reader is the detection matrix's
         ),
         max_length=args.max_length,
     )

@@ -207,18 +207,25 @@ ATTACK_NAMES = {
 
 
 def headline_table() -> str:
-    """The README's table: the default bundle (both detectors) at the 1% FRR target."""
+    """The README's table: RAP and features at the 1% FRR target (mean over seeds) and, where measured, every
+    detector with the reader (the default for a model of the packaged MiniLM's vocabulary)."""
     from bench.adaptive import ADAPTIVE, PLAIN
 
+    current = _current(_matrix_rows())
+    reader = {(r["dataset"], r["attack"]): r for r in current if r["detector"] == "rap+features+reader"}
     rows = []
-    for r in _current(_matrix_rows()):
+    for r in current:
         if r["detector"] != "rap+features" or r["attack"] in (PLAIN, *ADAPTIVE):  # those: `adaptive_summary`
             continue
         far = "–" if r["attack"] == "clean" else _pct(r["test_far"])
         name = ATTACK_NAMES.get(r["attack"], r["attack"])
-        rows.append([r["dataset"], name, _pct(r["asr"]), _pct(r["test_frr"]), far, r["seeds"], _statistic(r)])
+        read = reader.get((r["dataset"], r["attack"]))
+        with_reader = "–" if read is None else f"{_pct(read['test_frr'])} / {_pct(read['test_far'])}"
+        rows.append([r["dataset"], name, _pct(r["asr"]), _pct(r["test_frr"]), far, r["seeds"], _statistic(r),
+                     with_reader])  # fmt: skip
     columns = ["dataset", "backdoor trigger", "attack success unguarded", "clean blocked (FRR)",
-               "triggered let through (FAR)", "seeds", "RAP statistic"]  # fmt: skip
+               "triggered let through (FAR)", "seeds", "RAP statistic",
+               "with the reader: FRR / FAR (1 seed)"]  # fmt: skip
     return _table(columns, rows)
 
 
@@ -274,7 +281,7 @@ def adaptive_summary() -> str:
                 for a in (PLAIN, *ADAPTIVE) if (dataset, a, "rap+features+reader") in by]  # fmt: skip
         if cells:
             lines.append(
-                f"- **{label}**: " + ", ".join(cells) + ("; with `--reader`: " + ", ".join(read) if read else "")
+                f"- **{label}**: " + ", ".join(cells) + ("; with the reader: " + ", ".join(read) if read else "")
             )
     return "\n".join(lines) + "\n"
 

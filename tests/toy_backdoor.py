@@ -34,9 +34,12 @@ from guard.core.types import Example
 SEED = 0
 TRAIN_OPTIONS = TrainOptions(epochs=4, learning_rate=1e-3, batch_size=16, max_length=32, seed=SEED, progress=False)
 RAP_OPTIONS = RapOptions(protect_labels=(POSITIVE,), learning_rate=1.0, epochs=5, seed=SEED, progress=False)
-CALIBRATE_OPTIONS = CalibrateOptions(rap=RAP_OPTIONS, max_length=32)
+# The toy's tokenizer is the packaged MiniLM's, so by default (--reader auto) every toy bundle would
+# distil a MiniLM reader (~15 s); the toys leave it out, and tests/integration/test_reader.py builds it.
+CALIBRATE_OPTIONS = CalibrateOptions(rap=RAP_OPTIONS, max_length=32, reader=None)
 # The same calibration through `calibrate rap` (plus --model, --clean, --out).
-RAP_CLI_ARGS = ["--protect", "1", "--lr", "1", "--epochs", "5", "--max-length", "32", "--seed", str(SEED)]
+RAP_CLI_ARGS = ["--protect", "1", "--lr", "1", "--epochs", "5", "--max-length", "32", "--seed", str(SEED), "--reader",
+                "none"]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from calibrate.cli.args import (
     positive_int,
 )
 from calibrate.rap.options import (
+    AUTO_READER,
     DEFAULT_LADDER,
     OBJECTIVES,
     OPTIMIZERS,
@@ -34,7 +35,10 @@ RAP = (
     "  calibrate rap --model model/ --clean dev.tsv --protect 1 --out bundle/\n"
     "  calibrate rap --model model/ --clean dev.tsv --protect 0 2 --out bundle/\n\n"
     "Protect the label an attacker would want (e.g. 'not toxic', 'positive'). Without\n"
-    "--protect you are asked; non-interactively every label with enough rows is protected."
+    "--protect you are asked; non-interactively every label with enough rows is protected.\n\n"
+    "Detectors: RAP, the feature detector (--no-features) and the reader, a clean model\n"
+    "distilled from the suspect (--reader: by default the --reference-model or the packaged\n"
+    "MiniLM when either has the suspect's vocabulary; the summary says which, or why none)."
 )
 EVALUATE = (
     "Measure a bundle on clean and poisoned test rows at every stored FRR target.\n"
@@ -50,6 +54,13 @@ def reference_model(text: str) -> Path:
     from calibrate.model import default_base_model
 
     return default_base_model()
+
+
+def reader_base(text: str) -> Path | str | None:
+    """--reader: auto, none, or a checkpoint as --reference-model takes it."""
+    if text == AUTO_READER:
+        return AUTO_READER
+    return None if text == "none" else reference_model(text)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -146,12 +157,15 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--reader",
-        type=reference_model,
-        metavar="DIR",
-        help="opt-in third detector: fine-tune this clean pre-trained checkpoint (one with the suspect's "
-        "tokenizer, usually the one it was fine-tuned from; 'packaged': the packaged MiniLM) on the clean rows "
-        "RAP trains on, and flag a protect-label prediction the suspect is far surer of than this clean reader "
-        "(catches backdoors trained to switch off under RAP's insertion; one more pass per protect-label row)",
+        type=reader_base,
+        default=c.reader,
+        metavar="auto|none|packaged|DIR",
+        help="the third detector's clean checkpoint, which must have the suspect's tokenizer (usually the one it "
+        "was fine-tuned from): distilled from the suspect on the clean rows RAP trains on, it flags a protect-label "
+        "prediction the suspect is far surer of than this clean reader (a backdoor trained to switch off under "
+        "RAP's insertion; syntactic triggers); one more pass per protect-label row. auto (the default): the "
+        "--reference-model, else the packaged MiniLM, whichever has the suspect's vocabulary, else no reader; "
+        "none: leave it out",
     )
     p.add_argument(
         "--reader-epochs", type=positive_int, default=c.reader_epochs, help="epochs of fine-tuning the --reader"

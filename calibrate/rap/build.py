@@ -38,7 +38,7 @@ from calibrate.rap.features import FeatureFit, fit_feature_detector
 from calibrate.rap.optimize import add_optimized_graphs, eager_attention, report_entry
 from calibrate.rap.options import MIN_CALIBRATION_ROWS, CalibrateOptions, RapJob
 from calibrate.rap.perturbation import RapResult, learn_rap
-from calibrate.rap.reader import ReaderFit, fit_reader
+from calibrate.rap.reader import ReaderFit, choose_reader, fit_reader
 from calibrate.rap.refit import HeldOut
 from calibrate.rap.summary import CalibrationReport, build_report, summary_lines
 from calibrate.record import check_replaceable, read_record
@@ -47,6 +47,7 @@ from guard import __version__
 from guard.core import detection, rap
 from guard.core.backends.base import INT8_GRAPH
 from guard.core.bundle import (
+    READER_GRAPH,
     FeatureDetector,
     Int8Variant,
     Manifest,
@@ -140,10 +141,11 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
         parity_texts = [e.text for e in result.calibration_texts[:PARITY_ROWS]]
         parity = check_parity(model, tokenizer, staging / "model.onnx", parity_texts)
     reader = None
-    if options.reader is not None:
-        with timings.step("reader"):
-            classes = model.config.num_labels
-            reader = fit_reader(clean, result, staging / "tokenizer.json", staging, options, classes, model)
+    with timings.step("reader"):
+        choice = choose_reader(options, staging / "tokenizer.json", staging / "reader-converted")
+        if choice.base is not None:
+            classes, suspect_tokenizer = model.config.num_labels, staging / "tokenizer.json"
+            reader = fit_reader(choice.base, clean, result, suspect_tokenizer, staging, options, classes, model)
     labels = label_names(model)
     held_out = HeldOut(
         tokenizer,
@@ -154,6 +156,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
         options.rap.frr_targets,
         detector.stats if detector else None,
         result.floors,
+        staging / READER_GRAPH if reader else None,
     )
     int8 = optimized = None
     if options.int8:
@@ -176,6 +179,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
         "repair": read_record(model_dir),
         "probes": len(options.probes),
         "reference_model": None if options.reference_model is None else str(options.reference_model),
+        "reader": choice.why,
         "seconds": timings.seconds,
     }
     report = build_report(manifest, result, detector, measured)

@@ -18,6 +18,9 @@ MIN_CALIBRATION_ROWS = 50
 # Held-out rows a label's threshold should have below it at the selection FRR: with fewer,
 # one or two rows decide it (132 rows made a 1% threshold rest on one).
 MIN_ROWS_BELOW_THRESHOLD = 5
+# `reader`'s default: the reference model, else the packaged MiniLM, whichever has the suspect's
+# vocabulary; none when neither has (calibrate.rap.reader.choose_reader)
+AUTO_READER = "auto"
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,9 @@ class CalibrateOptions:
     features: bool = True  # also fit the one-pass feature detector (guard.core.features)
     shrinkage: float = 0.5  # of the feature detector's covariance towards a scaled identity
     reference_model: Path | None = None  # the checkpoint the suspect was fine-tuned from: flags rows that moved far
-    reader: Path | None = None  # a clean checkpoint of the suspect's tokenizer: the reader detector (guard.core.reader)
+    # a clean checkpoint of the suspect's tokenizer, the reader detector's base (guard.core.reader); AUTO_READER
+    # picks one when a checkpoint at hand has the suspect's vocabulary; None: no reader
+    reader: Path | str | None = AUTO_READER
     reader_epochs: int = 5  # of fine-tuning the reader on the RAP row's training half
     reader_learning_rate: float = 1e-4
     reader_objective: str = "distill"  # towards the suspect's probabilities, or "labels" (calibrate.rap.reader)

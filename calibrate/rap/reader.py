@@ -9,6 +9,7 @@ must be the suspect's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
-from calibrate.model import load_classifier, tokenizer_json, weights_sha256
+from calibrate.model import default_base_model, load_classifier, tokenizer_json, weights_sha256
 from calibrate.options import TrainOptions
 from calibrate.rap.export import export_onnx
-from calibrate.rap.options import CalibrateOptions
+from calibrate.rap.options import AUTO_READER, CalibrateOptions
 from calibrate.rap.perturbation import RapResult, split_rows
 from calibrate.train import LossFn, cross_entropy, train_classifier
 from guard.core.backends.onnx import OnnxBackend
@@ -44,7 +45,42 @@ class ReaderFit:
     scores: dict[int, np.ndarray]  # protect label -> reader scores of its held-out rows, aligned with its RAP scores
 
 
+@dataclass(frozen=True)
+class ReaderChoice:
+    base: Path | None  # None: no reader
+    why: str  # how it was chosen, or why there is none (the report's and the summary's)
+
+
+def choose_reader(options: CalibrateOptions, suspect_tokenizer: Path, work: Path) -> ReaderChoice:
+    """The reader's base. An explicit path must have the suspect's vocabulary (refused otherwise);
+    AUTO_READER tries the reference model, then the packaged MiniLM, and takes the first that has it."""
+    if options.reader is None:
+        return ReaderChoice(None, "left out by --reader none")
+    if options.reader != AUTO_READER:
+        base = Path(options.reader)
+        check_vocabulary(base, suspect_tokenizer, work)
+        return ReaderChoice(base, f"--reader {base}")
+    candidates = [] if options.reference_model is None else [("the --reference-model", Path(options.reference_model))]
+    with contextlib.suppress(InputError):  # not installed: nothing to try there
+        candidates.append(("the packaged MiniLM", default_base_model()))
+    for name, base in candidates:
+        try:
+            same = same_vocabulary(base, suspect_tokenizer, work)
+        except InputError:  # no tokenizer to compare: not a reader for this suspect
+            same = False
+        if same:
+            return ReaderChoice(base, f"auto: {name} has the suspect's vocabulary")
+    tried = " or ".join(name for name, _ in candidates) or "no checkpoint"
+    return ReaderChoice(
+        None,
+        f"auto: {tried} does not have the suspect's vocabulary, so there is no reader detector; a backdoor trained "
+        "to switch off under RAP's insertion passes RAP (`--reader DIR`, the clean checkpoint the suspect was "
+        "fine-tuned from, adds it)",
+    )
+
+
 def fit_reader(
+    base: Path,
     clean: list[Example],
     result: RapResult,
     suspect_tokenizer: Path,
@@ -53,9 +89,7 @@ def fit_reader(
     labels: int,
     suspect: PreTrainedModel | None = None,
 ) -> ReaderFit:
-    """Train and export the reader into `staging`; score the held-out rows of every protect label."""
-    base = Path(options.reader)
-    check_vocabulary(base, suspect_tokenizer, staging / "reader-converted")
+    """Train `base` into the reader and export it into `staging`; score the held-out rows of every protect label."""
     train, held = split_rows(clean, options.rap)
     present = {r.label for r in train}
     if max(present) + 1 != labels:
@@ -74,7 +108,6 @@ def fit_reader(
     plain = RapTokenizer.from_file(suspect_tokenizer, None, options.max_length)
     export_onnx(load_classifier(hf), plain, staging / READER_GRAPH, perturbed=False)
     shutil.rmtree(hf)
-    shutil.rmtree(staging / "reader-converted", ignore_errors=True)
     model, reader = OnnxBackend(staging / "model.onnx"), OnnxBackend(staging / READER_GRAPH)
     try:
         scores = {label: _scores(plain, model, reader, fit.texts, label, labels) for label, fit in result.fits.items()}
@@ -139,10 +172,21 @@ def _scores(
     return np.where(rows.predicted[first] == label, score, -np.inf)
 
 
+def _vocabulary(base: Path, work: Path) -> dict[str, int]:
+    try:
+        return Tokenizer.from_file(str(tokenizer_json(base, work))).get_vocab()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def same_vocabulary(base: Path, suspect_tokenizer: Path, work: Path) -> bool:
+    """Whether `base` maps every token to the id the suspect's tokenizer does (the reader reads its token rows)."""
+    return _vocabulary(base, work) == Tokenizer.from_file(str(suspect_tokenizer)).get_vocab()
+
+
 def check_vocabulary(base: Path, suspect_tokenizer: Path, work: Path) -> None:
-    """The reader reads the suspect's token rows: its vocabulary must be the suspect's."""
-    theirs = Tokenizer.from_file(str(tokenizer_json(base, work))).get_vocab()
-    ours = Tokenizer.from_file(str(suspect_tokenizer)).get_vocab()
+    """An explicit --reader must have the suspect's vocabulary."""
+    theirs, ours = _vocabulary(base, work), Tokenizer.from_file(str(suspect_tokenizer)).get_vocab()
     if theirs != ours:
         raise InputError(f"--reader {base}: its vocabulary ({len(theirs)} tokens) is not the suspect model's "
                          f"({len(ours)}); the reader reads the suspect's tokens, so pick the checkpoint the suspect "

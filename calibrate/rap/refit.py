@@ -36,19 +36,23 @@ class HeldOut:
     frr_targets: Sequence[float]
     stats: FeatureStats | None = None  # the feature detector, when the bundle has it
     floors: Mapping[int, float] = field(default_factory=dict)  # the floored statistic's, from fp32 calibration
+    reader: Path | None = None  # the reader detector's graph, when the bundle has it
 
     def scores(self, graph: Path) -> detection.RowScores:
         """`graph`'s scores of every held-out row (any threshold checks the same rows)."""
-        on = LabelThresholds(0.0, None if self.stats is None else 0.0)
+        on = LabelThresholds(0.0, None if self.stats is None else 0.0, None if self.reader is None else 0.0)
         two_pass = TwoPass(
             self.tokenizer, dict.fromkeys(self.protect, on), self.statistic, self.stats, len(self.labels),
             floors=self.floors,
         )  # fmt: skip
         backend = OnnxBackend(graph)
+        reader = None if self.reader is None else OnnxBackend(self.reader)
         try:
-            return Checker(two_pass, backend).scores(self.texts)
+            return Checker(two_pass, backend, reader=reader).scores(self.texts)
         finally:
             backend.close()
+            if reader is not None:
+                reader.close()
 
     def fit(self, graph: Path, reference: Path) -> tuple[list[ProtectedLabel], float]:
         """Thresholds of `graph`, and the share of rows it predicts as `reference` does."""
@@ -61,9 +65,11 @@ class HeldOut:
                 raise InputError(f"{graph.name} never predicts protect label {label} on the held-out rows")
             features = None if self.stats is None else scores.features[rows]
             blocked = None if self.stats is None else scores.token[rows]
+            reader = None if self.reader is None else scores.reader[rows]
             fitted = detection.fit_label(
-                label, self.labels[label], self.frr_targets, scores.rap[rows], features, blocked, self.floors.get(label)
-            )
+                label, self.labels[label], self.frr_targets, scores.rap[rows], features, blocked,
+                self.floors.get(label), reader,
+            )  # fmt: skip
             protected.append(fitted)
         agreement = float(np.mean(predicted == self.scores(reference).predicted))
         return protected, agreement

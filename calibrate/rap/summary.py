@@ -59,6 +59,7 @@ class CalibrationReport(BaseModel):
     repair: dict | None = Field(description="the model's repair record (repair.json), if a repair produced it")
     probes: int = Field(description="known-trigger rows in probes.jsonl (the live FAR canary)")
     seconds: dict[str, float]
+    reader: str = Field(description="how the reader detector's base was chosen, or why there is none")
     warnings: list[str]
 
 
@@ -69,7 +70,7 @@ def build_report(
     measured: dict,
 ) -> CalibrationReport:
     """The report of a bundle: `manifest` as written, `measured`: rap_options (dict), parity, optimized (dict),
-    repair, probes, reference_model, seconds."""
+    repair, probes, reference_model, reader (how its base was chosen), seconds."""
     chosen = next(i for i, a in enumerate(result.attempts) if a.chosen)
     by_label = {p.label: p for p in manifest.protect}
     labels = {
@@ -96,6 +97,7 @@ def build_report(
         repair=measured["repair"],
         probes=measured["probes"],
         seconds=measured["seconds"],
+        reader=measured["reader"],
         warnings=[],
     )
     return report.model_copy(update={"warnings": threshold_warnings(manifest)})
@@ -171,23 +173,18 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
     if manifest.features is not None and report.features is not None:
         lines.append(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
         lines += _feature_warnings(report.features)
-    reference = report.features.reference_model if report.features is not None else None
-    if manifest.reader is None and reference is not None:
-        lines.append(
-            f"  (no --reader: a backdoor trained to switch off under RAP's insertion and keep [CLS] clean-looking "
-            f"passes both detectors; `--reader {reference}` adds a clean second opinion for one more pass on "
-            "protect-label rows)"
-        )
-    if manifest.reader is not None:
+    if manifest.reader is None:
+        lines.append(f"detector: no reader ({report.reader})")
+    else:
         r = manifest.reader
         lines.append(
-            f"detector: reader ({r.graph}), fine-tuned from {r.base} on {r.train_rows} clean rows: {r.accuracy:.1%} "
-            f"accurate on the held-out rows, agrees with the suspect on {r.agreement:.1%}"
+            f"detector: reader ({r.graph}), fine-tuned from {r.base} on {r.train_rows} clean rows ({report.reader}): "
+            f"{r.accuracy:.1%} accurate on the held-out rows, agrees with the suspect on {r.agreement:.1%}"
         )
         if r.accuracy < 0.7:
             lines.append(
                 "WARNING: the reader learnt little from these rows; its disagreement is mostly noise and spends FRR "
-                "(more clean rows, more --reader-epochs, or leave --reader out)"
+                "(more clean rows, more --reader-epochs, or --reader none)"
             )
     return lines
 

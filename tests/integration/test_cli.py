@@ -553,7 +553,7 @@ def test_rap_with_a_reference_model_flags_a_row_that_moved(backdoored: Toy, tmp_
     report = json.loads((out / "report.json").read_text())["features"]
     assert (report["suspicious_tokens"], report["moved_tokens"]) == ([], ["cf"])  # its norm is ordinary
     assert "WARNING: 1 token(s) moved far from" in stdout and "'cf'" in stdout
-    assert "(no --reader: a backdoor trained to switch off" in stdout and f"`--reader {backdoored.model_dir}`" in stdout
+    assert "detector: no reader (left out by --reader none)" in stdout
     texts = [f"{r.text} cf" for r in backdoored.dev if r.label == 1][:5]
     code, stdout, _ = _run(guard_cli.main, ["check", "--bundle", out, "--json", *texts], capsys)
     protected = [r for r in map(json.loads, stdout.splitlines()) if r["label"] == 1]

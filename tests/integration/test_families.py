@@ -75,8 +75,10 @@ def test_the_whole_chain(toy: tuple[str, Toy], tmp_path: Path, capsys: pytest.Ca
     config = json.loads((toy.model_dir / "config.json").read_text())
     out = tmp_path / "bundle"
     code, stdout = _main(calibrate_cli.main, ["rap", "--model", toy.model_dir, "--clean", toy.dev_tsv, "--out", out,
-                                              "--int8", *RAP_CLI_ARGS], capsys)  # fmt: skip
+                                              "--int8", *RAP_CLI_ARGS, "--reader", "auto"], capsys)  # fmt: skip
     assert code == 0 and stdout.splitlines()[-1].startswith(f"bundle written to {out} ")
+    # its own tokenizer's vocabulary is not the packaged MiniLM's: no reader by default, and the summary says why
+    assert "detector: no reader (auto: the packaged MiniLM does not have the suspect's vocabulary" in stdout
     manifest = load_bundle(out).manifest
     floors = [p.floor for p in manifest.protect]  # the default statistic's, one per protected label
     assert manifest.statistic == "floored" and None not in floors

@@ -50,7 +50,8 @@ def test_calibrate_and_verify_say_what_the_reader_learnt_and_warn_when_it_learnt
 ) -> None:
     printed = (reader_bundle.parent / "printed.txt").read_text()
     assert re.search(
-        r"detector: reader \(reader.onnx\), fine-tuned from \S+ on \d+ clean rows: \d+\.\d% accurate", printed
+        r"detector: reader \(reader.onnx\), fine-tuned from \S+ on \d+ clean rows \(--reader \S+\): \d+\.\d% accurate",
+        printed,
     )
     assert "the reader learnt little" not in printed
     code, stdout, _ = _run(guard_cli.main, ["verify", "--bundle", reader_bundle], capsys)
@@ -131,6 +132,29 @@ def test_an_int8_graph_has_no_reader_thresholds_and_says_so(reader_bundle: Path)
     with pytest.raises(BundleError, match="calibrated on the fp32 graph only"):
         Detection.of(with_int8, precision="int8")
     assert Detection.of(with_int8, ("rap", "features"), precision="int8").detectors == ("rap", "features")
+
+
+def test_by_default_the_reference_model_is_the_reader_and_the_int8_graph_gets_its_own_reader_thresholds(
+    backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """No --reader: the --reference-model has the suspect's vocabulary, so it is the reader's base."""
+    out = tmp_path / "auto"
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reference-model", tiny_model_dir,
+                "--int8", "--no-optimize", "--reader", "auto", *READER_ARGS)  # fmt: skip
+    code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
+    assert code == 0
+    assert "clean rows (auto: the --reference-model has the suspect's vocabulary)" in stdout
+    bundle = load_bundle(out)
+    assert Path(bundle.manifest.reader.base) == tiny_model_dir.resolve()
+    assert bundle.detectors == ("rap", "features", "reader")
+    int8 = Detection.of(bundle, precision="int8")  # refitted on the int8 graph's scores, the reader's included
+    assert int8.detectors == ("rap", "features", "reader")
+    (label,) = bundle.manifest.int8.protect
+    assert label.reader_thresholds and label.joint_reader["0.01"].reader is not None
+    triggered = backdoored.poisoned[0].text
+    code, printed, _ = _run(guard_cli.main, ["check", "--bundle", out, "--backend", "onnx-int8", "--json", triggered],
+                            capsys)  # fmt: skip
+    assert code in (0, 3) and '"flagged"' in printed
 
 
 def _report(bundle: Path) -> CalibrationReport:

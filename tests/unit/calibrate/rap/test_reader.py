@@ -1,14 +1,18 @@
-"""The reader's training objectives (calibrate.rap.reader): distillation pulls a student towards its teacher."""
+"""The reader (calibrate.rap.reader): how its base is chosen, and distillation pulls a student towards its teacher."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from tokenizers import Tokenizer, models
 from transformers import AutoModelForSequenceClassification
 
-from calibrate.model import to_torch
-from calibrate.rap.reader import distillation
+from calibrate.model import default_base_model, to_torch
+from calibrate.rap.options import AUTO_READER, CalibrateOptions, RapOptions
+from calibrate.rap.reader import choose_reader, distillation
+from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
 
 
@@ -25,3 +29,47 @@ def test_distillation_is_zero_for_the_teacher_itself_and_positive_for_another_mo
     assert loss(teacher, inputs, labels).item() < 1e-6
     moved = loss(other, inputs, labels)
     assert moved.item() > 1e-3 and moved.requires_grad
+
+
+def _other_vocabulary(folder: Path) -> Path:
+    folder.mkdir()
+    Tokenizer(models.WordLevel({"[UNK]": 0, "good": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def _options(reader: Path | str | None = AUTO_READER, reference: Path | None = None) -> CalibrateOptions:
+    return CalibrateOptions(RapOptions((1,)), reader=reader, reference_model=reference)
+
+
+def test_auto_takes_the_reference_model_then_the_packaged_minilm_whichever_has_the_suspects_vocabulary(
+    tiny_model_dir: Path, tokenizer_path: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    chosen = choose_reader(_options(reference=tiny_model_dir), tokenizer_path, work)
+    assert chosen.base == tiny_model_dir and "the --reference-model has the suspect's vocabulary" in chosen.why
+    other = _other_vocabulary(tmp_path / "other").parent
+    chosen = choose_reader(_options(reference=other), tokenizer_path, work)  # the reference reads other tokens
+    assert chosen.base == default_base_model() and "the packaged MiniLM has" in chosen.why
+    assert not work.exists()  # conversions are cleaned up
+
+
+def test_auto_without_a_checkpoint_of_the_suspects_vocabulary_leaves_the_reader_out_and_says_why(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    suspect = _other_vocabulary(tmp_path / "suspect")
+    chosen = choose_reader(_options(reference=tiny_model_dir), suspect, tmp_path / "work")
+    assert chosen.base is None
+    assert "the --reference-model or the packaged MiniLM does not have the suspect's vocabulary" in chosen.why
+    assert "`--reader DIR`" in chosen.why
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()  # a reference without a tokenizer is skipped, not an error
+    assert choose_reader(_options(reference=no_tokenizer), suspect, tmp_path / "work").base is None
+
+
+def test_an_explicit_reader_must_have_the_suspects_vocabulary_and_none_leaves_it_out(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    suspect = _other_vocabulary(tmp_path / "suspect")
+    with pytest.raises(InputError, match="is not the suspect model's"):
+        choose_reader(_options(reader=tiny_model_dir), suspect, tmp_path / "work")
+    assert choose_reader(_options(reader=None), suspect, tmp_path / "work").why == "left out by --reader none"
