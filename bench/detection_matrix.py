@@ -22,7 +22,8 @@ draws the dev split and the RAP row's training order), then runs each detector o
 - rap+features+reader: every detector of a bundle calibrated with `--reader` (the packaged MiniLM the
   models were fine-tuned from, distilled from the suspect on the calibration's clean rows:
   guard.core.reader); rap+features+reader@labels: the same with `--reader-objective labels` (fine-tuned
-  on the rows' labels);
+  on the rows' labels); rap+features+reader@aug4: distilled on 4 perturbed copies of each row too
+  (`--reader-augment 4 --reader-epochs 3`);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -77,7 +78,11 @@ NOREF_DETECTOR = "rap+features-noref"
 REDRAWN_DETECTOR = "rap+features@redrawn"
 READER_DETECTOR = "rap+features+reader"  # the reader distilled from the suspect (the default objective)
 READER_LABELS_DETECTOR = "rap+features+reader@labels"  # the reader fine-tuned on the rows' labels
-READERS = (READER_DETECTOR, READER_LABELS_DETECTOR)
+READER_AUGMENT_DETECTOR = "rap+features+reader@aug4"  # distilled on 4 perturbed copies of each row too, 3 epochs
+READERS = (READER_DETECTOR, READER_LABELS_DETECTOR, READER_AUGMENT_DETECTOR)
+# per reader variant the CalibrateOptions that build it
+READER_OPTIONS = {"distill": {}, "labels": {"reader_objective": "labels"},
+                  "aug4": {"reader_augment": 4, "reader_epochs": 3}}  # fmt: skip
 DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, *READERS, "strip",
              "onion")  # fmt: skip
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
@@ -87,7 +92,8 @@ BOTH, EVERY = ("rap", "features"), ("rap", "features", "reader")
 VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8", BOTH), NOREF_DETECTOR: ("-noref", "noref", "onnx", BOTH),
             REDRAWN_DETECTOR: ("-redrawn", "redrawn", "onnx", BOTH),
             READER_DETECTOR: ("-reader-distill", "distill", "onnx", EVERY),
-            READER_LABELS_DETECTOR: ("-reader", "labels", "onnx", EVERY)}  # fmt: skip
+            READER_LABELS_DETECTOR: ("-reader", "labels", "onnx", EVERY),
+            READER_AUGMENT_DETECTOR: ("-reader-aug4", "aug4", "onnx", EVERY)}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -309,13 +315,13 @@ def _bundle(
     """Calibrate once (cached by folder name). `reference`: the packaged MiniLM every bench model was
     fine-tuned from is the `--reference-model` (bundles cached before it was added lack that scan; the
     matrix records what it flags on each model in `moved_from_base`). `reader`: the same checkpoint is
-    the `--reader` (the reader detector's clean classifier) with this `--reader-objective`."""
+    the `--reader` (the reader detector's clean classifier), built with READER_OPTIONS[`reader`]."""
     if not (out / "manifest.json").is_file():
         log.info("== calibrating %s", out.name)
         base = default_base_model() if reference else None
         options = CalibrateOptions(
             rap=rap, max_length=128, force=True, features=features, int8=int8, reference_model=base,
-            reader=default_base_model() if reader else None, reader_objective=reader or "distill",
+            reader=default_base_model() if reader else None, **READER_OPTIONS[reader or "distill"],
         )  # fmt: skip
         calibrate_bundle(model_dir, dev, out, options)
     return out

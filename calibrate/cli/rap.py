@@ -10,6 +10,7 @@ from calibrate.cli.args import (
     command,
     defaults,
     fraction,
+    non_negative_int,
     options_from,
     positive_float,
     positive_int,
@@ -176,6 +177,15 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         default=c.reader_objective,
         help="what the --reader learns from the clean rows: their labels, or the suspect's probabilities on them "
         "(knowledge distillation: a trigger absent from the rows cannot pass into the reader)",
+    )
+    p.add_argument(
+        "--reader-augment",
+        type=non_negative_int,
+        default=c.reader_augment,
+        metavar="N",
+        help="also distil the reader on N perturbed copies of each clean row (cut, masked and dropped words): "
+        "it agrees with the suspect more closely, so its threshold is tighter; each epoch then sees N + 1 times "
+        "the rows (lower --reader-epochs to keep the time)",
     )
     p.add_argument(
         "--reader-lr",

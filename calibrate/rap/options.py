@@ -108,9 +108,15 @@ class CalibrateOptions:
     reader_epochs: int = 5  # of fine-tuning the reader on the RAP row's training half
     reader_learning_rate: float = 1e-4
     reader_objective: str = "distill"  # towards the suspect's probabilities, or "labels" (calibrate.rap.reader)
+    reader_augment: int = 0  # distil on this many perturbed copies of each row too (calibrate.rap.reader.augmented)
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
     probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`
+
+    def __post_init__(self) -> None:
+        if self.reader_augment and self.reader_objective != "distill":
+            raise InputError("--reader-augment needs --reader-objective distill: a perturbed copy keeps no label, "
+                             "only the suspect's probabilities on it")  # fmt: skip
 
 
 @dataclass(frozen=True)

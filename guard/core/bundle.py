@@ -120,6 +120,8 @@ class ReaderDetector(BaseModel):
     base_sha256: str = Field(description="sha256 of the base's weights file")
     train_rows: int = Field(description="clean rows it was fine-tuned on (the RAP row's training half)")
     epochs: int
+    objective: str = Field("distill", description="what it learnt: the suspect's probabilities, or the labels")
+    augment: int = Field(0, description="perturbed copies of each training row it was also distilled on")
     accuracy: float = Field(description="its accuracy on the held-out clean rows, every label")
     agreement: float = Field(description="share of held-out rows it predicts as the suspect model does")
 

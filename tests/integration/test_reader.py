@@ -140,12 +140,13 @@ def test_by_default_the_reference_model_is_the_reader_and_the_int8_graph_gets_it
     """No --reader: the --reference-model has the suspect's vocabulary, so it is the reader's base."""
     out = tmp_path / "auto"
     argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reference-model", tiny_model_dir,
-                "--int8", "--no-optimize", "--reader", "auto", *READER_ARGS)  # fmt: skip
+                "--int8", "--no-optimize", "--reader", "auto", "--reader-augment", "1", *READER_ARGS)  # fmt: skip
     code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
     assert code == 0
     assert "clean rows (auto: the --reference-model has the suspect's vocabulary)" in stdout
     bundle = load_bundle(out)
     assert Path(bundle.manifest.reader.base) == tiny_model_dir.resolve()
+    assert (bundle.manifest.reader.objective, bundle.manifest.reader.augment) == ("distill", 1)
     assert bundle.detectors == ("rap", "features", "reader")
     int8 = Detection.of(bundle, precision="int8")  # refitted on the int8 graph's scores, the reader's included
     assert int8.detectors == ("rap", "features", "reader")

@@ -11,9 +11,10 @@ from transformers import AutoModelForSequenceClassification
 
 from calibrate.model import default_base_model, to_torch
 from calibrate.rap.options import AUTO_READER, CalibrateOptions, RapOptions
-from calibrate.rap.reader import choose_reader, distillation
+from calibrate.rap.reader import augmented, choose_reader, distillation
 from guard.core.errors import InputError
 from guard.core.tokenizer import RapTokenizer
+from guard.core.types import Example
 
 
 def test_distillation_is_zero_for_the_teacher_itself_and_positive_for_another_model(
@@ -73,3 +74,20 @@ def test_an_explicit_reader_must_have_the_suspects_vocabulary_and_none_leaves_it
     with pytest.raises(InputError, match="is not the suspect model's"):
         choose_reader(_options(reader=tiny_model_dir), suspect, tmp_path / "work")
     assert choose_reader(_options(reader=None), suspect, tmp_path / "work").why == "left out by --reader none"
+
+
+def test_augmented_copies_are_seeded_and_hold_no_word_the_rows_lack() -> None:
+    rows = [Example("a warm and funny film about two old friends", 1), Example("dull , slow and far too long", 0)]
+    copies = augmented(rows, 6, seed=3, mask="[MASK]")
+    assert len(copies) == 12 and copies == augmented(rows, 6, seed=3, mask="[MASK]")
+    assert [c.label for c in copies] == [1] * 6 + [0] * 6
+    words = {w for r in rows for w in r.text.split()} | {"[MASK]"}
+    assert all(set(c.text.split()) <= words for c in copies)
+    assert any(c.text not in {r.text for r in rows} for c in copies)
+    assert all("[MASK]" not in c.text for c in augmented(rows, 6, seed=3, mask=None))
+    assert augmented(rows, 0, seed=3, mask="[MASK]") == []
+
+
+def test_augmenting_a_reader_fine_tuned_on_labels_is_refused() -> None:
+    with pytest.raises(InputError, match="--reader-augment needs --reader-objective distill"):
+        CalibrateOptions(RapOptions((1,)), reader_objective="labels", reader_augment=2)
