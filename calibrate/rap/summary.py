@@ -170,6 +170,18 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
             f"{thresholds.expected_frr(frr, p.calibration_rows):.2%} on average, {bound:.2%} with 90% confidence{more}"
         )
     lines += [f"WARNING: {w}" for w in report.warnings]
+    detectors = 1 + (manifest.features is not None) + (manifest.reader is not None)
+    for p in manifest.protect:
+        short = thresholds.detectors_affordable(manifest.default_frr, p.calibration_rows, detectors)
+        if short is not None and detectors > 1:
+            reach, rows = short
+            lines.append(
+                f"WARNING: label {p.name}: at the {manifest.default_frr:.1%} target its {p.calibration_rows} held-out "
+                f"rows afford {max(thresholds.rank_at(manifest.default_frr, p.calibration_rows), 1)} flagged row(s); "
+                f"each of the {detectors} detectors flags beyond its own highest clean score, so the clean FRR may "
+                f"reach {reach:.1%} (about {rows} such rows afford them all; or a higher --default-frr, or fewer "
+                "detectors: --reader none)"
+            )
     if manifest.features is not None and report.features is not None:
         lines.append(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
         lines += _feature_warnings(report.features)

@@ -73,6 +73,15 @@ def expected_frr(frr: float, n: int) -> float:
     return max(rank_at(frr, n), 1) / (n + 1)
 
 
+def detectors_affordable(frr: float, n: int, detectors: int) -> tuple[float, int] | None:
+    """None when n held-out rows afford `detectors` united thresholds at `frr` (k >= detectors); else
+    the FRR they may reach, detectors / (n + 1) (each, at rank 1 at least, flags a new clean row
+    beyond its own highest held-out score with probability 1 / (n + 1)), and the rows that afford them."""
+    if rank_at(frr, n) >= detectors:
+        return None
+    return detectors / (n + 1), math.ceil(detectors / frr) - 1
+
+
 def frr_upper_bound(frr: float, n: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
     """u with P(FRR <= u) >= confidence for the conformal threshold of `frr` on n rows.
 

@@ -121,3 +121,19 @@ def test_rows_with_a_suspicious_token_count_against_the_target_and_thresholds_st
     crowded = thresholds.joint(-deltas, scores, 0.01)
     assert np.isfinite(crowded.features) and np.count_nonzero(-deltas > crowded.rap) == 0
     assert crowded.features == np.max(scores[np.isfinite(scores)])
+
+
+def test_too_few_rows_for_several_detectors_say_what_the_union_may_reach() -> None:
+    """140 rows at 1%: k = 1, so three detectors, each beyond its own maximum, may flag 3 / 141 of new clean
+    rows; 299 rows (k = 3) afford them. Measured, not assumed: three independent detectors at rank 1."""
+    assert thresholds.detectors_affordable(0.01, 299, 3) is None
+    reach, rows = thresholds.detectors_affordable(0.01, 140, 3)
+    assert reach == pytest.approx(3 / 141) and rows == 299
+    assert thresholds.detectors_affordable(0.01, 140, 1) is None  # one detector: the conformal target's own bound
+    rng = np.random.default_rng(2)
+    flagged = []
+    for _ in range(2000):
+        held, new = rng.normal(size=(140, 3)), rng.normal(size=(1, 3))
+        chosen, _ = thresholds.union(list(held.T), 0.01)
+        flagged.append(bool(np.any(new[0] > np.array(chosen))))
+    assert abs(np.mean(flagged) - reach) < 0.01
