@@ -287,8 +287,9 @@ def adaptive_summary() -> str:
 
 
 def reader_table() -> str:
-    """The reader detector's matrix rows (bundles calibrated with `--reader`): per dataset and attack, test FRR /
-    FAR of the default detectors and of every detector with the reader, at the 1% and 3% targets (one seed)."""
+    """The reader detector's matrix rows (bundles calibrated with `--reader`): per dataset and attack, FAR (test
+    FRR) of RAP and features, of every detector with the reader, and with a reader distilled on augmented rows,
+    at the 1% and 3% targets (one seed)."""
     from guard.core.rap import DEFAULT_STATISTIC
 
     rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
@@ -300,11 +301,12 @@ def reader_table() -> str:
     for dataset, attack in sorted(measured, key=lambda k: (k[0] != "sst2", k[0], order.index(k[1]))):
         cells = []
         for frr in (0.01, 0.03):
-            for detector in ("rap+features", "rap+features+reader"):
+            for detector in ("rap+features", "rap+features+reader", "rap+features+reader@aug4"):
                 r = at.get((dataset, attack, detector, frr))
                 cells.append("–" if r is None else f"{_pct(r['test_far'])} ({_pct(r['test_frr'])})")
         out.append([dataset, SHORT_NAMES.get(attack, ATTACK_NAMES.get(attack, attack)), *cells])
-    columns = ["dataset", "attack", "default, 1%", "with the reader, 1%", "default, 3%", "with the reader, 3%"]
+    columns = ["dataset", "attack", "RAP + features, 1%", "with the reader, 1%", "reader, --reader-augment 4, 1%",
+               "RAP + features, 3%", "with the reader, 3%", "reader, --reader-augment 4, 3%"]  # fmt: skip
     return _table(columns, out)
 
 
