@@ -170,7 +170,7 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
             f"{thresholds.expected_frr(frr, p.calibration_rows):.2%} on average, {bound:.2%} with 90% confidence{more}"
         )
     lines += [f"WARNING: {w}" for w in report.warnings]
-    detectors = 1 + (manifest.features is not None) + (manifest.reader is not None)
+    detectors = len(manifest.detectors)
     for p in manifest.protect:
         short = thresholds.detectors_affordable(manifest.default_frr, p.calibration_rows, detectors)
         if short is not None and detectors > 1:

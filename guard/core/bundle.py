@@ -174,6 +174,12 @@ class Manifest(BaseModel):
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
 
+    @property
+    def detectors(self) -> tuple[str, ...]:
+        """The detectors the bundle was calibrated for."""
+        features = ("features",) if self.features is not None else ()
+        return ("rap", *features, *(("reader",) if self.reader is not None else ()))
+
 
 class Bundle:
     """A loaded, verified bundle."""
@@ -204,8 +210,7 @@ class Bundle:
     @property
     def detectors(self) -> tuple[str, ...]:
         """The detectors this bundle was calibrated for."""
-        features = ("features",) if self.manifest.features is not None else ()
-        return ("rap", *features, *(("reader",) if self.manifest.reader is not None else ()))
+        return self.manifest.detectors
 
     def feature_stats(self) -> FeatureStats:
         if self.manifest.features is None:
