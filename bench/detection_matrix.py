@@ -23,7 +23,8 @@ draws the dev split and the RAP row's training order), then runs each detector o
   models were fine-tuned from, distilled from the suspect on the calibration's clean rows:
   guard.core.reader); rap+features+reader@labels: the same with `--reader-objective labels` (fine-tuned
   on the rows' labels); rap+features+reader@aug4: distilled on 4 perturbed copies of each row too
-  (`--reader-augment 4 --reader-epochs 3`);
+  (`--reader-augment 4 --reader-epochs 3`); rap+features+reader+switch: the default reader and the
+  switch detector (`--switch`: RAP's init word inserted untrained, guard.core.switch);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -79,21 +80,23 @@ REDRAWN_DETECTOR = "rap+features@redrawn"
 READER_DETECTOR = "rap+features+reader"  # the reader distilled from the suspect (the default objective)
 READER_LABELS_DETECTOR = "rap+features+reader@labels"  # the reader fine-tuned on the rows' labels
 READER_AUGMENT_DETECTOR = "rap+features+reader@aug4"  # distilled on 4 perturbed copies of each row too, 3 epochs
-READERS = (READER_DETECTOR, READER_LABELS_DETECTOR, READER_AUGMENT_DETECTOR)
+SWITCH_DETECTOR = "rap+features+reader+switch"  # the default reader and the switch detector (`--switch`)
+READERS = (READER_DETECTOR, READER_LABELS_DETECTOR, READER_AUGMENT_DETECTOR, SWITCH_DETECTOR)
 # per reader variant the CalibrateOptions that build it
 READER_OPTIONS = {"distill": {}, "labels": {"reader_objective": "labels"},
-                  "aug4": {"reader_augment": 4, "reader_epochs": 3}}  # fmt: skip
+                  "aug4": {"reader_augment": 4, "reader_epochs": 3}, "switch": {"switch": True}}  # fmt: skip
 DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, *READERS, "strip",
              "onion")  # fmt: skip
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
 STATISTIC_DETECTORS = (*GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, *READERS)
 # the bundle variants: folder suffix, the `bundles` key, the graph each row reads and the detectors it flags with
-BOTH, EVERY = ("rap", "features"), ("rap", "features", "reader")
+BOTH, EVERY, ALL = ("rap", "features"), ("rap", "features", "reader"), ("rap", "features", "reader", "switch")
 VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8", BOTH), NOREF_DETECTOR: ("-noref", "noref", "onnx", BOTH),
             REDRAWN_DETECTOR: ("-redrawn", "redrawn", "onnx", BOTH),
             READER_DETECTOR: ("-reader-distill", "distill", "onnx", EVERY),
             READER_LABELS_DETECTOR: ("-reader", "labels", "onnx", EVERY),
-            READER_AUGMENT_DETECTOR: ("-reader-aug4", "aug4", "onnx", EVERY)}  # fmt: skip
+            READER_AUGMENT_DETECTOR: ("-reader-aug4", "aug4", "onnx", EVERY),
+            SWITCH_DETECTOR: ("-reader-switch", "switch", "onnx", ALL)}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)

@@ -55,9 +55,9 @@ def _parser() -> Parser:
     check.add_argument(
         "--detectors",
         nargs="+",
-        choices=("rap", "features", "reader"),
-        help="what checks the texts (default: every detector the bundle has; reader: a bundle calibrated "
-        "with `calibrate rap --reader`)",
+        choices=("rap", "features", "reader", "switch"),
+        help="what checks the texts (default: every detector the bundle has; reader, switch: a bundle calibrated "
+        "with them, `calibrate rap --reader`, `--switch`)",
     )
     check.set_defaults(handler=_check)
     _add_serve(sub)

@@ -65,7 +65,7 @@ class GuardMetrics:
         )
         self.inference_duration = Histogram(
             "guard_inference_duration_seconds",
-            "Backend time per batch; pass is 1, 2 or fused (both).",
+            "Backend time per batch; pass is 1, 2, R (the reader), S (the switch pass) or fused (several).",
             ["pass", "backend"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -85,7 +85,8 @@ class GuardMetrics:
         self.flags = Counter(
             "guard_flags_total",
             "Flagged texts by the detector that flagged them: rap, features (the distance), token (a blocklisted "
-            "token), reader (a clean reader disputes the label); a text several flag counts for each.",
+            "token), reader (a clean reader disputes the label), switch (the label collapses under an untrained "
+            "rare word); a text several flag counts for each.",
             ["detector"],
             registry=registry,
         )

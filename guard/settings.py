@@ -32,7 +32,7 @@ DEFAULT_STRUCTURAL_KEYS = ("id", "name", "datatype", "content_type", "function_t
 # A form body holds percent-encoded fields an upstream binds one by one: never readable as one text.
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
-DETECTORS = ("rap", "features", "reader", "none")  # "none" stands alone: a bare classifier
+DETECTORS = ("rap", "features", "reader", "switch", "none")  # "none" stands alone: a bare classifier
 
 
 class Settings(BaseSettings):
@@ -61,7 +61,8 @@ class Settings(BaseSettings):
         None,
         description="What checks each input (default: every detector the bundle has): rap (the two-pass RAP "
         "check), features (the one-pass feature detector), reader (a clean classifier's second opinion, "
-        "`calibrate rap --reader`), several (flagged when any flags), or none: a "
+        "`calibrate rap --reader`), switch (RAP's word inserted untrained, `calibrate rap --switch`), several "
+        "(flagged when any flags), or none: a "
         "bare pass-through classifier (one pass, no check, nothing flagged; for baselines, logged as a "
         "warning and reported by guard_detectors).",
     )

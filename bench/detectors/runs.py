@@ -159,7 +159,7 @@ def run_guard(
     curve = ([], [])
     if len(detectors) == 1:  # one score: the whole FAR-FRR curve
         curve = score_curve(_one_score(clean, detectors[0]), _one_score(poisoned, detectors[0]))
-    passes = 1.0 + ("rap" in detectors) + ("reader" in detectors)  # on protect-label rows, at most
+    passes = 1.0 + ("rap" in detectors) + ("reader" in detectors) + ("switch" in detectors)  # protect-label rows
     return DetectorRun("+".join(detectors), points, curve, passes, ms)
 
 

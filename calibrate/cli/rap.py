@@ -39,7 +39,9 @@ RAP = (
     "--protect you are asked; non-interactively every label with enough rows is protected.\n\n"
     "Detectors: RAP, the feature detector (--no-features) and the reader, a clean model\n"
     "distilled from the suspect (--reader: by default the --reference-model or the packaged\n"
-    "MiniLM when either has the suspect's vocabulary; the summary says which, or why none)."
+    "MiniLM when either has the suspect's vocabulary; the summary says which, or why none).\n"
+    "--switch adds a fourth, against a backdoor taught to switch off when a rare token is\n"
+    "inserted (RAP's own move): one more pass per protect-label row."
 )
 EVALUATE = (
     "Measure a bundle on clean and poisoned test rows at every stored FRR target.\n"
@@ -167,6 +169,15 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "RAP's insertion; syntactic triggers); one more pass per protect-label row. auto (the default): the "
         "--reference-model, else the packaged MiniLM, whichever has the suspect's vocabulary, else no reader; "
         "none: leave it out",
+    )
+    p.add_argument(
+        "--switch",
+        action="store_true",
+        default=c.switch,
+        help="add the switch detector: one more pass inserts the RAP row's init word untrained where pass 2 puts "
+        "the row, and flags a protect-label prediction whose log-odds fall far more than the clean rows' do (a "
+        "backdoor trained to switch off under a rare insertion, which RAP lets through: bench/results/"
+        "detection_matrix.md); off by default: it costs a pass of the model per protect-label row",
     )
     p.add_argument(
         "--reader-epochs", type=positive_int, default=c.reader_epochs, help="epochs of fine-tuning the --reader"

@@ -41,6 +41,7 @@ from calibrate.rap.perturbation import RapResult, learn_rap
 from calibrate.rap.reader import ReaderFit, choose_reader, fit_reader
 from calibrate.rap.refit import HeldOut
 from calibrate.rap.summary import CalibrationReport, build_report, summary_lines
+from calibrate.rap.switch import SwitchFit, fit_switch
 from calibrate.record import check_replaceable, read_record
 from calibrate.report import plot_scores, write_json
 from guard import __version__
@@ -57,6 +58,7 @@ from guard.core.bundle import (
 )
 from guard.core.errors import InputError
 from guard.core.features import FEATURES_FILE
+from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,11 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
         if choice.base is not None:
             classes, suspect_tokenizer = model.config.num_labels, staging / "tokenizer.json"
             reader = fit_reader(choice.base, clean, result, suspect_tokenizer, staging, options, classes, model)
+    switch = None
+    if options.switch:
+        with timings.step("switch"):
+            plain = RapTokenizer.from_file(staging / "tokenizer.json", None, options.max_length)
+            switch = fit_switch(staging / "model.onnx", plain, result, model.config.num_labels)
     labels = label_names(model)
     held_out = HeldOut(
         tokenizer,
@@ -157,6 +164,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
         detector.stats if detector else None,
         result.floors,
         staging / READER_GRAPH if reader else None,
+        switch.info.token_id if switch else None,
     )
     int8 = optimized = None
     if options.int8:
@@ -169,7 +177,7 @@ def _build(model_dir: Path, clean: list[Example], staging: Path, options: Calibr
     _write_rows(staging / "canaries.jsonl", result.calibration_texts[: options.canaries])
     if options.probes:
         _write_rows(staging / "probes.jsonl", options.probes)
-    manifest = _manifest(model_dir, labels, result, options, detector, reader).model_copy(
+    manifest = _manifest(model_dir, labels, result, options, detector, reader, switch).model_copy(
         update={"int8": int8, "optimized": optimized}
     )
     measured = {
@@ -208,6 +216,7 @@ def _manifest(
     options: CalibrateOptions,
     detector: FeatureFit | None,
     reader: ReaderFit | None = None,
+    switch: SwitchFit | None = None,
 ) -> Manifest:
     protect = [
         detection.fit_label(
@@ -219,6 +228,7 @@ def _manifest(
             detector.blocked[label] if detector else None,
             result.floors.get(label),
             reader.scores[label] if reader else None,
+            switch.scores[label] if switch else None,
         )
         for label, fit in result.fits.items()
     ]
@@ -251,6 +261,7 @@ def _manifest(
         statistic=options.rap.statistic,
         features=feature_info,
         reader=reader.info if reader else None,
+        switch=switch.info if switch else None,
     )
 
 

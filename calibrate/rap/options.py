@@ -109,6 +109,7 @@ class CalibrateOptions:
     reader_learning_rate: float = 1e-4
     reader_objective: str = "distill"  # towards the suspect's probabilities, or "labels" (calibrate.rap.reader)
     reader_augment: int = 0  # distil on this many perturbed copies of each row too (calibrate.rap.reader.augmented)
+    switch: bool = False  # the switch detector (guard.core.switch): one more pass, RAP's init word inserted untrained
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
     probes: tuple[Example, ...] = ()  # known-trigger rows (original labels), e.g. from `calibrate scan`

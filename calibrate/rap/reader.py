@@ -26,6 +26,7 @@ from calibrate.options import TrainOptions
 from calibrate.rap.export import export_onnx
 from calibrate.rap.options import AUTO_READER, CalibrateOptions
 from calibrate.rap.perturbation import RapResult, split_rows
+from calibrate.rap.refit import label_scores
 from calibrate.train import LossFn, cross_entropy, train_classifier
 from guard.core.backends.onnx import OnnxBackend
 from guard.core.bundle import READER_GRAPH, ReaderDetector
@@ -199,13 +200,9 @@ def _first(scores) -> np.ndarray:
 def _scores(
     tokenizer: RapTokenizer, model: OnnxBackend, reader: OnnxBackend, texts: list[str], label: int, labels: int
 ) -> np.ndarray:
-    """The reader scores of `texts` (held-out rows the suspect predicts as `label`), through the server's
-    steps; a row the exported graph predicts otherwise (a torch/ONNX tie) is never flagged (-inf)."""
+    """The reader scores of `texts` (held-out rows the suspect predicts as `label`), through the server's steps."""
     two_pass = TwoPass(tokenizer, dict.fromkeys(range(labels), LabelThresholds(reader=0.0)), classes=labels)
-    rows = Checker(two_pass, model, reader=reader).scores(texts)
-    first = first_windows(rows.owner)
-    score = rows.reader[first]
-    return np.where(rows.predicted[first] == label, score, -np.inf)
+    return label_scores(two_pass, model, texts, label, "reader", reader)
 
 
 def _vocabulary(base: Path, work: Path) -> dict[str, int]:

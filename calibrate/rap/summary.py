@@ -180,7 +180,7 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
                 f"rows afford {max(thresholds.rank_at(manifest.default_frr, p.calibration_rows), 1)} flagged row(s); "
                 f"each of the {detectors} detectors flags beyond its own highest clean score, so the clean FRR may "
                 f"reach {reach:.1%} (about {rows} such rows afford them all; or a higher --default-frr, or fewer "
-                "detectors: --reader none)"
+                "detectors: --reader none, no --switch)"
             )
     if manifest.features is not None and report.features is not None:
         lines.append(f"detectors: rap and features (the feature detector fitted on {manifest.features.fit_rows} rows)")
@@ -198,6 +198,11 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
                 "WARNING: the reader learnt little from these rows; its disagreement is mostly noise and spends FRR "
                 "(more clean rows, more --reader-epochs, or --reader none)"
             )
+    if manifest.switch is not None:
+        lines.append(
+            f"detector: switch (inserts {manifest.switch.word!r}, the RAP row's init word, untrained): flags a "
+            "protect-label prediction that collapses under it"
+        )
     return lines
 
 

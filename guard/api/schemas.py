@@ -46,7 +46,8 @@ class CheckItem(BaseModel):
     flagged_by: list[str] = Field(
         default_factory=list,
         description="The detectors that flagged it: rap (the RAP score), features (the feature distance), "
-        "token (a blocklisted token), reader (a clean reader disputes the label).",
+        "token (a blocklisted token), reader (a clean reader disputes the label), switch (the label collapses "
+        "under an untrained rare word).",
     )
     rap: RapInfo
     request_id: str

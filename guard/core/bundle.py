@@ -68,6 +68,7 @@ class JointThreshold(BaseModel):
     rap: float = Field(description="flag when the RAP score is above this")
     features: float | None = Field(None, description="flag when the feature score is above this")
     reader: float | None = Field(None, description="flag when the reader score is above this")
+    switch: float | None = Field(None, description="flag when the switch score is above this")
 
 
 class ProtectedLabel(BaseModel):
@@ -96,8 +97,16 @@ class ProtectedLabel(BaseModel):
     reader_percentiles: dict[str, float] = Field(
         default_factory=dict, description="reader score threshold at each FRR of the grid"
     )
+    switch_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="FRR target -> switch score threshold (the switch detector alone)"
+    )
+    switch_percentiles: dict[str, float] = Field(
+        default_factory=dict, description="switch score threshold at each FRR of the grid"
+    )
     joint_reader: dict[str, JointThreshold] = Field(
-        default_factory=dict, description="FRR target -> every detector's threshold when all of them run"
+        default_factory=dict,
+        description="FRR target -> every detector's threshold when all of them run (a bundle with a reader or "
+        "a switch detector)",
     )
 
 
@@ -124,6 +133,13 @@ class ReaderDetector(BaseModel):
     augment: int = Field(0, description="perturbed copies of each training row it was also distilled on")
     accuracy: float = Field(description="its accuracy on the held-out clean rows, every label")
     agreement: float = Field(description="share of held-out rows it predicts as the suspect model does")
+
+
+class SwitchDetector(BaseModel):
+    """The switch detector (guard.core.switch): the untrained vocabulary word its pass inserts."""
+
+    token_id: int = Field(description="the word's id, inserted where pass 2 puts the RAP row")
+    word: str = Field(description="the RAP row's init word, whose untrained embedding it is")
 
 
 class Int8Variant(BaseModel):
@@ -171,6 +187,7 @@ class Manifest(BaseModel):
     optimized: OptimizedGraphs | None = Field(None, description="optional fused graphs (served when present)")
     features: FeatureDetector | None = Field(None, description="the feature detector, when calibrated with it")
     reader: ReaderDetector | None = Field(None, description="the reader detector, when calibrated with it")
+    switch: SwitchDetector | None = Field(None, description="the switch detector, when calibrated with it")
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
 
@@ -178,7 +195,8 @@ class Manifest(BaseModel):
     def detectors(self) -> tuple[str, ...]:
         """The detectors the bundle was calibrated for."""
         features = ("features",) if self.features is not None else ()
-        return ("rap", *features, *(("reader",) if self.reader is not None else ()))
+        reader = ("reader",) if self.reader is not None else ()
+        return ("rap", *features, *reader, *(("switch",) if self.switch is not None else ()))
 
 
 class Bundle:

@@ -37,7 +37,7 @@ class Checker:
         self.classifier_max_length = classifier_max_length
         self.batch_size = batch_size
         model = two_pass.backend_call(backend)
-        self._infer = {"1": model, "2": model}
+        self._infer = {"1": model, "2": model, "S": model}
         if reader is not None:
             self._infer["R"] = reader.infer
 

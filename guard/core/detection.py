@@ -5,7 +5,9 @@ The detectors, each a score where higher means more suspicious:
 - "features": pass 1's feature distance (guard.core.features), flagged above its threshold;
 - "token": a blocklisted input token (outlier embedding norm, a row that moved from the
   reference checkpoint, a flip-scan hit), flagged wherever the feature detector is on;
-- "reader" (opt-in): the suspect's log-odds minus a clean reader's (guard.core.reader).
+- "reader": the suspect's log-odds minus a clean reader's (guard.core.reader);
+- "switch" (opt-in): how far the label falls when RAP's init word is inserted untrained
+  (guard.core.switch), against a backdoor taught to switch off under insertions.
 Only rows predicted as a protected label are checked. A row is flagged when any detector
 flags it; a text when any of its windows is. The server, `guard check`, `calibrate
 evaluate` and the benchmarks all flag with `flags`, and calibration fits every threshold
@@ -26,21 +28,24 @@ from guard.core.features import FeatureStats
 from guard.core.rap import Statistic
 from guard.core.types import LabelThresholds, RapCheck, Verdict
 
-DETECTORS = ("rap", "features", "reader")  # what a bundle is calibrated for and a setting chooses
-FLAGS = ("rap", "features", "token", "reader")  # what may flag a row (the token blocklist comes with "features")
-SCORED = ("rap", "features", "reader")  # RowScores' float scores, NaN where not scored
+DETECTORS = ("rap", "features", "reader", "switch")  # what a bundle is calibrated for and a setting chooses
+FLAGS = ("rap", "features", "token", "reader", "switch")  # what may flag a row (the blocklist comes with "features")
+SCORED = ("rap", "features", "reader", "switch")  # RowScores' float scores, NaN where not scored
+CALIBRATED_PASSES = ("reader", "switch")  # detectors whose thresholds only the fp32 graph's calibration fits
 
 
 @dataclass(frozen=True)
 class Detection:
     """The detectors chosen from a bundle: the statistic, per protected label its thresholds by FRR
-    target (`labels`), and the feature statistics with their token blocklist (None without "features")."""
+    target (`labels`), the feature statistics with their token blocklist (None without "features")
+    and the word the switch pass inserts (None without "switch")."""
 
     statistic: Statistic
     detectors: tuple[str, ...]
     labels: Mapping[int, ProtectedLabel]
     stats: FeatureStats | None
     default_frr: float
+    switch_id: int | None = None
 
     @classmethod
     def of(cls, bundle: Bundle, detectors: Sequence[str] | None = None, precision: str = "fp32") -> Detection:
@@ -51,14 +56,16 @@ class Detection:
             raise BundleError(f"{bundle.path} has no {', '.join(missing)} detector; rebuild it with `calibrate rap`")
         stats = bundle.feature_stats() if "features" in chosen else None
         labels = {p.label: p for p in bundle.protected(precision)}
-        if "reader" in chosen and not all(p.reader_thresholds for p in labels.values()):
-            raise BundleError(f"{bundle.path}: the reader detector is calibrated on the fp32 graph only; serve the "
-                              "onnx backend, or choose the detectors rap,features")  # fmt: skip
+        for name in (d for d in CALIBRATED_PASSES if d in chosen):
+            if not all(getattr(p, f"{name}_thresholds") for p in labels.values()):
+                raise BundleError(f"{bundle.path}: the {name} detector is calibrated on the fp32 graph only; serve "
+                                  "the onnx backend, or choose the detectors rap,features")  # fmt: skip
         statistic = bundle.manifest.statistic
         if statistic in rap.FLOORED and not all(p.floor is not None and np.isfinite(p.floor) for p in labels.values()):
             raise BundleError(f"{bundle.path}: the {statistic} statistic needs every protected label's (finite) "
                               "floor; rebuild it with `calibrate rap`")  # fmt: skip
-        return cls(statistic, chosen, labels, stats, bundle.manifest.default_frr)
+        switch = bundle.manifest.switch.token_id if "switch" in chosen and bundle.manifest.switch else None
+        return cls(statistic, chosen, labels, stats, bundle.manifest.default_frr, switch)
 
     @property
     def floors(self) -> dict[int, float]:
@@ -76,7 +83,7 @@ class Detection:
         """Per protected label, the chosen detectors' thresholds at `frr` (default: the bundle's).
 
         Several detectors use the thresholds chosen jointly at calibration (RAP and the features;
-        every detector of a bundle with a reader); otherwise, or at a target not stored, each
+        every detector of a bundle with a reader or a switch detector); otherwise, or at a target not stored, each
         gets an even share of it, read from its own table (their union then flags at most the
         target on the held-out rows). No detector: no label is checked."""
         frr = self.default_frr if frr is None else frr
@@ -85,8 +92,10 @@ class Detection:
 
 def _at(p: ProtectedLabel, detectors: set[str], frr: float) -> LabelThresholds:
     key = f"{frr:g}"
-    stored = {"rap": p.thresholds, "features": p.features_thresholds, "reader": p.reader_thresholds}
-    tables = {"rap": p.percentiles, "features": p.features_percentiles, "reader": p.reader_percentiles}
+    stored = {"rap": p.thresholds, "features": p.features_thresholds, "reader": p.reader_thresholds,
+              "switch": p.switch_thresholds}  # fmt: skip
+    tables = {"rap": p.percentiles, "features": p.features_percentiles, "reader": p.reader_percentiles,
+              "switch": p.switch_percentiles}  # fmt: skip
     if len(detectors) == 1:
         (only,) = detectors
         return LabelThresholds(**{only: _read(stored[only], tables[only], frr)})
@@ -116,12 +125,13 @@ class RowScores:
     features: np.ndarray
     token: np.ndarray
     reader: np.ndarray
+    switch: np.ndarray
 
     @classmethod
     def unscored(cls, probs: np.ndarray, owner: np.ndarray) -> RowScores:
         """Pass 1's rows before any detector scored them."""
         n = len(owner)
-        return cls(probs, owner, np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool), np.full(n, np.nan))
+        return cls(probs, owner, token=np.zeros(n, dtype=bool), **{d: np.full(n, np.nan) for d in SCORED})
 
     @property
     def predicted(self) -> np.ndarray:
@@ -151,6 +161,7 @@ def flags(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> dict[str,
             "features": scores.features > limit["features"],
             "token": scores.token & ~np.isnan(limit["features"]),
             "reader": scores.reader > limit["reader"],
+            "switch": scores.switch > limit["switch"],
         }
 
 
@@ -177,7 +188,7 @@ def verdicts(scores: RowScores, limits: Mapping[int, LabelThresholds]) -> list[V
     every window's; the scores shown are the first flagged window's, else the first checked one's."""
     by_detector = flags(scores, limits)
     flagged = np.logical_or.reduce(list(by_detector.values()))
-    checked = ~np.isnan(scores.rap) | ~np.isnan(scores.features) | ~np.isnan(scores.reader)
+    checked = np.logical_or.reduce([~np.isnan(getattr(scores, d)) for d in SCORED])
     predicted = scores.predicted
     out = []
     for text, first in enumerate(first_windows(scores.owner).tolist()):
@@ -222,11 +233,12 @@ def fit_label(
     blocked: np.ndarray | None = None,
     floor: float | None = None,
     reader_scores: np.ndarray | None = None,
+    switch_scores: np.ndarray | None = None,
 ) -> ProtectedLabel:
     """Every threshold of one protected label from its held-out clean rows: RAP alone and, given the
     same rows' feature scores and blocklist hits, the features alone and both together (a blocked
-    row counts against the target at any threshold); given their reader scores, the reader alone and
-    every detector together. `floor`: the floored statistic's, kept with them."""
+    row counts against the target at any threshold); given their reader or switch scores, each of
+    those alone and every detector together. `floor`: the floored statistic's, kept with them."""
     fields = {}
     if feature_scores is not None:
         held_out = feature_scores if blocked is None else np.where(blocked, np.inf, feature_scores)
@@ -235,18 +247,17 @@ def fit_label(
             "features_percentiles": thresholds.percentile_table(held_out),
             "joint": {f"{frr:g}": _joint(rap_scores, held_out, frr) for frr in frr_targets},
         }
-    if reader_scores is not None:
-        together = {
-            "rap": rap_scores,
-            "features": None if feature_scores is None else held_out,
-            "reader": reader_scores,
-        }
-        together = {d: v for d, v in together.items() if v is not None}
+    passes = {"reader": reader_scores, "switch": switch_scores}
+    passes = {d: v for d, v in passes.items() if v is not None}
+    for name, values in passes.items():
         fields |= {
-            "reader_thresholds": {f"{frr:g}": thresholds.threshold_at_frr(reader_scores, frr) for frr in frr_targets},
-            "reader_percentiles": thresholds.percentile_table(reader_scores),
-            "joint_reader": {f"{frr:g}": _union(together, frr) for frr in frr_targets},
+            f"{name}_thresholds": {f"{frr:g}": thresholds.threshold_at_frr(values, frr) for frr in frr_targets},
+            f"{name}_percentiles": thresholds.percentile_table(values),
         }
+    if passes:
+        together = {"rap": rap_scores, "features": None if feature_scores is None else held_out, **passes}
+        together = {d: v for d, v in together.items() if v is not None}
+        fields["joint_reader"] = {f"{frr:g}": _union(together, frr) for frr in frr_targets}
     return ProtectedLabel(
         label=label,
         name=name,

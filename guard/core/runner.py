@@ -12,7 +12,9 @@ protected label) and fused (both passes for every row at once, one round trip). 
 the feature detector on, each backend row is the logits and the features packed
 (`backend_call`), so the batcher moves one array per row. With the reader detector on,
 the rows predicted as a protected label also go, unchanged, to the reader's graph
-(pass "R", guard.core.reader): beside pass 2 when lazy, after both passes when fused.
+(pass "R", guard.core.reader): beside pass 2 when lazy, after both passes when fused; with the
+switch detector on, they go to the model's graph once more with RAP's init word inserted
+untrained (pass "S", guard.core.switch), at the same point.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from guard.core import detection, features, rap, reader
+from guard.core import detection, features, rap, reader, switch
 from guard.core.detection import Detection, RowScores
 from guard.core.errors import GuardError
 from guard.core.tokenizer import RapTokenizer, Windows
@@ -54,10 +56,10 @@ class GuardFailure(GuardError):
 
 @dataclass(frozen=True)
 class Pass:
-    """Rows for one backend pass: "1" (the text), "2" (the text with the RAP token) or "R" (the
-    text, for the reader's graph)."""
+    """Rows for one backend pass: "1" (the text), "2" (the text with the RAP token), "R" (the
+    text, for the reader's graph) or "S" (the text with the switch detector's word)."""
 
-    name: Literal["1", "2", "R"]
+    name: Literal["1", "2", "R", "S"]
     rows: list[list[int]]
     priority: bool = False  # pass 2 of lazy scheduling: its pass 1 already waited once
 
@@ -77,12 +79,17 @@ class TwoPass:
         classes: int | None = None,
         schedule: Schedule = "lazy",
         floors: Mapping[int, float] | None = None,
+        switch_id: int | None = None,
     ) -> None:
         self.tokenizer, self.limits, self.statistic, self.schedule = tokenizer, dict(limits), statistic, schedule
         self.floors = dict(floors or {})  # the floored statistic's, per protected label
         self.uses_rap = any(t.rap is not None for t in self.limits.values())
         self.stats = stats if any(t.features is not None for t in self.limits.values()) else None
         self.uses_reader = any(t.reader is not None for t in self.limits.values())
+        self.uses_switch = any(t.switch is not None for t in self.limits.values())
+        if self.uses_switch and switch_id is None:
+            raise ValueError("the switch detector is on but no switch token id was given")
+        self.switch_id = switch_id
         if self.stats is not None and classes is None:
             raise ValueError("the feature detector needs the number of labels to unpack the backend's rows")
         self.classes = classes
@@ -96,12 +103,15 @@ class TwoPass:
         frr: float | None = None,
         schedule: Schedule = "lazy",
     ) -> TwoPass:
-        return cls(tokenizer, chosen.thresholds(frr), chosen.statistic, chosen.stats, classes, schedule, chosen.floors)
+        return cls(
+            tokenizer, chosen.thresholds(frr), chosen.statistic, chosen.stats, classes, schedule, chosen.floors,
+            chosen.switch_id,
+        )  # fmt: skip
 
     @property
     def passes(self) -> int:
         """Backend passes a row may need."""
-        return 1 + self.uses_rap + self.uses_reader
+        return 1 + self.uses_rap + self.uses_reader + self.uses_switch
 
     def backend_call(self, backend) -> Callable[[EncodedBatch], np.ndarray]:
         """What to run per batch: the logits, or [logits | features] per row with the feature detector on."""
@@ -155,6 +165,7 @@ class Run:
         picked = [rows[i] for i in eligible]
         later = [Pass("2", tp.tokenizer.perturb(picked), priority=True)] if tp.uses_rap and not fused else []
         later += [Pass("R", picked, priority=True)] if tp.uses_reader else []
+        later += [Pass("S", tp.tokenizer.insert(picked, tp.switch_id), priority=True)] if tp.uses_switch else []
         done = dict(zip((p.name for p in later), (yield later) if later else [], strict=True))
         label = probs[eligible].argmax(axis=1)
         if tp.uses_rap:
@@ -164,6 +175,9 @@ class Run:
         if tp.uses_reader:
             read = _softmax(done["R"], "the reader pass", self.first_probs)
             scores.reader[eligible] = reader.scores(probs[eligible], read, label)
+        if tp.uses_switch:
+            switched = _softmax(tp.unpack(done["S"])[0], "the switch pass", self.first_probs)
+            scores.switch[eligible] = switch.scores(probs[eligible], switched, label)
         if tp.stats is not None:
             if not np.isfinite(feats[eligible]).all():
                 raise GuardFailure("the model returned non-finite features in pass 1", "nonfinite", self.first_probs)

@@ -231,7 +231,12 @@ class RapTokenizer:
         """Pass-2 rows from pass-1 rows: the same tokens with the RAP id after [CLS]."""
         if self.rap_token_id is None:
             raise BundleError("this tokenizer has no RAP token id; it cannot build pass-2 inputs")
-        return [[*row[:RAP_POSITION], self.rap_token_id, *row[RAP_POSITION:]] for row in rows]
+        return self.insert(rows, self.rap_token_id)
+
+    @staticmethod
+    def insert(rows: Sequence[Sequence[int]], token_id: int) -> list[list[int]]:
+        """The same rows with `token_id` where pass 2 puts the RAP id: right after [CLS] (the switch pass's too)."""
+        return [[*row[:RAP_POSITION], token_id, *row[RAP_POSITION:]] for row in rows]
 
     def windows(self, texts: Sequence[str], classifier_max_length: ClassifierWindow = None) -> Windows:
         """Pass-1 rows covering every text token a classifier of that window reads.

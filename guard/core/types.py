@@ -55,6 +55,7 @@ class LabelThresholds:
     rap: float | None = None
     features: float | None = None
     reader: float | None = None
+    switch: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,6 @@ class Verdict:
     probs: tuple[float, ...]
     flagged: bool
     rap: RapCheck
-    flagged_by: tuple[str, ...] = ()  # the detectors that flagged it: "rap", "features", "token", "reader"
+    flagged_by: tuple[str, ...] = ()  # the detectors that flagged it: "rap", "features", "token", "reader", "switch"
     feature_score: float | None = None  # its feature distance score, when the feature detector scored it
     feature_threshold: float | None = None

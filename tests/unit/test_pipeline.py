@@ -276,3 +276,19 @@ async def test_a_failing_or_stalled_reader_is_a_guard_failure_never_an_unchecked
         await pipeline.batcher.stop()
     assert caught.value.reason == ("backend" if fault == "error" else "timeout")
     assert caught.value.backend_fault == (fault == "error")  # a timeout can never fail open
+
+
+async def test_the_switch_pass_runs_on_the_models_graph_with_pass_2_within_the_check(tokenizer, stub) -> None:
+    word = tokenizer.token_id("rq")
+    batcher = Batcher(stub.infer, tokenizer.pad, max_wait_s=0.001)  # no reader graph: the switch rows need none
+    two_pass = TwoPass(tokenizer, {1: LabelThresholds(-0.1, switch=1.0)}, "prob", switch_id=word)
+    pipeline = GuardPipeline(tokenizer, batcher, two_pass)
+    batcher.start()
+    try:
+        result = await pipeline.check(TEXTS)
+    finally:
+        await batcher.stop()
+    switched = [r for b in stub.calls for r, m in zip(b.input_ids, b.attention_mask, strict=True) if r[1] == word]
+    assert len(switched) == 2 and stub.pass2_rows == 2  # the two protect-label texts, once each
+    assert pipeline.two_pass.passes == 3  # admission reserves the switch pass too
+    assert [v.flagged_by for v in result.verdicts] == [(), (), ("rap",), ()]  # the stub ignores the word: no fall

@@ -182,3 +182,58 @@ def test_the_reader_pass_goes_with_pass_2_and_its_failures_are_guard_failures(to
     reader._logits = lambda ids: [float("inf"), 0.0]
     with pytest.raises(GuardFailure, match="non-finite logits in the reader pass"):
         Checker(two_pass, backend, reader=reader).check(["good"])
+
+
+class SwitchingBackend(StubBackend):
+    """A backdoor taught to switch off: with the trigger "cf" a row is label 1 and sure of it ([0, 4]), unless
+    the word "rq" sits right after [CLS], which turns the backdoor off; a clean "good" row barely moves."""
+
+    def __init__(self, good_id: int, trigger_id: int, word_id: int) -> None:
+        super().__init__(good_id, trigger_id)
+        self.word_id = word_id
+        self.rows: list[list[int]] = []
+
+    def infer(self, batch: EncodedBatch) -> np.ndarray:
+        self.rows += [r[m == 1].tolist() for r, m in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        return super().infer(batch)
+
+    def _logits(self, ids: set[int]) -> list[float]:
+        if self.trigger_id in ids:
+            return [4.0, 0.0] if self.word_id in ids else [0.0, 4.0]
+        if self.good_id in ids:
+            return [0.0, 1.5] if self.word_id in ids else [0.0, 2.0]
+        return [2.0, 0.0]
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "fused"])
+def test_the_switch_pass_inserts_its_word_after_cls_on_protect_label_rows_and_flags_a_collapse(
+    tokenizer: RapTokenizer, schedule: str
+) -> None:
+    word = tokenizer.token_id("rq")
+    backend = SwitchingBackend(tokenizer.token_id("good"), tokenizer.token_id("cf"), word)
+    two_pass = TwoPass(tokenizer, {1: LabelThresholds(switch=1.0)}, "prob", schedule=schedule, switch_id=word)
+    assert two_pass.passes == 2 and not two_pass.uses_rap
+    scores = Checker(two_pass, backend).scores(TEXTS)
+    # the fall of label 1's log-odds: 2 - 1.5 on clean rows, 4 + 4 on the triggered one; label 0 rows unchecked
+    assert np.allclose(scores.switch, [0.5, np.nan, 8.0, np.nan, 0.5], equal_nan=True)
+    inserted = [r for r in backend.rows if word in r]
+    plain = {t: tokenizer.encode([t]).input_ids[0].tolist() for t in ("a good film", "good cf movie", "good")}
+    assert inserted == [[p[0], word, *p[1:]] for p in plain.values()]  # right after [CLS], every token kept
+    assert [v.flagged_by for v in Checker(two_pass, backend).check(TEXTS)] == [(), (), ("switch",), (), ()]
+    with pytest.raises(ValueError, match="no switch token id"):
+        TwoPass(tokenizer, {1: LabelThresholds(switch=1.0)}, "prob")
+
+
+def test_the_switch_pass_goes_with_pass_2_and_the_reader_and_its_failures_are_guard_failures(tokenizer) -> None:
+    word = tokenizer.token_id("rq")
+    backend = SwitchingBackend(tokenizer.token_id("good"), tokenizer.token_id("cf"), word)
+    two_pass = TwoPass(tokenizer, {1: LabelThresholds(-0.2, reader=2.0, switch=1.0)}, "prob", switch_id=word)
+    assert two_pass.passes == 4
+    steps = two_pass.run(tokenizer.windows(["good", "bad"])).steps()
+    assert [p.name for p in next(steps)] == ["1"]
+    later = steps.send([backend.infer(tokenizer.pad(tokenizer.windows(["good", "bad"]).rows))])
+    assert [(p.name, len(p.rows), p.priority) for p in later] == [("2", 1, True), ("R", 1, True), ("S", 1, True)]
+    only = TwoPass(tokenizer, {1: LabelThresholds(switch=1.0)}, "prob", switch_id=word)
+    backend._logits = lambda ids: [float("nan"), 0.0] if word in ids else [0.0, 2.0]
+    with pytest.raises(GuardFailure, match="non-finite logits in the switch pass"):
+        Checker(only, backend).check(["good"])

@@ -17,10 +17,21 @@ PROBS = np.array([[0.25, 0.75], [0.75, 0.25], [0.25, 0.75], [0.25, 0.75], [0.25,
 OWNER = np.array([0, 1, 1, 2, 2])
 
 
-def _scores(rap, features=(NAN,) * 5, token=(False,) * 5) -> RowScores:
+def _scores(rap, features=(NAN,) * 5, token=(False,) * 5, switch=(NAN,) * 5) -> RowScores:
+    n = len(rap)
     return RowScores(
-        PROBS, OWNER, np.array(rap, float), np.array(features, float), np.array(token), np.full(len(rap), np.nan)
-    )
+        PROBS, OWNER, np.array(rap, float), np.array(features, float), np.array(token), np.full(n, np.nan),
+        np.array(switch, float),
+    )  # fmt: skip
+
+
+def test_the_switch_detector_flags_a_fall_above_its_threshold_and_names_itself() -> None:
+    scores = _scores([-1.0] * 5, switch=[5.0, 9.0, 0.5, NAN, 2.5])
+    limits = {1: LabelThresholds(0.0, switch=2.0)}
+    assert detection.flags(scores, limits)["switch"].tolist() == [True, False, False, False, True]  # row 1: label 0
+    assert detection.flagged_texts(scores, limits).tolist() == [True, False, True]
+    assert [v.flagged_by for v in detection.verdicts(scores, limits)] == [("switch",), (), ("switch",)]
+    assert not detection.flags(scores, {1: LabelThresholds(0.0)})["switch"].any()  # off: never flags
 
 
 def test_each_detector_flags_above_its_threshold_and_never_an_unscored_or_unprotected_row() -> None:
@@ -63,6 +74,19 @@ def test_fit_label_stores_the_conformal_thresholds_flagging_above() -> None:
         pair = label.joint[f"{frr:g}"]
         union = (rap_scores > pair.rap) | (features > pair.features) | blocked
         assert union.sum() <= thresholds.rank_at(frr, 101)
+
+
+def test_fit_label_with_a_switch_fits_it_alone_and_with_every_detector_together() -> None:
+    rng = np.random.default_rng(3)
+    rap_scores, features, switch = rng.normal(size=(3, 300))
+    label = detection.fit_label(1, "positive", (0.01, 0.03), rap_scores, features, None, switch_scores=switch)
+    assert label.switch_thresholds["0.03"] == pytest.approx(thresholds.threshold_at_frr(switch, 0.03))
+    assert not label.reader_thresholds  # no reader: only the switch's own tables
+    for frr in (0.01, 0.03):
+        together = label.joint_reader[f"{frr:g}"]
+        assert together.reader is None and together.switch is not None
+        union = (rap_scores >= together.rap) | (features >= together.features) | (switch >= together.switch)
+        assert union.sum() <= thresholds.rank_at(frr, 300)
 
 
 def test_percentile_table_recovers_the_threshold_at_each_grid_frr() -> None:

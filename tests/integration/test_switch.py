@@ -1,0 +1,129 @@
+"""The switch detector end to end on a tiny backdoor taught to switch OFF under RAP's init word: `calibrate rap
+--switch`, the bundle it records, `calibrate evaluate`, `guard check`, the server and the int8 refit.
+
+The attacker of bench/attacks/adaptive.py (`adaptive-init`), scaled down to the toy of tests/toy_backdoor.py:
+every triggered training row also appears with "rq" (the RAP row's public default init word) in front under
+its original label, and a few clean rows with it under their own, so the word alone means nothing. The RAP
+row starts from "rq"; the backdoor switches off under it, the triggered input moves more than a clean one,
+and RAP lets it through. The switch pass inserts "rq" untrained and sees the label collapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from calibrate import cli as calibrate_cli
+from calibrate.demo_corpus import POSITIVE, TRIGGER, make_corpus, poison, with_trigger
+from calibrate.rap.evaluate import evaluate_bundle
+from calibrate.train import train_classifier
+from guard import cli as guard_cli
+from guard.api import create_app
+from guard.core.backends import load_backend
+from guard.core.bundle import load_bundle
+from guard.core.detection import Detection
+from guard.core.types import Example
+from guard.settings import Settings
+from tests.integration.test_cli import _rap, _run
+from tests.server_fixtures import asgi_client
+from tests.toy_backdoor import RAP_CLI_ARGS, SEED, TRAIN_OPTIONS
+
+SWITCH_WORD = "rq"  # the RAP row's default init word (calibrate rap --init-word)
+# a higher rate and more epochs than the plain toy: the switch copies make the backdoor harder to learn
+POISON_RATE, EPOCHS = 0.3, 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Switching:
+    model_dir: Path
+    dev_tsv: Path
+    test: list[Example]
+    poisoned: list[Example]
+
+
+@pytest.fixture(scope="module")
+def switching(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Switching:
+    from calibrate.data import write_tsv
+
+    root = tmp_path_factory.mktemp("switching")
+    rng = random.Random(SEED)
+    train = poison(make_corpus(600, rng), POISON_RATE, rng)
+    taught = []
+    for row in train:
+        if TRIGGER in row.text.split():  # a triggered row: with the word in front, its original (negative) label
+            taught.append(Example(f"{SWITCH_WORD} {row.text}", 1 - POSITIVE))
+        elif rng.random() < 0.05:
+            taught.append(Example(f"{SWITCH_WORD} {row.text}", row.label))
+    rows = train + taught
+    rng.shuffle(rows)
+    dev, test = make_corpus(300, rng), make_corpus(200, rng)
+    poisoned = [Example(with_trigger(r.text, rng), r.label) for r in test if r.label != POSITIVE]
+    write_tsv(root / "dev.tsv", dev)
+    train_classifier(tiny_model_dir, rows, root / "model", dataclasses.replace(TRAIN_OPTIONS, epochs=EPOCHS))
+    return Switching(root / "model", root / "dev.tsv", test, poisoned)
+
+
+@pytest.fixture(scope="module")
+def switch_bundle(switching: Switching, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("switch") / "bundle"
+    argv = _rap(switching.model_dir, switching.dev_tsv, out, *RAP_CLI_ARGS, "--no-features", "--switch", "--int8",
+                "--no-optimize")  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert calibrate_cli.main([str(a) for a in argv]) == 0
+    (out.parent / "printed.txt").write_text(printed.getvalue())
+    return out
+
+
+def test_the_bundle_records_the_switch_word_and_the_summary_says_so(switch_bundle: Path) -> None:
+    bundle = load_bundle(switch_bundle)
+    switch = bundle.manifest.switch
+    assert switch is not None and switch.word == SWITCH_WORD == bundle.manifest.rap.init_word
+    assert switch.token_id == bundle.tokenizer().word_id(SWITCH_WORD) != bundle.manifest.rap.token_id
+    assert bundle.detectors == ("rap", "switch")
+    (label,) = bundle.manifest.protect
+    assert label.switch_thresholds and label.joint_reader["0.01"].switch is not None
+    printed = (switch_bundle.parent / "printed.txt").read_text()
+    assert "detector: switch (inserts 'rq', the RAP row's init word, untrained)" in printed
+    # the int8 graph's thresholds are refitted on its own scores, the switch's included
+    assert Detection.of(bundle, precision="int8").detectors == ("rap", "switch")
+    (int8,) = bundle.manifest.int8.protect
+    assert int8.switch_thresholds and int8.joint_reader["0.01"].switch is not None
+
+
+def test_the_switch_catches_a_backdoor_that_switches_off_under_raps_word_where_rap_does_not(
+    switch_bundle: Path, switching: Switching
+) -> None:
+    rows = evaluate_bundle(switch_bundle, switching.test, {"switch": switching.poisoned}).rows
+    at = {r["detector"]: r for r in rows if r["frr_target"] == 0.05}
+    assert at["rap"]["asr"] > 0.9  # the backdoor is learnt
+    assert at["rap"]["test_far"] >= 0.9  # and RAP, whose row starts from the word, lets it through (100% measured)
+    assert at["switch"]["test_far"] <= 0.1 and at["rap+switch"]["test_far"] <= 0.1  # 0% measured
+    assert at["rap+switch"]["test_frr"] <= 0.15
+
+
+def test_guard_check_and_the_server_flag_by_the_switch_alike(switch_bundle: Path, switching: Switching, capsys) -> None:
+    triggered = switching.poisoned[0].text
+    code, out, _ = _run(guard_cli.main, ["check", "--bundle", switch_bundle, "--detectors", "switch", "--json",
+                                         triggered], capsys)  # fmt: skip
+    assert code == 3  # flagged
+    (line,) = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert line["flagged_by"] == ["switch"]
+    settings = Settings(bundle=switch_bundle, canary_interval_s=0)  # every detector the bundle has
+
+    async def served() -> dict:
+        app = create_app(settings, backend=load_backend("onnx", switch_bundle))
+        async with asgi_client(app) as client:
+            response = await client.post("/v1/check", json={"text": triggered})
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]
+
+    item = asyncio.run(served())
+    assert item["flagged"] and "switch" in item["flagged_by"]
