@@ -26,8 +26,10 @@ GUARD_SERVERS = ("bare", "guarded-lazy", "guarded-fused")
 # guarded-lazy runs every detector the bundle has; guarded-lazy-rap the RAP check alone (--detectors rap),
 # so a bundle with the feature detector shows what it costs beside RAP (--servers bare guarded-lazy-rap ...)
 # guarded-lazy-default: RAP and the features only, so a bundle with the reader detector (`calibrate rap --reader`)
-# shows what the reader's pass costs (--servers bare guarded-lazy-default guarded-lazy ...)
-EXTRA_SERVERS = ("guarded-lazy-rap", "guarded-lazy-default")
+# shows what the reader's pass costs (--servers bare guarded-lazy-default guarded-lazy ...); guarded-lazy-reader:
+# RAP, the features and the reader, so a bundle with the switch detector (`calibrate rap --switch`) shows what
+# the switch pass costs beside them (--servers bare guarded-lazy-default guarded-lazy-reader guarded-lazy ...)
+EXTRA_SERVERS = ("guarded-lazy-rap", "guarded-lazy-default", "guarded-lazy-reader")
 # naive on torch's default pool (the backend threads) and on one thread: on these shared cores torch's
 # OpenMP pool of 2 ran a forward 3x slower than one thread did; ratios take the better naive row.
 NAIVE = (("naive", "torch"), ("naive", "torch-1t"))
@@ -79,6 +81,8 @@ def server_command(server: str, backend: str, bundle: Path, port: int, threads: 
         return [*command, "--schedule", "lazy", "--detectors", "rap"]
     if server == "guarded-lazy-default":
         return [*command, "--schedule", "lazy", "--detectors", "rap", "features"]
+    if server == "guarded-lazy-reader":
+        return [*command, "--schedule", "lazy", "--detectors", "rap", "features", "reader"]
     return [*command, "--schedule", server.removeprefix("guarded-")]
 
 

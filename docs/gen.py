@@ -277,19 +277,24 @@ def adaptive_summary() -> str:
     for dataset, label in (("sst2", "SST-2"), ("offenseval", "OLID")):
         cells = [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, 'rap+features'])}"
                  for a in (PLAIN, *ADAPTIVE) if (dataset, a, "rap+features") in by]  # fmt: skip
-        read = [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, 'rap+features+reader'])}"
-                for a in (PLAIN, *ADAPTIVE) if (dataset, a, "rap+features+reader") in by]  # fmt: skip
+        read, switch = (
+            [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, d])}" for a in (PLAIN, *ADAPTIVE) if (dataset, a, d) in by]
+            for d in ("rap+features+reader", "rap+features+reader+switch")
+        )
         if cells:
             lines.append(
-                f"- **{label}**: " + ", ".join(cells) + ("; with the reader: " + ", ".join(read) if read else "")
+                f"- **{label}**: "
+                + ", ".join(cells)
+                + ("; with the reader: " + ", ".join(read) if read else "")
+                + ("; and `--switch`: " + ", ".join(switch) if switch else "")
             )
     return "\n".join(lines) + "\n"
 
 
 def reader_table() -> str:
     """The reader detector's matrix rows (bundles calibrated with `--reader`): per dataset and attack, FAR (test
-    FRR) of RAP and features, of every detector with the reader, and with a reader distilled on augmented rows,
-    at the 1% and 3% targets (one seed)."""
+    FRR) of RAP and features, of every detector with the reader, with a reader distilled on augmented rows, and
+    with the reader and the switch detector (`--switch`), at the 1% and 3% targets (one seed)."""
     from guard.core.rap import DEFAULT_STATISTIC
 
     rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
@@ -301,12 +306,18 @@ def reader_table() -> str:
     for dataset, attack in sorted(measured, key=lambda k: (k[0] != "sst2", k[0], order.index(k[1]))):
         cells = []
         for frr in (0.01, 0.03):
-            for detector in ("rap+features", "rap+features+reader", "rap+features+reader@aug4"):
+            for detector in (
+                "rap+features",
+                "rap+features+reader",
+                "rap+features+reader@aug4",
+                "rap+features+reader+switch",
+            ):
                 r = at.get((dataset, attack, detector, frr))
                 cells.append("–" if r is None else f"{_pct(r['test_far'])} ({_pct(r['test_frr'])})")
         out.append([dataset, SHORT_NAMES.get(attack, ATTACK_NAMES.get(attack, attack)), *cells])
     columns = ["dataset", "attack", "RAP + features, 1%", "with the reader, 1%", "reader, --reader-augment 4, 1%",
-               "RAP + features, 3%", "with the reader, 3%", "reader, --reader-augment 4, 3%"]  # fmt: skip
+               "reader and --switch, 1%", "RAP + features, 3%", "with the reader, 3%",
+               "reader, --reader-augment 4, 3%", "reader and --switch, 3%"]  # fmt: skip
     return _table(columns, out)
 
 

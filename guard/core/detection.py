@@ -249,10 +249,10 @@ def fit_label(
         }
     passes = {"reader": reader_scores, "switch": switch_scores}
     passes = {d: v for d, v in passes.items() if v is not None}
-    for name, values in passes.items():
+    for detector, values in passes.items():
         fields |= {
-            f"{name}_thresholds": {f"{frr:g}": thresholds.threshold_at_frr(values, frr) for frr in frr_targets},
-            f"{name}_percentiles": thresholds.percentile_table(values),
+            f"{detector}_thresholds": {f"{frr:g}": thresholds.threshold_at_frr(values, frr) for frr in frr_targets},
+            f"{detector}_percentiles": thresholds.percentile_table(values),
         }
     if passes:
         together = {"rap": rap_scores, "features": None if feature_scores is None else held_out, **passes}

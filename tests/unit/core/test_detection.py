@@ -79,13 +79,16 @@ def test_fit_label_stores_the_conformal_thresholds_flagging_above() -> None:
 def test_fit_label_with_a_switch_fits_it_alone_and_with_every_detector_together() -> None:
     rng = np.random.default_rng(3)
     rap_scores, features, switch = rng.normal(size=(3, 300))
-    label = detection.fit_label(1, "positive", (0.01, 0.03), rap_scores, features, None, switch_scores=switch)
+    label = detection.fit_label(1, "positive", (0.01, 0.03), rap_scores, features, None, reader_scores=switch,
+                                switch_scores=switch)  # fmt: skip
+    assert (label.label, label.name) == (1, "positive")  # a detector's name never replaces the label's
     assert label.switch_thresholds["0.03"] == pytest.approx(thresholds.threshold_at_frr(switch, 0.03))
-    assert not label.reader_thresholds  # no reader: only the switch's own tables
+    assert label.reader_thresholds == label.switch_thresholds  # the same scores given to both
     for frr in (0.01, 0.03):
         together = label.joint_reader[f"{frr:g}"]
-        assert together.reader is None and together.switch is not None
+        assert together.reader is not None and together.switch is not None
         union = (rap_scores >= together.rap) | (features >= together.features) | (switch >= together.switch)
+        union |= switch >= together.reader
         assert union.sum() <= thresholds.rank_at(frr, 300)
 
 
