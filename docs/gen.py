@@ -392,6 +392,11 @@ def serving_reader_table() -> str:
     return _serving_ratios("serving_reader", "default", "the default two's")
 
 
+def serving_switch_table() -> str:
+    """bench.serving --name serving_switch: every detector of a `--switch` bundle vs rap+features+reader vs bare."""
+    return _serving_ratios("serving_switch", "reader", "rap+features+reader's")
+
+
 def _serving_ratios(name: str, against: str, whose: str) -> str:
     """guarded-lazy per concurrency: throughput and CPU against another guarded server (`against`), CPU
     against (1 + p) x bare, p50 against bare."""
@@ -522,6 +527,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "serving-targets": serving_targets_table,
     "serving-detectors": serving_detectors_table,
     "serving-reader": serving_reader_table,
+    "serving-switch": serving_switch_table,
     "repair": repair_table,
     "inversion-scan": inversion_scan_table,
     "inversion-repair": inversion_repair_table,
