@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from guard.core.errors import BundleError
 from guard.core.features import FEATURES_FILE, FeatureStats
@@ -190,6 +190,15 @@ class Manifest(BaseModel):
     switch: SwitchDetector | None = Field(None, description="the switch detector, when calibrated with it")
     evaluation: dict[str, float] = Field(default_factory=dict, description="calibrated FAR per attack, if evaluated")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
+
+    @model_validator(mode="after")
+    def _switch_word_in_the_vocabulary(self) -> Manifest:
+        """The switch pass inserts a vocabulary row: below the RAP row, which is appended at the vocabulary's end."""
+        if self.switch is not None and not 0 <= self.switch.token_id < self.rap.token_id:
+            raise ValueError(
+                f"the switch word's id {self.switch.token_id} is not a vocabulary id (0..{self.rap.token_id - 1})"
+            )
+        return self
 
     @property
     def detectors(self) -> tuple[str, ...]:

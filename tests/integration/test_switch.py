@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from guard.api import create_app
 from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
 from guard.core.detection import Detection
+from guard.core.errors import BundleError
 from guard.core.types import Example
 from guard.settings import Settings
 from tests.integration.test_cli import _rap, _run
@@ -127,3 +129,16 @@ def test_guard_check_and_the_server_flag_by_the_switch_alike(switch_bundle: Path
 
     item = asyncio.run(served())
     assert item["flagged"] and "switch" in item["flagged_by"]
+
+
+@pytest.mark.parametrize("token_id", [-1, "rap"])
+def test_a_manifest_whose_switch_word_is_not_a_vocabulary_id_is_refused_at_load(
+    switch_bundle: Path, tmp_path: Path, token_id
+) -> None:
+    """The RAP row sits at the vocabulary's end; a switch id there or outside would fail every request's pass."""
+    copy = Path(shutil.copytree(switch_bundle, tmp_path / "edited"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["switch"]["token_id"] = manifest["rap"]["token_id"] if token_id == "rap" else token_id
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="switch word's id .* is not a vocabulary id"):
+        load_bundle(copy)
