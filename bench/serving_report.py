@@ -44,18 +44,13 @@ def ratios(rows: list[dict]) -> list[dict]:
             # the cost target: guarded CPU per request <= 1.05 x (1 + p) x bare's
             "cpu_vs_bare_1p": round(r["cpu_ms_per_request"] / ((1 + p) * bare["cpu_ms_per_request"]), 3),
         }
-        rap_alone = by.get(("guarded-lazy-rap", backend, c))
-        if server == "guarded-lazy" and rap_alone is not None:  # every detector of the bundle vs RAP alone
-            entry["throughput_vs_rap_alone"] = round(r["throughput_rps"] / rap_alone["throughput_rps"], 3)
-            entry["cpu_vs_rap_alone"] = round(r["cpu_ms_per_request"] / rap_alone["cpu_ms_per_request"], 3)
-        default = by.get(("guarded-lazy-default", backend, c))
-        if server == "guarded-lazy" and default is not None:  # with the reader vs without it
-            entry["throughput_vs_default"] = round(r["throughput_rps"] / default["throughput_rps"], 3)
-            entry["cpu_vs_default"] = round(r["cpu_ms_per_request"] / default["cpu_ms_per_request"], 3)
-        reader = by.get(("guarded-lazy-reader", backend, c))
-        if server == "guarded-lazy" and reader is not None:  # with the switch pass vs rap+features+reader
-            entry["throughput_vs_reader"] = round(r["throughput_rps"] / reader["throughput_rps"], 3)
-            entry["cpu_vs_reader"] = round(r["cpu_ms_per_request"] / reader["cpu_ms_per_request"], 3)
+        # every detector of the bundle vs fewer: RAP alone, RAP and features, those and the reader
+        for name, fewer in (("rap_alone", "guarded-lazy-rap"), ("default", "guarded-lazy-default"),
+                            ("reader", "guarded-lazy-reader")):  # fmt: skip
+            other = by.get((fewer, backend, c))
+            if server == "guarded-lazy" and other is not None:
+                entry[f"throughput_vs_{name}"] = round(r["throughput_rps"] / other["throughput_rps"], 3)
+                entry[f"cpu_vs_{name}"] = round(r["cpu_ms_per_request"] / other["cpu_ms_per_request"], 3)
         naive = _best_naive(rows, c)
         if naive:
             entry["throughput_vs_naive"] = round(r["throughput_rps"] / naive["throughput_rps"], 2)

@@ -206,6 +206,22 @@ async def asgi_client(app, **kwargs) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+def checked_in_process(settings: Settings, text: str) -> dict:
+    """What the server (in-process, on the bundle's onnx graph) answers to POST /v1/check of `text`: its item."""
+    import asyncio
+
+    from guard.core.backends import load_backend
+
+    async def served() -> dict:
+        app = create_app(settings, backend=load_backend("onnx", settings.bundle))
+        async with asgi_client(app) as client:
+            response = await client.post("/v1/check", json={"text": text})
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]
+
+    return asyncio.run(served())
+
+
 @contextlib.contextmanager
 def uvicorn_thread(app) -> Iterator[str]:
     """The real uvicorn server on 127.0.0.1 (a free port) in a background thread; yields its base URL."""

@@ -64,7 +64,7 @@ class Detection:
         if statistic in rap.FLOORED and not all(p.floor is not None and np.isfinite(p.floor) for p in labels.values()):
             raise BundleError(f"{bundle.path}: the {statistic} statistic needs every protected label's (finite) "
                               "floor; rebuild it with `calibrate rap`")  # fmt: skip
-        switch = bundle.manifest.switch.token_id if "switch" in chosen and bundle.manifest.switch else None
+        switch = bundle.manifest.switch.token_id if "switch" in chosen else None  # chosen: the bundle has it
         return cls(statistic, chosen, labels, stats, bundle.manifest.default_frr, switch)
 
     @property

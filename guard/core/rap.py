@@ -67,6 +67,13 @@ def log_odds(p: np.ndarray) -> np.ndarray:
     return np.log(q) - np.log1p(-q)
 
 
+def label_fall(before: np.ndarray, after: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row, logit before[y] - logit after[y] of its label y (`labels`): how far y's log-odds fall from one
+    set of probabilities to another (the reader's and the switch detector's scores)."""
+    rows = np.arange(len(labels))
+    return log_odds(before[rows, labels]) - log_odds(after[rows, labels])
+
+
 def floor(clean_probs: np.ndarray) -> float:
     """A protected label's floor: the FLOOR_QUANTILE of its clean rows' log-odds (their p(label | x))."""
     values = log_odds(np.asarray(clean_probs, dtype=np.float64))

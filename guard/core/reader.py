@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.core.rap import log_odds
+from guard.core.rap import label_fall
 
 
 def scores(probs: np.ndarray, reader_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per row, the suspect's log-odds of `labels` (its predicted label) minus the reader's."""
-    rows = np.arange(len(labels))
-    return log_odds(probs[rows, labels]) - log_odds(reader_probs[rows, labels])
+    return label_fall(probs, reader_probs, labels)

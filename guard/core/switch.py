@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.core.rap import log_odds
+from guard.core.rap import label_fall
 
 
 def scores(probs: np.ndarray, switched: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per row, the fall of its predicted label's (`labels`) log-odds from pass 1 to the switch pass."""
-    rows = np.arange(len(labels))
-    return log_odds(probs[rows, labels]) - log_odds(switched[rows, labels])
+    return label_fall(probs, switched, labels)

@@ -18,8 +18,6 @@ from calibrate import cli as calibrate_cli
 from calibrate.rap.evaluate import evaluate_bundle
 from calibrate.rap.summary import CalibrationReport, summary_lines
 from guard import cli as guard_cli
-from guard.api import create_app
-from guard.core.backends import load_backend
 from guard.core.bundle import Bundle, Int8Variant, load_bundle
 from guard.core.detection import Detection
 from guard.core.errors import BundleError
@@ -27,7 +25,7 @@ from guard.core.thresholds import threshold_from_table
 from guard.core.types import LabelThresholds
 from guard.settings import Settings
 from tests.integration.test_cli import _fails, _rap, _run
-from tests.server_fixtures import asgi_client
+from tests.server_fixtures import checked_in_process
 from tests.toy_backdoor import RAP_CLI_ARGS, Toy
 
 # The tiny random encoder needs a high rate and many epochs to learn the toy task from ~150 rows.
@@ -100,18 +98,7 @@ def test_guard_check_and_the_server_flag_by_the_reader(reader_bundle: Path, back
                                          triggered], capsys)  # fmt: skip
     assert code in (0, 3)
     (line,) = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
-    settings = Settings(bundle=reader_bundle, detectors=["reader"], canary_interval_s=0)
-
-    async def served() -> dict:
-        app = create_app(settings, backend=load_backend("onnx", reader_bundle))
-        async with asgi_client(app) as client:
-            response = await client.post("/v1/check", json={"text": triggered})
-        assert response.status_code == 200, response.text
-        return response.json()["results"][0]
-
-    import asyncio
-
-    item = asyncio.run(served())
+    item = checked_in_process(Settings(bundle=reader_bundle, detectors=["reader"], canary_interval_s=0), triggered)
     assert item["flagged_by"] == line["flagged_by"]
     assert item["flagged"] == line["flagged"]
 

@@ -10,7 +10,6 @@ and RAP lets it through. The switch pass inserts "rq" untrained and sees the lab
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import io
@@ -26,15 +25,13 @@ from calibrate.demo_corpus import POSITIVE, TRIGGER, make_corpus, poison, with_t
 from calibrate.rap.evaluate import evaluate_bundle
 from calibrate.train import train_classifier
 from guard import cli as guard_cli
-from guard.api import create_app
-from guard.core.backends import load_backend
 from guard.core.bundle import load_bundle
 from guard.core.detection import Detection
 from guard.core.errors import BundleError
 from guard.core.types import Example
 from guard.settings import Settings
 from tests.integration.test_cli import _rap, _run
-from tests.server_fixtures import asgi_client
+from tests.server_fixtures import checked_in_process
 from tests.toy_backdoor import RAP_CLI_ARGS, SEED, TRAIN_OPTIONS
 
 SWITCH_WORD = "rq"  # the RAP row's default init word (calibrate rap --init-word)
@@ -118,16 +115,7 @@ def test_guard_check_and_the_server_flag_by_the_switch_alike(switch_bundle: Path
     assert code == 3  # flagged
     (line,) = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     assert line["flagged_by"] == ["switch"]
-    settings = Settings(bundle=switch_bundle, canary_interval_s=0)  # every detector the bundle has
-
-    async def served() -> dict:
-        app = create_app(settings, backend=load_backend("onnx", switch_bundle))
-        async with asgi_client(app) as client:
-            response = await client.post("/v1/check", json={"text": triggered})
-        assert response.status_code == 200, response.text
-        return response.json()["results"][0]
-
-    item = asyncio.run(served())
+    item = checked_in_process(Settings(bundle=switch_bundle, canary_interval_s=0), triggered)  # every detector
     assert item["flagged"] and "switch" in item["flagged_by"]
 
 
