@@ -237,3 +237,20 @@ def test_the_switch_pass_goes_with_pass_2_and_the_reader_and_its_failures_are_gu
     backend._logits = lambda ids: [float("nan"), 0.0] if word in ids else [0.0, 2.0]
     with pytest.raises(GuardFailure, match="non-finite logits in the switch pass"):
         Checker(only, backend).check(["good"])
+
+
+@pytest.mark.parametrize("at", ["front", "last token of the first window", "far end"])
+def test_the_switch_pass_reads_every_window_of_a_long_text_within_the_row_length(tokenizer, at) -> None:
+    """A trigger past the guard's own window (an upstream reading every token), or at a window's edge, is in some
+    window's switch row: each row is that window plus the word, never longer than the graph's max_length."""
+    from guard.core.tokenizer import ALL_TOKENS
+
+    word = tokenizer.token_id("rq")
+    backend = SwitchingBackend(tokenizer.token_id("good"), tokenizer.token_id("cf"), word)
+    words = ["good"] * 40
+    words.insert({"front": 0, "last token of the first window": tokenizer.text_window - 1, "far end": 40}[at], "cf")
+    two_pass = TwoPass(tokenizer, {1: LabelThresholds(switch=1.0)}, "prob", switch_id=word)
+    (verdict,) = Checker(two_pass, backend, classifier_max_length=ALL_TOKENS).check([" ".join(words)])
+    assert verdict.flagged_by == ("switch",)
+    switched = [r for r in backend.rows if word in r]
+    assert len(switched) > 1 and max(map(len, switched)) <= tokenizer.max_length
