@@ -25,6 +25,12 @@ draws the dev split and the RAP row's training order), then runs each detector o
   on the rows' labels); rap+features+reader@aug4: distilled on 4 perturbed copies of each row too
   (`--reader-augment 4 --reader-epochs 3`); rap+features+reader+switch: the default reader and the
   switch detector (`--switch`: RAP's init word inserted untrained, guard.core.switch);
+  rap+features+reader@texts: the reader also distilled on READER_TEXTS unlabeled texts (`--reader-texts`, 3
+  epochs), a seeded sample of the dataset's train.tsv without labels, standing in for a user's own traffic
+  (clean: neither dev nor test rows; the attacked model trained on a sample of the same file, poisoned);
+  rap+features+reader@texts-dirty: the same with TEXTS_DIRTY of the texts triggered by the attack's own trigger
+  (an attacker who also writes to the traffic sampled; `calibrate rap` screens the texts with a first reader);
+  rap+features+reader@texts-trusted: the clean texts unscreened (`--reader-texts-trusted`);
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -81,10 +87,18 @@ READER_DETECTOR = "rap+features+reader"  # the reader distilled from the suspect
 READER_LABELS_DETECTOR = "rap+features+reader@labels"  # the reader fine-tuned on the rows' labels
 READER_AUGMENT_DETECTOR = "rap+features+reader@aug4"  # distilled on 4 perturbed copies of each row too, 3 epochs
 SWITCH_DETECTOR = "rap+features+reader+switch"  # the default reader and the switch detector (`--switch`)
-READERS = (READER_DETECTOR, READER_LABELS_DETECTOR, READER_AUGMENT_DETECTOR, SWITCH_DETECTOR)
+TEXTS_DETECTOR = "rap+features+reader@texts"  # the reader also distilled on unlabeled texts (`--reader-texts`)
+TEXTS_DIRTY_DETECTOR = "rap+features+reader@texts-dirty"  # the same, TEXTS_DIRTY of those texts triggered
+TEXTS_TRUSTED_DETECTOR = "rap+features+reader@texts-trusted"  # the clean texts, unscreened
+READER_TEXTS = 2000  # unlabeled texts of the dataset's train.tsv (seeded sample) the @texts reader is distilled on
+TEXTS_DIRTY = 0.01
+READERS = (READER_DETECTOR, READER_LABELS_DETECTOR, READER_AUGMENT_DETECTOR, SWITCH_DETECTOR, TEXTS_DETECTOR,
+           TEXTS_DIRTY_DETECTOR, TEXTS_TRUSTED_DETECTOR)  # fmt: skip
 # per reader variant the CalibrateOptions that build it
 READER_OPTIONS = {"distill": {}, "labels": {"reader_objective": "labels"},
-                  "aug4": {"reader_augment": 4, "reader_epochs": 3}, "switch": {"switch": True}}  # fmt: skip
+                  "aug4": {"reader_augment": 4, "reader_epochs": 3}, "switch": {"switch": True},
+                  "texts": {"reader_epochs": 3}, "texts-dirty": {"reader_epochs": 3},
+                  "texts-trusted": {"reader_epochs": 3, "reader_texts_trusted": True}}  # fmt: skip
 DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, *READERS, "strip",
              "onion")  # fmt: skip
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
@@ -96,7 +110,10 @@ VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8", BOTH), NOREF_DETECTOR:
             READER_DETECTOR: ("-reader-distill", "distill", "onnx", EVERY),
             READER_LABELS_DETECTOR: ("-reader", "labels", "onnx", EVERY),
             READER_AUGMENT_DETECTOR: ("-reader-aug4", "aug4", "onnx", EVERY),
-            SWITCH_DETECTOR: ("-reader-switch", "switch", "onnx", ALL)}  # fmt: skip
+            SWITCH_DETECTOR: ("-reader-switch", "switch", "onnx", ALL),
+            TEXTS_DETECTOR: ("-reader-texts", "texts", "onnx", EVERY),
+            TEXTS_DIRTY_DETECTOR: ("-reader-texts-dirty", "texts-dirty", "onnx", EVERY),
+            TEXTS_TRUSTED_DETECTOR: ("-reader-texts-trusted", "texts-trusted", "onnx", EVERY)}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -121,12 +138,16 @@ def main() -> None:
         log.info("== %s %s: model", dataset, model)
         info = build_model(recipe, args.data, cache / "models", train_seed=train_seed)
         # the clean model has no trigger: it is measured on BadNet-RW inputs (its "ASR" is natural flips)
-        poisoned = (recipe.poison_test or recipes["badnet-rw"].poison_test)(test)
+        trigger = recipe.poison_test or recipes["badnet-rw"].poison_test
+        poisoned = trigger(test)
+        traffic = {TEXTS_DETECTOR: (0.0, None), TEXTS_DIRTY_DETECTOR: (TEXTS_DIRTY, trigger),
+                   TEXTS_TRUSTED_DETECTOR: (0.0, None)}  # fmt: skip
+        traffic = {d: traffic_texts(args.data, *how) for d, how in traffic.items() if d in args.detectors}
         moved = _moved_from_base(Path(info["dir"]))
         details[f"{dataset}/{model}"] = {"recipe": recipe.settings, "train": info, "moved_from_base": moved}
         for seed in args.seeds:
             runs, inputs, cacc = _seed_runs(
-                model, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model
+                model, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model, traffic
             )
             guard_bundle = cache / "bundles" / guard_bundle_name(model, seed, args.statistic)
             details[f"{dataset}/{model}"].setdefault("flipped_tokens", _flipped(guard_bundle))
@@ -185,8 +206,8 @@ def matrix_runs(cache: Path, model: str, seed: int, statistic: str = rap.DEFAULT
     return cache / "matrix" / model / f"{_tag(statistic)}s{seed}"
 
 
-def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model):
-    bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors, args.statistic)
+def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model, traffic=None):
+    bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors, args.statistic, traffic)
     inputs, cacc = _inputs(next(b for b in bundles.values() if not isinstance(b, Refused)), dev, test, poisoned)
     jobs = _detector_jobs(bundles, inputs, args, language_model)
     where = matrix_runs(cache, name, seed, args.statistic)
@@ -195,10 +216,17 @@ def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language
 
 
 def _seed_bundles(
-    name: str, model_dir: Path, dev: list[Example], seed: int, cache: Path, detectors, statistic=rap.DEFAULT_STATISTIC
+    name: str,
+    model_dir: Path,
+    dev: list[Example],
+    seed: int,
+    cache: Path,
+    detectors,
+    statistic=rap.DEFAULT_STATISTIC,
+    traffic: dict[str, tuple[str, ...]] | None = None,
 ) -> dict:
     """The bundles the chosen detectors read: the guard's default (RAP on `statistic`), RAP as published,
-    one with int8 graphs."""
+    one with int8 graphs; `traffic`: per @texts detector its reader's unlabeled texts."""
     bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed, statistic=statistic)
     paper = None
     if "rap-paper" in detectors:
@@ -222,7 +250,10 @@ def _seed_bundles(
         bundles["redrawn"] = _bundle(model_dir, dev, variant(REDRAWN_DETECTOR), redrawn, reference=True)
     for detector in set(READERS) & set(detectors):
         objective = VARIANTS[detector][1]
-        bundles[objective] = _bundle(model_dir, dev, variant(detector), guard, reference=True, reader=objective)
+        texts = (traffic or {}).get(detector, ())
+        bundles[objective] = _bundle(
+            model_dir, dev, variant(detector), guard, reference=True, reader=objective, reader_texts=texts
+        )
     if INT8_DETECTOR in detectors:
         bundles["int8"] = _bundle(model_dir, dev, variant(INT8_DETECTOR), guard, int8=True, reference=True)
     return bundles
@@ -264,6 +295,16 @@ def _detector_jobs(bundles: dict, inputs: Inputs, args, language_model) -> dict:
         elif detector == "onion":
             jobs["onion"] = lambda: run_onion(bundles["guard"], inputs, language_model.get(), TARGET)
     return jobs
+
+
+def traffic_texts(data: Path, dirty: float = 0.0, trigger=None, count: int = READER_TEXTS, seed: int = 7) -> tuple:
+    """`count` texts of the dataset's train.tsv drawn with `seed`, without their labels: the @texts reader's. A
+    `dirty` share of them (the last) are other rows of other labels than the target, through `trigger`."""
+    rows = load_examples(data / "train.tsv")
+    random.Random(seed).shuffle(rows)
+    bad = round(dirty * count)
+    triggered = trigger([r for r in rows[count:] if r.label != TARGET][:bad]) if bad else []
+    return tuple(r.text for r in rows[: count - len(triggered)] + triggered)
 
 
 def _moved_from_base(model_dir: Path) -> list[str]:
@@ -314,6 +355,7 @@ def _bundle(
     int8: bool = False,
     reference: bool = False,
     reader: str | None = None,
+    reader_texts: tuple[str, ...] = (),
 ) -> Path:
     """Calibrate once (cached by folder name). `reference`: the packaged MiniLM every bench model was
     fine-tuned from is the `--reference-model` (bundles cached before it was added lack that scan; the
@@ -324,7 +366,8 @@ def _bundle(
         base = default_base_model() if reference else None
         options = CalibrateOptions(
             rap=rap, max_length=128, force=True, features=features, int8=int8, reference_model=base,
-            reader=default_base_model() if reader else None, **READER_OPTIONS[reader or "distill"],
+            reader=default_base_model() if reader else None, reader_texts=reader_texts,
+            **READER_OPTIONS[reader or "distill"],
         )  # fmt: skip
         calibrate_bundle(model_dir, dev, out, options)
     return out

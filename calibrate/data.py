@@ -1,4 +1,4 @@
-"""Load labelled text rows from TSV, CSV or JSONL files.
+"""Load labelled text rows from TSV, CSV or JSONL files, and unlabeled texts (`load_texts`).
 
 TSV: header `text<TAB>label`, split on the LAST tab, no quote handling (the
 common research format; texts often contain `"`). CSV: header with `text` and
@@ -36,6 +36,24 @@ def load_examples(path: Path) -> list[Example]:
     if not rows:
         raise InputError(f"{path}: no data rows")
     return rows
+
+
+def load_texts(path: Path) -> list[str]:
+    """Unlabeled texts: a .txt file's non-empty lines (one text per line), or the texts of any file
+    `load_examples` reads (their labels are not used); raise InputError naming the first bad row."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        return [row.text for row in load_examples(path)]
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # only LF (and CRLF) end a line, as in a TSV
+        texts = [line.removesuffix("\r") for line in lines if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}:{_bad_utf8_line(path)}: not UTF-8 text ({exc.reason})") from exc
+    if not texts:
+        raise InputError(f"{path}: no texts")
+    return texts
 
 
 def _bad_utf8_line(path: Path) -> int:

@@ -199,6 +199,24 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         "the rows (lower --reader-epochs to keep the time)",
     )
     p.add_argument(
+        "--reader-texts",
+        type=Path,
+        metavar="FILE",
+        help="unlabeled in-domain texts the reader is also distilled on (a .txt file, one text per line, or a data "
+        "file whose labels are not read), e.g. a few thousand requests of your own traffic: a reader that agrees "
+        "with the suspect on more clean text flags far more triggered inputs at the same FRR (bench/results/"
+        "detection_matrix.md, reader@texts). A triggered text among them would teach the reader the backdoor, so a "
+        "first reader, trained on the clean rows alone, screens them: a text it flags at 20%% FRR is left out",
+    )
+    p.add_argument(
+        "--reader-texts-trusted",
+        action="store_true",
+        help="distil on every --reader-texts text, unscreened: for texts no attacker wrote to (collected before the "
+        "suspect served, or an in-house corpus). The screen also drops the hard clean texts the reader learns "
+        "most from, so trusted texts catch far more (bench/results/detection_matrix.md, reader@texts-trusted); but "
+        "one triggered text in a hundred teaches an unscreened reader the backdoor",
+    )
+    p.add_argument(
         "--reader-lr",
         dest="reader_learning_rate",
         type=positive_float,
@@ -254,7 +272,8 @@ def _rap(args: argparse.Namespace) -> int:
     rap = options_from(
         RapOptions, args, protect_labels=protect, select_frr=args.default_frr, ladder=ladder, logodds_band=band
     )
-    options = options_from(CalibrateOptions, args, rap=rap, probes=())  # run_rap loads --probes into probes
+    # run_rap loads --probes into probes, --reader-texts into reader_texts (and checks --reader-texts-trusted)
+    options = options_from(CalibrateOptions, args, rap=rap, probes=(), reader_texts=(), reader_texts_trusted=False)
     run_rap(options_from(RapJob, args, options=options))
     return 0
 

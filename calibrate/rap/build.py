@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from calibrate.data import label_counts, load_examples
+from calibrate.data import label_counts, load_examples, load_texts
 from calibrate.inversion.subject import Subject, Vocabulary
 from calibrate.model import (
     copy_tokenizer_config,
@@ -283,8 +283,11 @@ def run_rap(job: RapJob, say: Callable[[str], None] = print) -> Manifest:
     """`calibrate rap`: load the rows, settle the protect labels, build the bundle, print its thresholds."""
     clean = load_examples(job.clean)
     probes = tuple(load_examples(job.probes)) if job.probes else ()
+    texts = tuple(load_texts(job.reader_texts)) if job.reader_texts else ()
     protect = job.options.rap.protect_labels or choose_protect(label_counts(clean))
-    options = replace(job.options, rap=replace(job.options.rap, protect_labels=tuple(protect)), probes=probes)
+    rap = replace(job.options.rap, protect_labels=tuple(protect))
+    trusted = job.reader_texts_trusted
+    options = replace(job.options, rap=rap, probes=probes, reader_texts=texts, reader_texts_trusted=trusted)
     calibrated = calibrate(job.model, clean, job.out, options)
     for line in summary_lines(calibrated.manifest, calibrated.report):
         say(line)

@@ -109,6 +109,10 @@ class CalibrateOptions:
     reader_learning_rate: float = 1e-4
     reader_objective: str = "distill"  # towards the suspect's probabilities, or "labels" (calibrate.rap.reader)
     reader_augment: int = 0  # distil on this many perturbed copies of each row too (calibrate.rap.reader.augmented)
+    # unlabeled in-domain texts (e.g. a sample of traffic) the reader is distilled on too: a reader that agrees
+    # with the suspect on more clean text leaves a lighter clean tail (calibrate.rap.reader)
+    reader_texts: tuple[str, ...] = ()
+    reader_texts_trusted: bool = False  # distil on every one of them, unscreened (calibrate.rap.reader.fit_reader)
     switch: bool = False  # the switch detector (guard.core.switch): one more pass, RAP's init word inserted untrained
     keep_hf: bool = False  # also write hf/ (the HF weights with the RAP row): the torch backend's, not serving's
     force: bool = False
@@ -118,6 +122,13 @@ class CalibrateOptions:
         if self.reader_augment and self.reader_objective != "distill":
             raise InputError("--reader-augment needs --reader-objective distill: a perturbed copy keeps no label, "
                              "only the suspect's probabilities on it")  # fmt: skip
+        if self.reader_texts_trusted and not self.reader_texts:
+            raise InputError("--reader-texts-trusted needs --reader-texts")
+        if self.reader_texts and self.reader is None:
+            raise InputError("--reader-texts needs a reader (it was left out with --reader none)")
+        if self.reader_texts and self.reader_objective != "distill":
+            raise InputError("--reader-texts needs --reader-objective distill: the texts have no labels, the reader "
+                             "learns the suspect's probabilities on them")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,8 @@ class RapJob:
     out: Path
     options: CalibrateOptions
     probes: Path | None = None  # known-trigger rows for the bundle (`calibrate scan --probes-out`)
+    reader_texts: Path | None = None  # unlabeled texts the reader is also distilled on (`load_texts`)
+    reader_texts_trusted: bool = False  # distil on all of them, unscreened
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`calibrate rap --reader BASE`: the reader detector's clean classifier (guard.core.reader).
 
 BASE (a clean pre-trained checkpoint with the suspect's vocabulary, usually the one it was
-fine-tuned from) is fine-tuned on the clean rows the RAP row trains on (every label), exported
+fine-tuned from) is fine-tuned on the clean rows the RAP row trains on (every label) and any
+unlabeled texts given (`--reader-texts`: distilled on, the more the lighter its clean tail), exported
 to the bundle's reader graph, and the held-out rows are scored through the offline checker
 (the server's steps) for the thresholds. It reads the suspect's token rows, so its vocabulary
 must be the suspect's.
@@ -31,14 +32,20 @@ from calibrate.train import LossFn, cross_entropy, train_classifier
 from guard.core.backends.onnx import OnnxBackend
 from guard.core.bundle import READER_GRAPH, ReaderDetector
 from guard.core.checker import Checker
-from guard.core.detection import first_windows
+from guard.core.detection import first_windows, flagged_texts
 from guard.core.errors import InputError
 from guard.core.runner import TwoPass
+from guard.core.thresholds import threshold_at_frr
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example, LabelThresholds
 
 log = logging.getLogger(__name__)
 DISTILL_TEMPERATURE = 2.0
+# --reader-texts are screened by a first reader (the clean rows'): a text it flags at this FRR of its own
+# held-out rows is left out. On SST-2 adaptive-init with 100 triggered texts among 2,000 it dropped 23% of the
+# clean protect-label texts and 79 of the 100 (at 50%: 52% and 90): a screen, not a guarantee
+# (bench/results/detection_matrix.md, reader@texts-dirty)
+SCREEN_FRR = 0.2
 
 
 @dataclass(frozen=True)
@@ -91,13 +98,17 @@ def fit_reader(
     labels: int,
     suspect: PreTrainedModel | None = None,
 ) -> ReaderFit:
-    """Train `base` into the reader and export it into `staging`; score the held-out rows of every protect label."""
+    """Train `base` into the reader and export it into `staging`; score the held-out rows of every protect label.
+
+    With unlabeled texts (`options.reader_texts`) it is trained twice: first on the clean rows alone, then
+    again on them and the texts that first reader does not flag at SCREEN_FRR (a triggered text the suspect
+    is far surer of than a clean reader would teach the second one the backdoor); trusted texts
+    (`reader_texts_trusted`) are all distilled on, in one training."""
     train, held = split_rows(clean, options.rap)
     present = {r.label for r in train}
     if max(present) + 1 != labels:
         raise InputError(f"the reader needs training rows of every label 0..{labels - 1}; the clean rows' training "
                          f"half has labels {sorted(present)}")  # fmt: skip
-    hf = staging / "reader-hf"
     train_options = TrainOptions(
         epochs=options.reader_epochs,
         learning_rate=options.reader_learning_rate,
@@ -106,14 +117,21 @@ def fit_reader(
         progress=options.rap.progress,
     )
     teacher = suspect if options.reader_objective == "distill" else None
-    copies = augmented(train, options.reader_augment, options.rap.seed, _mask_token(suspect_tokenizer))
-    train_reader(base, train + copies, hf, train_options, teacher)
+    rows = train + augmented(train, options.reader_augment, options.rap.seed, _mask_token(suspect_tokenizer))
     plain = RapTokenizer.from_file(suspect_tokenizer, None, options.max_length)
-    export_onnx(load_classifier(hf), plain, staging / READER_GRAPH, perturbed=False)
-    shutil.rmtree(hf)
+    if not options.reader_texts or not options.reader_texts_trusted:  # the reader, or the screen's
+        _train_and_export(base, rows, staging, plain, train_options, teacher)
+    kept = list(options.reader_texts)
+    if kept and not options.reader_texts_trusted:
+        kept = _screened(kept, plain, staging, result, labels)
+        log.info("reader: %d of %d unlabeled texts kept (the clean rows' reader flagged the rest at %.0f%% FRR)",
+                 len(kept), len(options.reader_texts), 100 * SCREEN_FRR)  # fmt: skip
+    if kept:
+        unlabeled = [Example(text, 0) for text in kept]  # the label is unread: distillation
+        _train_and_export(base, rows + unlabeled, staging, plain, train_options, teacher)
     model, reader = OnnxBackend(staging / "model.onnx"), OnnxBackend(staging / READER_GRAPH)
     try:
-        scores = {label: _scores(plain, model, reader, fit.texts, label, labels) for label, fit in result.fits.items()}
+        scores = _held_out_scores(plain, model, reader, result, labels)
         texts = [r.text for r in held]
         suspect = _first(Checker(TwoPass(plain, {}, classes=labels), model).scores(texts)).argmax(axis=1)
         read = np.concatenate([reader.infer(plain.encode(texts[i : i + 32])) for i in range(0, len(texts), 32)])
@@ -128,12 +146,44 @@ def fit_reader(
         epochs=options.reader_epochs,
         objective=options.reader_objective,
         augment=options.reader_augment,
+        texts=len(options.reader_texts),
+        texts_kept=len(kept),
+        texts_trusted=options.reader_texts_trusted,
         accuracy=float(np.mean(predicted == np.array([r.label for r in held]))),
         agreement=float(np.mean(predicted == suspect)),
     )
     log.info("reader: accuracy %.3f on %d held-out rows, agrees with the suspect on %.3f", info.accuracy, len(held),
              info.agreement)  # fmt: skip
     return ReaderFit(info, scores)
+
+
+def _train_and_export(
+    base: Path, rows: list[Example], staging: Path, plain: RapTokenizer, options: TrainOptions, teacher
+) -> None:
+    hf = staging / "reader-hf"
+    train_reader(base, rows, hf, options, teacher)
+    export_onnx(load_classifier(hf), plain, staging / READER_GRAPH, perturbed=False)
+    shutil.rmtree(hf)
+
+
+def _held_out_scores(plain: RapTokenizer, model: OnnxBackend, reader: OnnxBackend, result: RapResult, labels: int):
+    """Per protect label the reader scores of its held-out rows."""
+    return {label: _scores(plain, model, reader, fit.texts, label, labels) for label, fit in result.fits.items()}
+
+
+def _screened(texts: list[str], plain: RapTokenizer, staging: Path, result: RapResult, labels: int) -> list[str]:
+    """The texts the staged reader (trained on the clean rows) does not flag at SCREEN_FRR of its own held-out
+    rows, read as the server reads them (every window)."""
+    model, reader = OnnxBackend(staging / "model.onnx"), OnnxBackend(staging / READER_GRAPH)
+    try:
+        held_out = _held_out_scores(plain, model, reader, result, labels)
+        limits = {label: LabelThresholds(reader=threshold_at_frr(s, SCREEN_FRR)) for label, s in held_out.items()}
+        flagged = flagged_texts(Checker(TwoPass(plain, limits, classes=labels), model, reader=reader).scores(texts),
+                                limits)  # fmt: skip
+    finally:
+        model.close()
+        reader.close()
+    return [text for text, drop in zip(texts, flagged, strict=True) if not drop]
 
 
 def train_reader(
@@ -143,7 +193,7 @@ def train_reader(
     towards its probabilities (knowledge distillation at DISTILL_TEMPERATURE): on clean rows the suspect is
     the clean task's best teacher, and a trigger it was never shown cannot pass into the student."""
     how = "labels" if teacher is None else "the suspect's probabilities"
-    log.info("training the reader from %s on %d clean rows' %s (%d epochs)", base, len(rows), how, options.epochs)
+    log.info("training the reader from %s on %d rows' %s (%d epochs)", base, len(rows), how, options.epochs)
     train_classifier(base, rows, out, options, loss_fn=cross_entropy if teacher is None else distillation(teacher))
 
 

@@ -131,6 +131,9 @@ class ReaderDetector(BaseModel):
     epochs: int
     objective: str = Field("distill", description="what it learnt: the suspect's probabilities, or the labels")
     augment: int = Field(0, description="perturbed copies of each training row it was also distilled on")
+    texts: int = Field(0, description="unlabeled texts given (--reader-texts)")
+    texts_kept: int = Field(0, description="of them, those it was also distilled on: the rest a first reader flagged")
+    texts_trusted: bool = Field(False, description="the texts were distilled on unscreened (--reader-texts-trusted)")
     accuracy: float = Field(description="its accuracy on the held-out clean rows, every label")
     agreement: float = Field(description="share of held-out rows it predicts as the suspect model does")
 

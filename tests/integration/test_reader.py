@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import random
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from tokenizers import Tokenizer, models
 
 from calibrate import cli as calibrate_cli
+from calibrate.demo_corpus import POSITIVE, make_corpus, with_trigger
 from calibrate.rap.evaluate import evaluate_bundle
 from calibrate.rap.summary import CalibrationReport, summary_lines
 from guard import cli as guard_cli
@@ -164,3 +166,47 @@ def test_a_reader_distilled_from_the_suspect_agrees_with_it_on_clean_rows_but_no
     rows = evaluate_bundle(out, backdoored.test, {"mb": backdoored.poisoned}).rows
     reader = next(r for r in rows if r["detector"] == "reader" and r["frr_target"] == 0.05)
     assert reader["asr"] > 0.7 and reader["test_far"] <= 0.25
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_unlabeled_texts_are_screened_by_a_first_reader_so_triggered_ones_do_not_teach_the_backdoor(
+    backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys, trusted: bool
+) -> None:
+    """Half the --reader-texts carry the toy's trigger: distilled on as the suspect reads them, they teach the
+    reader the backdoor (--reader-texts-trusted: every text, unscreened); by default the first reader (the
+    clean rows') flags most of them and they are left out."""
+    rng = random.Random(5)
+    clean = [row.text for row in make_corpus(60, rng)]
+    triggered = [with_trigger(row.text, rng) for row in make_corpus(120, rng) if row.label != POSITIVE][:60]
+    texts = tmp_path / "traffic.txt"
+    texts.write_text("\n".join(clean + triggered) + "\n", encoding="utf-8")
+    out = tmp_path / "screened"
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reader", tiny_model_dir,
+                *READER_ARGS, "--reader-texts", texts, *(["--reader-texts-trusted"] if trusted else []))  # fmt: skip
+    code, stdout, err = _run(calibrate_cli.main, argv, capsys)
+    assert code == 0, err
+    reader = load_bundle(out).manifest.reader
+    assert (reader.texts, reader.texts_trusted) == (120, trusted)
+    assert reader.texts_kept == 120 if trusted else 40 <= reader.texts_kept <= 80  # ~a fifth of clean positives go
+    how = "trusted: unscreened" if trusted else "the rest screened out"
+    assert f"clean rows and {reader.texts_kept} of 120 unlabeled texts ({how})" in stdout
+    rows = evaluate_bundle(out, backdoored.test, {"mb": backdoored.poisoned}).rows
+    row = next(r for r in rows if r["detector"] == "reader" and r["frr_target"] == 0.05)
+    assert row["test_far"] >= 0.75 if trusted else row["test_far"] <= 0.25
+
+
+def test_unlabeled_texts_need_a_distilled_reader_and_a_readable_file(backdoored: Toy, tmp_path: Path, capsys) -> None:
+    texts = tmp_path / "traffic.txt"
+    texts.write_text("a text\n", encoding="utf-8")
+    base = _rap(backdoored.model_dir, backdoored.dev_tsv, tmp_path / "out", *RAP_CLI_ARGS)
+    refused = {
+        "--reader-texts needs a reader": [],
+        "--reader-texts-trusted needs --reader-texts": ["--reader", "auto", "--reader-texts-trusted"],
+        "--reader-texts needs --reader-objective distill": ["--reader", "auto", "--reader-objective", "labels"],
+    }
+    for message, extra in refused.items():
+        given = [] if "-trusted needs" in message else ["--reader-texts", texts]
+        assert message in _fails(calibrate_cli.main, [*base, *extra, *given], capsys)
+    missing = tmp_path / "none.txt"
+    assert "no such file" in _fails(calibrate_cli.main, [*base, "--reader", "auto", "--reader-texts", missing], capsys)
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from calibrate.data import label_counts, load_examples, write_tsv
+from calibrate.data import label_counts, load_examples, load_texts, write_tsv
 from guard.core.errors import InputError
 from guard.core.types import Example
 
@@ -258,3 +258,29 @@ def test_label_counts_are_sorted_by_label() -> None:
     rows = [Example("a", 2), Example("b", 0), Example("c", 2)]
     assert label_counts(rows) == {0: 1, 2: 2}
     assert list(label_counts(rows)) == [0, 2]
+
+
+# ------------------------------------------------------------------ unlabeled texts
+
+
+def test_a_txt_file_is_one_text_per_line_and_blank_lines_are_skipped(tmp_path: Path) -> None:
+    path = _write(tmp_path, "traffic.TXT", 'first "quoted" text\r\n\n  \nsecond\ttabbed\x85 text\nlast')
+    assert load_texts(path) == ['first "quoted" text', "second\ttabbed\x85 text", "last"]
+
+
+def test_a_data_file_gives_its_texts_and_its_labels_are_not_used(tmp_path: Path) -> None:
+    path = _write(tmp_path, "rows.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n')
+    assert load_texts(path) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "{path}: no texts"), (b"\n \n", "{path}: no texts"), (b"fine\ncaf\xe9\n", "{path}:2: not UTF-8 text")],
+)
+def test_unreadable_texts_are_refused_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = _write(tmp_path, "traffic.txt", content)
+    with pytest.raises(InputError) as info:
+        load_texts(path)
+    assert str(info.value).startswith(message.format(path=path))
+    with pytest.raises(InputError, match="no such file"):
+        load_texts(tmp_path / "nowhere.txt")

@@ -91,3 +91,17 @@ def test_augmented_copies_are_seeded_and_hold_no_word_the_rows_lack() -> None:
 def test_augmenting_a_reader_fine_tuned_on_labels_is_refused() -> None:
     with pytest.raises(InputError, match="--reader-augment needs --reader-objective distill"):
         CalibrateOptions(RapOptions((1,)), reader_objective="labels", reader_augment=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"reader_objective": "labels"}, "--reader-texts needs --reader-objective distill"),
+        ({"reader": None}, r"--reader-texts needs a reader \(it was left out with --reader none\)"),
+    ],
+)
+def test_unlabeled_texts_without_a_distilled_reader_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        CalibrateOptions(RapOptions((1,)), reader_texts=("some traffic",), **options)
+    with pytest.raises(InputError, match="--reader-texts-trusted needs --reader-texts"):
+        CalibrateOptions(RapOptions((1,)), reader_texts_trusted=True)
