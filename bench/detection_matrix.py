@@ -30,7 +30,8 @@ draws the dev split and the RAP row's training order), then runs each detector o
   (clean: neither dev nor test rows; the attacked model trained on a sample of the same file, poisoned);
   rap+features+reader@texts-dirty: the same with TEXTS_DIRTY of the texts triggered by the attack's own trigger
   (an attacker who also writes to the traffic sampled; `calibrate rap` screens the texts with a first reader);
-  rap+features+reader@texts-trusted: the clean texts unscreened (`--reader-texts-trusted`);
+  rap+features+reader@texts-trusted: the clean texts unscreened (`--reader-texts-trusted`), and
+  rap+features+reader@texts-dirty-trusted: the @texts-dirty texts unscreened;
 - strip, onion: the baselines (expensive: off unless asked for).
 
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
@@ -90,15 +91,17 @@ SWITCH_DETECTOR = "rap+features+reader+switch"  # the default reader and the swi
 TEXTS_DETECTOR = "rap+features+reader@texts"  # the reader also distilled on unlabeled texts (`--reader-texts`)
 TEXTS_DIRTY_DETECTOR = "rap+features+reader@texts-dirty"  # the same, TEXTS_DIRTY of those texts triggered
 TEXTS_TRUSTED_DETECTOR = "rap+features+reader@texts-trusted"  # the clean texts, unscreened
+DIRTY_TRUSTED_DETECTOR = "rap+features+reader@texts-dirty-trusted"  # the @texts-dirty texts, unscreened
 READER_TEXTS = 2000  # unlabeled texts of the dataset's train.tsv (seeded sample) the @texts reader is distilled on
 TEXTS_DIRTY = 0.01
 READERS = (READER_DETECTOR, READER_LABELS_DETECTOR, READER_AUGMENT_DETECTOR, SWITCH_DETECTOR, TEXTS_DETECTOR,
-           TEXTS_DIRTY_DETECTOR, TEXTS_TRUSTED_DETECTOR)  # fmt: skip
+           TEXTS_DIRTY_DETECTOR, TEXTS_TRUSTED_DETECTOR, DIRTY_TRUSTED_DETECTOR)  # fmt: skip
 # per reader variant the CalibrateOptions that build it
 READER_OPTIONS = {"distill": {}, "labels": {"reader_objective": "labels"},
                   "aug4": {"reader_augment": 4, "reader_epochs": 3}, "switch": {"switch": True},
                   "texts": {"reader_epochs": 3}, "texts-dirty": {"reader_epochs": 3},
-                  "texts-trusted": {"reader_epochs": 3, "reader_texts_trusted": True}}  # fmt: skip
+                  "texts-trusted": {"reader_epochs": 3, "reader_texts_trusted": True},
+                  "texts-dirty-trusted": {"reader_epochs": 3, "reader_texts_trusted": True}}  # fmt: skip
 DETECTORS = ("rap-paper", *GUARD_DETECTORS, INT8_DETECTOR, NOREF_DETECTOR, REDRAWN_DETECTOR, *READERS, "strip",
              "onion")  # fmt: skip
 DEFAULT_DETECTORS = ("rap-paper", *GUARD_DETECTORS)
@@ -113,7 +116,8 @@ VARIANTS = {INT8_DETECTOR: ("-int8", "int8", "onnx-int8", BOTH), NOREF_DETECTOR:
             SWITCH_DETECTOR: ("-reader-switch", "switch", "onnx", ALL),
             TEXTS_DETECTOR: ("-reader-texts", "texts", "onnx", EVERY),
             TEXTS_DIRTY_DETECTOR: ("-reader-texts-dirty", "texts-dirty", "onnx", EVERY),
-            TEXTS_TRUSTED_DETECTOR: ("-reader-texts-trusted", "texts-trusted", "onnx", EVERY)}  # fmt: skip
+            TEXTS_TRUSTED_DETECTOR: ("-reader-texts-trusted", "texts-trusted", "onnx", EVERY),
+            DIRTY_TRUSTED_DETECTOR: ("-reader-texts-dirty-trusted", "texts-dirty-trusted", "onnx", EVERY)}  # fmt: skip
 # The RAP paper's best k per attack was 0.05 (BadNet-SL) to 0.6 (BadNet-RW, EP) on sentiment data (its
 # Table 9). Two values and a test sample keep STRIP (21 passes per input) to ~5 min per attack on 2 cores.
 STRIP_RATIOS = (0.05, 0.3)
@@ -141,7 +145,7 @@ def main() -> None:
         trigger = recipe.poison_test or recipes["badnet-rw"].poison_test
         poisoned = trigger(test)
         traffic = {TEXTS_DETECTOR: (0.0, None), TEXTS_DIRTY_DETECTOR: (TEXTS_DIRTY, trigger),
-                   TEXTS_TRUSTED_DETECTOR: (0.0, None)}  # fmt: skip
+                   TEXTS_TRUSTED_DETECTOR: (0.0, None), DIRTY_TRUSTED_DETECTOR: (TEXTS_DIRTY, trigger)}  # fmt: skip
         traffic = {d: traffic_texts(args.data, *how) for d, how in traffic.items() if d in args.detectors}
         moved = _moved_from_base(Path(info["dir"]))
         details[f"{dataset}/{model}"] = {"recipe": recipe.settings, "train": info, "moved_from_base": moved}

@@ -277,9 +277,9 @@ def adaptive_summary() -> str:
     for dataset, label in (("sst2", "SST-2"), ("offenseval", "OLID")):
         cells = [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, 'rap+features'])}"
                  for a in (PLAIN, *ADAPTIVE) if (dataset, a, "rap+features") in by]  # fmt: skip
-        read, switch = (
+        read, switch, trusted = (
             [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, d])}" for a in (PLAIN, *ADAPTIVE) if (dataset, a, d) in by]
-            for d in ("rap+features+reader", "rap+features+reader+switch")
+            for d in ("rap+features+reader", "rap+features+reader+switch", "rap+features+reader@texts-trusted")
         )
         if cells:
             lines.append(
@@ -287,6 +287,7 @@ def adaptive_summary() -> str:
                 + ", ".join(cells)
                 + ("; with the reader: " + ", ".join(read) if read else "")
                 + ("; and `--switch`: " + ", ".join(switch) if switch else "")
+                + ("; the reader on 2,000 `--reader-texts-trusted`: " + ", ".join(trusted) if trusted else "")
             )
     return "\n".join(lines) + "\n"
 
@@ -318,6 +319,29 @@ def reader_table() -> str:
     columns = ["dataset", "attack", "RAP + features, 1%", "with the reader, 1%", "reader, --reader-augment 4, 1%",
                "reader and --switch, 1%", "RAP + features, 3%", "with the reader, 3%",
                "reader, --reader-augment 4, 3%", "reader and --switch, 3%"]  # fmt: skip
+    return _table(columns, out)
+
+
+def reader_texts_table() -> str:
+    """The reader distilled on unlabeled texts too (`--reader-texts`, matrix detectors reader@texts*): per dataset,
+    attack and target (1%, 3%), FAR (test FRR) of every detector with the plain reader, with the texts screened
+    (the default) and trusted (unscreened), each on clean texts and on texts 1% triggered (seed 13)."""
+    from guard.core.rap import DEFAULT_STATISTIC
+
+    rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
+    at = {(r["dataset"], r["attack"], r["detector"], round(r["frr_target"], 4)): r for r in rows
+          if r.get("statistic") == DEFAULT_STATISTIC and r.get("train_seed") is None and r["seed"] == 13}  # fmt: skip
+    shown = ("", "@texts", "@texts-trusted", "@texts-dirty", "@texts-dirty-trusted")
+    order = [*ATTACK_NAMES, *SHORT_NAMES]
+    measured = dict.fromkeys((d, a) for d, a, det, _ in at if det.startswith("rap+features+reader@texts"))
+    out = []
+    for dataset, attack in sorted(measured, key=lambda k: (k[0] != "sst2", k[0], order.index(k[1]))):
+        for frr in (0.01, 0.03):
+            found = [at.get((dataset, attack, f"rap+features+reader{d}", frr)) for d in shown]
+            name = SHORT_NAMES.get(attack, ATTACK_NAMES.get(attack, attack))
+            out.append([dataset, name, _pct(frr), *("–" if r is None else _far_frr(r) for r in found)])
+    columns = ["dataset", "attack", "target", "with the reader", "+ texts, screened", "+ texts, trusted",
+               "1% triggered, screened", "1% triggered, trusted"]  # fmt: skip
     return _table(columns, out)
 
 
@@ -538,6 +562,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "adaptive-summary": adaptive_summary,
     "reference": reference_table,
     "reader": reader_table,
+    "reader-texts": reader_texts_table,
 }
 
 
