@@ -203,18 +203,18 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="unlabeled in-domain texts the reader is also distilled on (a .txt file, one text per line, or a data "
-        "file whose labels are not read), e.g. a few thousand requests of your own traffic: a reader that agrees "
-        "with the suspect on more clean text flags far more triggered inputs at the same FRR (bench/results/"
-        "detection_matrix.md, reader@texts). A triggered text among them would teach the reader the backdoor, so a "
-        "first reader, trained on the clean rows alone, screens them: a text it flags at 20%% FRR is left out",
+        "file whose labels are not read), e.g. a few thousand requests of your own traffic. A triggered text among "
+        "them would teach the reader the backdoor, so a first reader, trained on the clean rows alone, screens them: "
+        "a text it flags at 20%% FRR is left out. The screen also drops the hard clean texts a reader learns most "
+        "from; what each way catches: bench/results/detection_matrix.md (reader@texts*)",
     )
     p.add_argument(
         "--reader-texts-trusted",
         action="store_true",
         help="distil on every --reader-texts text, unscreened: for texts no attacker wrote to (collected before the "
-        "suspect served, or an in-house corpus). The screen also drops the hard clean texts the reader learns "
-        "most from, so trusted texts catch far more (bench/results/detection_matrix.md, reader@texts-trusted); but "
-        "one triggered text in a hundred teaches an unscreened reader the backdoor",
+        "suspect served, or an in-house corpus). They catch far more than screened ones (bench/results/"
+        "detection_matrix.md, reader@texts-trusted), but one triggered text in a hundred teaches an unscreened "
+        "reader the backdoor (reader@texts-dirty-trusted)",
     )
     p.add_argument(
         "--reader-lr",
