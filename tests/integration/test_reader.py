@@ -63,6 +63,13 @@ def test_calibrate_and_verify_say_what_the_reader_learnt_and_warn_when_it_learnt
     guessing = bundle.manifest.reader.model_copy(update={"accuracy": 0.5})
     lines = summary_lines(bundle.manifest.model_copy(update={"reader": guessing}), _report(reader_bundle))
     assert any(line.startswith("WARNING: the reader learnt little") for line in lines)
+    hints = {}
+    for texts in (0, 2000):  # a reader that disagrees often, without and with unlabeled texts
+        disagreeing = bundle.manifest.reader.model_copy(update={"accuracy": 0.85, "agreement": 0.9, "texts": texts})
+        lines = summary_lines(bundle.manifest.model_copy(update={"reader": disagreeing}), _report(reader_bundle))
+        hints[texts] = [line for line in lines if line.startswith("hint: the reader disagrees")]
+    assert len(hints[0]) == 1 and "on 10.0% of the held-out rows" in hints[0][0] and "--reader-texts" in hints[0][0]
+    assert hints[2000] == []
 
 
 def test_the_bundle_records_and_hashes_the_reader(reader_bundle: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
