@@ -209,9 +209,9 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
         elif r.agreement < READER_AGREEMENT_HINT and not r.texts:
             lines.append(
                 f"hint: the reader disagrees with the suspect on {1 - r.agreement:.1%} of the held-out rows, and its "
-                "clean disagreements set its threshold; a few thousand unlabeled in-domain texts tighten it "
-                "(--reader-texts, and --reader-texts-trusted where no attacker wrote to them: bench/results/"
-                "detection_matrix.md, reader@texts*)"
+                "clean disagreements set its threshold; a few thousand unlabeled in-domain texts raise its agreement "
+                "(--reader-texts; measured best with --reader-texts-trusted, for texts no attacker wrote to: "
+                "bench/results/detection_matrix.md, reader@texts*)"
             )
     if manifest.switch is not None:
         lines.append(
