@@ -121,7 +121,7 @@ def fit_reader(
     plain = RapTokenizer.from_file(suspect_tokenizer, None, options.max_length)
     if not options.reader_texts or not options.reader_texts_trusted:  # the reader, or the screen's
         _train_and_export(base, rows, staging, plain, train_options, teacher)
-    kept = list(options.reader_texts)
+    kept = _readable(list(options.reader_texts), plain)
     if kept and not options.reader_texts_trusted:
         kept = _screened(kept, plain, staging, result, labels)
         log.info("reader: %d of %d unlabeled texts kept (the clean rows' reader flagged the rest at %.0f%% FRR)",
@@ -164,6 +164,16 @@ def _train_and_export(
     train_reader(base, rows, hf, options, teacher)
     export_onnx(load_classifier(hf), plain, staging / READER_GRAPH, perturbed=False)
     shutil.rmtree(hf)
+
+
+def _readable(texts: list[str], plain: RapTokenizer) -> list[str]:
+    """The texts with a token the model reads (the guard refuses a request without one, e.g. a zero-width space)."""
+    special = plain.special_ids
+    readable = [text for text, row in zip(texts, plain.ids(texts), strict=True) if any(i not in special for i in row)]
+    if len(readable) < len(texts):
+        log.warning("reader: %d of the unlabeled texts have no token the model reads; left out",
+                    len(texts) - len(readable))  # fmt: skip
+    return readable
 
 
 def _held_out_scores(plain: RapTokenizer, model: OnnxBackend, reader: OnnxBackend, result: RapResult, labels: int):

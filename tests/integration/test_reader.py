@@ -186,17 +186,18 @@ def test_unlabeled_texts_are_screened_by_a_first_reader_so_triggered_ones_do_not
     clean = [row.text for row in make_corpus(60, rng)]
     triggered = [with_trigger(row.text, rng) for row in make_corpus(120, rng) if row.label != POSITIVE][:60]
     texts = tmp_path / "traffic.txt"
-    texts.write_text("\n".join(clean + triggered) + "\n", encoding="utf-8")
+    unreadable = "\u200b"  # no token the model reads: left out, as the guard refuses it
+    texts.write_text("\n".join([*clean, unreadable, *triggered]) + "\n", encoding="utf-8")
     out = tmp_path / "screened"
     argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reader", tiny_model_dir,
                 *READER_ARGS, "--reader-texts", texts, *(["--reader-texts-trusted"] if trusted else []))  # fmt: skip
     code, stdout, err = _run(calibrate_cli.main, argv, capsys)
     assert code == 0, err
     reader = load_bundle(out).manifest.reader
-    assert (reader.texts, reader.texts_trusted) == (120, trusted)
+    assert (reader.texts, reader.texts_trusted) == (121, trusted)
     assert reader.texts_kept == 120 if trusted else 40 <= reader.texts_kept <= 80  # ~a fifth of clean positives go
     how = "trusted: unscreened" if trusted else "the rest screened out"
-    assert f"clean rows and {reader.texts_kept} of 120 unlabeled texts ({how})" in stdout
+    assert f"clean rows and {reader.texts_kept} of 121 unlabeled texts ({how})" in stdout
     rows = evaluate_bundle(out, backdoored.test, {"mb": backdoored.poisoned}).rows
     row = next(r for r in rows if r["detector"] == "reader" and r["frr_target"] == 0.05)
     assert row["test_far"] >= 0.75 if trusted else row["test_far"] <= 0.25
