@@ -203,10 +203,10 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="unlabeled in-domain texts the reader is also distilled on (a .txt file, one text per line, or a "
-        "labelled data file as --clean takes, its labels unused), e.g. a few thousand requests of your own traffic. A triggered text among "
-        "them would teach the reader the backdoor, so a first reader, trained on the clean rows alone, screens them: "
-        "a text it flags at 20%% FRR is left out. The screen also drops the hard clean texts a reader learns most "
-        "from; what each way catches: bench/results/detection_matrix.md (reader@texts*)",
+        "labelled data file as --clean takes, its labels unused), e.g. a few thousand requests of your own traffic. "
+        "A triggered text among them would teach the reader the backdoor, so a first reader, trained on the clean "
+        "rows alone, screens them: a text it flags at 20%% FRR is left out. The screen also drops the hard clean "
+        "texts a reader learns most from; what each way catches: bench/results/detection_matrix.md (reader@texts*)",
     )
     p.add_argument(
         "--reader-texts-trusted",
