@@ -260,13 +260,17 @@ class RapTokenizer:
         """The windows over each text's tokens (see `windows`)."""
         rows, owner, lengths = [], [], []
         for i, content in enumerate(contents):
-            if not any(t not in self._special_ids for t in content):
+            if not self.reads_a_token(content):
                 raise InputError(f"text {i} is empty: it has no token the model reads")
             for start in window_starts(len(content), self.text_window):
                 rows.append(self._row(content[start : start + self.text_window]))
                 owner.append(i)
             lengths.append(len(content))
         return Windows(rows, owner, lengths)
+
+    def reads_a_token(self, ids: Sequence[int]) -> bool:
+        """Whether these ids hold a token the model reads (not a special one): a text without one is refused."""
+        return any(t not in self._special_ids for t in ids)
 
     def reads(self, classifier_max_length: ClassifierWindow) -> int | None:
         """Text tokens a classifier of that window reads (None: all of them)."""
