@@ -119,9 +119,9 @@ def fit_reader(
     teacher = suspect if options.reader_objective == "distill" else None
     rows = train + augmented(train, options.reader_augment, options.rap.seed, _mask_token(suspect_tokenizer))
     plain = RapTokenizer.from_file(suspect_tokenizer, None, options.max_length)
-    if not options.reader_texts or not options.reader_texts_trusted:  # the reader, or the screen's
-        _train_and_export(base, rows, staging, plain, train_options, teacher)
     kept = _readable(list(options.reader_texts), plain)
+    if not (kept and options.reader_texts_trusted):  # the reader without texts, or the one that screens them
+        _train_and_export(base, rows, staging, plain, train_options, teacher)
     if kept and not options.reader_texts_trusted:
         kept = _screened(kept, plain, staging, result, labels)
         log.info("reader: %d of %d unlabeled texts kept (the clean rows' reader flagged the rest at %.0f%% FRR)",
@@ -168,8 +168,9 @@ def _train_and_export(
 
 def _readable(texts: list[str], plain: RapTokenizer) -> list[str]:
     """The texts with a token the model reads (the guard refuses a request without one, e.g. a zero-width space)."""
-    special = plain.special_ids
-    readable = [text for text, row in zip(texts, plain.ids(texts), strict=True) if any(i not in special for i in row)]
+    if not texts:
+        return []
+    readable = [text for text, row in zip(texts, plain.ids(texts), strict=True) if plain.reads_a_token(row)]
     if len(readable) < len(texts):
         log.warning("reader: %d of the unlabeled texts have no token the model reads; left out",
                     len(texts) - len(readable))  # fmt: skip

@@ -218,3 +218,17 @@ def test_unlabeled_texts_need_a_distilled_reader_and_a_readable_file(backdoored:
     missing = tmp_path / "none.txt"
     assert "no such file" in _fails(calibrate_cli.main, [*base, "--reader", "auto", "--reader-texts", missing], capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_trusted_texts_that_are_all_unreadable_leave_the_reader_trained_on_the_clean_rows(
+    backdoored: Toy, tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    texts = tmp_path / "traffic.txt"
+    texts.write_text("\u200b\n\u200b \u200b\n", encoding="utf-8")
+    out = tmp_path / "bundle"
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--reader", tiny_model_dir,
+                *READER_ARGS, "--reader-texts", texts, "--reader-texts-trusted")  # fmt: skip
+    code, _, err = _run(calibrate_cli.main, argv, capsys)
+    assert code == 0, err
+    reader = load_bundle(out).manifest.reader
+    assert (reader.texts, reader.texts_kept) == (2, 0) and reader.agreement > 0.9
