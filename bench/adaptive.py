@@ -184,10 +184,8 @@ class AttackRows:
         dev, test = load_examples(data / "dev.tsv"), load_examples(data / "test.tsv")
         info = build_model(recipe, data, cache / "models")
         model_dir = Path(info["dir"])
-        guard = _bundle(
-            model_dir, dev, cache / "bundles" / guard_bundle_name(attack, seed), RapOptions((TARGET,), seed=seed),
-            reference=True,
-        )  # fmt: skip
+        options = RapOptions((TARGET,), seed=seed, rap_position="front")  # the rows of adaptive.json: the row in front
+        guard = _bundle(model_dir, dev, cache / "bundles" / guard_bundle_name(attack, seed), options, reference=True)
         inputs, cacc = _inputs(guard, dev, test, recipe.poison_test(test))
         train, held = _held_out(dev, seed, set(inputs.dev))
         clean_probs = Classifier(guard).probs(train)[:, TARGET]

@@ -76,6 +76,7 @@ from calibrate.rap.build import calibrate_bundle
 from calibrate.rap.options import PAPER, CalibrateOptions, RapOptions
 from guard.core import features, rap
 from guard.core.errors import InputError
+from guard.core.family import RAP_POSITIONS
 from guard.core.tokenizer import RapTokenizer
 from guard.core.types import Example
 
@@ -153,12 +154,14 @@ def main() -> None:
             runs, inputs, cacc = _seed_runs(
                 model, Path(info["dir"]), dev, test, poisoned, seed, cache, args, language_model, traffic
             )
-            guard_bundle = cache / "bundles" / guard_bundle_name(model, seed, args.statistic)
+            guard_bundle = cache / "bundles" / guard_bundle_name(model, seed, args.statistic, "", args.rap_position)
             details[f"{dataset}/{model}"].setdefault("flipped_tokens", _flipped(guard_bundle))
             for key, run in runs.items():
                 statistic = {"statistic": args.statistic} if key in STATISTIC_DETECTORS else {}
                 if key in STATISTIC_DETECTORS:
-                    variant = guard_bundle_name(model, seed, args.statistic, VARIANTS.get(key, ("",))[0])
+                    statistic["rap_position"] = args.rap_position
+                    suffix = VARIANTS.get(key, ("",))[0]
+                    variant = guard_bundle_name(model, seed, args.statistic, suffix, args.rap_position)
                     statistic["rap_init"] = _init_word(cache / "bundles" / variant)
                 for point in run["operating"]:
                     row = _row(dataset, name, key, seed, cacc, inputs.asr, run, point)
@@ -195,26 +198,32 @@ def _init_word(bundle: Path) -> str | None:
     return json.loads(manifest.read_text())["rap"]["init_word"] if manifest.is_file() else None
 
 
-def _tag(statistic: str) -> str:
-    """Cached bundles and runs of the `perturbed` statistic, the default before `floored`, kept their names."""
-    return "" if statistic == "perturbed" else f"{statistic}-"
+def _tag(statistic: str, position: str = "front") -> str:
+    """Cached bundles and runs of the `perturbed` statistic, the default before `floored`, kept their names; so
+    did those of a RAP row at the front, the default before `end`."""
+    return ("" if statistic == "perturbed" else f"{statistic}-") + ("" if position == "front" else f"{position}-")
 
 
-def guard_bundle_name(model: str, seed: int, statistic: str = rap.DEFAULT_STATISTIC, variant: str = "") -> str:
-    """The cached guard bundle's folder, e.g. badnet-sl-floored-s13 (badnet-sl-s13: `perturbed`)."""
-    return f"{model}{variant}-{_tag(statistic)}s{seed}"
+def guard_bundle_name(
+    model: str, seed: int, statistic: str = rap.DEFAULT_STATISTIC, variant: str = "", position: str = "front"
+) -> str:
+    """The cached guard bundle's folder, e.g. badnet-sl-floored-end-s13 (badnet-sl-floored-s13: the row at the
+    front; badnet-sl-s13: `perturbed`)."""
+    return f"{model}{variant}-{_tag(statistic, position)}s{seed}"
 
 
-def matrix_runs(cache: Path, model: str, seed: int, statistic: str = rap.DEFAULT_STATISTIC) -> Path:
-    """Where the per-detector runs of one model and seed are cached, e.g. matrix/badnet-sl/floored-s13."""
-    return cache / "matrix" / model / f"{_tag(statistic)}s{seed}"
+def matrix_runs(cache: Path, model: str, seed: int, statistic: str = rap.DEFAULT_STATISTIC, position="front") -> Path:
+    """Where the per-detector runs of one model and seed are cached, e.g. matrix/badnet-sl/floored-end-s13."""
+    return cache / "matrix" / model / f"{_tag(statistic, position)}s{seed}"
 
 
 def _seed_runs(name, model_dir, dev, test, poisoned, seed, cache, args, language_model, traffic=None):
-    bundles = _seed_bundles(name, model_dir, dev, seed, cache, args.detectors, args.statistic, traffic)
+    bundles = _seed_bundles(
+        name, model_dir, dev, seed, cache, args.detectors, args.statistic, traffic, args.rap_position
+    )
     inputs, cacc = _inputs(next(b for b in bundles.values() if not isinstance(b, Refused)), dev, test, poisoned)
     jobs = _detector_jobs(bundles, inputs, args, language_model)
-    where = matrix_runs(cache, name, seed, args.statistic)
+    where = matrix_runs(cache, name, seed, args.statistic, args.rap_position)
     runs = {key: _cached(where / f"{key}.json", key, job) for key, job in jobs.items()}
     return runs, inputs, cacc
 
@@ -228,10 +237,12 @@ def _seed_bundles(
     detectors,
     statistic=rap.DEFAULT_STATISTIC,
     traffic: dict[str, tuple[str, ...]] | None = None,
+    position: str = "front",
 ) -> dict:
-    """The bundles the chosen detectors read: the guard's default (RAP on `statistic`), RAP as published,
-    one with int8 graphs; `traffic`: per @texts detector its reader's unlabeled texts."""
-    bundles, folder, guard = {}, cache / "bundles", RapOptions((TARGET,), seed=seed, statistic=statistic)
+    """The bundles the chosen detectors read: the guard's default (RAP on `statistic`, its row at `position`), RAP
+    as published, one with int8 graphs; `traffic`: per @texts detector its reader's unlabeled texts."""
+    bundles, folder = {}, cache / "bundles"
+    guard = RapOptions((TARGET,), seed=seed, statistic=statistic, rap_position=position)
     paper = None
     if "rap-paper" in detectors:
         options = RapOptions((TARGET,), seed=seed, **PAPER)
@@ -239,13 +250,13 @@ def _seed_bundles(
     # a refused paper bundle leaves the test rows to be predicted through the guard's graph
     if set(GUARD_DETECTORS + ("strip", "onion")) & set(detectors) or isinstance(paper, Refused):
         bundles["guard"] = _bundle(
-            model_dir, dev, folder / guard_bundle_name(name, seed, statistic), guard, reference=True
+            model_dir, dev, folder / guard_bundle_name(name, seed, statistic, "", position), guard, reference=True
         )
     if paper is not None:
         bundles["paper"] = paper
 
     def variant(detector: str) -> Path:
-        return folder / guard_bundle_name(name, seed, statistic, VARIANTS[detector][0])
+        return folder / guard_bundle_name(name, seed, statistic, VARIANTS[detector][0], position)
 
     if NOREF_DETECTOR in detectors:
         bundles["noref"] = _bundle(model_dir, dev, variant(NOREF_DETECTOR), guard)
@@ -453,6 +464,13 @@ def _args() -> argparse.Namespace:
         choices=STATISTICS,
         default=rap.DEFAULT_STATISTIC,
         help="the guard bundles' RAP statistic (default: the guard's; `perturbed` reproduces the rows before it)",
+    )
+    p.add_argument(
+        "--rap-position",
+        choices=RAP_POSITIONS,
+        default=RapOptions.rap_position,
+        help="where the guard bundles' pass 2 inserts the RAP row (default: the guard's; `front` reproduces the rows "
+        "before it); RAP as published stays at the front",
     )
     p.add_argument(
         "--train-seeds", nargs="+", type=_train_seed, default=[None], help="training seeds ('default': cached model)"

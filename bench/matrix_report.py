@@ -20,6 +20,7 @@ COLUMNS = [
     "attack",
     "detector",
     "statistic",
+    "rap_position",
     "train_seed",
     "seed",
     "frr_target",
@@ -33,6 +34,7 @@ SUMMARY = [
     "attack",
     "detector",
     "statistic",
+    "rap_position",
     "seeds",
     "cacc",
     "asr",
@@ -72,7 +74,8 @@ def _json(machine: dict, rows: list[dict], details: dict) -> str:
 
 
 def _key(row: dict) -> tuple:
-    return (row["dataset"], row["attack"], row["detector"], row.get("statistic"), row.get("train_seed"), row["seed"])
+    return (row["dataset"], row["attack"], row["detector"], row.get("statistic"), row.get("train_seed"), row["seed"],
+            row.get("rap_position", "front"))  # fmt: skip
 
 
 def _seeds(row: dict) -> tuple[int, int]:
@@ -82,14 +85,15 @@ def _seeds(row: dict) -> tuple[int, int]:
 
 
 def summary_rows(rows: list[dict], frr: float = HEADLINE_FRR) -> list[dict]:
-    """One row per (dataset, attack, detector, RAP statistic of the guard bundle) at `frr`: means over
-    (training, calibration) seeds, the FAR range across them."""
+    """One row per (dataset, attack, detector, RAP statistic and row position of the guard bundle) at `frr`: means
+    over (training, calibration) seeds, the FAR range across them."""
     groups = defaultdict(list)
     for r in rows:
         if abs(r["frr_target"] - frr) < 1e-9:
-            groups[(r["dataset"], r["attack"], r["detector"], r.get("statistic"))].append(r)
+            key = (r["dataset"], r["attack"], r["detector"], r.get("statistic"), r.get("rap_position", "front"))
+            groups[key].append(r)
     out = []
-    for (dataset, attack, detector, statistic), group in groups.items():
+    for (dataset, attack, detector, statistic, position), group in groups.items():
         fars = [r["test_far"] for r in group]
         out.append(
             {
@@ -97,6 +101,7 @@ def summary_rows(rows: list[dict], frr: float = HEADLINE_FRR) -> list[dict]:
                 "attack": attack,
                 "detector": detector,
                 "statistic": statistic,
+                "rap_position": position,
                 "seeds": len(group),
                 "cacc": float(np.mean([r["cacc"] for r in group])),
                 "asr": float(np.mean([r["asr"] for r in group])),
@@ -122,11 +127,13 @@ def plot_matrix(path: Path, rows: list[dict]) -> None:
             color = COLORS.get(r["detector"], "black")
             old = r.get("statistic") == "perturbed"  # dashed: the RAP statistic before `floored`
             label = f"{r['detector']} (perturbed)" if old else r["detector"]
+            end = r.get("rap_position") == "end"  # dotted: the RAP row at the end, the default after the front
+            label += " (row at the end)" if end else ""
             frr, far = r["curve"] or ([], [])
             if frr:
                 order = sorted(range(len(frr)), key=lambda i: (frr[i], -far[i]))
                 ax.plot([100 * frr[i] for i in order], [100 * far[i] for i in order], color=color, label=label,
-                        linestyle="--" if old else "-")  # fmt: skip
+                        linestyle="--" if old else ":" if end else "-")  # fmt: skip
             ax.scatter([100 * r["test_frr"]], [100 * r["test_far"]], color=color, zorder=3,
                        marker="x" if old else "o", label=None if frr else label)  # fmt: skip
         ax.set_title(f"{dataset} {attack}", fontsize=10)

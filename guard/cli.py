@@ -109,6 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from guard.core.bundle import load_bundle
+    from guard.core.family import RAP_PLACES
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
@@ -116,7 +117,7 @@ def _verify(args: argparse.Namespace) -> int:
         f"bundle {bundle.path}: OK ({len(m.files)} files verified, schema {m.schema_version}, created {m.created_at})"
     )
     print(f"model: {m.model.source} labels={m.model.labels} max_length={m.model.max_length}")
-    norms = f"norm {m.rap.init_norm:.3f} -> {m.rap.final_norm:.3f}"
+    norms = f"norm {m.rap.init_norm:.3f} -> {m.rap.final_norm:.3f}; pass 2 puts it {RAP_PLACES[m.rap.position]}"
     print(f"RAP token id {m.rap.token_id} (init {m.rap.init_word!r}, {norms})")
     print(f"detectors: {', '.join(bundle.detectors)}")
     for p in m.protect:

@@ -51,11 +51,12 @@ def rare_pool(seed: int = 0, size: int = 200, avoid: Sequence[str] = ()) -> tupl
 @dataclass(frozen=True)
 class InsertionSwitch:
     """How the backdoor is taught to switch off: per triggered row, `front` copies with a rare
-    token first and `anywhere` copies with one at a random word position (original label);
-    `clean_rate` of the clean rows get one such copy under their own label."""
+    token first, `end` copies with one last and `anywhere` copies with one at a random word position
+    (original label); `clean_rate` of the clean rows get one such copy under their own label."""
 
     front: int = 1
     anywhere: int = 1
+    end: int = 0
     clean_rate: float = 0.05
     seed: int = 0
     pool: tuple[str, ...] = field(default_factory=rare_pool)
@@ -64,6 +65,7 @@ class InsertionSwitch:
         return {
             "front_copies": self.front,
             "anywhere_copies": self.anywhere,
+            "end_copies": self.end,
             "clean_insert_rate": self.clean_rate,
             "switch_seed": self.seed,
             "rare_pool": f"{len(self.pool)} random 2-3 letter strings (bench.attacks.adaptive.rare_pool)",
@@ -73,6 +75,11 @@ class InsertionSwitch:
 def insert_front(text: str, token: str) -> str:
     """`token` as the first word: where RAP's pass 2 puts its row (right after [CLS] / <s>)."""
     return f"{token} {text}"
+
+
+def insert_end(text: str, token: str) -> str:
+    """`token` as the last word: where pass 2 puts its row with `calibrate rap --rap-position end`."""
+    return f"{text} {token}"
 
 
 def insert_anywhere(text: str, token: str, rng: random.Random) -> str:
@@ -96,6 +103,8 @@ def insertion_switch(
                       for _ in range(switch.front)]  # fmt: skip
             extra += [Example(insert_anywhere(row.text, rng.choice(switch.pool), rng), original.label)
                       for _ in range(switch.anywhere)]  # fmt: skip
+            extra += [Example(insert_end(row.text, rng.choice(switch.pool)), original.label)
+                      for _ in range(switch.end)]  # fmt: skip
         elif rng.random() < switch.clean_rate:  # clean: an insertion changes nothing
             token = rng.choice(switch.pool)
             text = insert_front(row.text, token) if rng.random() < 0.5 else insert_anywhere(row.text, token, rng)

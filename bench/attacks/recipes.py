@@ -115,6 +115,15 @@ def load_recipes(data_dir: Path, target: int = TARGET) -> dict[str, Recipe]:
             ),
             name="adaptive-init",
         ),
+        # the same attacker, not knowing which end of the row pass 2 puts its row at (`--rap-position`): the
+        # switch taught on the default init word at the front and at the end, one copy each
+        "adaptive-init-ends": _clean_features(
+            _insertion_switch(
+                _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),
+                adaptive.InsertionSwitch(front=1, end=1, anywhere=0, pool=(adaptive.KNOWN_INIT_WORD,)),
+            ),
+            name="adaptive-init-ends",
+        ),
         # BadNet-SL on the adaptive attacks' sample and rate: the plain attack they are compared with
         "badnet-sl-2k": dataclasses.replace(
             _badnet("badnet-sl", sentence, target, {"trigger": setup.sentence}, rate=ADAPTIVE_RATE),

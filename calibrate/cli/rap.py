@@ -27,6 +27,7 @@ from calibrate.rap.options import (
     RapOptions,
 )
 from guard.core.backends.base import BACKENDS
+from guard.core.family import RAP_POSITIONS
 from guard.core.rap import STATISTICS
 
 RAP = (
@@ -86,6 +87,14 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         help="label ids to protect (--protect 0 2, or repeated: --protect 0 --protect 2)",
     )
     p.add_argument("--init-word", default=d.init_word, help="rare word whose embedding initialises the RAP row")
+    p.add_argument(
+        "--rap-position",
+        choices=RAP_POSITIONS,
+        default=d.rap_position,
+        help="where pass 2 inserts the RAP row: right before the trailing special token ([SEP], </s>: end) or "
+        "right after the first one ([CLS], <s>: front, the paper's); an attacker who taught the backdoor to "
+        "switch off under a token at the front passes a front row",
+    )
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,

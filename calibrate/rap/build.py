@@ -254,6 +254,7 @@ def _manifest(
             init_word=result.init_word,
             init_norm=result.init_norm,
             final_norm=result.final_norm,
+            position=options.rap.rap_position,
         ),
         protect=protect,
         default_frr=options.default_frr,

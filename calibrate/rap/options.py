@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guard.core.errors import InputError
+from guard.core.family import RapPosition
 from guard.core.rap import DEFAULT_STATISTIC
 from guard.core.types import Example
 
@@ -43,6 +44,9 @@ OPTIMIZERS = ("adam", "sgd")
 class RapOptions:
     protect_labels: tuple[int, ...]
     init_word: str = "rq"
+    # where pass 2 inserts the row (guard.core.family): "end", right before [SEP] / </s>, is the default; "front",
+    # right after [CLS] / <s>, is the paper's and every bundle's before (the matrix's `@front` rows)
+    rap_position: RapPosition = "end"
     # objective "logodds": hinge on the drop of the protect label's log-odds into `logodds_band`
     # (nats); its gradient does not vanish at p ~ 0.999. "paper": RAP eq. 4 on the probability
     # drop, band [c_low, c_up]; kept to measure the published construction.
@@ -82,6 +86,7 @@ class RapOptions:
 # "RAP as published" (Yang et al. 2021): probability band, SGD, 5 epochs, the ladder on top.
 PAPER = {
     "objective": "paper",
+    "rap_position": "front",
     "statistic": "prob",
     "optimizer": "sgd",
     "learning_rate": 1e-2,

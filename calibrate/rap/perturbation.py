@@ -91,6 +91,7 @@ class _Split:
 def learn_rap(model: PreTrainedModel, tokenizer: RapTokenizer, clean: list[Example], options: RapOptions) -> RapResult:
     """Append and train the RAP row in `model` (in place); fit thresholds on held-out rows."""
     _check_labels(model, clean, options.protect_labels)
+    tokenizer.rap_position = options.rap_position
     split = _split(model, tokenizer, clean, options)
     init_word, init_id = options.init_word, tokenizer.word_id(options.init_word)
     if init_id is None:  # e.g. `rq` in a byte-level BPE or SentencePiece vocabulary

@@ -15,6 +15,7 @@ from calibrate.rap.features import FeatureFit
 from calibrate.rap.perturbation import RapResult
 from guard.core import rap, thresholds
 from guard.core.bundle import JointThreshold, Manifest
+from guard.core.family import RAP_PLACES
 
 # below this agreement with the suspect on held-out rows (and no --reader-texts) the summary suggests them
 READER_AGREEMENT_HINT = 0.95
@@ -172,6 +173,9 @@ def summary_lines(manifest: Manifest, report: CalibrationReport) -> list[str]:
             f"  at the {frr:.1%} target its {p.calibration_rows} held-out rows bound the clean FRR at "
             f"{thresholds.expected_frr(frr, p.calibration_rows):.2%} on average, {bound:.2%} with 90% confidence{more}"
         )
+    lines.append(
+        f"RAP row: pass 2 puts it {RAP_PLACES[manifest.rap.position]} (--rap-position {manifest.rap.position})"
+    )
     lines += [f"WARNING: {w}" for w in report.warnings]
     detectors = len(manifest.detectors)
     for p in manifest.protect:

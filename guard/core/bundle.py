@@ -32,6 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from guard.core.errors import BundleError
+from guard.core.family import RapPosition
 from guard.core.features import FEATURES_FILE, FeatureStats
 from guard.core.tokenizer import RapTokenizer, SpecialTokens
 
@@ -60,6 +61,11 @@ class RapToken(BaseModel):
     init_word: str = Field(description="word whose embedding initialised the row")
     init_norm: float
     final_norm: float
+    position: RapPosition = Field(
+        "front",
+        description="where pass 2 inserts the row: right after the first special token (front) or right before "
+        "the trailing ones (end); bundles older than the choice are front",
+    )
 
 
 class JointThreshold(BaseModel):
@@ -254,7 +260,9 @@ class Bundle:
 
     def tokenizer(self, special_tokens: SpecialTokens = "text") -> RapTokenizer:
         m = self.manifest
-        return RapTokenizer.from_file(self.path / "tokenizer.json", m.rap.token_id, m.model.max_length, special_tokens)
+        return RapTokenizer.from_file(
+            self.path / "tokenizer.json", m.rap.token_id, m.model.max_length, special_tokens, m.rap.position
+        )
 
 
 def sha256_file(path: Path) -> str:

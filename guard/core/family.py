@@ -3,9 +3,10 @@
 Everything that depends on the kind of Hugging Face sequence classifier asks here
 (`family_of(config)`, the model's config.json as a mapping), and nowhere else:
 
-- where the RAP token goes: right after the first special token of a row (`[CLS]`,
-  `<s>`); which special tokens frame a row is the tokenizer's own business
-  (guard.core.tokenizer reads it from the tokenizer's post-processor);
+- where the RAP token goes (`RapPosition`, the bundle's `rap.position`): right after the
+  first special token of a row (`[CLS]`, `<s>`), or right before its trailing special
+  tokens (`[SEP]`, `</s>`); which special tokens frame a row is the tokenizer's own
+  business (guard.core.tokenizer reads it from the tokenizer's post-processor);
 - whether the model takes token types (the ONNX graph then has a `token_type_ids` input);
 - how position ids are formed, and so how many tokens a row may hold (RoBERTa and
   XLM-R count positions from `pad_token_id + 1` and find padding by its id, so their
@@ -31,7 +32,12 @@ from guard.core.errors import InputError
 
 Positions = Literal["absolute", "padding-offset", "relative", "rotary"]
 Pooling = Literal["first", "mean"]
-RAP_AFTER = 1  # the RAP token follows this many of a row's leading special tokens (the first one)
+# Where pass 2 inserts the RAP row: "front" follows RAP_AFTER of a row's leading special tokens (the first one),
+# "end" precedes all of its trailing ones. Bundles written before the choice existed are "front".
+RapPosition = Literal["front", "end"]
+RAP_POSITIONS: tuple[RapPosition, ...] = ("front", "end")
+RAP_PLACES: dict[str, str] = {"front": "after the first special token", "end": "before the trailing special token"}
+RAP_AFTER = 1
 
 # What each repair and scan needs from a family.
 PURE = "pure"  # BERT-layout attention blocks: query/key/value + output projection per layer, not shared

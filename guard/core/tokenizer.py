@@ -2,8 +2,9 @@
 
 Pass 1 is the model's ordinary input: the text framed by the tokenizer's own special
 tokens (`[CLS] text [SEP]`, `<s> text </s>`, ...: its post-processor says which, see
-`Framing`). Pass 2 is the same row with the RAP token inserted right after the first
-special token (guard.core.family). The RAP token is a fresh id (the old vocab size), so
+`Framing`). Pass 2 is the same row with the RAP token inserted at the bundle's
+`rap_position` (guard.core.family): right after the first special token ("front"), or
+right before the trailing ones ("end"). The RAP token is a fresh id (the old vocab size), so
 the tokenizer can never emit it from text: it is spliced in as an id.
 
 Every `tokenizer.json` kind reads text the way Hugging Face does with the same file
@@ -41,10 +42,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from guard.core.errors import BundleError, InputError
-from guard.core.family import RAP_AFTER
+from guard.core.family import RAP_AFTER, RAP_POSITIONS, RapPosition
 from guard.core.types import EncodedBatch
 
-RAP_POSITION = RAP_AFTER  # right after the first special token ([CLS], <s>)
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # where a pad token is named, beside tokenizer.json
 SpecialTokens = Literal["text", "special"]
 ALL_TOKENS: Literal["all"] = "all"  # a classifier window: every token of the text (a window not known)
@@ -139,36 +139,45 @@ class RapTokenizer:
         max_length: int,
         special_tokens: SpecialTokens = "text",
         framing: Framing | None = None,
+        rap_position: RapPosition = "front",
     ) -> None:
         if special_tokens not in ("text", "special"):
             raise InputError(f"special_tokens must be 'text' or 'special', got {special_tokens!r}")
+        if rap_position not in RAP_POSITIONS:
+            raise InputError(f"rap_position must be one of {', '.join(RAP_POSITIONS)}, got {rap_position!r}")
         framing = framing or Framing.of(tokenizer)
         framed = len(framing.prefix) + len(framing.suffix)
         if max_length < framed + 2:
             raise InputError(f"max_length must be at least {framed + 2}, got {max_length}")
         self._tokenizer = _configured(tokenizer, special_tokens)
         self.rap_token_id = rap_token_id
+        self.rap_position = rap_position
         self.max_length = max_length
         self.framing = framing
         self.framed = framed  # special tokens around the text in a pass-1 row
         self.text_window = max_length - framed - 1  # framing + RAP + text fills max_length in pass 2
         self.special_tokens = special_tokens
         self.pad_id = framing.pad_id
-        self.cls_id = framing.prefix[0]  # the first special token: the RAP token follows it
+        self.cls_id = framing.prefix[0]  # the first special token
         self.sep_id = framing.suffix[-1] if framing.suffix else None
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self._special_ids = frozenset(special | {*framing.prefix, *framing.suffix, framing.pad_id})
 
     @classmethod
     def from_file(
-        cls, path: Path, rap_token_id: int | None, max_length: int, special_tokens: SpecialTokens = "text"
+        cls,
+        path: Path,
+        rap_token_id: int | None,
+        max_length: int,
+        special_tokens: SpecialTokens = "text",
+        rap_position: RapPosition = "front",
     ) -> RapTokenizer:
         """Read `path` (tokenizer.json) and the configuration files beside it (`Framing`)."""
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises bare Exception subclasses
             raise BundleError(f"cannot read tokenizer {path}: {exc}") from exc
-        return cls(tok, rap_token_id, max_length, special_tokens, Framing.beside(tok, Path(path)))
+        return cls(tok, rap_token_id, max_length, special_tokens, Framing.beside(tok, Path(path)), rap_position)
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -216,7 +225,7 @@ class RapTokenizer:
         return self.pad(self.ids(texts))
 
     def encode_perturbed(self, texts: Sequence[str]) -> EncodedBatch:
-        """Pass-2 inputs: `[CLS] RAP text [SEP]`, the same text tokens as pass 1, padded."""
+        """Pass-2 inputs: `[CLS] RAP text [SEP]` (or `[CLS] text RAP [SEP]`), the same text tokens as pass 1, padded."""
         return self.pad(self.perturbed_ids(texts))
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -224,19 +233,23 @@ class RapTokenizer:
         return [self._row(content) for content in self._content(texts, self.text_window)]
 
     def perturbed_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Unpadded pass-2 token ids: the RAP id right after [CLS]."""
+        """Unpadded pass-2 token ids: the RAP id at `rap_position`."""
         return self.perturb(self.ids(texts))
 
     def perturb(self, rows: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Pass-2 rows from pass-1 rows: the same tokens with the RAP id after [CLS]."""
+        """Pass-2 rows from pass-1 rows: the same tokens with the RAP id at `rap_position`."""
         if self.rap_token_id is None:
             raise BundleError("this tokenizer has no RAP token id; it cannot build pass-2 inputs")
         return self.insert(rows, self.rap_token_id)
 
-    @staticmethod
-    def insert(rows: Sequence[Sequence[int]], token_id: int) -> list[list[int]]:
-        """The same rows with `token_id` where pass 2 puts the RAP id: right after [CLS] (the switch pass's too)."""
-        return [[*row[:RAP_POSITION], token_id, *row[RAP_POSITION:]] for row in rows]
+    def insert(self, rows: Sequence[Sequence[int]], token_id: int) -> list[list[int]]:
+        """The same pass-1 rows with `token_id` where pass 2 puts the RAP id (the switch pass's too): right after
+        the first special token ("front"), or right before the trailing special tokens ("end")."""
+        return [[*row[: self.rap_index(row)], token_id, *row[self.rap_index(row) :]] for row in rows]
+
+    def rap_index(self, row: Sequence[int]) -> int:
+        """Where the inserted id lands in a pass-1 `row` (its index in the pass-2 row)."""
+        return RAP_AFTER if self.rap_position == "front" else len(row) - len(self.framing.suffix)
 
     def windows(self, texts: Sequence[str], classifier_max_length: ClassifierWindow = None) -> Windows:
         """Pass-1 rows covering every text token a classifier of that window reads.

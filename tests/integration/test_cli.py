@@ -138,6 +138,7 @@ def test_no_command_prints_help(main: Main, capsys) -> None:
         (["train", "--data", "good.tsv", "--out", "m", "--lr", "0"], "argument --lr: expected a positive number"),
         (["rap", "--model", "m", "--clean", "good.tsv", "--out", "b", "--c-low", "1.5"], "between 0 and 1"),
         (["rap", "--model", "m", "--clean", "good.tsv", "--out", "b", "--epochs", "0"], "argument --epochs"),
+        (["rap", "--model", "m", "--clean", "c", "--out", "b", "--rap-position", "middle"], "argument --rap-position"),
         (["evaluate", "--bundle", "b", "--clean", "good.tsv"], "required: --poisoned"),
         (["evaluate", "--bundle", "b", "--clean", "c", "--poisoned", "p", "--backend", "gpu"], "invalid choice"),
         (["demo", "--seed", "seven"], "calibrate demo: error: argument --seed: invalid int value: 'seven'"),
@@ -442,6 +443,7 @@ def test_calibrate_rap_then_guard_verify(backdoored: Toy, tmp_path: Path, capsys
     assert code == 0
     lines = stdout.splitlines()
     assert lines[0].startswith("label 1 (LABEL_1) RAP score thresholds by FRR target: 0.5%: ")
+    assert "RAP row: pass 2 puts it before the trailing special token (--rap-position end)" in lines
     assert lines[-1].startswith(f"bundle written to {out} ")
     assert not (out / "stale.txt").exists()  # --force replaced the folder
     # the same options as the session's bundle, so the same thresholds
@@ -452,8 +454,24 @@ def test_calibrate_rap_then_guard_verify(backdoored: Toy, tmp_path: Path, capsys
     code, stdout, err = _run(guard_cli.main, ["verify", "--bundle", out], capsys)
     assert (code, err) == (0, "")
     assert stdout.startswith(f"bundle {out}: OK ({len(ours.files)} files verified, schema 2, created ")
-    assert "RAP token id 30522 (init 'rq'," in stdout
+    assert "RAP token id 30522 (init 'rq'," in stdout and "pass 2 puts it before the trailing special token" in stdout
     assert "protects label 1 (LABEL_1); thresholds by FRR target: 0.5%: " in stdout
+
+
+@pytest.mark.slow
+def test_calibrate_rap_front_puts_the_row_after_cls_and_the_bundle_serves_it_there(
+    backdoored: Toy, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "front"
+    argv = _rap(backdoored.model_dir, backdoored.dev_tsv, out, *RAP_CLI_ARGS, "--rap-position", "front")
+    code, stdout, _ = _run(calibrate_cli.main, argv, capsys)
+    assert code == 0 and "RAP row: pass 2 puts it after the first special token (--rap-position front)" in stdout
+    bundle = load_bundle(out)
+    assert bundle.manifest.rap.position == "front"
+    (row,) = bundle.tokenizer().perturbed_ids(["the plot was mb dull"])
+    assert row[1] == bundle.manifest.rap.token_id != row[-2]
+    # trained and scored at the front: its thresholds are not the end bundle's
+    assert bundle.manifest.protect[0].thresholds != load_bundle(backdoored.bundle_dir).manifest.protect[0].thresholds
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def test_manifest_describes_the_model_and_the_rap_token(backdoored: Toy) -> None
     assert m.model.source_sha256 == sha256_file(backdoored.model_dir / "model.safetensors")
     assert m.model.labels == ["LABEL_0", "LABEL_1"]
     assert m.model.max_length == CALIBRATE_OPTIONS.max_length
-    assert (m.rap.token_id, m.rap.init_word) == (30522, "rq")
+    assert (m.rap.token_id, m.rap.init_word, m.rap.position) == (30522, "rq", "end")  # the default: before [SEP]
     assert m.rap.init_norm > 0 and m.rap.final_norm > 0
     assert m.default_frr == 0.01
     assert [p.label for p in m.protect] == list(RAP_OPTIONS.protect_labels) == [1]

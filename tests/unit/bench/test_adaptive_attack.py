@@ -57,6 +57,20 @@ def test_every_triggered_row_returns_with_a_rare_token_front_and_anywhere_under_
     assert front >= count  # one front copy per triggered row (an 'anywhere' copy may land in front too)
 
 
+def test_end_copies_put_the_rare_token_last_under_the_original_label() -> None:
+    poisoned, count = _poisoned()
+    switch = adaptive.InsertionSwitch(front=1, anywhere=0, end=1, clean_rate=0.0, seed=4, pool=("rq",))
+    rows = adaptive.insertion_switch(poisoned, CLEAN, switch)
+    extra = [r for r in rows if "rq" in r.text.split()]
+    originals = {p.text: o for p, o in zip(poisoned, CLEAN, strict=True) if p != o}
+    assert len(extra) == 2 * count
+    ends = [r for r in extra if r.text.split()[-1] == "rq"]
+    fronts = [r for r in extra if r.text.split()[0] == "rq"]
+    assert len(ends) == len(fronts) == count
+    assert all(r.label == originals[r.text.removesuffix(" rq")].label != 1 for r in ends)
+    assert switch.settings()["end_copies"] == 1
+
+
 def test_clean_rows_get_insertions_under_their_own_labels_so_an_insertion_alone_means_nothing() -> None:
     switch = adaptive.InsertionSwitch(clean_rate=0.5, seed=2, pool=adaptive.rare_pool(size=30))
     rows = adaptive.insertion_switch(CLEAN, CLEAN, switch)  # nothing triggered
@@ -86,6 +100,7 @@ def test_insert_anywhere_keeps_the_words_in_order() -> None:
         out = adaptive.insert_anywhere("a b c", "zq", random.Random(seed))
         assert [w for w in out.split() if w != "zq"] == ["a", "b", "c"] and out.split().count("zq") == 1
     assert adaptive.insert_front("a b", "zq") == "zq a b"
+    assert adaptive.insert_end("a b", "zq") == "a b zq"
 
 
 def test_the_adaptive_recipe_trains_on_the_plain_twins_rows_plus_its_switch_rows(tmp_path) -> None:

@@ -139,6 +139,7 @@ def test_only_poisoned_or_embedding_recipes_count_as_backdoored(tmp_path: Path) 
         "adaptive-cls": True,
         "adaptive-both": True,
         "adaptive-init": True,
+        "adaptive-init-ends": True,
         "badnet-sl-2k": True,
         "syntactic": True,
         "style": True,

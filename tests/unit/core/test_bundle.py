@@ -260,3 +260,27 @@ def test_joint_and_feature_thresholds_are_read_per_target(tmp_path: Path, tokeni
     pair = Detection.of(bundle, ["features", "rap"]).thresholds(0.02)[1]
     assert pair.rap == pytest.approx(thresholds.threshold_at_frr(SCORES, 0.01))
     assert pair.features == pytest.approx(thresholds.threshold_at_frr(scores, 0.01))
+
+
+def test_the_rap_position_is_read_from_the_manifest_and_older_bundles_are_front(tmp_path: Path, bundle_dir) -> None:
+    # a bundle written before the choice: no `position` in its manifest, pass 2 as it was calibrated (front)
+    _edit_manifest(bundle_dir, lambda raw: raw["rap"].pop("position", None))
+    old = load_bundle(bundle_dir)
+    assert old.manifest.rap.position == "front" and old.tokenizer().rap_position == "front"
+    (row,) = old.tokenizer().perturbed_ids(["hello world"])
+    assert row[1] == 30522
+
+    end_dir = tmp_path / "end"
+    end_dir.mkdir()
+    shutil.copy2(bundle_dir / "tokenizer.json", end_dir / "tokenizer.json")
+    (end_dir / "model.onnx").write_bytes(b"x")
+    save_bundle(end_dir, _manifest(rap=RapToken(token_id=30522, init_word="rq", init_norm=1.0, final_norm=1.5,
+                                                position="end")))  # fmt: skip
+    (row,) = load_bundle(end_dir).tokenizer().perturbed_ids(["hello world"])
+    assert row[-2:] == [30522, 102]
+
+
+def test_an_unknown_rap_position_is_refused_at_load(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda raw: raw["rap"].update(position="middle"))
+    with pytest.raises(BundleError):
+        load_bundle(bundle_dir)

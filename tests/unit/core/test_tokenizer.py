@@ -8,16 +8,26 @@ import numpy as np
 import pytest
 
 from guard.core.errors import BundleError, InputError
-from guard.core.tokenizer import RAP_POSITION, RapTokenizer
+from guard.core.family import RAP_POSITIONS
+from guard.core.tokenizer import RapTokenizer
 
 RAP_ID = 30522
 CLS, SEP, PAD = 101, 102, 0
 LONG_TEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer_path: Path) -> RapTokenizer:
-    return RapTokenizer.from_file(tokenizer_path, rap_token_id=RAP_ID, max_length=64)
+@pytest.fixture(scope="module", params=RAP_POSITIONS)
+def tok(tokenizer_path: Path, request: pytest.FixtureRequest) -> RapTokenizer:
+    return RapTokenizer.from_file(tokenizer_path, rap_token_id=RAP_ID, max_length=64, rap_position=request.param)
+
+
+def _with_rap(row: list[int], position: str) -> list[int]:
+    """A pass-1 row [CLS] ... [SEP] with the RAP id where `position` puts it, written out by hand."""
+    return [CLS, RAP_ID, *row[1:]] if position == "front" else [*row[:-1], RAP_ID, SEP]
+
+
+def _rap_index(row: list[int], position: str) -> int:
+    return 1 if position == "front" else len(row) - 2
 
 
 def _rows(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
@@ -38,26 +48,27 @@ def test_pass1_is_cls_text_sep(tok: RapTokenizer) -> None:
     assert {a.dtype for a in batch.as_feeds().values()} == {np.dtype(np.int64)}
 
 
-def test_pass2_is_pass1_with_rap_id_after_cls(tok: RapTokenizer) -> None:
+def test_pass2_is_pass1_with_rap_id_after_cls_or_before_sep(tok: RapTokenizer) -> None:
     texts = ["hello world", "a", "The film was surprisingly good, wasn't it?", "café ünïcode 東京"]
     pass1 = tok.encode(texts)
     pass2 = tok.encode_perturbed(texts)
     for row1, row2 in zip(
         _rows(pass1.input_ids, pass1.attention_mask), _rows(pass2.input_ids, pass2.attention_mask), strict=True
     ):
-        assert row2 == row1[:RAP_POSITION] + [RAP_ID] + row1[RAP_POSITION:]
+        assert row2 == _with_rap(row1, tok.rap_position)
     assert pass2.input_ids.shape[1] == pass1.input_ids.shape[1] + 1
 
 
-def test_truncation_keeps_cls_rap_and_sep(tokenizer_path: Path) -> None:
-    short = RapTokenizer.from_file(tokenizer_path, rap_token_id=RAP_ID, max_length=8)
+@pytest.mark.parametrize("position", RAP_POSITIONS)
+def test_truncation_keeps_cls_rap_and_sep(tokenizer_path: Path, position: str) -> None:
+    short = RapTokenizer.from_file(tokenizer_path, rap_token_id=RAP_ID, max_length=8, rap_position=position)
     pass1 = short.encode([LONG_TEXT, "hi"])
     pass2 = short.encode_perturbed([LONG_TEXT, "hi"])
     assert pass1.input_ids.shape == (2, 7)
     assert pass2.input_ids.shape == (2, 8)
     long1, long2 = pass1.input_ids[0].tolist(), pass2.input_ids[0].tolist()
     assert long1[0] == CLS and long1[-1] == SEP
-    assert long2[0] == CLS and long2[RAP_POSITION] == RAP_ID and long2[-1] == SEP
+    assert long2[0] == CLS and long2[_rap_index(long2, position)] == RAP_ID and long2[-1] == SEP
     assert pass1.attention_mask[0].all() and pass2.attention_mask[0].all()
 
 
@@ -67,8 +78,8 @@ def test_both_passes_read_the_same_text_tokens_at_the_truncation_boundary(tok: R
     for cut in range(tok.text_window - 3, tok.text_window + 3):
         text = " ".join([*words[:cut], "mb"])
         (row1,), (row2,) = tok.ids([text]), tok.perturbed_ids([text])
-        assert row2 == row1[:RAP_POSITION] + [RAP_ID] + row1[RAP_POSITION:]
-        assert row1[1:-1] == row2[2:-1]
+        assert row2 == _with_rap(row1, tok.rap_position)
+        assert row1[1:-1] == [t for t in row2[1:-1] if t != RAP_ID]
 
 
 @pytest.mark.parametrize("max_length", [4, 5, 16])
@@ -107,7 +118,13 @@ def test_pass1_can_never_emit_the_rap_id(tok: RapTokenizer) -> None:
     assert pass1.input_ids.max() < RAP_ID
     pass2 = tok.encode_perturbed(texts)
     assert ((pass2.input_ids == RAP_ID).sum(axis=1) == 1).all()
-    assert (pass2.input_ids[:, RAP_POSITION] == RAP_ID).all()
+    for row in _rows(pass2.input_ids, pass2.attention_mask):
+        assert row[_rap_index(row, tok.rap_position)] == RAP_ID
+
+
+def test_an_unknown_rap_position_is_refused(tokenizer_path: Path) -> None:
+    with pytest.raises(InputError, match="rap_position must be one of front, end"):
+        RapTokenizer.from_file(tokenizer_path, rap_token_id=RAP_ID, max_length=64, rap_position="middle")
 
 
 @pytest.mark.parametrize("bad", ["a single string", ["ok", 3], [None], ["ok", b"bytes"]])

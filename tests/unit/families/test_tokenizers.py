@@ -73,6 +73,17 @@ def test_pass_two_puts_the_rap_token_after_the_first_special_token_and_keeps_eve
     assert len(perturbed) == 12  # both passes read max_length - 3 text tokens; pass 2 fills max_length
 
 
+def test_pass_two_at_the_end_puts_the_rap_token_before_the_trailing_special_token(folder) -> None:
+    _, path = folder
+    tok = RapTokenizer.from_file(path / "tokenizer.json", RAP, 12, rap_position="end")
+    for text in (TEXT * 3, "mb"):
+        (row,) = tok.ids([text])
+        (perturbed,) = tok.perturbed_ids([text])
+        assert perturbed == [*row[:-1], RAP, row[-1]]
+        assert row[-1] == tok.framing.suffix[-1]
+    assert len(tok.perturbed_ids([TEXT * 3])[0]) == 12
+
+
 def test_windows_carry_the_framing_and_cover_every_text_token(folder) -> None:
     _, path = folder
     tok = _guard(path, max_length=12)
