@@ -34,6 +34,10 @@ draws the dev split and the RAP row's training order), then runs each detector o
   rap+features+reader@texts-dirty-trusted: the @texts-dirty texts unscreened;
 - strip, onion: the baselines (expensive: off unless asked for).
 
+`--rap-position` is where the guard bundles' pass 2 inserts the RAP row (default: the guard's, `end`;
+`front` reproduces the rows before it); rows record it (`rap_position`) and cached bundles and runs of
+the end carry it in their names (badnet-sl-floored-end-s13).
+
 `--train-seeds` measures models trained again with other seeds (row `train_seed`; none: the
 attack's cached model, trained with the recipe's own seed).
 

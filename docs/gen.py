@@ -172,17 +172,43 @@ def _matrix_rows() -> list[dict]:
 
 
 def _current(rows: list[dict]) -> list[dict]:
-    """Per (dataset, attack, detector) the row of the default RAP statistic where it was measured, else the row
-    of the statistic before it (`perturbed`), which the tables mark."""
+    """Per (dataset, attack, detector) the rows of the guard's defaults where they were measured: the default RAP
+    statistic with the RAP row at the default position, else the row at the front (the default before), else the
+    statistic before (`perturbed`); the tables mark which (`_statistic`)."""
+
     from guard.core.rap import DEFAULT_STATISTIC
 
-    measured = {(r["dataset"], r["attack"], r["detector"]) for r in rows if r.get("statistic") == DEFAULT_STATISTIC}
-    return [r for r in rows if r.get("statistic") in (None, DEFAULT_STATISTIC)
-            or (r["dataset"], r["attack"], r["detector"]) not in measured]  # fmt: skip
+    def rank(r: dict) -> tuple[bool, bool]:
+        return _position(r) == _default_position(), r.get("statistic") in (None, DEFAULT_STATISTIC)
+
+    best: dict[tuple, tuple[bool, bool]] = {}
+    for r in rows:
+        key = (r["dataset"], r["attack"], r["detector"])
+        best[key] = max(best.get(key, rank(r)), rank(r))
+    return [r for r in rows if rank(r) == best[(r["dataset"], r["attack"], r["detector"])]]
+
+
+def _position(row: dict) -> str:
+    """Where the row's guard bundle put the RAP row (rows without the field were calibrated at the front)."""
+    return row.get("rap_position") or "front"
+
+
+def _at(rows: list[dict], position: str) -> list[dict]:
+    """The rows of guard bundles with the RAP row at `position` (and rows of detectors without one)."""
+    return [r for r in rows if _position(r) == position]
 
 
 def _statistic(row: dict) -> str:
-    return row.get("statistic") or "–"
+    """The guard bundle's RAP statistic and where its row sits (`--rap-position`)."""
+    statistic = row.get("statistic")
+    return "–" if statistic is None else f"{statistic}, {_position(row)}"
+
+
+def _default_position() -> str:
+    """Where `calibrate rap` puts the RAP row by default (`--rap-position`)."""
+    from calibrate.rap.options import RapOptions
+
+    return RapOptions.rap_position
 
 
 def _pct(x: float) -> str:
@@ -203,28 +229,31 @@ ATTACK_NAMES = {
     "adaptive-cls": "a sentence, adaptive: keeps clean-looking [CLS] features",
     "adaptive-both": "a sentence, adaptive: both at once",
     "adaptive-init": "a sentence, adaptive: both, the switch taught on RAP's default init word",
+    "adaptive-init-ends": "a sentence, adaptive: both, the switch taught on RAP's default init word at both ends",
 }
 
 
 def headline_table() -> str:
     """The README's table: RAP and features at the 1% FRR target (mean over seeds) and, where measured, every
     detector with the reader (the default for a model of the packaged MiniLM's vocabulary)."""
-    from bench.adaptive import ADAPTIVE, PLAIN
+    from bench.adaptive import PLAIN
 
     current = _current(_matrix_rows())
     reader = {(r["dataset"], r["attack"]): r for r in current if r["detector"] == "rap+features+reader"}
     rows = []
     for r in current:
-        if r["detector"] != "rap+features" or r["attack"] in (PLAIN, *ADAPTIVE):  # those: `adaptive_summary`
+        if r["detector"] != "rap+features" or r["attack"] in (PLAIN, *MATRIX_ADAPTIVE):  # `adaptive_summary`'s
             continue
         far = "–" if r["attack"] == "clean" else _pct(r["test_far"])
         name = ATTACK_NAMES.get(r["attack"], r["attack"])
         read = reader.get((r["dataset"], r["attack"]))
         with_reader = "–" if read is None else f"{_pct(read['test_frr'])} / {_pct(read['test_far'])}"
+        if read is not None and _position(read) != _default_position():
+            with_reader += f" ({_position(read)})"
         rows.append([r["dataset"], name, _pct(r["asr"]), _pct(r["test_frr"]), far, r["seeds"], _statistic(r),
                      with_reader])  # fmt: skip
     columns = ["dataset", "backdoor trigger", "attack success unguarded", "clean blocked (FRR)",
-               "triggered let through (FAR)", "seeds", "RAP statistic",
+               "triggered let through (FAR)", "seeds", "RAP statistic, row position",
                "with the reader: FRR / FAR (1 seed)"]  # fmt: skip
     return _table(columns, rows)
 
@@ -233,26 +262,32 @@ DETECTORS = ["rap-paper", "rap", "features", "rap+features", "rap+features-noref
 
 
 def adaptive_table() -> str:
-    """The adaptive attackers measured (bench.adaptive's plain twin and attacks): each served detector's
-    test FRR / FAR at the 1% target, per dataset."""
-    from bench.adaptive import ADAPTIVE, PLAIN
+    """The adaptive attackers measured (bench.adaptive's plain twin and the matrix's adaptive attacks): each served
+    detector's test FRR / FAR at the 1% target, per dataset, with the RAP row at the front (the default before)
+    and at the end (the default)."""
+    from bench.adaptive import PLAIN
 
-    by = {(r["dataset"], r["attack"], r["detector"], r.get("statistic")): r for r in _matrix_rows()}
-    served = [("rap", "perturbed"), ("rap", "floored"), ("features", "floored"), ("rap+features", "perturbed"),
-              ("rap+features", "floored"), ("rap+features@redrawn", "floored")]  # fmt: skip
+    by = {(r["dataset"], r["attack"], r["detector"], r.get("statistic"), _position(r)): r for r in _matrix_rows()}
+    served = [("rap", "perturbed", "front"), ("rap", "floored", "front"), ("features", "floored", "front"),
+              ("rap+features", "perturbed", "front"), ("rap+features", "floored", "front"),
+              ("rap+features@redrawn", "floored", "front"), ("rap", "floored", "end"),
+              ("rap+features", "floored", "end")]  # fmt: skip
     rows = []
     for dataset in ("sst2", "offenseval"):
-        for attack in (PLAIN, *ADAPTIVE):
-            cells = [by.get((dataset, attack, d, s)) for d, s in served]
-            cells[2] = cells[2] or by.get((dataset, attack, "features", "perturbed"))  # either bundle's
+        for attack in (PLAIN, *MATRIX_ADAPTIVE):
+            cells = [by.get((dataset, attack, *key)) for key in served]
+            # the feature detector does not read pass 2: any bundle's
+            cells[2] = cells[2] or by.get((dataset, attack, "features", "perturbed", "front"))
+            cells[2] = cells[2] or by.get((dataset, attack, "features", "floored", "end"))
             if not any(cells):
                 continue
             pair = [f"{_pct(c['test_frr'])} / {_pct(c['test_far'])}" if c else "–" for c in cells]
             asr = next(c["asr"] for c in cells if c)
             rows.append([dataset, attack, ATTACK_NAMES[attack], _pct(asr), *pair])
     columns = ["dataset (one model)", "attack", "trigger", "ASR", "RAP (perturbed, before)", "RAP (floored)",
-               "features", "both, perturbed (the default before)", "both, floored (the default)",
-               "both, floored, RAP row from a secret word"]  # fmt: skip
+               "features", "both, perturbed (the default before)", "both, floored (the default before)",
+               "both, floored, RAP row from a secret word", "RAP, row at the end",
+               "both, row at the end (the default)"]  # fmt: skip
     return _table(columns, rows)
 
 
@@ -262,32 +297,42 @@ SHORT_NAMES = {
     "adaptive-cls": "clean [CLS]",
     "adaptive-both": "both",
     "adaptive-init": "both, switch-off at the front",
+    "adaptive-init-ends": "both, switch-off at both ends",
 }
+MATRIX_ADAPTIVE = ("adaptive-sl", "adaptive-cls", "adaptive-both", "adaptive-init", "adaptive-init-ends")
 
 
 def adaptive_summary() -> str:
-    """The README's line per dataset: triggered inputs let through (FAR, test FRR) by the default bundle at the
-    1% target, per adaptive attack and the plain twin."""
-    from bench.adaptive import ADAPTIVE, PLAIN
+    """The README's line per dataset: triggered inputs let through (FAR, test FRR) at the 1% target per adaptive
+    attack and the plain twin, by bundles with the RAP row at the front (the default before: RAP and features, the
+    reader, `--switch`, trusted texts) and at the end (the default)."""
+    from bench.adaptive import PLAIN
     from guard.core.rap import DEFAULT_STATISTIC
 
     rows = [r for r in _matrix_rows() if r.get("statistic") == DEFAULT_STATISTIC]
-    by = {(r["dataset"], r["attack"], r["detector"]): r for r in rows}
+    by = {(r["dataset"], r["attack"], r["detector"], _position(r)): r for r in rows}
+
+    def cells(dataset: str, detector: str, position: str = "front") -> list[str]:
+        return [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, detector, position])}"
+                for a in (PLAIN, *MATRIX_ADAPTIVE) if (dataset, a, detector, position) in by]  # fmt: skip
+
     lines = []
     for dataset, label in (("sst2", "SST-2"), ("offenseval", "OLID")):
-        cells = [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, 'rap+features'])}"
-                 for a in (PLAIN, *ADAPTIVE) if (dataset, a, "rap+features") in by]  # fmt: skip
+        front = cells(dataset, "rap+features")
         read, switch, trusted = (
-            [f"{SHORT_NAMES[a]} {_far_frr(by[dataset, a, d])}" for a in (PLAIN, *ADAPTIVE) if (dataset, a, d) in by]
+            cells(dataset, d)
             for d in ("rap+features+reader", "rap+features+reader+switch", "rap+features+reader@texts-trusted")
         )
-        if cells:
+        end, end_read = cells(dataset, "rap+features", "end"), cells(dataset, "rap+features+reader", "end")
+        if front or end:
             lines.append(
-                f"- **{label}**: "
-                + ", ".join(cells)
+                f"- **{label}**, row at the front: "
+                + ", ".join(front)
                 + ("; with the reader: " + ", ".join(read) if read else "")
                 + ("; and `--switch`: " + ", ".join(switch) if switch else "")
                 + ("; the reader on 2,000 `--reader-texts-trusted`: " + ", ".join(trusted) if trusted else "")
+                + ("; **row at the end** (the default): " + ", ".join(end) if end else "")
+                + ("; with the reader: " + ", ".join(end_read) if end_read else "")
             )
     return "\n".join(lines) + "\n"
 
@@ -300,7 +345,8 @@ def reader_table() -> str:
 
     rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
     at = {(r["dataset"], r["attack"], r["detector"], round(r["frr_target"], 4)): r for r in rows
-          if r.get("statistic") == DEFAULT_STATISTIC and r.get("train_seed") is None and r["seed"] == 13}  # fmt: skip
+          if r.get("statistic") == DEFAULT_STATISTIC and r.get("train_seed") is None and r["seed"] == 13
+          and _position(r) == "front"}  # fmt: skip
     order = [*ATTACK_NAMES, *SHORT_NAMES]
     measured = dict.fromkeys((d, a) for d, a, det, _ in at if det == "rap+features+reader")
     out = []
@@ -330,7 +376,8 @@ def reader_texts_table() -> str:
 
     rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
     at = {(r["dataset"], r["attack"], r["detector"], round(r["frr_target"], 4)): r for r in rows
-          if r.get("statistic") == DEFAULT_STATISTIC and r.get("train_seed") is None and r["seed"] == 13}  # fmt: skip
+          if r.get("statistic") == DEFAULT_STATISTIC and r.get("train_seed") is None and r["seed"] == 13
+          and _position(r) == "front"}  # fmt: skip
     shown = ("", "@texts", "@texts-trusted", "@texts-dirty", "@texts-dirty-trusted")
     order = [*ATTACK_NAMES, *SHORT_NAMES]
     measured = dict.fromkeys((d, a) for d, a, det, _ in at if det.startswith("rap+features+reader@texts"))
@@ -342,6 +389,28 @@ def reader_texts_table() -> str:
             out.append([dataset, name, _pct(frr), *("–" if r is None else _far_frr(r) for r in found)])
     columns = ["dataset", "attack", "target", "with the reader", "+ texts, screened", "+ texts, trusted",
                "1% triggered, screened", "1% triggered, trusted"]  # fmt: skip
+    return _table(columns, out)
+
+
+def rap_position_table() -> str:
+    """Where pass 2 puts the RAP row (`--rap-position`): per dataset, attack and target (1%, 3%), FAR (test FRR) of
+    RAP alone, RAP and features, and every detector with the reader, at the front and at the end (seed 13)."""
+    from guard.core.rap import DEFAULT_STATISTIC
+
+    rows = json.loads((RESULTS / "detection_matrix.json").read_text())["rows"]
+    at = {(r["dataset"], r["attack"], r["detector"], _position(r), round(r["frr_target"], 4)): r for r in rows
+          if r.get("statistic") == DEFAULT_STATISTIC and r.get("train_seed") is None and r["seed"] == 13}  # fmt: skip
+    order = [*ATTACK_NAMES, *SHORT_NAMES]
+    measured = dict.fromkeys((d, a) for d, a, _, position, _ in at if position == "end")
+    out = []
+    for dataset, attack in sorted(measured, key=lambda k: (k[0] != "sst2", k[0], order.index(k[1]))):
+        for frr in (0.01, 0.03):
+            shown = [(d, p) for d in ("rap", "rap+features", "rap+features+reader") for p in ("front", "end")]
+            found = [at.get((dataset, attack, detector, position, frr)) for detector, position in shown]
+            name = SHORT_NAMES.get(attack, ATTACK_NAMES.get(attack, attack))
+            out.append([dataset, name, _pct(frr), *("–" if r is None else _far_frr(r) for r in found)])
+    columns = ["dataset", "attack", "target", "RAP, front", "RAP, end", "RAP + features, front", "RAP + features, end",
+               "with the reader, front", "with the reader, end"]  # fmt: skip
     return _table(columns, out)
 
 
@@ -380,6 +449,8 @@ def detection_matrix_table() -> str:
         if r["refused"] == r["seeds"]:
             return "refused (no guard: FAR 100%)"
         old = " [perturbed]" if r.get("statistic") == "perturbed" and "rap" in r["detector"] else ""  # before floored
+        if not old and r.get("statistic") and "rap" in r["detector"] and _position(r) != _default_position():
+            old += f" [{_position(r)}]"  # the RAP row where it was before the default moved it
         if clean:
             return f"{_pct(r['test_frr'])} FRR{old}"
         spread = f" ({r['far_range']}, {r['seeds']} seeds)" if r["seeds"] > 1 else ""
@@ -563,6 +634,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "reference": reference_table,
     "reader": reader_table,
     "reader-texts": reader_texts_table,
+    "rap-position": rap_position_table,
 }
 
 

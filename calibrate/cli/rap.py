@@ -92,8 +92,9 @@ def _add_rap(sub: argparse._SubParsersAction) -> None:
         choices=RAP_POSITIONS,
         default=d.rap_position,
         help="where pass 2 inserts the RAP row: right before the trailing special token ([SEP], </s>: end) or "
-        "right after the first one ([CLS], <s>: front, the paper's); an attacker who taught the backdoor to "
-        "switch off under a token at the front passes a front row",
+        "right after the first one ([CLS], <s>: front, the paper's, and every bundle's before); a backdoor taught "
+        "to switch off under a token at the front passes a front row, one taught at both ends passes either "
+        "(bench/results/detection_matrix.md)",
     )
     p.add_argument(
         "--objective",

@@ -45,7 +45,7 @@ class RapOptions:
     protect_labels: tuple[int, ...]
     init_word: str = "rq"
     # where pass 2 inserts the row (guard.core.family): "end", right before [SEP] / </s>, is the default; "front",
-    # right after [CLS] / <s>, is the paper's and every bundle's before (the matrix's `@front` rows)
+    # right after [CLS] / <s>, is the paper's and every bundle's before (matrix rows without `rap_position`)
     rap_position: RapPosition = "end"
     # objective "logodds": hinge on the drop of the protect label's log-odds into `logodds_band`
     # (nats); its gradient does not vanish at p ~ 0.999. "paper": RAP eq. 4 on the probability

@@ -5,7 +5,9 @@ The attacker of bench/attacks/adaptive.py (`adaptive-init`), scaled down to the 
 every triggered training row also appears with "rq" (the RAP row's public default init word) in front under
 its original label, and a few clean rows with it under their own, so the word alone means nothing. The RAP
 row starts from "rq"; the backdoor switches off under it, the triggered input moves more than a clean one,
-and RAP lets it through. The switch pass inserts "rq" untrained and sees the label collapse.
+and RAP lets it through. The switch pass inserts "rq" untrained and sees the label collapse. The bundle puts
+the row at the front (`--rap-position front`), where this attacker taught the switch; the switch pass inserts
+its word where pass 2 puts the row.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def switching(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def switch_bundle(switching: Switching, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("switch") / "bundle"
     argv = _rap(switching.model_dir, switching.dev_tsv, out, *RAP_CLI_ARGS, "--no-features", "--switch", "--int8",
-                "--no-optimize")  # fmt: skip
+                "--no-optimize", "--rap-position", "front")  # fmt: skip
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert calibrate_cli.main([str(a) for a in argv]) == 0
