@@ -146,12 +146,16 @@ def _int8_frr_within_target(out: Path, clean: list[str], optimized: bool, capsys
     """Each int8 graph lets the clean rows pass, batched (`guard check`) and one at a time (a server). Before int8
     graphs ran a row at a time (ROW_AT_A_TIME_GRAPHS) a row's score moved with its batch-mates across the toys'
     point-mass RAP thresholds: XLM-R read 3% batched and 42% one request at a time."""
+    batched = {}
     for backend in ["onnx-int8"] + (["onnx-int8-opt"] if optimized else []):
-        assert sum(_verdicts(out, clean, capsys, backend)) <= MAX_FRR * len(clean), backend
+        batched[backend] = _verdicts(out, clean, capsys, backend)
+        assert sum(batched[backend]) <= MAX_FRR * len(clean), backend
     app = create_app(Settings(bundle=out, backend="onnx-int8"))
     with uvicorn_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         blocked = [client.post("/v1/classify", json={"text": t}).status_code == 403 for t in clean[:30]]
-    assert sum(blocked) <= 3, blocked
+    # one request at a time the server flags exactly the rows the batched check flags (the toys' thresholds sit on
+    # point masses, so a score that moved with its batch-mates would flip verdicts here)
+    assert blocked == batched["onnx-int8"][:30]
 
 
 def _fires(model_dir: Path, text: str) -> bool:
