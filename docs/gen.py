@@ -324,6 +324,7 @@ def adaptive_summary() -> str:
             for d in ("rap+features+reader", "rap+features+reader+switch", "rap+features+reader@texts-trusted")
         )
         end, end_read = cells(dataset, "rap+features", "end"), cells(dataset, "rap+features+reader", "end")
+        end_switch = cells(dataset, "rap+features+reader+switch", "end")
         if front or end:
             lines.append(
                 f"- **{label}**, row at the front: "
@@ -333,6 +334,7 @@ def adaptive_summary() -> str:
                 + ("; the reader on 2,000 `--reader-texts-trusted`: " + ", ".join(trusted) if trusted else "")
                 + ("; **row at the end** (the default): " + ", ".join(end) if end else "")
                 + ("; with the reader: " + ", ".join(end_read) if end_read else "")
+                + ("; and `--switch`: " + ", ".join(end_switch) if end_switch else "")
             )
     return "\n".join(lines) + "\n"
 
