@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guard.core.errors import InputError
-from guard.core.family import RapPosition
+from guard.core.family import RAP_POSITIONS, RapPosition
 from guard.core.rap import DEFAULT_STATISTIC
 from guard.core.types import Example
 
@@ -68,6 +68,8 @@ class RapOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.rap_position not in RAP_POSITIONS:
+            raise InputError(f"rap_position must be one of {', '.join(RAP_POSITIONS)}, got {self.rap_position!r}")
         low, up = self.band
         if low >= up:
             raise InputError(f"{self.band_name}: the lower bound ({low:g}) must be below the upper one ({up:g})")

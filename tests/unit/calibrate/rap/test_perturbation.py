@@ -251,3 +251,8 @@ def test_the_log_odds_objective_keeps_its_gradient_where_the_papers_vanishes(tin
         norms[objective] = float(row.grad.norm())
     assert norms["logodds"] > 100 * norms["paper"]
     assert norms["logodds"] > 1e-3
+
+
+def test_an_unknown_rap_position_is_refused_before_any_training() -> None:
+    with pytest.raises(InputError, match="rap_position must be one of front, end, got 'middle'"):
+        RapOptions((1,), rap_position="middle")  # type: ignore[arg-type]
