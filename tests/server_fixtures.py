@@ -54,7 +54,7 @@ def manifest(max_length: int = 32, source: str = "stub") -> Manifest:
     scores = np.linspace(-1.0, 0.0, 11)  # the threshold at FRR q of these is -q / 100
     return Manifest(
         model=ModelInfo(source=source, source_sha256="0" * 64, labels=LABELS, max_length=max_length),
-        rap=RapToken(token_id=RAP_ID, init_word="rq", init_norm=1.0, final_norm=1.0),
+        rap=RapToken(token_id=RAP_ID, init_word="rq", init_norm=1.0, final_norm=1.0, position="end"),
         protect=[
             ProtectedLabel(
                 label=1,
@@ -151,7 +151,7 @@ class StubBackend:
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(timeout=30)
-        perturbed = batch.input_ids[:, 1] == RAP_ID
+        perturbed = (batch.input_ids == RAP_ID).any(axis=1)  # pass 1 never holds the RAP id, wherever pass 2 puts it
         if perturbed.any():
             time.sleep(self.delay_pass2_s)
             if self.fail_pass2 is not None:

@@ -97,7 +97,7 @@ class Framing:
         if lead == 0 or lead == len(mask):
             raise BundleError(
                 "the tokenizer's post-processor puts no special token before the text; "
-                "the RAP token goes right after the first one ([CLS], <s>)"
+                "the guard frames its rows as the model reads them and needs one ([CLS], <s>)"
             )
         return cls(tuple(ids[:lead]), tuple(ids[len(ids) - trail :]), _pad_id(tokenizer, config or {}))
 
@@ -245,7 +245,7 @@ class RapTokenizer:
     def insert(self, rows: Sequence[Sequence[int]], token_id: int) -> list[list[int]]:
         """The same pass-1 rows with `token_id` where pass 2 puts the RAP id (the switch pass's too): right after
         the first special token ("front"), or right before the trailing special tokens ("end")."""
-        return [[*row[: self.rap_index(row)], token_id, *row[self.rap_index(row) :]] for row in rows]
+        return [[*row[:at], token_id, *row[at:]] for row in rows for at in (self.rap_index(row),)]
 
     def rap_index(self, row: Sequence[int]) -> int:
         """Where the inserted id lands in a pass-1 `row` (its index in the pass-2 row)."""

@@ -161,3 +161,14 @@ def test_unreadable_tokenizer_file(tmp_path: Path) -> None:
         RapTokenizer.from_file(bad, rap_token_id=RAP_ID, max_length=16)
     with pytest.raises(BundleError, match="cannot read tokenizer"):
         RapTokenizer.from_file(tmp_path / "missing.json", rap_token_id=RAP_ID, max_length=16)
+
+
+def test_at_the_end_the_rap_id_goes_before_the_frames_sep_not_one_typed_in_the_text(tokenizer_path: Path) -> None:
+    """Read as special (a sidecar in front of a Hugging Face classifier), `[SEP]` typed in a text is the separator
+    id inside the row; pass 2 must still insert before the framing's own last [SEP] and read every text token."""
+    tok = RapTokenizer.from_file(tokenizer_path, RAP_ID, 64, special_tokens="special", rap_position="end")
+    for text in ("good [SEP] mb", "mb [SEP]", "[SEP]mb[SEP]"):
+        (row1,), (row2,) = tok.ids([text]), tok.perturbed_ids([text])
+        assert row1.count(SEP) >= 2  # the typed separator is read as the special id
+        assert row2 == [*row1[:-1], RAP_ID, SEP]
+        assert [t for t in row2 if t != RAP_ID] == row1
